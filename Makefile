@@ -1,0 +1,52 @@
+# The README's commands. `make setup` is shared and idempotent: it creates .venv,
+# installs torch (the CPU wheel on CPU machines; a GPU machine's own torch is reused
+# through --system-site-packages), builds plait._C and installs plait in editable mode.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+DEPS_STAMP := $(VENV)/.plait-deps
+BUILD_STAMP := $(VENV)/.plait-built
+CSRC := $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-parallel bench cuda-check clean
+
+setup: $(BUILD_STAMP)
+
+$(BIN)/python:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "setup: reusing the interpreter's torch ($$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+
+$(DEPS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check "scikit-build-core>=0.10" ninja
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) CMakeLists.txt pyproject.toml $(CSRC)
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/plait train --config configs/demo.yaml --nproc 4
+
+test: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-parallel: setup
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/plait bench overhead
+
+cuda-check: setup
+	$(BIN)/pytest -q tests/test_cuda_compile.py
+
+clean:
+	rm -rf build $(VENV)
