@@ -1,0 +1,80 @@
+"""Tokens/s of the demo model under `plait train` vs a hand-written PyTorch DDP loop, 1/2/4 processes.
+
+Both sides run the same config (model, global batch, micro-batch, AdamW, clipping,
+threads per worker) in the same invocation, alternating, for several rounds; each side's
+best round counts. Throughput is wall clock from the end of step 1 to the end of step N
+on both sides, so plait's hooks, metrics server and loss all-reduce count against it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NAME = "overhead"
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+GOAL_MAX_OVERHEAD = 0.10
+
+
+def _plait(config: Path, nproc: int, steps: int, work: Path) -> dict[str, Any]:
+    run_dir = work / f"plait-{nproc}-{len(list(work.iterdir()))}"
+    cmd = [sys.executable, "-m", "plait.runtime.cli", "train", "--config", str(config), "--nproc", str(nproc),
+           "--run-dir", str(run_dir), "--set", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"tokens_per_s": summary["tokens_per_s"], "step_seconds": summary["step_seconds"]}
+
+
+def _baseline(config: Path, nproc: int, steps: int, work: Path) -> dict[str, Any]:
+    out = work / f"baseline-{nproc}-{len(list(work.iterdir()))}.json"
+    script = Path(__file__).resolve().parent / "ddp_baseline.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(script), str(config), str(steps), str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    nprocs = (1, 2) if quick else (1, 2, 4)
+    steps = 4 if quick else 30
+    rounds = 1 if quick else 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="plait-bench-") as tmp:
+        work = Path(tmp)
+        config = work / "demo.yaml"
+        config.write_text(REPO_CONFIG.read_text())
+        cfg = yaml.safe_load(config.read_text())
+        for nproc in nprocs:
+            plait_runs, base_runs = [], []
+            for _ in range(rounds):
+                base_runs.append(_baseline(config, nproc, steps, work))
+                plait_runs.append(_plait(config, nproc, steps, work))
+            best_plait = max(r["tokens_per_s"] for r in plait_runs)
+            best_base = max(r["tokens_per_s"] for r in base_runs)
+            ratio = best_plait / best_base
+            rows.append({
+                "nproc": nproc,
+                "plait_tokens_per_s": round(best_plait, 1),
+                "ddp_tokens_per_s": round(best_base, 1),
+                "ratio": round(ratio, 4),
+                "overhead": round(1 - ratio, 4),
+                "plait_rounds": [round(r["tokens_per_s"], 1) for r in plait_runs],
+                "ddp_rounds": [round(r["tokens_per_s"], 1) for r in base_runs],
+            })
+            print(f"overhead: nproc={nproc} plait {best_plait:,.0f} tok/s, DDP {best_base:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
+    worst = max(r["overhead"] for r in rows)
+    return {
+        "config": cfg,
+        "steps": steps,
+        "rounds": rounds,
+        "rows": rows,
+        "worst_overhead": worst,
+        "goal_max_overhead": GOAL_MAX_OVERHEAD,
+        "meets_goal": worst <= GOAL_MAX_OVERHEAD,
+    }

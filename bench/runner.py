@@ -1,0 +1,92 @@
+"""``plait bench NAME``: run a benchmark module of ``plait.bench`` and keep its result.
+
+A benchmark is a module in ``bench/`` with a docstring (its first line is the
+description), ``NAME`` and ``run(quick: bool) -> dict``. The runner adds the machine
+and versions and writes ``bench/results/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from plait.errors import CLIError, did_you_mean
+
+BENCH_DIR = Path(__file__).resolve().parent
+_NOT_BENCHMARKS = {"__init__", "runner", "ddp_baseline"}
+
+
+def list_benchmarks() -> dict[str, str]:
+    found = {}
+    for path in sorted(BENCH_DIR.glob("*.py")):
+        if path.stem in _NOT_BENCHMARKS:
+            continue
+        module = importlib.import_module(f"plait.bench.{path.stem}")
+        if hasattr(module, "run"):
+            found[module.NAME] = (module.__doc__ or "").strip().splitlines()[0]
+    return found
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    import plait
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1) if mem_gib else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "plait": plait.__version__,
+        "commit": commit,
+    }
+
+
+def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    available = list_benchmarks()
+    if name not in available:
+        hint = did_you_mean(name, available)
+        raise CLIError(f"bench: no benchmark '{name}'; accepted: {', '.join(available)}" + (f" ({hint})" if hint else ""))
+    module = importlib.import_module(f"plait.bench.{name}")
+    started = time.time()
+    result = module.run(quick=quick)
+    record = {
+        "benchmark": name,
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": round(time.time() - started, 1),
+        "machine": machine_info(),
+        "result": result,
+    }
+    out_dir = out_dir or BENCH_DIR / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"plait bench: wrote {path}")
+    return record

@@ -1,0 +1,113 @@
+"""The ``plait`` command line: ``plait train`` and ``plait bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from plait.errors import CLIError, PlaitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from plait import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="plait",
+        description="plait: distributed training for transformer and mixture-of-experts models.",
+    )
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train a model: launches --nproc local workers through torchrun's elastic agent "
+        "(gloo on CPU, NCCL on GPU) and writes config.yaml and summary.json to the run directory.",
+    )
+    train.add_argument("--config", type=Path, required=True, metavar="FILE", help="YAML config (see configs/)")
+    train.add_argument("--nproc", type=int, metavar="N", help="worker processes (sets launch.nproc)")
+    train.add_argument("--run-dir", type=Path, metavar="DIR", help="where config.yaml, summary.json and logs go "
+                       "(default: runs/<config name>-<time>)")
+    train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override a config key, dotted (train.steps=50); repeatable")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, "
+                       "parameter count and memory estimate, then exit")
+
+    bench = commands.add_parser("bench", help="run a benchmark from bench/",
+                                description="Run a benchmark; results go to bench/results/NAME.json.")
+    bench.add_argument("name", nargs="?", metavar="NAME", help="benchmark name; omit to list them")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    bench.add_argument("--out", type=Path, metavar="DIR", help="results directory (default: bench/results)")
+    bench.add_argument("--quick", action="store_true", help="a short run for smoke tests, not for reporting")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from plait.runtime.config import dump_config, load_config
+    from plait.runtime.dryrun import dry_run_report
+    from plait.runtime.launch import launch_workers
+
+    if args.nproc is not None and args.nproc < 1:
+        raise CLIError(f"--nproc: got {args.nproc}; accepted: a positive number of processes")
+    config = load_config(args.config, args.overrides, nproc=args.nproc)
+    if args.dry_run:
+        print(dry_run_report(config))
+        return 0
+    run_dir = args.run_dir or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "summary.json").exists():
+        raise CLIError(f"--run-dir: {run_dir} already holds a finished run (summary.json); choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    env = {}
+    if not config.metrics.peak_flops:
+        import torch
+
+        from plait.runtime.peak import cpu_peak_flops, cuda_peak_flops
+
+        peak = cuda_peak_flops() if torch.cuda.is_available() else cpu_peak_flops(config.launch.nproc)
+        env["PLAIT_PEAK_FLOPS"] = repr(peak)
+    print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s); run directory {run_dir}", flush=True)
+    launch_workers(config.launch, run_dir, env=env)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
+    print(
+        f"plait: done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}, eval loss {eval_text}, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_s']:.1f} s; summary at {run_dir / 'summary.json'}",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from plait.bench.runner import list_benchmarks, run_benchmark
+
+    if not args.name:
+        for name, doc in list_benchmarks().items():
+            print(f"{name:12s} {doc}")
+        return 0
+    result = run_benchmark(args.name, out_dir=args.out, quick=args.quick)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_bench(args)
+    except PlaitError as err:
+        print(f"plait: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The job configuration: a tree of component-owned dataclasses, loaded from YAML.
+
+Precedence is defaults < file < ``--set key=value`` overrides, resolved in one function,
+:func:`load_config`. Every mistake a user can make (unknown key, wrong type, inconsistent
+values) raises :class:`plait.errors.ConfigError` naming the dotted key, the value and
+what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from plait.errors import ConfigError, did_you_mean
+from plait.parallel.config import ParallelConfig
+from plait.runtime.data import DataConfig
+from plait.runtime.launch import LaunchConfig
+from plait.runtime.metrics import MetricsConfig
+from plait.runtime.models.config import ModelConfig
+from plait.runtime.trainer import TrainConfig
+from plait.scheduler.spec import ModelSpec
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """Everything ``plait train`` needs, one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        """Check each section, then the rules that span sections."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        world = self.launch.nproc
+        dp = self.parallel.resolved_dp(world)
+        if dp != world:
+            raise ConfigError(
+                "parallel.dp", self.parallel.dp,
+                f"accepted: 0 (derive) or the world size {world}, since data parallel is the only dimension so far",
+            )
+        per_rank = self.train.micro_batch * dp
+        if self.train.global_batch % per_rank:
+            lo = (self.train.global_batch // per_rank) * per_rank
+            suggestion = ", ".join(str(v) for v in (lo, lo + per_rank) if v > 0)
+            raise ConfigError(
+                "train.global_batch", self.train.global_batch,
+                f"must be a multiple of train.micro_batch × dp = {self.train.micro_batch} × {dp} = {per_rank}",
+                hint=f"e.g. {suggestion}",
+            )
+
+    def accumulation(self) -> int:
+        """Micro-batches per rank per step: global = micro × accumulation × dp."""
+        dp = self.parallel.resolved_dp(self.launch.nproc)
+        return self.train.global_batch // (self.train.micro_batch * dp)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, nproc: int | None = None) -> JobConfig:
+    """Defaults < file < overrides (``key=value`` with dotted keys) < ``nproc``; validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    if nproc is not None:
+        _set_dotted(tree, "launch.nproc", nproc)
+    config = _build(JobConfig, tree, prefix="")
+    config.validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data (the inverse of loading it)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: JobConfig) -> str:
+    """The fully resolved config as YAML, loadable by :func:`load_config`."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "accepted: the path of an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("--config", str(path), f"not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", str(path), f"the file must hold a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", item, "accepted: key=value with a dotted key, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), child, "this key is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", data, "accepted: a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{name}" for name in fields]
+            raise ConfigError(
+                dotted, value,
+                f"not a known key; accepted under '{prefix.rstrip('.') or 'the top level'}': {', '.join(fields)}",
+                hint=did_you_mean(dotted, known),
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        close = did_you_mean(str(value), [str(c) for c in choices])
+        raise ConfigError(key, value, f"accepted: {' | '.join(map(str, choices))}", hint=close)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(err.accepted)
+        raise ConfigError(key, value, " or ".join(errors))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "accepted: true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, value, "accepted: an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; a float key takes it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "accepted: a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "accepted: a string")
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def model_spec(model: ModelConfig) -> ModelSpec:
+    """The planner's view of the model section."""
+    moe = model.kind == "moe"
+    return ModelSpec(
+        kind=model.kind, layers=model.layers, dim=model.dim, heads=model.heads, ffn_dim=model.ffn_dim,
+        vocab=model.vocab, seq_len=model.seq_len, experts=model.experts if moe else 1, top_k=model.top_k if moe else 1,
+    )

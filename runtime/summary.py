@@ -1,0 +1,110 @@
+"""``summary.json``: what a run did, written by rank 0 at the end (or when it fails).
+
+Schema (version 1), every field always present:
+
+| field | type | meaning |
+|---|---|---|
+| ``schema`` | int | 1 |
+| ``status`` | str | ``completed`` or ``failed`` |
+| ``error`` | str or null | the exception, when ``failed`` |
+| ``version`` | str | plait version |
+| ``steps`` | int | optimizer steps completed |
+| ``losses`` | list[float] | training loss of each step (cross-entropy, mean over the global batch, nats/token) |
+| ``aux_losses`` | list[float] | MoE load-balancing loss of each step (0.0 for dense models) |
+| ``grad_norms`` | list[float] | global gradient norm of each step, before clipping |
+| ``eval_loss`` | float or null | held-out loss at the last evaluation |
+| ``eval_losses`` | list[{step, loss}] | every evaluation |
+| ``tokens`` | int | training tokens processed |
+| ``tokens_per_s`` | float | training tokens/s, wall clock from the end of step 1 (warm-up) to the end of step N, hooks and evaluations included |
+| ``step_seconds`` | float | mean wall time per step over the same span |
+| ``world_size`` | int | worker processes |
+| ``parallel`` | {dp, tp, pp, cp, ep} | parallel sizes |
+| ``restarts`` | int | elastic restarts before this attempt finished |
+| ``wall_s`` | float | seconds from the worker's start to the summary |
+| ``params`` | {total, active} | parameter counts |
+| ``data`` | {root, files, train_bytes, eval_bytes} | the corpus |
+| ``config_path`` | str | the resolved config beside this file |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import plait
+from plait.runtime.progress import Pace
+from plait.runtime.trainer import BaseHook, StepResult
+
+if TYPE_CHECKING:
+    from plait.runtime.config import JobConfig
+    from plait.runtime.data import Corpus
+    from plait.runtime.trainer import Trainer
+
+SCHEMA_VERSION = 1
+
+
+class SummaryHook(BaseHook):
+    """Collects per-step results and writes ``summary.json`` atomically."""
+
+    def __init__(self, run_dir: Path, *, config: JobConfig, corpus: Corpus, started: float, world: int):
+        self.path = run_dir / "summary.json"
+        self.config = config
+        self.corpus = corpus
+        self.started = started
+        self.world = world
+        self.losses: list[float] = []
+        self.aux_losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.evals: list[dict[str, float]] = []
+        self.pace = Pace(config.train.steps)
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        self.losses.append(result.loss)
+        self.aux_losses.append(result.aux_loss)
+        self.grad_norms.append(result.grad_norm)
+        self.pace.add(result)
+
+    def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
+        self.evals.append({"step": step, "loss": loss})
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.write(trainer, status="completed")
+
+    def write(self, trainer: Trainer, *, status: str, error: str | None = None) -> dict[str, Any]:
+        from plait.runtime.models import count_parameters
+
+        params = count_parameters(trainer.inner_model)
+        summary = {
+            "schema": SCHEMA_VERSION,
+            "status": status,
+            "error": error,
+            "version": plait.__version__,
+            "steps": trainer.step,
+            "losses": self.losses,
+            "aux_losses": self.aux_losses,
+            "grad_norms": self.grad_norms,
+            "eval_loss": self.evals[-1]["loss"] if self.evals else None,
+            "eval_losses": self.evals,
+            "tokens": sum(1 for _ in self.losses) * self.config.train.global_batch * self.config.model.seq_len,
+            "tokens_per_s": self.pace.tokens_per_s,
+            "step_seconds": self.pace.step_seconds,
+            "world_size": self.world,
+            "parallel": {"dp": self.config.parallel.resolved_dp(self.world), "tp": 1, "pp": 1, "cp": 1, "ep": 1},
+            "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "wall_s": time.time() - self.started,
+            "params": {"total": int(params["total"]), "active": int(params["active"])},
+            "data": {
+                "root": self.corpus.root,
+                "files": self.corpus.files,
+                "train_bytes": self.corpus.train.numel(),
+                "eval_bytes": self.corpus.eval.numel(),
+            },
+            "config_path": "config.yaml",
+        }
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.path)
+        return summary

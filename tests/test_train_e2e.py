@@ -1,0 +1,141 @@
+"""`plait train` end to end on 2 real worker processes (gloo): the command a user runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+TINY = """
+model: {kind: moe, layers: 2, dim: 64, heads: 4, ffn_dim: 128, vocab: 256, seq_len: 64, experts: 4, top_k: 2}
+train: {steps: 30, global_batch: 8, micro_batch: 2, lr: 3.0e-3, warmup_steps: 3, seed: 7, eval_every: 15, eval_batches: 2}
+data: {max_bytes: 3000000}
+metrics: {log_every: 5}
+launch: {nproc: 2}
+"""
+
+SUMMARY_FIELDS = {
+    "schema": int, "status": str, "version": str, "steps": int, "losses": list, "aux_losses": list,
+    "grad_norms": list, "eval_loss": float, "eval_losses": list, "tokens": int, "tokens_per_s": float,
+    "step_seconds": float, "world_size": int, "parallel": dict, "restarts": int, "wall_s": float,
+    "params": dict, "data": dict, "config_path": str,
+}
+
+
+def plait(*args: str) -> list[str]:
+    return [sys.executable, "-m", "plait.runtime.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read().decode()
+
+
+@pytest.fixture(scope="module")
+def watched_run(config, tmp_path_factory):
+    """Run 1, watched while it runs: /metrics and /health must answer mid-run."""
+    run_dir = tmp_path_factory.mktemp("run") / "a"
+    proc = subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(run_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, scraped = [], {}
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"metrics at (http://127\.0\.0\.1:\d+)/metrics", line)
+        if found and not scraped:
+            base = found.group(1)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                text = scrape(f"{base}/metrics")
+                step = re.search(r'^plait_step\{job="a"\} (\S+)', text, re.M)
+                if step and float(step.group(1)) >= 1:
+                    scraped = {"metrics": text, "health": json.loads(scrape(f"{base}/health"))}
+                    break
+                time.sleep(0.05)
+    assert proc.wait(timeout=300) == 0, "".join(lines)
+    return run_dir, scraped, "".join(lines)
+
+
+def test_loss_falls_and_summary_holds_its_schema(watched_run):
+    run_dir, _, output = watched_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for field, kind in SUMMARY_FIELDS.items():
+        assert isinstance(summary[field], kind), (field, summary[field])
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["steps"] == 30 and len(summary["losses"]) == 30
+    assert summary["world_size"] == 2 and summary["parallel"]["dp"] == 2
+    assert summary["restarts"] == 0
+    losses = summary["losses"]
+    assert losses[0] > 5.0  # about ln 256 at the start
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    assert [e["step"] for e in summary["eval_losses"]] == [15, 30]
+    assert summary["eval_loss"] < 5.0
+    assert summary["tokens"] == 30 * 8 * 64 and summary["tokens_per_s"] > 0
+    assert (run_dir / "config.yaml").read_text().startswith("model:")
+    assert "plait: done: 30 steps" in output
+
+
+def test_metrics_and_health_answer_during_the_run(watched_run):
+    _, scraped, output = watched_run
+    assert scraped, "never saw plait_step >= 1 on /metrics during the run:\n" + output
+    for gauge in ("plait_step", "plait_loss", "plait_tokens_per_second", "plait_step_seconds", "plait_mfu", "plait_eta_seconds"):
+        assert re.search(rf"^{gauge}\{{", scraped["metrics"], re.M), gauge
+    assert scraped["health"]["status"] == "training" and scraped["health"]["step"] >= 1
+
+
+def test_two_runs_give_identical_losses(watched_run, config, tmp_path):
+    run_dir, _, _ = watched_run
+    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(tmp_path / "b")), check=True, capture_output=True)
+    first = json.loads((run_dir / "summary.json").read_text())
+    second = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert first["losses"] == second["losses"]  # bitwise: floats compare exactly
+    assert first["eval_losses"] == second["eval_losses"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--set", "train.stpes=3"], "did you mean 'train.steps'"),
+        (["--set", "model.heads=5"], "'model.heads'"),
+        (["--nproc", "3"], "'train.global_batch'"),
+        (["--set", "launch.backend=mpi"], "'launch.backend'"),
+    ],
+)
+def test_bad_configs_fail_with_one_line_and_exit_2(config, tmp_path, args, fragment):
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(tmp_path / "x"), *args),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plait: error: config key") and fragment in lines[0]
+    assert not (tmp_path / "x").exists()  # nothing launched, nothing written
+
+
+def test_dry_run_prints_the_plan_and_launches_nothing(config, tmp_path):
+    done = subprocess.run(plait("train", "--config", str(config), "--dry-run", "--run-dir", str(tmp_path / "y")),
+                          capture_output=True, text=True, timeout=120, check=True)
+    out = done.stdout
+    assert "global 8 = micro 2 × accumulation 2 × dp 2" in out
+    assert re.search(r"parameters:\s+[\d,]+ total", out) and "memory per rank:" in out
+    assert "kind: moe" in out and not (tmp_path / "y").exists()
+
+
+def test_a_failed_worker_is_reported_with_rank_and_exit_code(config, tmp_path):
+    # 300 bytes hold fewer windows than one global batch: every worker raises at start.
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(tmp_path / "z"), "--set", "data.max_bytes=300"),
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1
+    assert re.search(r"plait: error: worker rank \d failed with exit code 1", done.stderr), done.stderr
