@@ -1,0 +1,52 @@
+"""The Prometheus endpoint on a real loopback port."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from plait.runtime.metrics import MetricsServer, TrainingMetrics
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.headers["Content-Type"], reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+@pytest.fixture
+def server():
+    metrics = TrainingMetrics("unit")
+    srv = MetricsServer(metrics, "127.0.0.1", 0).start()
+    yield srv
+    srv.stop()
+
+
+def test_port_zero_picks_a_free_loopback_port(server):
+    assert server.url.startswith("http://127.0.0.1:") and not server.url.endswith(":0")
+
+
+def test_metrics_reflect_the_gauges(server):
+    server.metrics.step.set(12)
+    server.metrics.loss.set(2.5)
+    status, ctype, body = get(server.url + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    assert 'plait_step{job="unit"} 12.0' in body
+    assert 'plait_loss{job="unit"} 2.5' in body
+
+
+def test_health_is_json(server):
+    server.metrics.set_health(status="training", step=3)
+    status, ctype, body = get(server.url + "/health")
+    assert status == 200 and ctype == "application/json"
+    assert json.loads(body) == {"status": "training", "step": 3}
+
+
+def test_unknown_path_is_404(server):
+    status, _, body = get(server.url + "/nope")
+    assert status == 404 and "/metrics" in body
