@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch  # noqa: F401
 
 from plait import _C  # noqa: F401  (registers torch.ops.plait.*)
+from plait import ops  # noqa: F401  (fake kernels and references of those ops)
 from plait.errors import PlaitError
 
 __version__ = "0.1.0"

@@ -1,0 +1,11 @@
+"""plait's custom operators (``torch.ops.plait.*``) and their Python entry points.
+
+Importing this package also registers the ops' fake kernels, which ``torch.compile``
+and ``FakeTensorMode`` need; the eager kernels come with ``plait._C``.
+"""
+
+from __future__ import annotations
+
+from plait.ops.gf256 import GF256_POLY, gf256_mul, gf256_mul_add_, gf256_mul_add_reference
+
+__all__ = ["GF256_POLY", "gf256_mul", "gf256_mul_add_", "gf256_mul_add_reference"]

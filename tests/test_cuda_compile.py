@@ -1,0 +1,184 @@
+"""The CUDA sources compile, on every machine.
+
+A CPU-only torch builds plait._C without its .cu files, so a CUDA mistake would
+otherwise surface only on a GPU machine. Here nvcc compiles each csrc/**/*.cu to an
+object for sm_90a against the installed torch's headers. Where torch has CUDA the
+build itself compiled them, and a GPU lets the kernels be checked against the CPU ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+import plait  # noqa: F401  (registers torch.ops.plait.*)
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+CU_FILES = sorted(CSRC.rglob("*.cu"))
+OP_NAME = "plait::gf256_mul_add_"
+NVCC_TIMEOUT_S = 400
+
+
+def _find_nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidate = Path(os.environ[var]) / "bin" / "nvcc"
+            if candidate.is_file():
+                return str(candidate)
+    candidate = Path("/usr/local/cuda/bin/nvcc")
+    return str(candidate) if candidate.is_file() else None
+
+
+def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [
+        nvcc,
+        "-arch=sm_90a",
+        # The CPU wheel ships c10/cuda headers but not the CMake-generated config one.
+        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+        "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "--expt-relaxed-constexpr",
+        f"-I{CSRC}",
+    ]
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd += ["-c", str(source), "-o", str(obj)]
+    return cmd
+
+
+def _has_cuda_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
+
+
+def test_there_are_cuda_sources():
+    assert any(p.name == "gf256_cuda.cu" for p in CU_FILES), f"no csrc/**/*.cu found under {CSRC}"
+
+
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        if torch.version.cuda is None:
+            pytest.fail(
+                "nvcc was not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin) and torch "
+                f"{torch.__version__} has no CUDA, so nothing compiles the {len(CU_FILES)} "
+                "csrc/**/*.cu files on this machine; install the CUDA toolkit (nvcc) or put it on PATH"
+            )
+        # torch has CUDA: the build compiled the .cu files into plait._C itself.
+        assert _has_cuda_kernel(), (
+            "nvcc is missing, torch has CUDA, yet plait._C has no CUDA kernel for "
+            f"{OP_NAME}; rebuild with `pip install -e . --no-build-isolation`"
+        )
+        return
+
+    def compile_one(index_and_source: tuple[int, Path]):
+        index, source = index_and_source
+        cmd = _nvcc_command(nvcc, source, tmp_path / f"{index}_{source.stem}.o")
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return source, None, f"timed out after {NVCC_TIMEOUT_S} s", cmd, 0.0
+        return source, proc.returncode, proc.stderr, cmd, time.monotonic() - start
+
+    workers = max(1, min(2, os.cpu_count() or 1, len(CU_FILES)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(compile_one, enumerate(CU_FILES)))
+
+    failures = [
+        f"{source.relative_to(ROOT)}: nvcc exited {rc}\n$ {' '.join(cmd)}\n{stderr}"
+        for source, rc, stderr, cmd, _ in results
+        if rc != 0
+    ]
+    assert not failures, "\n\n".join(failures)
+    for source, _, _, _, seconds in results:
+        print(f"nvcc {source.relative_to(ROOT)}: {seconds:.1f} s")
+
+
+def test_kernel_registration_matches_the_build():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
+    if torch.cuda.is_available():
+        assert _has_cuda_kernel(), (
+            f"torch has CUDA and a GPU but plait._C has no CUDA kernel for {OP_NAME}; was it "
+            "built with -DPLAIT_WITH_CUDA=OFF or against another torch? Rebuild with "
+            "`pip install -e . --no-build-isolation`"
+        )
+    elif torch.version.cuda is None:
+        assert not _has_cuda_kernel(), "a CPU-only torch build should not carry CUDA kernels"
+    else:
+        pytest.skip("torch has CUDA but no GPU is visible; registration is checked on GPU machines")
+
+
+def _cpu_and_cuda(
+    dst: torch.Tensor, src: torch.Tensor, coef: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    expected = dst.clone()
+    torch.ops.plait.gf256_mul_add_(expected, src, coef)
+    out = dst.cuda()
+    torch.ops.plait.gf256_mul_add_(out, src.cuda(), coef)
+    return expected, out.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernel_matches_cpu_kernel():
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+
+    # all coefficients, sizes around the 16-byte vector width
+    for n in (0, 1, 15, 16, 17, 31, 33, 4096 + 37):
+        src, dst = rand(n), rand(n)
+        for coef in range(256):
+            expected, got = _cpu_and_cuda(dst, src, coef)
+            assert torch.equal(got, expected), (n, coef)
+
+    # large inputs, including one that needs several grid-stride sweeps
+    for n in ((1 << 20) + 7, (1 << 26) + 3):
+        src, dst = rand(n), rand(n)
+        for coef in (0, 1, 2, 0x8E, 0xFF):
+            expected, got = _cpu_and_cuda(dst, src, coef)
+            assert torch.equal(got, expected), (n, coef)
+
+    # slices at byte offsets: equal alignment (vector body plus head and tail) and
+    # different alignment (bytewise), in place in a bigger device buffer
+    big_d, big_s = rand(70_000), rand(70_000)
+    for od, os_ in ((0, 0), (1, 1), (5, 5), (1, 2), (3, 0), (15, 9)):
+        n = 65_536 + 11
+        for coef in (1, 0x1D, 0xFF):
+            expected = big_d.clone()
+            torch.ops.plait.gf256_mul_add_(expected[od : od + n], big_s[os_ : os_ + n], coef)
+            dev = big_d.cuda()
+            torch.ops.plait.gf256_mul_add_(dev[od : od + n], big_s.cuda()[os_ : os_ + n], coef)
+            assert torch.equal(dev.cpu(), expected), (od, os_, coef)
+
+    # on a side stream: the kernel must run on the current stream
+    src, dst = rand(1 << 22), rand(1 << 22)
+    expected = dst.clone()
+    torch.ops.plait.gf256_mul_add_(expected, src, 0x8E)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        d, s = dst.cuda(), src.cuda()
+        torch.ops.plait.gf256_mul_add_(d, s, 0x8E)
+        got = d.cpu()
+    stream.synchronize()
+    assert torch.equal(got, expected)
+
+    # the argument checks are shared with the CPU kernel
+    on_gpu = torch.zeros(8, dtype=torch.uint8, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.plait.gf256_mul_add_(on_gpu, torch.zeros(8, dtype=torch.uint8), 3)
+    with pytest.raises(RuntimeError, match="dst must be uint8"):
+        torch.ops.plait.gf256_mul_add_(torch.zeros(8, device="cuda"), on_gpu, 3)
