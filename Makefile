@@ -44,6 +44,7 @@ test-parallel: setup
 
 bench: setup
 	$(BIN)/plait bench overhead
+	$(BIN)/plait bench gf256
 
 cuda-check: setup
 	$(BIN)/pytest -q tests/test_cuda_compile.py

@@ -58,8 +58,7 @@ def main() -> None:
         loss_value = loss.item()
         ends.append(time.perf_counter())
     if rank == 0:
-        span = ends[-1] - ends[0]
-        result = {"tokens_per_s": (steps - 1) * cfg.train.global_batch * seq / span, "step_seconds": span / (steps - 1), "last_loss": loss_value}
+        result = {"step_times": [b - a for a, b in zip(ends, ends[1:])], "tokens_per_step": cfg.train.global_batch * seq, "last_loss": loss_value}
         with open(out, "w") as f:
             json.dump(result, f)
     dist.destroy_process_group()

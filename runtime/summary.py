@@ -12,6 +12,7 @@ Schema (version 1), every field always present:
 | ``losses`` | list[float] | training loss of each step (cross-entropy, mean over the global batch, nats/token) |
 | ``aux_losses`` | list[float] | MoE load-balancing loss of each step (0.0 for dense models) |
 | ``grad_norms`` | list[float] | global gradient norm of each step, before clipping |
+| ``step_times`` | list[float] | wall seconds of each step, from the previous step's end (step 1: its own duration) |
 | ``eval_loss`` | float or null | held-out loss at the last evaluation |
 | ``eval_losses`` | list[{step, loss}] | every evaluation |
 | ``tokens`` | int | training tokens processed |
@@ -58,6 +59,8 @@ class SummaryHook(BaseHook):
         self.losses: list[float] = []
         self.aux_losses: list[float] = []
         self.grad_norms: list[float] = []
+        self.step_times: list[float] = []
+        self._last_end: float | None = None
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
 
@@ -65,6 +68,8 @@ class SummaryHook(BaseHook):
         self.losses.append(result.loss)
         self.aux_losses.append(result.aux_loss)
         self.grad_norms.append(result.grad_norm)
+        self.step_times.append(result.seconds if self._last_end is None else result.end - self._last_end)
+        self._last_end = result.end
         self.pace.add(result)
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
@@ -86,6 +91,7 @@ class SummaryHook(BaseHook):
             "losses": self.losses,
             "aux_losses": self.aux_losses,
             "grad_norms": self.grad_norms,
+            "step_times": self.step_times,
             "eval_loss": self.evals[-1]["loss"] if self.evals else None,
             "eval_losses": self.evals,
             "tokens": sum(1 for _ in self.losses) * self.config.train.global_batch * self.config.model.seq_len,

@@ -26,7 +26,7 @@ from plait.runtime.metrics import MetricsHook
 from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.models import build_model
-from plait.runtime.trainer import Trainer, build_optimizer
+from plait.runtime.trainer import Hook, Trainer, build_optimizer
 from plait.scheduler.estimate import train_flops_per_token
 
 log = logging.getLogger("plait.worker")
@@ -84,16 +84,15 @@ def run(run_dir: Path) -> None:
             corpus.eval, seq_len=model_config.seq_len, batch=config.train.global_batch,
             batches=config.train.eval_batches, dp_rank=rank, dp_size=world,
         )
-        hooks = []
+        hooks: list[Hook] = []
+        summary: SummaryHook | None = None
         if rank == 0:
             flops = train_flops_per_token(model_spec(config.model))
             peak = config.metrics.peak_flops or float(os.environ.get("PLAIT_PEAK_FLOPS", "0"))
-            hooks = [
-                ConsoleHook(log_every=config.metrics.log_every),
-                SummaryHook(run_dir, config=config, corpus=corpus, started=started, world=world),
-            ]
+            summary = SummaryHook(run_dir, config=config, corpus=corpus, started=started, world=world)
             if config.metrics.enabled:
-                hooks.insert(0, MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
+                hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
+            hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
         trainer = Trainer(
             config=config.train, aux_loss_coef=model_config.aux_loss_coef if model_config.kind == "moe" else 0.0,
             model=model, inner_model=inner, optimizer=optimizer, loader=loader, eval_set=eval_set,
@@ -102,9 +101,8 @@ def run(run_dir: Path) -> None:
         try:
             trainer.fit()
         except BaseException as err:
-            for hook in hooks:
-                if isinstance(hook, SummaryHook):
-                    hook.write(trainer, status="failed", error=f"{type(err).__name__}: {err}")
+            if summary is not None:  # nothing lost: the steps done so far are on disk
+                summary.write(trainer, status="failed", error=f"{type(err).__name__}: {err}")
             raise
     finally:
         dist.destroy_process_group()

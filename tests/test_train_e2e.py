@@ -23,7 +23,7 @@ launch: {nproc: 2}
 
 SUMMARY_FIELDS = {
     "schema": int, "status": str, "version": str, "steps": int, "losses": list, "aux_losses": list,
-    "grad_norms": list, "eval_loss": float, "eval_losses": list, "tokens": int, "tokens_per_s": float,
+    "grad_norms": list, "step_times": list, "eval_loss": float, "eval_losses": list, "tokens": int, "tokens_per_s": float,
     "step_seconds": float, "world_size": int, "parallel": dict, "restarts": int, "wall_s": float,
     "params": dict, "data": dict, "config_path": str,
 }
@@ -75,7 +75,7 @@ def test_loss_falls_and_summary_holds_its_schema(watched_run):
     for field, kind in SUMMARY_FIELDS.items():
         assert isinstance(summary[field], kind), (field, summary[field])
     assert summary["status"] == "completed" and summary["error"] is None
-    assert summary["steps"] == 30 and len(summary["losses"]) == 30
+    assert summary["steps"] == 30 and len(summary["losses"]) == len(summary["step_times"]) == 30
     assert summary["world_size"] == 2 and summary["parallel"]["dp"] == 2
     assert summary["restarts"] == 0
     losses = summary["losses"]

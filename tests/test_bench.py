@@ -1,0 +1,44 @@
+"""`plait bench`: the runner lists, refuses unknown names, and a quick overhead run writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from plait.bench.runner import list_benchmarks, run_benchmark
+from plait.errors import CLIError
+
+
+def test_lists_the_overhead_benchmark():
+    assert "overhead" in list_benchmarks()
+
+
+def test_unknown_benchmark_is_a_typed_error():
+    with pytest.raises(CLIError, match="did you mean 'overhead'"):
+        run_benchmark("overhed")
+
+
+def test_quick_overhead_run_writes_results_with_machine_and_ratio(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "plait.runtime.cli", "bench", "overhead", "--quick", "--json", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "overhead.json").read_text())
+    assert record["benchmark"] == "overhead" and record["quick"] is True
+    for field in ("cpu", "cores", "python", "torch", "plait"):
+        assert record["machine"][field]
+    rows = record["result"]["rows"]
+    assert [r["nproc"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["plait_tokens_per_s"] > 0 and row["ddp_tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["plait_tokens_per_s"] / row["ddp_tokens_per_s"], rel=1e-3)
+
+
+def test_quick_gf256_run_reports_every_path(tmp_path):
+    record = run_benchmark("gf256", out_dir=tmp_path, quick=True)
+    gbps = record["result"]["gbps"]
+    assert {"kernel_1_thread", "numpy_xor", "scalar_kernel_1_thread"} <= set(gbps)
+    assert all(v > 0 for v in gbps.values())
+    assert json.loads((tmp_path / "gf256.json").read_text())["benchmark"] == "gf256"
