@@ -12,7 +12,7 @@ BUILD_STAMP := $(VENV)/.plait-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-parallel bench cuda-check clean
+.PHONY: setup demo test bench cuda-check clean
 
 setup: $(BUILD_STAMP)
 
@@ -38,9 +38,6 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
-
-test-parallel: setup
-	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/plait bench overhead
