@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from plait.errors import CLIError, PlaitError
+from plait.errors import CLIError, LaunchError, PlaitError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         peak = cuda_peak_flops() if torch.cuda.is_available() else cpu_peak_flops(config.launch.nproc)
         env["PLAIT_PEAK_FLOPS"] = repr(peak)
     print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s); run directory {run_dir}", flush=True)
-    launch_workers(config.launch, run_dir, env=env)
+    try:
+        launch_workers(config.launch, run_dir, env=env)
+    except LaunchError as err:
+        if (run_dir / "summary.json").exists():
+            raise LaunchError(f"{err}; the steps done so far are in {run_dir / 'summary.json'}") from None
+        raise
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(

@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from plait.errors import ConfigError
+from plait.runtime.progress import Pace
+from plait.runtime.trainer import BaseHook, StepResult, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +116,24 @@ def _make_handler(metrics: TrainingMetrics) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class MetricsHook:
+class MetricsHook(BaseHook):
     """Serves the training gauges while the job runs (rank 0)."""
 
     def __init__(self, config: MetricsConfig, *, job: str, flops_per_token: float, peak_flops_per_device: float, world: int):
-        from plait.runtime.progress import Pace
-
         self.metrics = TrainingMetrics(job)
         self.server = MetricsServer(self.metrics, config.host, config.port)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops_per_device * world
-        self._pace_cls = Pace
-        self.pace = None
+        self.pace = Pace(1)
 
-    def on_start(self, trainer) -> None:
-        self.pace = self._pace_cls(trainer.config.steps)
+    def on_start(self, trainer: Trainer) -> None:
+        self.pace = Pace(trainer.config.steps)
         self.server.start()
         self.metrics.steps_total.set(trainer.config.steps)
         self.metrics.set_health(status="training", step=trainer.step, steps=trainer.config.steps)
         print(f"plait: metrics at {self.server.url}/metrics (health: {self.server.url}/health)", flush=True)
 
-    def on_step(self, trainer, result) -> None:
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
         self.pace.add(result)
         m = self.metrics
         m.step.set(result.step)
@@ -148,9 +147,9 @@ class MetricsHook:
             m.mfu.set(self.pace.tokens_per_s * self.flops_per_token / self.peak_flops)
         self.metrics.set_health(step=result.step, loss=result.loss)
 
-    def on_eval(self, trainer, step: int, loss: float) -> None:
+    def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
         self.metrics.eval_loss.set(loss)
 
-    def on_end(self, trainer) -> None:
+    def on_end(self, trainer: Trainer) -> None:
         self.metrics.set_health(status="finished", step=trainer.step)
         self.server.stop()

@@ -94,7 +94,7 @@ class SummaryHook(BaseHook):
             "step_times": self.step_times,
             "eval_loss": self.evals[-1]["loss"] if self.evals else None,
             "eval_losses": self.evals,
-            "tokens": sum(1 for _ in self.losses) * self.config.train.global_batch * self.config.model.seq_len,
+            "tokens": len(self.losses) * self.config.train.global_batch * self.config.model.seq_len,
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,

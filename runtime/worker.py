@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import random
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -52,8 +53,18 @@ def _threads(config: JobConfig) -> int:
     return max(1, (os.cpu_count() or 1) // local)
 
 
+class Terminated(Exception):
+    """The elastic agent stopped this worker (SIGTERM), usually because another one failed."""
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def run(run_dir: Path) -> None:
     started = time.time()
+    # An exception rather than an exit, so the summary of the steps done gets written.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     config = load_config(run_dir / "config.yaml")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -139,3 +139,48 @@ def test_a_failed_worker_is_reported_with_rank_and_exit_code(config, tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 1
     assert re.search(r"plait: error: worker rank \d failed with exit code 1", done.stderr), done.stderr
+
+
+def _worker_pid(run_dir: Path, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"plait.runtime.worker" in cmdline and str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_worker_stops_the_job_and_the_steps_done_are_kept(config, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(run_dir), "--set", "train.steps=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = None
+        for line in proc.stdout:
+            found = re.search(r"metrics at (http://127\.0\.0\.1:\d+)/metrics", line)
+            if found:
+                base = found.group(1)
+                break
+        assert base, proc.stderr.read()
+        deadline = time.monotonic() + 120
+        while json.loads(scrape(f"{base}/health")).get("step", 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        victim = _worker_pid(run_dir, rank=1)
+        assert victim is not None
+        os.kill(victim, 9)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert re.search(r"plait: error: worker rank \d failed", err), err
+    assert "the steps done so far are in" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"]
+    assert summary["steps"] >= 3 and len(summary["losses"]) == summary["steps"]
