@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from plait.errors import ConfigError
@@ -90,3 +92,24 @@ def test_too_small_corpus_and_bad_config_are_typed_errors():
         SequenceLoader(tokens(100), seq_len=16, global_batch=8, seed=0)
     with pytest.raises(ConfigError, match="data.eval_fraction"):
         DataConfig(eval_fraction=1.5).validate()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seq_len=st.integers(1, 40),
+    per_rank=st.integers(1, 4),
+    dp=st.sampled_from([1, 2, 3, 4]),
+    seed=st.integers(0, 2**31),
+    steps=st.integers(1, 12),
+)
+def test_any_dp_sees_the_same_global_batches(seq_len, per_rank, dp, seed, steps):
+    data = tokens(3_000, seed=seed % 7)
+    global_batch = per_rank * dp
+    if (data.numel() - 1) // (seq_len + 1) < global_batch:
+        return
+    single = SequenceLoader(data, seq_len=seq_len, global_batch=global_batch, seed=seed)
+    shards = [SequenceLoader(data, seq_len=seq_len, global_batch=global_batch, seed=seed, dp_rank=r, dp_size=dp) for r in range(dp)]
+    for _ in range(steps):
+        whole, target = single.next_batch()
+        assert torch.equal(whole, torch.cat([s.next_batch()[0] for s in shards]))
+        assert torch.equal(whole[:, 1:], target[:, :-1])
