@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from plait.errors import ConfigError
+from plait.parallel.dims import ParallelDims
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Parallel sizes. Data parallel is the only dimension so far; the others follow."""
+    """Parallel sizes of both foldings (attention: pp·dp·cp·tp; experts: pp·edp·ep·etp) and the pipeline schedule."""
 
-    dp: int = 0  # 0: derive from the world size
+    tp: int = 1  # tensor (+ sequence) parallel size of attention and dense MLPs
+    pp: int = 1  # pipeline stages
+    cp: int = 1  # context parallel: each sequence split over cp ranks (zig-zag chunks)
+    dp: int = 0  # data parallel; 0: derive as world / (pp·cp·tp)
+    ep: int = 1  # expert parallel: experts split over ep ranks
+    etp: int = 1  # expert tensor parallel: each expert's hidden size split over etp ranks
+    edp: int = 0  # expert data parallel; 0: derive as world / (pp·ep·etp)
+    pp_schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved schedule)
+    pp_layers: list[int] | None = None  # layers per (virtual) stage, e.g. [3, 1]; None: as even as possible
+    capacity_factor: float = 0.0  # MoE token dropping: each expert takes ≤ factor·fair share per source rank; 0: dropless
 
     def validate(self) -> None:
-        if self.dp < 0:
-            raise ConfigError("parallel.dp", self.dp, "accepted: 0 (derive from the world size) or a positive integer")
+        for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"parallel.{name}", value, "accepted: a positive integer")
+        for name in ("dp", "edp"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ConfigError(f"parallel.{name}", value, "accepted: 0 (derive from the world size) or a positive integer")
+        if self.capacity_factor < 0:
+            raise ConfigError("parallel.capacity_factor", self.capacity_factor, "accepted: 0 (dropless) or a positive number such as 1.25")
+        if self.vpp > 1 and self.pp_schedule != "interleaved":
+            raise ConfigError("parallel.vpp", self.vpp, "virtual stages need parallel.pp_schedule=interleaved",
+                              hint="set parallel.pp_schedule=interleaved, or parallel.vpp=1")
+        if self.pp_layers is not None:
+            stages = self.pp * self.vpp
+            if len(self.pp_layers) != stages or any(not isinstance(n, int) or n < 1 for n in self.pp_layers):
+                raise ConfigError("parallel.pp_layers", self.pp_layers,
+                                  f"accepted: a list of pp × vpp = {stages} positive layer counts, e.g. {[1] * stages}")
 
-    def resolved_dp(self, world_size: int) -> int:
-        return self.dp or world_size
+    def dims(self, world: int) -> ParallelDims:
+        """The resolved sizes for ``world`` ranks (raises ConfigError naming the constraint)."""
+        return ParallelDims.resolve(world, pp=self.pp, dp=self.dp, cp=self.cp, tp=self.tp, ep=self.ep, etp=self.etp, edp=self.edp)
+
+    def resolved_dp(self, world: int) -> int:
+        return self.dims(world).dp

@@ -99,8 +99,12 @@ class ParallelDims:
         rules = [
             ("parallel.tp", self.tp, spec.heads, "model.heads", "attention heads are split across tp ranks"),
             ("parallel.tp", self.tp, spec.ffn_dim, "model.ffn_dim", "the MLP's hidden size is split across tp ranks"),
-            ("parallel.cp", 2 * self.cp, spec.seq_len, "model.seq_len", "each cp rank holds 2 of 2·cp sequence chunks (zig-zag)"),
         ]
+        if self.cp > 1:
+            rules.append(("parallel.cp", 2 * self.cp * self.tp, spec.seq_len, "model.seq_len",
+                          f"each cp rank holds 2 of 2·cp sequence chunks (zig-zag), split again over tp={self.tp} (sequence parallel)"))
+        elif self.tp > 1:
+            rules.append(("parallel.tp", self.tp, spec.seq_len, "model.seq_len", "sequence parallelism splits each sequence across tp ranks"))
         if spec.is_moe:
             rules += [
                 ("parallel.ep", self.ep, spec.experts, "model.experts", "experts are split across ep ranks"),
@@ -135,13 +139,21 @@ class ParallelDims:
             rank = rank * size + coords[axis]
         return rank
 
-    def groups(self, axis: MeshAxis) -> list[list[int]]:
-        """The rank groups that communicate along ``axis`` (each sorted, in rank order)."""
-        axes = EXPERT_AXES if axis in EXPERT_AXES and axis is not MeshAxis.PP else DENSE_AXES
+    def groups(self, axis: MeshAxis | tuple[MeshAxis, ...]) -> list[list[int]]:
+        """The rank groups that communicate along ``axis`` (or several axes of one folding together).
+
+        Each group is in group-rank order: the given axes' coordinates in mesh order, last fastest.
+        """
+        axes_given = (axis,) if isinstance(axis, MeshAxis) else tuple(axis)
+        expert = [a for a in axes_given if a in (MeshAxis.EDP, MeshAxis.EP, MeshAxis.ETP)]
+        dense = [a for a in axes_given if a in (MeshAxis.DP, MeshAxis.CP, MeshAxis.TP)]
+        if expert and dense:
+            raise ValueError(f"axes {axes_given} mix the two foldings")
+        axes = EXPERT_AXES if expert else DENSE_AXES
         found: dict[tuple, list[int]] = {}
         for rank in range(self.world):
             coords = self.coordinates(rank, axes)
-            key = tuple(v for a, v in coords.items() if a is not axis)
+            key = tuple(v for a, v in coords.items() if a not in axes_given)
             found.setdefault(key, []).append(rank)
         return list(found.values())
 

@@ -43,11 +43,15 @@ class JobConfig:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         world = self.launch.nproc
-        dp = self.parallel.resolved_dp(world)
-        if dp != world:
+        dims = self.parallel.dims(world)
+        dims.check_model(model_spec(self.model), global_batch=self.train.global_batch,
+                         micro_batch=self.train.micro_batch, vpp=self.parallel.vpp)
+        dp = dims.dp
+        if self.parallel.pp > 1 and self.parallel.pp_schedule == "interleaved" and self.accumulation() % self.parallel.pp:
             raise ConfigError(
-                "parallel.dp", self.parallel.dp,
-                f"accepted: 0 (derive) or the world size {world}, since data parallel is the only dimension so far",
+                "train.global_batch", self.train.global_batch,
+                f"the interleaved schedule needs the micro-batches per step, global_batch / (micro_batch × dp) = "
+                f"{self.accumulation()}, to be a multiple of parallel.pp={self.parallel.pp}",
             )
         per_rank = self.train.micro_batch * dp
         if self.train.global_batch % per_rank:
@@ -158,6 +162,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
         close = did_you_mean(str(value), [str(c) for c in choices])
         raise ConfigError(key, value, f"accepted: {' | '.join(map(str, choices))}", hint=close)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "accepted: a list, e.g. [3, 1]")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:

@@ -13,7 +13,9 @@ def _gib(n: int) -> str:
 def dry_run_report(config: JobConfig) -> str:
     spec = model_spec(config.model)
     world = config.launch.nproc
-    dp = config.parallel.resolved_dp(world)
+    dims = config.parallel.dims(world)
+    dp = dims.dp
+    p = config.parallel
     t = config.train
     params = param_count(spec)
     memory = memory_per_rank(spec, micro_batch=t.micro_batch, dtype=t.dtype)
@@ -23,7 +25,10 @@ def dry_run_report(config: JobConfig) -> str:
         dump_config(config).rstrip(),
         "",
         "# plan",
-        f"world size:       {world} (dp={dp}, tp=1, pp=1, cp=1, ep=1)",
+        f"world size:       {world}: attention pp={dims.pp} × dp={dims.dp} × cp={dims.cp} × tp={dims.tp}; "
+        f"experts pp={dims.pp} × edp={dims.edp} × ep={dims.ep} × etp={dims.etp}",
+        f"pipeline:         {p.pp_schedule}" + (f", {p.vpp} virtual stages per rank" if p.vpp > 1 else "")
+        + (f", layers per stage {p.pp_layers}" if p.pp_layers else ""),
         f"batch:            global {t.global_batch} = micro {t.micro_batch} × accumulation {config.accumulation()} × dp {dp}"
         f" sequences of {spec.seq_len} tokens ({tokens:,} tokens/step, {tokens * t.steps:,} in {t.steps} steps)",
         f"parameters:       {params.total:,} total, {params.active:,} active per token"
@@ -32,4 +37,5 @@ def dry_run_report(config: JobConfig) -> str:
         f"memory per rank:  {_gib(memory.total)} (params {_gib(memory.params)}, grads {_gib(memory.grads)}, "
         f"AdamW {_gib(memory.optimizer)}, activations {_gib(memory.activations)} per micro-batch)",
     ]
+    lines += ["", "# rank layout (global rank → coordinates in both foldings)", dims.describe()]
     return "\n".join(lines)

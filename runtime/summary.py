@@ -19,7 +19,9 @@ Schema (version 1), every field always present:
 | ``tokens_per_s`` | float | training tokens/s, wall clock from the end of step 1 (warm-up) to the end of step N, hooks and evaluations included |
 | ``step_seconds`` | float | mean wall time per step over the same span |
 | ``world_size`` | int | worker processes |
-| ``parallel`` | {dp, tp, pp, cp, ep} | parallel sizes |
+| ``parallel`` | {pp, dp, cp, tp, edp, ep, etp, pp_schedule, vpp} | parallel sizes of both foldings |
+| ``ledger`` | {steps, last_step, total} | collectives issued by the parallel code, summed over all ranks: ``{axis: {op: {bytes, calls}}}`` for the last training step and for all of them (evaluation excluded); see plait.parallel.comm |
+| ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
@@ -79,9 +81,11 @@ class SummaryHook(BaseHook):
         self.write(trainer, status="completed")
 
     def write(self, trainer: Trainer, *, status: str, error: str | None = None) -> dict[str, Any]:
-        from plait.runtime.models import count_parameters
+        from plait.runtime.config import model_spec
+        from plait.scheduler.estimate import param_count
 
-        params = count_parameters(trainer.inner_model)
+        params = param_count(model_spec(self.config.model))
+        dims = trainer.engine.dims
         summary = {
             "schema": SCHEMA_VERSION,
             "status": status,
@@ -98,10 +102,15 @@ class SummaryHook(BaseHook):
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,
-            "parallel": {"dp": self.config.parallel.resolved_dp(self.world), "tp": 1, "pp": 1, "cp": 1, "ep": 1},
+            "parallel": {
+                "pp": dims.pp, "dp": dims.dp, "cp": dims.cp, "tp": dims.tp, "edp": dims.edp, "ep": dims.ep, "etp": dims.etp,
+                "pp_schedule": self.config.parallel.pp_schedule, "vpp": self.config.parallel.vpp,
+            },
+            "ledger": trainer.ledger or {"steps": trainer.ledger_steps, "last_step": trainer.ledger_last, "total": trainer.ledger_total, "ranks": "rank 0 only"},
+            "tokens_per_expert": tpe.tolist() if (tpe := trainer.engine.tokens_per_expert()) is not None else None,
             "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "wall_s": time.time() - self.started,
-            "params": {"total": int(params["total"]), "active": int(params["active"])},
+            "params": {"total": int(params.total), "active": int(params.active)},
             "data": {
                 "root": self.corpus.root,
                 "files": self.corpus.files,

@@ -9,17 +9,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from plait.errors import ConfigError
+from plait.parallel.comm import LEDGER, merge_snapshots
 
 if TYPE_CHECKING:
+    from plait.parallel.engine import ParallelEngine
     from plait.runtime.data import SequenceLoader
 
 
@@ -78,7 +77,7 @@ class TrainConfig:
 class StepResult:
     step: int  # 1-based index of the optimizer step just taken
     loss: float  # cross-entropy, mean over the global batch (nats/token)
-    aux_loss: float  # MoE load-balancing loss, mean over micro-batches and ranks
+    aux_loss: float  # MoE load-balancing loss (global statistics), mean over micro-steps
     grad_norm: float
     lr: float
     tokens: int  # tokens in the global batch
@@ -109,111 +108,68 @@ class BaseHook:
         pass
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norm weights) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
-
-
 class Trainer:
-    """Runs the steps of one worker. ``model`` may be wrapped for data parallelism."""
+    """Runs the steps of one worker. The engine owns the (split) model, the optimizer and the collectives."""
 
     def __init__(
         self,
         *,
         config: TrainConfig,
-        aux_loss_coef: float,
-        model: torch.nn.Module,
-        inner_model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: ParallelEngine,
         loader: SequenceLoader,
         eval_set: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        device: torch.device,
-        group: dist.ProcessGroup | None = None,
         hooks: Sequence[Hook] = (),
     ):
         self.config = config
-        self.aux_loss_coef = aux_loss_coef
-        self.model = model
-        self.inner_model = inner_model
-        self.optimizer = optimizer
+        self.engine = engine
         self.loader = loader
         self.eval_set = eval_set
-        self.device = device
-        self.group = group
         self.hooks = list(hooks)
         self.step = 0
         self.last_eval_loss: float | None = None
-        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
-        self._autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext()
-        )
-
-    def _all_reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(values, group=self.group)
-            values /= self.world
-        return values
+        self.ledger_steps = 0
+        self.ledger_last: dict = {}
+        self.ledger_total: dict = {}
+        self.ledger: dict[str, Any] = {}  # the job's ledger, summed over ranks, set at the end of fit()
 
     def train_step(self) -> StepResult:
         start = time.perf_counter()
-        self.model.train()
         lr = self.config.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         inputs, targets = self.loader.next_batch()
-        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-        micro = self.config.micro_batch
-        chunks = inputs.shape[0] // micro
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(chunks):
-            rows = slice(i * micro, (i + 1) * micro)
-            last = i == chunks - 1
-            sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with self._autocast:
-                    logits = self.model(inputs[rows])
-                ce = F.cross_entropy(logits.float().flatten(0, 1), targets[rows].flatten())
-                aux = self.inner_model.aux_loss()
-                ((ce + self.aux_loss_coef * aux) / chunks).backward()
-            sums[0] += ce.detach()
-            sums[1] += aux.detach()
-        if self.config.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.inner_model.parameters(), self.config.grad_clip, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.inner_model.parameters() if p.grad is not None])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = self._all_reduce_mean(sums / chunks)
+        LEDGER.reset()
+        stats = self.engine.train_step(inputs, targets, lr)
+        self.ledger_last = LEDGER.snapshot()
+        self.ledger_total = merge_snapshots([self.ledger_total, self.ledger_last])
+        self.ledger_steps += 1
         self.step += 1
         return StepResult(
             step=self.step,
-            loss=float(sums[0]),
-            aux_loss=float(sums[1]),
-            grad_norm=float(grad_norm),
+            loss=stats.loss,
+            aux_loss=stats.aux_loss,
+            grad_norm=stats.grad_norm,
             lr=lr,
             tokens=self.config.global_batch * inputs.shape[1],
             seconds=(end := time.perf_counter()) - start,
             end=end,
         )
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean held-out cross-entropy over the whole eval set (all ranks' shares)."""
-        self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for inputs, targets in self.eval_set:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self._autocast:
-                logits = self.inner_model(inputs)
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-            totals[1] += targets.numel()
-        if self.world > 1:
-            dist.all_reduce(totals, group=self.group)
-        self.last_eval_loss = float(totals[0] / totals[1])
+        """Mean held-out cross-entropy over the whole eval set."""
+        self.last_eval_loss = self.engine.evaluate(self.eval_set)
         return self.last_eval_loss
+
+    def job_ledger(self) -> dict[str, Any]:
+        """Collective: every rank's ledger of the last step and of all steps, summed over ranks."""
+        from plait.parallel import comm
+
+        parts = comm.gather_objects((self.ledger_last, self.ledger_total), self.engine.meshes.group("world"))
+        if parts is None:
+            return {}
+        return {
+            "steps": self.ledger_steps,
+            "last_step": merge_snapshots([p[0] for p in parts]),
+            "total": merge_snapshots([p[1] for p in parts]),
+        }
 
     def fit(self) -> None:
         for hook in self.hooks:
@@ -227,22 +183,28 @@ class Trainer:
                 loss = self.evaluate()
                 for hook in self.hooks:
                     hook.on_eval(self, self.step, loss)
+        self.ledger = self.job_ledger()  # collective: before the hooks, which run on rank 0 only
         for hook in self.hooks:
             hook.on_end(self)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bitwise: model, optimizer, loader position, step, RNG."""
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything needed to continue bitwise, in the single-process layout (so any layout can resume it).
+
+        A collective: every rank calls it; rank 0 gets the state, the others None.
+        """
+        engine_state = self.engine.full_state_dict()
+        if engine_state is None:
+            return None
         return {
             "step": self.step,
-            "model": self.inner_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **engine_state,
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Every rank passes the same full state."""
         self.step = int(state["step"])
-        self.inner_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_full_state_dict(state)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 import plait
 from plait.runtime.config import JobConfig, load_config, model_spec
@@ -26,8 +25,8 @@ from plait.runtime.data import SequenceLoader, eval_batches, load_corpus
 from plait.runtime.metrics import MetricsHook
 from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
-from plait.runtime.models import build_model
-from plait.runtime.trainer import Hook, Trainer, build_optimizer
+from plait.runtime.build import build_engine
+from plait.runtime.trainer import Hook, Trainer
 from plait.scheduler.estimate import train_flops_per_token
 
 log = logging.getLogger("plait.worker")
@@ -80,20 +79,14 @@ def run(run_dir: Path) -> None:
 
         corpus = load_corpus(config.data)
         model_config = config.model
-        inner = build_model(model_config).to(device)
-        model: torch.nn.Module = inner
-        if world > 1:
-            model = DistributedDataParallel(
-                inner, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True
-            )
-        optimizer = build_optimizer(inner, config.train)
+        engine = build_engine(config, world, device)
+        # Every rank reads the whole global batch (token ids: kilobytes); the engine takes its share.
         loader = SequenceLoader(
-            corpus.train, seq_len=model_config.seq_len, global_batch=config.train.global_batch,
-            seed=config.train.seed, dp_rank=rank, dp_size=world,
+            corpus.train, seq_len=model_config.seq_len, global_batch=config.train.global_batch, seed=config.train.seed,
         )
         eval_set = eval_batches(
             corpus.eval, seq_len=model_config.seq_len, batch=config.train.global_batch,
-            batches=config.train.eval_batches, dp_rank=rank, dp_size=world,
+            batches=config.train.eval_batches, dp_rank=0, dp_size=1,
         )
         hooks: list[Hook] = []
         summary: SummaryHook | None = None
@@ -104,11 +97,7 @@ def run(run_dir: Path) -> None:
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
-        trainer = Trainer(
-            config=config.train, aux_loss_coef=model_config.aux_loss_coef if model_config.kind == "moe" else 0.0,
-            model=model, inner_model=inner, optimizer=optimizer, loader=loader, eval_set=eval_set,
-            device=device, hooks=hooks,
-        )
+        trainer = Trainer(config=config.train, engine=engine, loader=loader, eval_set=eval_set, hooks=hooks)
         try:
             trainer.fit()
         except BaseException as err:

@@ -121,9 +121,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attend(q, k, v)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q, k, v [B, H, T, D] over the positions this module sees.
+
+        An instance attribute of the same name replaces it, e.g. with attention over a
+        sequence split across ranks.
+        """
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class SwiGLU(nn.Module):

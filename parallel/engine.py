@@ -1,0 +1,268 @@
+"""One training step of a model split over every dimension, equal to one process's step.
+
+:class:`ParallelEngine` takes a plain model (built the same way, with the same seed, on
+every rank) and splits it in a fixed order:
+
+    apply_tp → apply_cp → apply_ep → split into pipeline stages → data-parallel optimizer
+
+Each step gets the *whole* global batch (every rank loads the same rows; it is a few
+kilobytes of token ids) and takes its share:
+
+* the step runs ``A = global_batch / (micro_batch · dp)`` micro-steps; micro-step ``i``
+  covers global rows ``[i·micro·dp, (i+1)·micro·dp)`` and the dp rank ``d`` takes
+  ``micro`` of them, rows ``i·micro·dp + d·micro …``. So "micro-batch ``i``" is the same
+  set of sequences for every layout with the same ``micro·dp``;
+* cp rank ``c`` takes the zig-zag chunks ``c`` and ``2cp−1−c`` of each sequence;
+* tp rank ``t`` takes the ``t``-th contiguous part of that (sequence parallelism).
+
+Each rank's loss is its share of the global loss: the sum of its tokens' cross-entropy
+divided by the number of tokens in the global batch, plus ``aux_coef / A`` times its
+share of the MoE balancing loss (whose statistics are global, see
+:mod:`plait.parallel.ep`). Gradients are then *summed* over each parameter's reduction
+group (:mod:`plait.parallel.dp`), which gives the single-process gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.parallel import comm
+from plait.parallel.cp import apply_cp, zigzag_positions
+from plait.parallel.dims import MeshAxis, ParallelDims
+from plait.parallel.dp import AdamWSettings, ShardedAdamW
+from plait.parallel.mesh import ParallelMeshes
+from plait.parallel.tp import apply_tp
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    micro_batch: int
+    global_batch: int
+    seq_len: int
+    aux_loss_coef: float = 0.0
+    grad_clip: float = 1.0
+    adamw: AdamWSettings = field(default_factory=AdamWSettings)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    pp_schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    vpp: int = 1
+    pp_layers: list[int] | None = None
+    capacity_factor: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # mean cross-entropy over the global batch
+    aux_loss: float  # balancing loss (summed over MoE layers), mean over micro-steps
+    grad_norm: float
+
+
+def _is_moe(module: nn.Module) -> bool:
+    return all(hasattr(module, n) for n in ("router", "experts", "route", "permute", "combine"))
+
+
+class ParallelEngine:
+    """Forward, backward and optimizer step of this rank's part of ``model``."""
+
+    def __init__(self, model: nn.Module, meshes: ParallelMeshes, config: EngineConfig, device: torch.device):
+        self.dims: ParallelDims = meshes.dims
+        self.meshes = meshes
+        self.config = config
+        self.device = device
+        self.coords = meshes.coordinates()
+        self.accumulation = config.global_batch // (config.micro_batch * self.dims.dp)
+        self.is_moe = any(_is_moe(m) for m in model.modules())
+        self.dim = model.cfg.dim
+        apply_tp(model, meshes.group(MeshAxis.TP))
+        apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
+        if self.is_moe:
+            from plait.parallel.ep import apply_ep
+
+            apply_ep(model, meshes, capacity_factor=config.capacity_factor)
+        self.pipeline = None
+        if self.dims.pp > 1 or config.vpp > 1:
+            from plait.parallel.pp import PipelinePlan
+
+            self.pipeline = PipelinePlan(model, self.dims, self.coords, config)
+            self.chunks = self.pipeline.chunks
+        else:
+            self.chunks = [model]
+        named: dict[str, nn.Parameter] = {}
+        for chunk in self.chunks:
+            named.update(dict(chunk.named_parameters()))
+        self.params = named
+        groups = {label: meshes.group(label) for label in ("dp+cp", "dp+cp+tp", "edp")}
+        self.optimizer = ShardedAdamW(sorted(named.items()), groups, meshes.group("world"), config.adamw)
+        self._autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext()
+        cp, tp = self.dims.cp, self.dims.tp
+        T = config.seq_len
+        if cp > 1:
+            self.positions: torch.Tensor | None = zigzag_positions(T, cp, self.coords[MeshAxis.CP]).to(device)
+        elif tp > 1:
+            self.positions = torch.arange(T, device=device)
+        else:
+            self.positions = None
+        self.act_shape = (config.micro_batch, T // (cp * tp), self.dim)
+
+    # ------------------------------------------------------------------ batch sharding
+
+    def local_rows(self, batch: torch.Tensor, micro: int, micro_batch: int | None = None) -> torch.Tensor:
+        """This rank's [micro, T/(cp·tp)] share of micro-step ``micro`` of a global [G, T] batch."""
+        m = micro_batch or self.config.micro_batch
+        dp, d = self.dims.dp, self.coords[MeshAxis.DP]
+        start = micro * m * dp + d * m
+        rows = batch[start : start + m]
+        if self.dims.cp > 1:
+            rows = rows[:, self.positions.to(rows.device)]
+        if self.dims.tp > 1:
+            rows = rows.chunk(self.dims.tp, dim=1)[self.coords[MeshAxis.TP]]
+        return rows.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ step
+
+    def _forward_chunk(self, chunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast:
+            return chunk(x, self.positions)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepStats:
+        for chunk in self.chunks:
+            chunk.train()
+        G, T = inputs.shape
+        scale = 1.0 / (G * T)
+        A = self.accumulation
+        coef = self.config.aux_loss_coef
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.pipeline is None:
+            model = self.chunks[0]
+            for i in range(A):
+                logits = self._forward_chunk(model, self.local_rows(inputs, i))
+                ce = F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i).flatten(), reduction="sum")
+                aux = model.aux_loss() if self.is_moe else None
+                loss = ce * scale
+                if aux is not None:
+                    loss = loss + (coef / A) * aux
+                    sums[1] += aux.detach().double() / A
+                loss.backward()
+                sums[0] += ce.detach().double() * scale
+        else:
+            sums += self.pipeline.train(self, inputs, targets, scale, coef / A)
+        comm.all_reduce(sums, self.meshes.group("world"))
+        grad_norm = self.optimizer.step(lr, self.config.grad_clip)
+        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean cross-entropy over ``batches`` (each a whole [G, T] global batch)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for inputs, targets in batches:
+            G, T = inputs.shape
+            micro = max(1, G // (self.dims.dp * self.accumulation))
+            steps = G // (micro * self.dims.dp)
+            if self.pipeline is None:
+                for i in range(steps):
+                    logits = self._forward_chunk(self.chunks[0], self.local_rows(inputs, i, micro))
+                    totals[0] += F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i, micro).flatten(), reduction="sum").double()
+            else:
+                totals[0] += self.pipeline.evaluate(self, inputs, targets, micro, steps)
+            totals[1] += G * T
+        loss_sum = totals[0:1].clone()
+        comm.all_reduce(loss_sum, self.meshes.group("world"))
+        return float(loss_sum[0] / totals[1])
+
+    def tokens_per_expert(self) -> torch.Tensor | None:
+        """Global token copies per expert [MoE layers of this stage, E] from the last forward."""
+        counts = [m.tokens_per_expert for c in self.chunks for m in c.modules() if _is_moe(m) and m.tokens_per_expert is not None]
+        return torch.stack(counts) if counts else None
+
+    # ------------------------------------------------------------------ state in the single-process layout
+
+    def _gather_full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        param = self.params[name]
+        for axis, dim in getattr(param, "_plait_shards", ()):
+            tensor = comm.all_gather(tensor.contiguous(), self.meshes.group(axis), dim)
+        return tensor
+
+    def _slice_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        param = self.params[name]
+        out = full
+        for axis, dim in getattr(param, "_plait_shards", ()):
+            g = self.meshes.group(axis)
+            out = out.chunk(g.size, dim)[g.rank]
+        if out.shape != param.shape:
+            raise ValueError(f"state for {name} has shape {tuple(full.shape)}, which does not split into {tuple(param.shape)}")
+        return out
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """Model and optimizer state in the single-process layout, on global rank 0 (None elsewhere).
+
+        A collective: every rank must call it.
+        """
+        was = comm.LEDGER.enabled
+        comm.LEDGER.enabled = False
+        try:
+            opt = self.optimizer.local_state()
+            model: dict[str, torch.Tensor] = {}
+            exp_avg: dict[str, torch.Tensor] = {}
+            exp_avg_sq: dict[str, torch.Tensor] = {}
+            for name in sorted(self.params):
+                model[name] = self._gather_full(name, self.params[name].detach()).cpu()
+                exp_avg[name] = self._gather_full(name, opt["exp_avg"][name]).cpu()
+                exp_avg_sq[name] = self._gather_full(name, opt["exp_avg_sq"][name]).cpu()
+            # One rank per pipeline stage holds a complete copy of the stage after the gathers.
+            lead = all(self.coords[a] == 0 for a in (MeshAxis.DP, MeshAxis.CP, MeshAxis.TP))
+            part = {"model": model, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq} if lead else None
+            parts = comm.gather_objects(part, self.meshes.group("world"))
+            if parts is None:
+                return None
+            state: dict[str, Any] = {"model": {}, "optimizer": {"step": opt["step"], "exp_avg": {}, "exp_avg_sq": {}}}
+            for p in parts:
+                if p is None:
+                    continue
+                state["model"].update(p["model"])
+                state["optimizer"]["exp_avg"].update(p["exp_avg"])
+                state["optimizer"]["exp_avg_sq"].update(p["exp_avg_sq"])
+            state["model"] = dict(sorted(state["model"].items()))
+            return state
+        finally:
+            comm.LEDGER.enabled = was
+
+    def full_gradients(self) -> dict[str, torch.Tensor] | None:
+        """The last step's reduced gradients in the single-process layout, on rank 0 (needs ``optimizer.keep_grads``)."""
+        was = comm.LEDGER.enabled
+        comm.LEDGER.enabled = False
+        try:
+            local = self.optimizer.local_grads()
+            grads = {name: self._gather_full(name, local[name]).cpu() for name in sorted(self.params)}
+            lead = all(self.coords[a] == 0 for a in (MeshAxis.DP, MeshAxis.CP, MeshAxis.TP))
+            parts = comm.gather_objects(grads if lead else None, self.meshes.group("world"))
+            if parts is None:
+                return None
+            out: dict[str, torch.Tensor] = {}
+            for p in parts:
+                out.update(p or {})
+            return dict(sorted(out.items()))
+        finally:
+            comm.LEDGER.enabled = was
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        """Take this rank's shards of a single-process-layout state (from :meth:`full_state_dict`)."""
+        missing = sorted(set(self.params) - set(state["model"]))
+        if missing:
+            raise KeyError(f"state lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(self._slice_local(name, state["model"][name]))
+        opt = state["optimizer"]
+        local = {
+            "step": opt["step"],
+            "exp_avg": {n: self._slice_local(n, opt["exp_avg"][n]) for n in self.params},
+            "exp_avg_sq": {n: self._slice_local(n, opt["exp_avg_sq"][n]) for n in self.params},
+        }
+        self.optimizer.load_local_state(local)
