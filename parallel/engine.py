@@ -37,6 +37,7 @@ from plait.parallel.cp import apply_cp, zigzag_positions
 from plait.parallel.dims import MeshAxis, ParallelDims
 from plait.parallel.dp import AdamWSettings, ShardedAdamW
 from plait.parallel.mesh import ParallelMeshes
+from plait.parallel.pp import apply_pp, schedule
 from plait.parallel.tp import apply_tp
 
 
@@ -86,9 +87,7 @@ class ParallelEngine:
             apply_ep(model, meshes, capacity_factor=config.capacity_factor)
         self.pipeline = None
         if self.dims.pp > 1 or config.vpp > 1:
-            from plait.parallel.pp import PipelinePlan
-
-            self.pipeline = PipelinePlan(model, self.dims, self.coords, config)
+            self.pipeline = apply_pp(model, self.dims, meshes.rank, micros=self.accumulation, vpp=config.vpp, layers=config.pp_layers)
             self.chunks = self.pipeline.chunks
         else:
             self.chunks = [model]
@@ -150,7 +149,7 @@ class ParallelEngine:
                 loss.backward()
                 sums[0] += ce.detach().double() * scale
         else:
-            sums += self.pipeline.train(self, inputs, targets, scale, coef / A)
+            sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / A)
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm)
@@ -170,11 +169,47 @@ class ParallelEngine:
                     logits = self._forward_chunk(self.chunks[0], self.local_rows(inputs, i, micro))
                     totals[0] += F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i, micro).flatten(), reduction="sum").double()
             else:
-                totals[0] += self.pipeline.evaluate(self, inputs, targets, micro, steps)
+                totals[0] += self._pipeline(inputs, targets, scale=1.0, micro_batch=micro, micros=steps)[0]
             totals[1] += G * T
         loss_sum = totals[0:1].clone()
         comm.all_reduce(loss_sum, self.meshes.group("world"))
         return float(loss_sum[0] / totals[1])
+
+    def _pipeline(
+        self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float, aux_scale: float | None = None,
+        micro_batch: int | None = None, micros: int | None = None,
+    ) -> torch.Tensor:
+        """Run this rank's pipeline schedule; returns [loss sum × scale, aux sum / A] of this rank's share.
+
+        With ``aux_scale`` None it is a forward-only pass (evaluation) over ``micros`` micro-steps.
+        """
+        train = aux_scale is not None
+        mb = micro_batch or self.config.micro_batch
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+        def forward(j: int, x: torch.Tensor | None, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if x is None:
+                x = self.local_rows(inputs, i, mb)
+            chunk = self.chunks[j]
+            out = self._forward_chunk(chunk, x)
+            extra = None
+            if train and self.is_moe:
+                aux = chunk.aux_loss()
+                sums[1] += aux.detach().double() / self.accumulation
+                extra = aux * aux_scale
+            return out, extra
+
+        def loss(i: int, out: torch.Tensor) -> torch.Tensor:
+            ce = F.cross_entropy(out.float().flatten(0, 1), self.local_rows(targets, i, mb).flatten(), reduction="sum")
+            return ce * scale
+
+        p = self.pipeline
+        actions = None if train else schedule(p.pp, p.vpp, micros, p.pp_rank, forward_only=True)
+        act_shape = (mb, *self.act_shape[1:])
+        losses = p.run(actions, act_shape=act_shape, act_dtype=torch.float32, forward=forward, loss=loss, device=self.device)
+        for value in losses:
+            sums[0] += value.double()
+        return sums
 
     def tokens_per_expert(self) -> torch.Tensor | None:
         """Global token copies per expert [MoE layers of this stage, E] from the last forward."""

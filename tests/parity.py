@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from plait.parallel import comm
 from plait.parallel.dims import ParallelDims
 from plait.parallel.dp import AdamWSettings
 from plait.parallel.engine import EngineConfig, ParallelEngine
@@ -36,7 +37,7 @@ def train_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, step
     torch.manual_seed(0)
     cfg = ModelConfig(kind=kind, **MODEL)
     model = build_model(cfg)
-    train = TrainConfig(steps=steps, global_batch=GLOBAL_BATCH, micro_batch=micro, lr=1e-2, warmup_steps=2)
+    train = TrainConfig(steps=steps, global_batch=GLOBAL_BATCH, micro_batch=micro, lr=3e-3, warmup_steps=2)
     engine = ParallelEngine(
         model, meshes,
         EngineConfig(
@@ -51,9 +52,13 @@ def train_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, step
     loader = SequenceLoader(corpus(), seq_len=cfg.seq_len, global_batch=GLOBAL_BATCH, seed=0)
     losses, aux, norms = [], [], []
     grads = None
+    ledger = None
     for step in range(steps):
         inputs, targets = loader.next_batch()
+        comm.LEDGER.reset()
         stats = engine.train_step(inputs, targets, train.lr_at(step))
+        if step == 0:
+            ledger = comm.LEDGER.snapshot()
         losses.append(stats.loss)
         aux.append(stats.aux_loss)
         norms.append(stats.grad_norm)
@@ -61,4 +66,4 @@ def train_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, step
             grads = engine.full_gradients()
     eval_batch = loader.next_batch()
     state = engine.full_state_dict()
-    return {"losses": losses, "aux": aux, "norms": norms, "grads": grads, "state": state, "eval": engine.evaluate([eval_batch])}
+    return {"ledger": ledger, "losses": losses, "aux": aux, "norms": norms, "grads": grads, "state": state, "eval": engine.evaluate([eval_batch])}

@@ -1,0 +1,162 @@
+"""Closed-form communication volume of one training step, per mesh axis and operation.
+
+The numbers are what :mod:`plait.parallel.comm`'s ledger records, summed over all ranks
+of the job (bytes each rank hands to a collective; see that module for the convention),
+for fp32 activations and weights. The planner uses them to cost a layout; a test and
+``plait bench parallel`` check them against real runs, where they must agree exactly.
+
+Notation: G global batch, T sequence length, d model width, F MLP/expert hidden size,
+V vocabulary, E experts, k experts per token, A = G / (micro · dp) micro-steps,
+n = micro · T / (cp · tp) tokens each rank holds per micro-step, W world size, and
+S = W / pp ranks per pipeline stage.
+
+* **tp** (sequence parallel): per region (attention; dense MLP) per micro-step, each
+  rank all-gathers ``n·d`` and reduce-scatters ``tp·n·d`` elements, forward and
+  backward alike: ``all_gather 2·n·d``, ``reduce_scatter 2·tp·n·d``.
+* **cp**: per attention layer per micro-step, K and V are all-gathered (``2·n·d``) and
+  their gradients reduce-scattered (``2·cp·n·d``).
+* **pp**: per micro-step, each rank of a sending stage sends its ``n·d`` activation
+  forward and each rank of a receiving stage its gradient back, across each of the
+  ``pp·vpp − 1`` boundaries between virtual stages.
+* **ep / etp / dp+cp+tp for MoE**: see :func:`_moe_layer` (dropless dispatch).
+* **data parallel** (:mod:`plait.parallel.dp`): each bucket of ``b`` parameters, padded
+  to a multiple of its group size g, is reduce-scattered (``⌈b/g⌉·g``) and all-gathered
+  (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes) and the step's
+  loss sums (16 bytes) are all-reduced over the world.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from plait.scheduler.spec import ModelSpec
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel sizes (the scheduler's own copy, free of torch.distributed)."""
+
+    world: int
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+    edp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int = 1
+
+
+def uniform_stage_layers(layers: int, stages: int) -> list[int]:
+    """Layers per virtual stage when none are given: as even as possible, the last stages take the extra ones.
+
+    (The first pipeline rank holds the most activations under 1F1B, so it gets the fewest layers.)
+    """
+    base, extra = divmod(layers, stages)
+    return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
+
+
+def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[tuple[str, int, int]]:
+    """(group label, parameters per rank, ranks holding such a bucket) of every data-parallel bucket in the job."""
+    d, F, V = spec.dim, spec.ffn_dim, spec.vocab
+    stage_ranks = lay.world // lay.pp
+    out = []
+    per_rank_layers = [0] * lay.pp
+    for v, count in enumerate(stage_counts):
+        per_rank_layers[v % lay.pp] += count
+    first, last = 0, (len(stage_counts) - 1) % lay.pp
+    for p in range(lay.pp):
+        layers = per_rank_layers[p]
+        sharded_tp = 0  # decay, split over tp
+        replicated_decay = 0  # whole on every rank of the stage
+        replicated_vec = 2 * d * layers  # norm weights (no decay)
+        experts = 0
+        attn = 4 * d * d
+        mlp = 0 if spec.is_moe else 3 * d * F
+        if lay.tp > 1:
+            sharded_tp += layers * (attn + mlp) // lay.tp
+        else:
+            replicated_decay += layers * (attn + mlp)
+        if spec.is_moe:
+            replicated_decay += layers * d * spec.experts
+            experts = layers * 3 * (spec.experts // lay.ep) * (F // lay.etp) * d
+        if p == first:
+            replicated_decay += V * d
+        if p == last:
+            replicated_decay += V * d
+            replicated_vec += d
+        for label, size, group in (
+            ("dp+cp", sharded_tp, lay.dp * lay.cp),
+            ("dp+cp+tp", replicated_decay, stage_ranks),
+            ("dp+cp+tp", replicated_vec, stage_ranks),
+            ("edp", experts, lay.edp),
+        ):
+            if size:
+                out.append((label, size, group))
+    return out
+
+
+def _moe_layer(spec: ModelSpec, lay: Layout, n: int) -> dict[tuple[str, str], int]:
+    """Bytes per MoE layer per micro-step (forward + backward), dropless, averaged over the ranks of a stage.
+
+    A single rank's token bytes depend on the routing (how many copies its experts
+    receive), but summed over a stage they do not: every copy a rank sends is received by
+    exactly one rank, so the copies received over the stage equal the ``S·n·k`` sent.
+    Hence the ledger's sum over all ranks is exact, while one rank's share is an average.
+    """
+    d, E, k = spec.dim, spec.experts, spec.top_k
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    stage = lay.world // lay.pp
+    if stage > 1:
+        out[("dp+cp+tp", "all_reduce")] += 8 * (E + 2)  # global routing statistics (int64)
+    if lay.ep > 1:
+        out[("ep", "all_to_all")] += 8 * E  # per-expert counts to each expert's rank (int64)
+        # dispatch sends n·k rows, combine sends back the rows received (n·k on average); twice with backward
+        out[("ep", "all_to_all")] += 4 * n * k * d * FP32
+    if lay.etp > 1:
+        out[("etp", "all_gather")] += 8 * (E // lay.ep)  # received counts per local expert
+        # rows gathered to every etp peer (etp copies of what each received) and partial sums scattered
+        # back (etp peers' rows), forward and backward
+        out[("etp", "all_to_all")] += 4 * lay.etp * n * k * d * FP32
+    return out
+
+
+def step_volume(
+    spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None
+) -> dict[str, dict[str, int]]:
+    """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes)."""
+    d = spec.dim
+    T = spec.seq_len
+    A = global_batch // (micro_batch * lay.dp)
+    n = micro_batch * T // (lay.cp * lay.tp)
+    stages = lay.pp * lay.vpp
+    counts = stage_layers or uniform_stage_layers(spec.layers, stages)
+    vol: dict[tuple[str, str], int] = defaultdict(int)
+    S = lay.world // lay.pp
+    regions = spec.layers * (1 if spec.is_moe else 2)
+    if lay.tp > 1:
+        vol[("tp", "all_gather")] += S * regions * A * 2 * n * d * FP32
+        vol[("tp", "reduce_scatter")] += S * regions * A * 2 * lay.tp * n * d * FP32
+    if lay.cp > 1:
+        vol[("cp", "all_gather")] += S * spec.layers * A * 2 * n * d * FP32
+        vol[("cp", "reduce_scatter")] += S * spec.layers * A * 2 * lay.cp * n * d * FP32
+    if stages > 1:
+        vol[("pp", "send")] += 2 * (stages - 1) * S * A * n * d * FP32
+    if spec.is_moe:
+        for key, b in _moe_layer(spec, lay, n).items():
+            vol[key] += S * spec.layers * A * b
+    for label, size, group in _bucket_sizes(spec, lay, counts):
+        if group > 1:
+            padded = math.ceil(size / group) * group
+            vol[(label, "reduce_scatter")] += S * padded * FP32
+            vol[(label, "all_gather")] += S * (padded // group) * FP32
+    if lay.world > 1:
+        vol[("world", "all_reduce")] += lay.world * (8 + 16)
+    out: dict[str, dict[str, int]] = {}
+    for (axis, op), b in sorted(vol.items()):
+        out.setdefault(axis, {})[op] = b
+    return out
