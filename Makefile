@@ -10,9 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS_STAMP := $(VENV)/.plait-deps
 BUILD_STAMP := $(VENV)/.plait-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup demo test test-parallel bench cuda-check clean
 
 setup: $(BUILD_STAMP)
 
@@ -38,6 +38,10 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The whole parallel parity matrix (every layout, dense and MoE, 2/4/8 ranks) and the other slow tests.
+test-parallel: setup
+	$(BIN)/pytest -q -m slow
 
 bench: setup
 	$(BIN)/plait bench overhead

@@ -56,6 +56,12 @@ class TrainingMetrics:
         self.eta_seconds = gauge("plait_eta_seconds", "Estimated seconds until the last step")
         self.grad_norm = gauge("plait_grad_norm", "Global gradient norm before clipping")
         self.lr = gauge("plait_learning_rate", "Learning rate of the last step")
+        self.tokens_per_expert = Gauge(
+            "plait_moe_tokens_per_expert",
+            "Token copies routed to each expert in the last micro-batch, all ranks of the first pipeline stage",
+            ["job", "layer", "expert"], registry=self.registry,
+        )
+        self.job = job
         self._health = {"status": "starting", "step": 0}
         self._lock = threading.Lock()
 
@@ -143,6 +149,11 @@ class MetricsHook(BaseHook):
         m.eta_seconds.set(self.pace.eta_seconds)
         m.grad_norm.set(result.grad_norm)
         m.lr.set(result.lr)
+        counts = trainer.engine.tokens_per_expert()
+        if counts is not None:
+            for layer, row in enumerate(counts.tolist()):
+                for expert, n in enumerate(row):
+                    m.tokens_per_expert.labels(job=m.job, layer=str(layer), expert=str(expert)).set(n)
         if self.peak_flops > 0:
             m.mfu.set(self.pace.tokens_per_s * self.flops_per_token / self.peak_flops)
         self.metrics.set_health(step=result.step, loss=result.loss)

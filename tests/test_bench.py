@@ -42,3 +42,13 @@ def test_quick_gf256_run_reports_every_path(tmp_path):
     assert {"kernel_1_thread", "numpy_xor", "scalar_kernel_1_thread"} <= set(gbps)
     assert all(v > 0 for v in gbps.values())
     assert json.loads((tmp_path / "gf256.json").read_text())["benchmark"] == "gf256"
+
+
+def test_quick_parallel_run_matches_the_closed_form_ledger(tmp_path):
+    record = run_benchmark("parallel", out_dir=tmp_path, quick=True)
+    rows = record["result"]["rows"]
+    assert [r["layout"] for r in rows][:1] == ["dp4"]
+    for row in rows:
+        assert row["ledger_matches"], (row["layout"], row["ledger"], row["closed_form"])
+        assert row["step_s"] > 0
+    assert rows[1]["bytes_per_axis"]["tp"] > 0 and rows[2]["bytes_per_axis"]["pp"] > 0

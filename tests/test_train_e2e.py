@@ -83,6 +83,9 @@ def test_loss_falls_and_summary_holds_its_schema(watched_run):
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
     assert [e["step"] for e in summary["eval_losses"]] == [15, 30]
     assert summary["eval_loss"] < 5.0
+    # The ledger: two data-parallel ranks reduce-scatter their gradients; one list of counts per MoE layer.
+    assert summary["ledger"]["steps"] == 30 and summary["ledger"]["last_step"]["dp+cp+tp"]["reduce_scatter"]["bytes"] > 0
+    assert len(summary["tokens_per_expert"]) == 2 and sum(summary["tokens_per_expert"][0]) == 4 * 64 * 2
     assert summary["tokens"] == 30 * 8 * 64 and summary["tokens_per_s"] > 0
     assert (run_dir / "config.yaml").read_text().startswith("model:")
     assert "plait: done: 30 steps" in output
@@ -91,7 +94,7 @@ def test_loss_falls_and_summary_holds_its_schema(watched_run):
 def test_metrics_and_health_answer_during_the_run(watched_run):
     _, scraped, output = watched_run
     assert scraped, "never saw plait_step >= 1 on /metrics during the run:\n" + output
-    for gauge in ("plait_step", "plait_loss", "plait_tokens_per_second", "plait_step_seconds", "plait_mfu", "plait_eta_seconds"):
+    for gauge in ("plait_step", "plait_loss", "plait_tokens_per_second", "plait_step_seconds", "plait_mfu", "plait_eta_seconds", "plait_moe_tokens_per_expert"):
         assert re.search(rf"^{gauge}\{{", scraped["metrics"], re.M), gauge
     assert scraped["health"]["status"] == "training" and scraped["health"]["step"] >= 1
 
