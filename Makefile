@@ -39,9 +39,9 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# The whole parallel parity matrix (every layout, dense and MoE, 2/4/8 ranks) and the other slow tests.
+# The whole parallel parity matrix: every layout, dense and MoE, 2/4/8 ranks (fast subset included).
 test-parallel: setup
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -m "slow or not slow" tests/test_parallel_parity.py
 
 bench: setup
 	$(BIN)/plait bench overhead
