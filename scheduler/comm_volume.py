@@ -38,7 +38,7 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class Layout:
-    """Parallel sizes (the scheduler's own copy, free of torch.distributed)."""
+    """Parallel sizes (the scheduler's own copy, so it plans without any process group)."""
 
     world: int
     pp: int = 1
