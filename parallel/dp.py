@@ -134,11 +134,11 @@ class ShardedAdamW:
     def step(self, lr: float, max_norm: float) -> float:
         """Reduce gradients, clip to ``max_norm`` (0: no clipping), update; returns the global grad norm."""
         sq = torch.zeros((), dtype=torch.float64)
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
             grad = comm.reduce_scatter(b.flat_grads(), b.group) if b.group.size > 1 else b.flat_grads()
             b.shard.grad = grad
             if self.keep_grads:
-                self.last_grads[self.buckets.index(b)] = grad.detach().clone()
+                self.last_grads[i] = grad.detach().clone()
             sq += grad.double().pow(2).sum()
         comm.all_reduce(sq, self.world)
         norm = float(sq.sqrt())
