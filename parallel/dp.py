@@ -35,6 +35,8 @@ can add it behind the same buckets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +123,9 @@ class ShardedAdamW:
             {"params": [b.shard], "weight_decay": settings.weight_decay if b.decay else 0.0} for b in self.buckets
         ]
         self.keep_grads = False  # keep each step's reduced, unclipped gradient (for tests and checks)
+        # Called right before the update writes the parameters and the optimizer state, e.g.
+        # to wait for a snapshot that is still copying the previous step's values.
+        self.before_update: list[Callable[[], None]] = []
         self.last_grads: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.optimizer = torch.optim.AdamW(
             param_groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps, fused=True
@@ -148,6 +153,8 @@ class ShardedAdamW:
                 b.shard.grad.mul_(coef)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for wait in self.before_update:
+            wait()
         self.optimizer.step()
         for b in self.buckets:
             b.shard.grad = None
@@ -194,6 +201,30 @@ class ShardedAdamW:
                 entry[key] = flat[lo : lo + b.shard_size].clone()
             entry["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=b.shard.device)
             self.optimizer.state[b.shard] = entry
+        self.sync_shards_from_params()
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state as it lives in memory (no copies, no collectives).
+
+        Keys ``"<bucket>.<field>"``; only loadable by the same layout (:meth:`load_raw_state`).
+        Empty before the first step.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(self.buckets):
+            for key, value in self.optimizer.state.get(b.shard, {}).items():
+                out[f"{i}.{key}"] = value
+        return out
+
+    def load_raw_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`raw_state` (same layout); then refreshes the owned slices from the parameters."""
+        for i, b in enumerate(self.buckets):
+            entry = {key.split(".", 1)[1]: value for key, value in state.items() if key.split(".", 1)[0] == str(i)}
+            if entry:
+                self.optimizer.state[b.shard] = {
+                    k: v.to(b.shard.device).clone() if v.is_floating_point() else v.clone() for k, v in entry.items()
+                }
+            else:
+                self.optimizer.state.pop(b.shard, None)
         self.sync_shards_from_params()
 
     def sync_shards_from_params(self) -> None:

@@ -286,6 +286,36 @@ class ParallelEngine:
         finally:
             comm.LEDGER.enabled = was
 
+    # ------------------------------------------------------------------ state in this rank's own layout
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and optimizer state as they live in memory: no copies, no collectives.
+
+        For snapshots (read while training goes on, see ``ShardedAdamW.before_update``);
+        loadable only by the same layout, with :meth:`load_local_tensors`.
+        """
+        out = {f"param.{name}": p.detach() for name, p in sorted(self.params.items())}
+        out.update({f"optim.{key}": value for key, value in self.optimizer.raw_state().items()})
+        return out
+
+    def layout_key(self) -> dict[str, Any]:
+        """What must match for :meth:`load_local_tensors` to accept another rank's tensors."""
+        return {
+            "dims": [self.dims.pp, self.dims.dp, self.dims.cp, self.dims.tp, self.dims.edp, self.dims.ep, self.dims.etp],
+            "rank": self.meshes.rank,
+            "params": [[n, list(p.shape)] for n, p in sorted(self.params.items())],
+        }
+
+    def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`local_tensors` (same layout and rank)."""
+        missing = sorted(set(self.params) - {k[len("param."):] for k in tensors if k.startswith("param.")})
+        if missing:
+            raise KeyError(f"snapshot lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(tensors[f"param.{name}"])
+        self.optimizer.load_raw_state({k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")})
+
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Take this rank's shards of a single-process-layout state (from :meth:`full_state_dict`)."""
         missing = sorted(set(self.params) - set(state["model"]))

@@ -1,4 +1,4 @@
-"""The ``plait`` command line: ``plait train`` and ``plait bench``."""
+"""The ``plait`` command line: ``plait train``, ``plait daemon`` and ``plait bench``."""
 
 from __future__ import annotations
 
@@ -29,12 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", type=Path, required=True, metavar="FILE", help="YAML config (see configs/)")
     train.add_argument("--nproc", type=int, metavar="N", help="worker processes (sets launch.nproc)")
+    train.add_argument("--nnodes", type=int, metavar="N", help="nodes to emulate on this machine, each with its own "
+                       "snapshot daemon and shared memory (sets launch.nnodes); workers = N × --nproc-per-node")
+    train.add_argument("--nproc-per-node", type=int, metavar="P", help="worker processes per node (with --nnodes)")
+    train.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
+                       help="inject a fault, repeatable: kill-worker:rank=R:step=S, kill-node:node=N:step=S, "
+                       "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S")
     train.add_argument("--run-dir", type=Path, metavar="DIR", help="where config.yaml, summary.json and logs go "
                        "(default: runs/<config name>-<time>)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override a config key, dotted (train.steps=50); repeatable")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, "
                        "parameter count and memory estimate, then exit")
+
+    from plait.runtime.snapshot.daemon import add_daemon_parser
+
+    add_daemon_parser(commands)
 
     bench = commands.add_parser("bench", help="run a benchmark from bench/",
                                 description="Run a benchmark; results go to bench/results/NAME.json.")
@@ -50,9 +60,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from plait.runtime.dryrun import dry_run_report
     from plait.runtime.launch import launch_workers
 
+    from plait.runtime.faults import check_faults, parse_fault
+
     if args.nproc is not None and args.nproc < 1:
         raise CLIError(f"--nproc: got {args.nproc}; accepted: a positive number of processes")
-    config = load_config(args.config, args.overrides, nproc=args.nproc)
+    nproc = args.nproc
+    for flag, value in (("--nnodes", args.nnodes), ("--nproc-per-node", args.nproc_per_node)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag}: got {value}; accepted: a positive number")
+    if args.nproc_per_node is not None:
+        if args.nproc is not None:
+            raise CLIError("--nproc and --nproc-per-node: give one; --nproc counts all workers, --nproc-per-node those of one node")
+        nproc = args.nproc_per_node * (args.nnodes or 1)
+    elif args.nnodes is not None and args.nproc is None:
+        raise CLIError(f"--nnodes {args.nnodes}: also give --nproc-per-node (workers per node)")
+    config = load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
+    faults = [parse_fault(f) for f in args.faults]
+    check_faults(faults, world=config.launch.nproc, nnodes=config.launch.nnodes, steps=config.train.steps,
+                 snapshots=config.snapshot.enabled)
     if args.dry_run:
         print(dry_run_report(config))
         return 0
@@ -69,13 +94,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         peak = cuda_peak_flops() if torch.cuda.is_available() else cpu_peak_flops(config.launch.nproc)
         env["PLAIT_PEAK_FLOPS"] = repr(peak)
-    print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s); run directory {run_dir}", flush=True)
+    nodes = f" on {config.launch.nnodes} nodes" if config.launch.nnodes > 1 else ""
+    print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s){nodes}; run directory {run_dir}", flush=True)
+    daemons = None
+    if faults:
+        env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
+    if config.snapshot.enabled:
+        from plait.runtime.snapshot.hook import job_name
+        from plait.runtime.snapshot.supervisor import DaemonSet
+
+        job = job_name(run_dir)
+        daemons = DaemonSet(config.snapshot, job=job, nnodes=config.launch.nnodes,
+                            nproc_per_node=config.launch.nproc_per_node, run_dir=run_dir)
+        daemons.start()
+        env.update(PLAIT_SNAPSHOT_DAEMONS=",".join(daemons.addresses), PLAIT_JOB=job)
+        snap = config.snapshot
+        print(f"plait: snapshots every {snap.every} steps to {config.launch.nnodes} node daemon(s) "
+              f"({', '.join(daemons.addresses)})" + (f", erasure-coded k={snap.ec_k} m={snap.ec_m}" if snap.ec_m and config.launch.nnodes > 1 else "")
+              + (f", disk every {snap.disk_every} snapshots" if snap.disk_every else ""), flush=True)
     try:
-        launch_workers(config.launch, run_dir, env=env)
+        launch_workers(config.launch, run_dir, env=env, max_restarts=config.launch.restarts(config.snapshot.enabled))
     except LaunchError as err:
         if (run_dir / "summary.json").exists():
             raise LaunchError(f"{err}; the steps done so far are in {run_dir / 'summary.json'}") from None
         raise
+    finally:
+        if daemons is not None:
+            daemons.stop()
     summary = json.loads((run_dir / "summary.json").read_text())
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
@@ -105,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "daemon":
+            from plait.runtime.snapshot.daemon import cmd_daemon
+
+            return cmd_daemon(args)
         return cmd_bench(args)
     except PlaitError as err:
         print(f"plait: error: {err}", file=sys.stderr)

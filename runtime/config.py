@@ -22,6 +22,7 @@ from plait.parallel.config import ParallelConfig
 from plait.runtime.data import DataConfig
 from plait.runtime.launch import LaunchConfig
 from plait.runtime.metrics import MetricsConfig
+from plait.runtime.snapshot.config import SnapshotConfig
 from plait.runtime.models.config import ModelConfig
 from plait.runtime.trainer import TrainConfig
 from plait.scheduler.spec import ModelSpec
@@ -37,12 +38,14 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self) -> None:
         """Check each section, then the rules that span sections."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         world = self.launch.nproc
+        self.snapshot.check_nodes(self.launch.nnodes)
         dims = self.parallel.dims(world)
         dims.check_model(model_spec(self.model), global_batch=self.train.global_batch,
                          micro_batch=self.train.micro_batch, vpp=self.parallel.vpp)
@@ -69,8 +72,10 @@ class JobConfig:
         return self.train.global_batch // (self.train.micro_batch * dp)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, *, nproc: int | None = None) -> JobConfig:
-    """Defaults < file < overrides (``key=value`` with dotted keys) < ``nproc``; validated."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, nproc: int | None = None, nnodes: int | None = None,
+) -> JobConfig:
+    """Defaults < file < overrides (``key=value`` with dotted keys) < ``nproc``, ``nnodes``; validated."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = _read_yaml(Path(path))
@@ -79,6 +84,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         _set_dotted(tree, key, value)
     if nproc is not None:
         _set_dotted(tree, "launch.nproc", nproc)
+    if nnodes is not None:
+        _set_dotted(tree, "launch.nnodes", nnodes)
     config = _build(JobConfig, tree, prefix="")
     config.validate()
     return config

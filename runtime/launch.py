@@ -19,21 +19,40 @@ log = logging.getLogger(__name__)
 class LaunchConfig:
     """The ``launch.*`` section."""
 
-    nproc: int = 1  # worker processes on this machine (--nproc)
+    nproc: int = 1  # worker processes on this machine, all nodes together (--nproc, or --nnodes × --nproc-per-node)
+    nnodes: int = 1  # nodes emulated on this machine, each with its own snapshot daemon (--nnodes)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
-    max_restarts: int = 0  # elastic agent restarts of the whole worker group on a failure
+    # Elastic agent restarts of the whole worker group on a failure. auto: 3 with snapshots
+    # (a restart resumes from the newest snapshot), 0 without (it would begin from step 0).
+    max_restarts: int | Literal["auto"] = "auto"
     monitor_interval: float = 0.1  # seconds between the agent's checks of its workers
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.nproc // self.nnodes
 
     def validate(self) -> None:
         if self.nproc < 1:
             raise ConfigError("launch.nproc", self.nproc, "accepted: a positive number of processes")
-        if self.max_restarts < 0:
-            raise ConfigError("launch.max_restarts", self.max_restarts, "accepted: 0 or a positive integer")
+        if self.nnodes < 1:
+            raise ConfigError("launch.nnodes", self.nnodes, "accepted: a positive number of nodes")
+        if self.nproc % self.nnodes:
+            raise ConfigError(
+                "launch.nproc", self.nproc, f"must be a multiple of launch.nnodes={self.nnodes} (the same workers per node)",
+                hint=f"--nnodes {self.nnodes} --nproc-per-node {max(1, self.nproc // self.nnodes)}",
+            )
+        if self.max_restarts != "auto" and self.max_restarts < 0:
+            raise ConfigError("launch.max_restarts", self.max_restarts, "accepted: auto, 0 or a positive integer")
+
+    def restarts(self, snapshots: bool) -> int:
+        if self.max_restarts == "auto":
+            return 3 if snapshots else 0
+        return self.max_restarts
         if self.monitor_interval <= 0:
             raise ConfigError("launch.monitor_interval", self.monitor_interval, "accepted: a positive number of seconds")
 
 
-def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | None = None) -> None:
+def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | None = None, max_restarts: int | None = None) -> None:
     """Run ``plait.runtime.worker`` on ``config.nproc`` local processes and wait for them.
 
     Rank 0 keeps the terminal (so its progress line renders); the other ranks' output
@@ -59,7 +78,7 @@ def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | No
         run_id=f"plait-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
-        max_restarts=config.max_restarts,
+        max_restarts=config.restarts(False) if max_restarts is None else max_restarts,
         monitor_interval=config.monitor_interval,
         start_method="spawn",
     )

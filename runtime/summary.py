@@ -23,6 +23,9 @@ Schema (version 1), every field always present:
 | ``ledger`` | {steps, last_step, total} | collectives issued by the parallel code, summed over all ranks: ``{axis: {op: {bytes, calls}}}`` for the last training step and for all of them (evaluation excluded); see plait.parallel.comm |
 | ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
+| ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
+| ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``) |
+| ``snapshot`` | {taken, published, skipped, bytes_per_rank, stall_s, copy_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy time |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
 | ``data`` | {root, files, train_bytes, eval_bytes} | the corpus |
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import plait
 from plait.runtime.progress import Pace
+from plait.runtime.snapshot.restore import recovery_totals
 from plait.runtime.trainer import BaseHook, StepResult
 
 if TYPE_CHECKING:
@@ -65,6 +69,7 @@ class SummaryHook(BaseHook):
         self._last_end: float | None = None
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
+        self.snapshots: Any = None  # the SnapshotHook of rank 0, when snapshots are on
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         self.losses.append(result.loss)
@@ -76,6 +81,18 @@ class SummaryHook(BaseHook):
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
         self.evals.append({"step": step, "loss": loss})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history so far, kept in snapshots so that a restored run reports every step once."""
+        return {"losses": list(self.losses), "aux_losses": list(self.aux_losses), "grad_norms": list(self.grad_norms),
+                "step_times": list(self.step_times), "evals": list(self.evals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = list(state["losses"])
+        self.aux_losses = list(state["aux_losses"])
+        self.grad_norms = list(state["grad_norms"])
+        self.step_times = list(state["step_times"])
+        self.evals = list(state["evals"])
 
     def on_end(self, trainer: Trainer) -> None:
         self.write(trainer, status="completed")
@@ -109,6 +126,8 @@ class SummaryHook(BaseHook):
             "ledger": trainer.ledger or {"steps": trainer.ledger_steps, "last_step": trainer.ledger_last, "total": trainer.ledger_total, "ranks": "rank 0 only"},
             "tokens_per_expert": tpe.tolist() if (tpe := trainer.engine.tokens_per_expert()) is not None else None,
             "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            **recovery_totals(self.path.parent),
+            "snapshot": self.snapshots.summary() if self.snapshots is not None else None,
             "wall_s": time.time() - self.started,
             "params": {"total": int(params.total), "active": int(params.active)},
             "data": {

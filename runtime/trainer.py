@@ -91,6 +91,7 @@ class Hook(Protocol):
     def on_start(self, trainer: Trainer) -> None: ...
     def on_step(self, trainer: Trainer, result: StepResult) -> None: ...
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None: ...
+    def on_step_end(self, trainer: Trainer, step: int) -> None: ...
     def on_end(self, trainer: Trainer) -> None: ...
 
 
@@ -103,6 +104,9 @@ class BaseHook:
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
         pass
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        """The step is wholly done: its hooks and its evaluation ran (snapshots and faults hang here)."""
 
     def on_end(self, trainer: Trainer) -> None:
         pass
@@ -183,6 +187,9 @@ class Trainer:
                 loss = self.evaluate()
                 for hook in self.hooks:
                     hook.on_eval(self, self.step, loss)
+            for hook in self.hooks:
+                if hasattr(hook, "on_step_end"):
+                    hook.on_step_end(self, self.step)
         self.ledger = self.job_ledger()  # collective: before the hooks, which run on rank 0 only
         for hook in self.hooks:
             hook.on_end(self)
@@ -201,6 +208,59 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
         }
+
+    def snapshot_objects(self) -> dict[str, Any]:
+        """This rank's small state besides its tensors (see :meth:`ParallelEngine.local_tensors`), for snapshots.
+
+        Step, loader position, every RNG this process draws from, the ledger so far and
+        the history of every hook that keeps one (``state_dict``/``load_state_dict``), so
+        that a restored run continues bitwise and reports every step once.
+        """
+        import random
+
+        import numpy as np
+
+        rng: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        hooks = {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks) if hasattr(h, "state_dict")}
+        return {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": rng,
+            "ledger": {"steps": self.ledger_steps, "total": self.ledger_total, "last": self.ledger_last},
+            "last_eval_loss": self.last_eval_loss,
+            "hooks": hooks,
+            "layout": self.engine.layout_key(),
+        }
+
+    def load_snapshot(self, tensors: dict[str, torch.Tensor], objects: dict[str, Any]) -> None:
+        """Inverse of ``engine.local_tensors()`` + :meth:`snapshot_objects` (same layout and rank)."""
+        import random
+
+        import numpy as np
+
+        mine = self.engine.layout_key()
+        if objects["layout"] != mine:
+            raise ValueError(f"snapshot was taken by another layout or rank: {objects['layout']['dims']} rank "
+                             f"{objects['layout']['rank']}, this is {mine['dims']} rank {mine['rank']}")
+        self.engine.load_local_tensors(tensors)
+        self.step = int(objects["step"])
+        self.loader.load_state_dict(objects["loader"])
+        rng = objects["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.ledger_steps = int(objects["ledger"]["steps"])
+        self.ledger_total = objects["ledger"]["total"]
+        self.ledger_last = objects["ledger"]["last"]
+        self.last_eval_loss = objects["last_eval_loss"]
+        for i, h in enumerate(self.hooks):
+            key = f"{i}:{type(h).__name__}"
+            if hasattr(h, "load_state_dict") and key in objects["hooks"]:
+                h.load_state_dict(objects["hooks"][key])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Every rank passes the same full state."""

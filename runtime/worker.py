@@ -7,6 +7,7 @@ trains from exactly the same configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -26,7 +27,13 @@ from plait.runtime.metrics import MetricsHook
 from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.build import build_engine
-from plait.runtime.trainer import Hook, Trainer
+from plait.runtime.faults import FaultHook, parse_fault
+from plait.runtime.snapshot.client import DaemonClient
+from plait.runtime.snapshot.disk import DiskTier
+from plait.runtime.snapshot.hook import SnapshotHook
+from plait.runtime.snapshot.layout import GroupLayout
+from plait.runtime.snapshot.restore import restore
+from plait.runtime.trainer import BaseHook, Hook, Trainer
 from plait.scheduler.estimate import train_flops_per_token
 
 log = logging.getLogger("plait.worker")
@@ -52,12 +59,63 @@ def _threads(config: JobConfig) -> int:
     return max(1, (os.cpu_count() or 1) // local)
 
 
+def _init_process_group(backend: str, *, rank: int, world: int) -> None:
+    """Join the job's process group; keys namespaced per elastic attempt.
+
+    The elastic agent's store outlives a restart of the worker group, and gloo finds
+    its peers through keys in it: without a per-attempt prefix, the workers of a
+    restart read the dead workers' addresses and fail with "connection refused".
+    """
+    timeout = timedelta(minutes=5)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
+
+
 class Terminated(Exception):
     """The elastic agent stopped this worker (SIGTERM), usually because another one failed."""
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+class ProgressMarker(BaseHook):
+    """Rank 0 writes the last finished step to ``<run dir>/progress``: a restart counts the steps it replays from it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "progress"
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(step))
+        os.replace(tmp, self.path)
+
+
+def _snapshot_parts(config: JobConfig, run_dir: Path, *, rank: int, world: int) -> tuple[SnapshotHook | None, dict]:
+    """The snapshot hook of this rank (None without snapshots) and the arguments of :func:`restore`."""
+    per_node = config.launch.nproc_per_node
+    nnodes = config.launch.nnodes
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    snap = config.snapshot
+    args: dict = {"rank": rank, "world": world, "per_node": per_node, "layout": None, "clients": None, "disk": None,
+                  "run_dir": run_dir, "attempt": attempt}
+    if not snap.enabled:
+        return None, args
+    node, local_rank = divmod(rank, per_node)
+    addresses = os.environ["PLAIT_SNAPSHOT_DAEMONS"].split(",")
+    clients = [DaemonClient(a) for a in addresses]
+    disk = None
+    if snap.disk_every:
+        disk = DiskTier(Path(snap.dir) if snap.dir else run_dir / "checkpoints", rank=rank, world=world, keep=snap.keep_disk)
+    layout = GroupLayout(snap.ec_k, snap.ec_m) if (snap.ec_m > 0 and nnodes > 1) else None
+    hook = SnapshotHook(snap, client=clients[node], peers=clients if rank == 0 else None, rank=rank,
+                        local_rank=local_rank, disk=disk)
+    args.update(layout=layout, clients=clients, disk=disk)
+    return hook, args
 
 
 def run(run_dir: Path) -> None:
@@ -70,7 +128,7 @@ def run(run_dir: Path) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(local_rank)
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=5))
+    _init_process_group(backend, rank=rank, world=world)
     try:
         torch.set_num_threads(_threads(config))
         if device.type == "cpu":
@@ -97,7 +155,22 @@ def run(run_dir: Path) -> None:
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
+        snapshot_hook, restore_args = _snapshot_parts(config, run_dir, rank=rank, world=world)
+        if snapshot_hook is not None:
+            hooks.append(snapshot_hook)
+        if rank == 0:
+            hooks.append(ProgressMarker(run_dir))
+        faults = [parse_fault(f) for f in json.loads(os.environ.get("PLAIT_FAULTS", "[]"))]
+        if faults:
+            daemons = os.environ.get("PLAIT_SNAPSHOT_DAEMONS", "")
+            hooks.append(FaultHook(faults, run_dir=run_dir, rank=rank, nproc_per_node=config.launch.nproc_per_node,
+                                   job=os.environ.get("PLAIT_JOB", ""), daemons=daemons.split(",") if daemons else []))
         trainer = Trainer(config=config.train, engine=engine, loader=loader, eval_set=eval_set, hooks=hooks)
+        if summary is not None:
+            summary.snapshots = snapshot_hook
+        outcome = restore(trainer, **restore_args)
+        if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
+            print(outcome.line, flush=True)
         try:
             trainer.fit()
         except BaseException as err:

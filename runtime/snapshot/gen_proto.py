@@ -1,0 +1,79 @@
+"""Regenerate ``snapshot_pb2.py`` and ``snapshot_pb2_grpc.py`` from ``snapshot.proto``.
+
+    python -m plait.runtime.snapshot.gen_proto            # rewrite the checked-in modules
+    python -m plait.runtime.snapshot.gen_proto --check    # exit 1 if they are stale
+
+The generated modules are checked in so that running plait needs only grpcio and
+protobuf, not grpcio-tools. protoc sees the proto under the virtual path
+``plait/runtime/snapshot/snapshot.proto`` (``-Iplait/runtime/snapshot=<this folder>``),
+so the grpc module imports ``from plait.runtime.snapshot import snapshot_pb2``, which
+resolves inside the installed package, and the descriptor's file name is the same
+wherever the repository is checked out: regenerating is byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["PROTO", "GENERATED", "generate"]
+
+HERE = Path(__file__).resolve().parent
+PROTO = HERE / "snapshot.proto"
+VIRTUAL_DIR = "plait/runtime/snapshot"
+GENERATED = ("snapshot_pb2.py", "snapshot_pb2_grpc.py")
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Run protoc (from grpcio-tools) on snapshot.proto; write the modules into ``out_dir``."""
+    try:
+        from grpc_tools import protoc
+    except ImportError:
+        raise SystemExit("gen_proto: grpcio-tools is not installed; pip install 'grpcio-tools>=1.85'") from None
+    import importlib.resources
+
+    well_known = str(importlib.resources.files("grpc_tools") / "_proto")
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="plait-protoc-") as tmp:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{VIRTUAL_DIR}={HERE}",
+            f"-I{well_known}",
+            f"--python_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            f"{VIRTUAL_DIR}/{PROTO.name}",
+        ]
+        code = protoc.main(args)
+        if code != 0:
+            raise SystemExit(f"gen_proto: protoc failed with exit code {code} on {PROTO}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in GENERATED:
+            target = out_dir / name
+            shutil.copyfile(Path(tmp) / VIRTUAL_DIR / name, target)
+            written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m plait.runtime.snapshot.gen_proto", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare with the checked-in modules")
+    args = parser.parse_args(argv)
+    if not args.check:
+        for path in generate(HERE):
+            print(f"wrote {path}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="plait-gen-") as tmp:
+        stale = [p.name for p in generate(Path(tmp)) if p.read_bytes() != (HERE / p.name).read_bytes()]
+    if stale:
+        print(f"stale: {', '.join(stale)}; run python -m plait.runtime.snapshot.gen_proto", file=sys.stderr)
+        return 1
+    print("generated modules are current")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

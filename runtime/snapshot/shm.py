@@ -1,0 +1,277 @@
+"""POSIX shared-memory segments of the snapshot daemon: files in /dev/shm mapped as uint8 tensors.
+
+Why files in /dev/shm rather than anonymous memory: a segment has a name, so the
+trainer process maps the very pages the daemon serves (zero-copy), and the bytes
+outlive a crash or restart of either process; only a reboot or an explicit unlink
+loses them. Every name lives in a per-(job, node) namespace,
+
+    plait.<job>.n<node>.v<version>.data.r<local_rank>                  a worker's blob
+    plait.<job>.n<node>.v<version>.parity.r<local_rank>.s<stripe>.j<j>  a parity shard
+    <segment>.meta                                                     its sidecar (JSON)
+    plait.<job>.n<node>.published                                      the published version
+    plait.<job>.n<node>.lock                                           flock of the serving daemon
+
+so a restarted daemon finds what it held, and :func:`remove_namespace` emulates the
+loss of a whole node. Job names are restricted to ``[A-Za-z0-9_-]``: a dot would make
+the names ambiguous and a slash would leave /dev/shm.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from plait.runtime.snapshot.errors import SnapshotMemoryError, SnapshotRequestError, SnapshotVersionError
+
+__all__ = [
+    "SHM_DIR",
+    "SegmentName",
+    "validate_job",
+    "namespace_prefix",
+    "data_name",
+    "parity_name",
+    "published_name",
+    "lock_namespace",
+    "sidecar_path",
+    "parse_name",
+    "create_segment",
+    "map_segment",
+    "resize_segment",
+    "unlink",
+    "list_namespace",
+    "remove_namespace",
+    "write_json_atomic",
+    "read_json",
+]
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+JOB_RE = re.compile(r"[A-Za-z0-9_-]+")
+SIDECAR_SUFFIX = ".meta"
+TMP_SUFFIX = ".tmp"
+
+_NAME_RE = re.compile(
+    r"plait\.(?P<job>[A-Za-z0-9_-]+)\.n(?P<node>\d+)\.v(?P<version>\d+)\."
+    r"(?:(?P<data>data)\.r(?P<drank>\d+)|parity\.r(?P<prank>\d+)\.s(?P<stripe>\d+)\.j(?P<index>\d+))"
+    r"(?P<sidecar>\.meta)?"
+)
+
+
+def validate_job(job: str) -> str:
+    """Return ``job`` if it is a valid namespace name, else raise naming the rule."""
+    if not isinstance(job, str) or not JOB_RE.fullmatch(job):
+        raise SnapshotRequestError(
+            f"job name {job!r}: accepted: letters, digits, '_' and '-' only (it becomes part of "
+            f"/dev/shm file names); e.g. {re.sub(r'[^A-Za-z0-9_-]', '-', str(job)) or 'job0'!r}"
+        )
+    return job
+
+
+def namespace_prefix(job: str, node: int) -> str:
+    """The file-name prefix of every segment of ``job`` on ``node`` (ends with a dot)."""
+    return f"plait.{validate_job(job)}.n{int(node)}."
+
+
+def data_name(job: str, node: int, version: int, local_rank: int) -> str:
+    return f"{namespace_prefix(job, node)}v{int(version)}.data.r{int(local_rank)}"
+
+
+def parity_name(job: str, node: int, version: int, local_rank: int, stripe: int, index: int) -> str:
+    return f"{namespace_prefix(job, node)}v{int(version)}.parity.r{int(local_rank)}.s{int(stripe)}.j{int(index)}"
+
+
+def published_name(job: str, node: int) -> str:
+    return f"{namespace_prefix(job, node)}published"
+
+
+def lock_name(job: str, node: int) -> str:
+    return f"{namespace_prefix(job, node)}lock"
+
+
+def lock_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> int:
+    """Take the namespace's exclusive lock for this process's lifetime; return its fd (close it to release).
+
+    A daemon adopting a namespace deletes what it does not recognise as committed, so a
+    second daemon of the same job and node would destroy the first one's work in
+    progress. flock is released by the kernel when the holder dies, even by SIGKILL, so
+    a restarted daemon always gets it.
+    """
+    path = root / lock_name(job, node)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SnapshotVersionError(
+            f"another snapshot daemon (pid {holder}) already serves job {job} node {node} (it holds {path}); "
+            "stop it first, or start this one with another --job or --node"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """What a file name in a namespace says about the segment (or sidecar) it names."""
+
+    job: str
+    node: int
+    version: int
+    kind: Literal["data", "parity"]
+    local_rank: int
+    stripe: int | None
+    index: int | None
+    sidecar: bool
+
+
+def parse_name(name: str) -> SegmentName | None:
+    """Parse a segment or sidecar file name; None for anything else (published file, temp files)."""
+    match = _NAME_RE.fullmatch(name)
+    if match is None:
+        return None
+    if match["data"]:
+        return SegmentName(match["job"], int(match["node"]), int(match["version"]), "data", int(match["drank"]),
+                           None, None, bool(match["sidecar"]))
+    return SegmentName(match["job"], int(match["node"]), int(match["version"]), "parity", int(match["prank"]),
+                       int(match["stripe"]), int(match["index"]), bool(match["sidecar"]))
+
+
+def create_segment(name: str, size: int, *, prefault: bool = True, root: Path = SHM_DIR) -> tuple[Path, torch.Tensor]:
+    """Create ``root/name`` exclusively, size it and map it; return (path, uint8 tensor view).
+
+    O_EXCL because two writers of one name would silently share pages: an existing file
+    means another daemon serves this namespace, or a stale file was not cleaned up.
+    ``prefault`` reserves the pages now with posix_fallocate: tmpfs allocates lazily, so
+    without it a full /dev/shm shows up later as SIGBUS in whichever process first
+    touches a missing page (the trainer); with it, it is an error here, naming the sizes.
+    """
+    if size < 0:
+        raise SnapshotRequestError(f"segment {name}: size must be >= 0, got {size}")
+    path = root / name
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SnapshotVersionError(
+            f"shared-memory segment {path} already exists: another daemon may serve this job and node, "
+            "or a stale segment was left behind; stop the other daemon or remove the file"
+        ) from None
+    try:
+        os.ftruncate(fd, size)
+        if prefault and size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.ENOMEM):
+                    free = _free_bytes(root)
+                    raise SnapshotMemoryError(
+                        f"{root} has no room for segment {name}: needs {size} bytes, {free} bytes free; "
+                        f"enlarge {root} (mount -o remount,size=...) or lower snapshot.max_memory below its size"
+                    ) from None
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    except BaseException:
+        os.close(fd)
+        unlink(path)
+        raise
+    os.close(fd)
+    return path, map_segment(path, size)
+
+
+def map_segment(path: Path, size: int) -> torch.Tensor:
+    """Map the first ``size`` bytes of an existing segment as a writable uint8 tensor (no copy).
+
+    The mapping is MAP_SHARED: writes through it are the segment's bytes, visible to every
+    other process mapping the same file, and it stays valid after the file is unlinked.
+    """
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
+
+
+def resize_segment(path: Path, size: int, *, prefault: bool = True) -> torch.Tensor:
+    """Grow (or shrink) a segment in place and return a fresh mapping of its new size.
+
+    Bytes past the old end read as zeros, which is exactly the zero padding parity needs.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, size)
+        if prefault and size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise SnapshotMemoryError(
+                        f"{path.parent} has no room to grow {path.name} to {size} bytes; "
+                        f"{_free_bytes(path.parent)} bytes free; enlarge {path.parent} or lower snapshot.max_memory"
+                    ) from None
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    finally:
+        os.close(fd)
+    return map_segment(path, size)
+
+
+def unlink(path: Path) -> None:
+    """Remove a file if it exists (mappings of it stay valid until dropped)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def list_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> list[Path]:
+    """Every file of ``job`` on ``node`` in ``root``, sorted by name."""
+    prefix = namespace_prefix(job, node)
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    return sorted(root / name for name in names if name.startswith(prefix))
+
+
+def remove_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> int:
+    """Unlink every file of ``job`` on ``node``; return how many. Emulates losing the node's memory."""
+    paths = list_namespace(job, node, root=root)
+    for path in paths:
+        unlink(path)
+    if paths:
+        log.info("removed %d file(s) of job %s node %d from %s", len(paths), job, node, root)
+    return len(paths)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"), sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _free_bytes(root: Path) -> int:
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,131 @@
+"""``plait train``'s side of the daemons: one per (emulated) node, restarted when one dies.
+
+On one machine, ``--nnodes N`` gives N daemons, each with its own port and its own
+shared-memory namespace ``plait.<job>.n<node>.*``. A daemon that dies (a crash, or
+``--fault kill-daemon`` / ``kill-node``) is replaced by a fresh one on the same port:
+it re-adopts whatever its namespace still holds (nothing, after kill-node, which also
+deletes the node's memory, as losing the machine would).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from plait.runtime.snapshot.config import SnapshotConfig
+
+log = logging.getLogger("plait.snapshot.supervisor")
+
+
+def pid_file(run_dir: Path, node: int) -> Path:
+    return run_dir / "daemons" / f"node{node}.pid"
+
+
+def kill_daemon(run_dir: Path, node: int, remove_memory: str | None = None) -> None:
+    """SIGKILL node's daemon; with ``remove_memory`` (the job), delete its shared memory first.
+
+    The daemon is stopped (SIGSTOP) before its memory is deleted, so that it cannot
+    create a segment in between, and the replacement cannot start before the kill.
+    """
+    from plait.runtime.snapshot import shm
+
+    path = pid_file(run_dir, node)
+    pid = int(path.read_text()) if path.exists() else None
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pid = None
+    if remove_memory is not None:
+        shm.remove_namespace(remove_memory, node)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class DaemonSet:
+    """Start, watch and stop the daemons of a job on this machine."""
+
+    def __init__(self, config: SnapshotConfig, *, job: str, nnodes: int, nproc_per_node: int, run_dir: Path):
+        from plait.runtime.snapshot.spawn import free_ports
+
+        self.config = config
+        self.job = job
+        self.nnodes = nnodes
+        self.per_node = nproc_per_node
+        self.run_dir = run_dir
+        self.ports = free_ports(nnodes)
+        self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        self.procs: list[subprocess.Popen | None] = [None] * nnodes
+        self.replaced = [0] * nnodes
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    def _start(self, node: int) -> subprocess.Popen:
+        from plait.runtime.snapshot.spawn import start_daemon
+
+        proc = start_daemon(
+            self.job, node, nnodes=self.nnodes, nproc_per_node=self.per_node, ec_k=self.config.ec_k,
+            ec_m=self.config.ec_m if self.nnodes > 1 else 0, port=self.ports[node], peers=self.addresses,
+            max_memory=self.config.max_memory_bytes or None, run_dir=self.run_dir,
+        )
+        path = pid_file(self.run_dir, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(proc.pid))
+        os.replace(tmp, path)
+        return proc
+
+    def start(self) -> None:
+        from plait.runtime.snapshot import shm
+
+        for node in range(self.nnodes):
+            shm.remove_namespace(self.job, node)  # a stale namespace of an earlier run in this directory
+        for node in range(self.nnodes):
+            self.procs[node] = self._start(node)
+        self._watcher = threading.Thread(target=self._watch, name="daemon-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            for node, proc in enumerate(self.procs):
+                if proc is None or proc.poll() is None or self._stop.is_set():
+                    continue
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    log.warning("snapshot daemon of node %d exited (%s); starting a fresh one", node, proc.returncode)
+                    print(f"plait: snapshot daemon of node {node} exited with {proc.returncode}; starting a fresh one", flush=True)
+                    try:
+                        self.procs[node] = self._start(node)
+                        self.replaced[node] += 1
+                    except Exception as err:  # noqa: BLE001 - keep watching the others
+                        log.error("could not restart the daemon of node %d: %s", node, err)
+                        time.sleep(0.5)
+
+    def stop(self, *, remove_memory: bool = True) -> None:
+        from plait.runtime.snapshot import shm
+
+        self._stop.set()
+        with self._lock:
+            for proc in self.procs:
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+            for proc in self.procs:
+                if proc is not None:
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+        if remove_memory:
+            for node in range(self.nnodes):
+                shm.remove_namespace(self.job, node)

@@ -1,0 +1,172 @@
+"""Snapshot blobs, the snapshot config, fault specs and the disk tier: pure functions, one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.errors import CLIError, ConfigError
+from plait.runtime.faults import Fault, check_faults, parse_fault, random_faults
+from plait.runtime.snapshot.config import SnapshotConfig, parse_size
+from plait.runtime.snapshot.disk import DiskTier, complete_steps
+from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
+from plait.runtime.snapshot.state import BlobError, plan, read_blob
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "param.w": torch.randn(5, 7, generator=g),
+        "param.b": torch.randn(3, generator=g, dtype=torch.float64),
+        "optim.0.step": torch.tensor(4.0),
+        "optim.0.ids": torch.arange(11, dtype=torch.int32),
+        "half": torch.randn(9, generator=g).to(torch.bfloat16),
+        "empty": torch.empty(0, 4),
+    }
+
+
+def test_a_blob_round_trips_tensors_bitwise_and_objects():
+    tensors = _tensors()
+    objects = {"step": 7, "rng": {"python": (3, (1, 2), None)}, "bytes": b"\x00\xff"}
+    p = plan(tensors, objects)
+    blob = torch.full((p.size,), 0xAB, dtype=torch.uint8)
+    p.write(blob)
+    got, got_objects = read_blob(blob)
+    assert got_objects == objects
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    # tensors are views of the blob, 64-byte aligned: no copies on read
+    for name, offset, nbytes in p.entries:
+        assert offset % 64 == 0
+        if nbytes:
+            assert got[name].data_ptr() == blob.data_ptr() + offset
+
+
+def test_the_header_is_fixed_when_planned_and_tensors_are_copied_later():
+    tensors = {"w": torch.zeros(4)}
+    p = plan(tensors, {"step": 1})
+    tensors["w"].add_(3)  # training goes on between plan and copy: the copy sees the values at copy time
+    blob = torch.empty(p.size, dtype=torch.uint8)
+    p.write(blob)
+    got, objects = read_blob(blob)
+    assert objects == {"step": 1} and torch.equal(got["w"], torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:8].fill_(0), "bad magic"),
+    (lambda b: b[8:16].fill_(0xFF), "runs past"),
+])
+def test_a_damaged_blob_is_refused(mutate, message):
+    p = plan({"w": torch.ones(3)}, {})
+    blob = torch.empty(p.size, dtype=torch.uint8)
+    p.write(blob)
+    mutate(blob)
+    with pytest.raises(BlobError, match=message):
+        read_blob(blob)
+    with pytest.raises(BlobError, match="shorter than its prefix"):
+        read_blob(torch.zeros(4, dtype=torch.uint8))
+
+
+def test_copy_into_a_wrong_size_is_refused():
+    p = plan({"w": torch.ones(3)}, {})
+    with pytest.raises(BlobError, match="the blob needs"):
+        p.copy_tensors(torch.empty(p.size + 1, dtype=torch.uint8))
+
+
+def test_chunks_cover_the_blob_and_the_layout_places_every_stripe_on_distinct_nodes():
+    for size in (0, 1, 63, 64, 65, 1000, 4097):
+        for k in (1, 2, 3, 5):
+            ranges = [chunk_range(size, k, c) for c in range(k)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(hi - lo <= chunk_len(size, k) for lo, hi in ranges) and chunk_len(size, k) % 64 == 0
+    for k, m in ((2, 1), (4, 2), (3, 3), (1, 1)):
+        L = GroupLayout(k, m)
+        held = {q: 0 for q in range(L.n)}
+        for s in range(L.n):
+            members = [L.data_position(s, p) for p in range(k)] + [L.parity_position(s, j) for j in range(m)]
+            assert sorted(members) == list(range(L.n))  # a stripe touches every node once
+            for j in range(m):
+                held[L.parity_position(s, j)] += 1
+                assert (s, j) in L.parity_stripes(L.parity_position(s, j))
+        assert set(held.values()) == {m}  # every node holds m parity chunks: m/k of its blob
+        for q in range(L.n):
+            assert sorted(L.stripe_of_chunk(q, c) for c in range(k)) == sorted({L.stripe_of_chunk(q, c) for c in range(k)})
+            assert all(L.data_position(L.stripe_of_chunk(q, c), c) == q for c in range(k))
+
+
+def test_snapshot_config_errors_name_the_key_and_a_fix():
+    with pytest.raises(ConfigError, match="snapshot.ec_k.*split into whole groups.*ec_k=1 snapshot.ec_m=1"):
+        SnapshotConfig(every=2, ec_k=2, ec_m=1).check_nodes(2)
+    with pytest.raises(ConfigError, match="snapshot.ec_m=0"):
+        SnapshotConfig(every=2, ec_k=2, ec_m=1).check_nodes(1)
+    SnapshotConfig(every=2, ec_k=2, ec_m=1).check_nodes(6)
+    SnapshotConfig(every=0, ec_k=2, ec_m=1).check_nodes(1)  # snapshots off: no group needed
+    for kwargs, key in (({"ec_k": 0}, "snapshot.ec_k"), ({"ec_m": 9}, "snapshot.ec_m"), ({"every": -1}, "snapshot.every"),
+                        ({"max_memory": "4 parsecs"}, "snapshot.max_memory")):
+        with pytest.raises(ConfigError, match=key):
+            SnapshotConfig(**kwargs).validate()
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size(1000) == 1000
+    assert parse_size("2GB") == 2_000_000_000 and parse_size("1.5k") == 1536
+
+
+def test_faults_parse_and_refuse_what_cannot_happen():
+    assert parse_fault("kill-worker:rank=1:step=5") == Fault("kill-worker", 1, 5)
+    assert parse_fault("kill-node:node=2:step=7") == Fault("kill-node", 2, 7)
+    assert str(parse_fault("corrupt-shard:step=3:node=0")) == "corrupt-shard:node=0:step=3"
+    for bad, message in (("explode:node=1:step=2", "unknown kind"), ("kill-node:rank=1:step=2", "expected kill-node:node=N"),
+                         ("kill-worker:rank=x:step=2", "must be an integer"), ("kill-daemon:node=1", "missing step"),
+                         ("kill-worker:rank=1:step=0", "step >= 1")):
+        with pytest.raises(CLIError, match=message):
+            parse_fault(bad)
+    with pytest.raises(CLIError, match="node 3 does not exist"):
+        check_faults([Fault("kill-node", 3, 2)], world=3, nnodes=3, steps=10, snapshots=True)
+    with pytest.raises(CLIError, match="not before the last step"):
+        check_faults([Fault("kill-worker", 0, 10)], world=3, nnodes=3, steps=10, snapshots=True)
+    with pytest.raises(CLIError, match="needs snapshots"):
+        check_faults([Fault("kill-daemon", 0, 2)], world=3, nnodes=3, steps=10, snapshots=False)
+    a = random_faults(5, count=4, world=6, nnodes=3, steps=20, every=2)
+    assert a == random_faults(5, count=4, world=6, nnodes=3, steps=20, every=2)  # seeded
+    assert len({f.step for f in a}) == 4 and all(2 < f.step < 20 for f in a)
+
+
+def test_the_disk_tier_round_trips_and_only_complete_checkpoints_count(tmp_path):
+    tensors = _tensors()
+    objects = {"step": 4, "loader": {"cursor": 24}}
+    p = plan(tensors, objects)
+    blob = torch.empty(p.size, dtype=torch.uint8)
+    p.write(blob)
+    tiers = [DiskTier(tmp_path, rank=r, world=2, keep=2) for r in range(2)]
+    tiers[0].save(4, blob)
+    assert complete_steps(tmp_path, 2) == []  # rank 1 has not written step 4 yet
+    tiers[1].save(4, blob)
+    assert complete_steps(tmp_path, 2) == [4]
+    got, got_objects = tiers[1].load(4)
+    assert got_objects == objects
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    # a damaged file fails its checksum (or cannot be read) instead of loading silently
+    import json
+
+    marker = tmp_path / "step-00000004" / "rank-0.json"
+    m = json.loads(marker.read_text())
+    m["tensors"]["param.w"][2] ^= 1
+    marker.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="checksum mismatch in param.w"):
+        tiers[0].load(4)
+    for f in (tmp_path / "step-00000004" / "rank-1").iterdir():
+        if f.suffix == ".distcp":
+            data = bytearray(f.read_bytes())
+            for i in range(len(data) // 4, 3 * len(data) // 4):
+                data[i] ^= 0x5A
+            f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="disk checkpoint step 4, rank 1: (unreadable|checksum mismatch)"):
+        tiers[1].load(4)
+    # background writes with retries; the two newest complete checkpoints are kept
+    for step in (8, 12):
+        for t in tiers:
+            t.save_async(step, blob, 0)
+        for t in tiers:
+            t.wait()
+    assert complete_steps(tmp_path, 2) == [8, 12]
