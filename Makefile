@@ -12,7 +12,7 @@ BUILD_STAMP := $(VENV)/.plait-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-parallel bench cuda-check clean
+.PHONY: setup demo test test-parallel test-faults bench cuda-check clean
 
 setup: $(BUILD_STAMP)
 
@@ -43,9 +43,14 @@ test: setup
 test-parallel: setup
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_parallel_parity.py
 
+# Many seeded random faults (kind, node, step) against real processes; make test runs a few.
+test-faults: setup
+	$(BIN)/pytest -q -m "slow or not slow" tests/test_snapshot_faults.py
+
 bench: setup
 	$(BIN)/plait bench overhead
 	$(BIN)/plait bench gf256
+	$(BIN)/plait bench snapshot
 
 cuda-check: setup
 	$(BIN)/pytest -q tests/test_cuda_compile.py

@@ -104,15 +104,25 @@ def random_faults(seed: int, *, count: int, world: int, nnodes: int, steps: int,
     return picked
 
 
-def _claim(run_dir: Path, index: int) -> bool:
+def _claim(run_dir: Path, index: int, fault: Fault, rank: int) -> bool:
     path = run_dir / "faults" / str(index)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    os.write(fd, f"{fault} by rank {rank}\n".encode())
     os.close(fd)
     return True
+
+
+def fired_faults(run_dir: Path) -> list[str]:
+    """The faults fired so far in this run (for summary.json), in the order given."""
+    folder = run_dir / "faults"
+    if not folder.is_dir():
+        return []
+    found = sorted((int(p.name), p.read_text().split(" by ")[0].strip()) for p in folder.iterdir() if p.name.isdigit())
+    return [text for _, text in found]
 
 
 def _kill(pid: int) -> None:
@@ -165,7 +175,7 @@ class FaultHook:
         victims: set[int] = set()
         try:
             for index, fault in due:
-                if not _claim(self.run_dir, index):
+                if not _claim(self.run_dir, index, fault, self.rank):
                     continue
                 log.warning("fault: %s fires (carried out by rank %d)", fault, self.rank)
                 print(f"plait: fault injected: {fault}", flush=True)

@@ -25,6 +25,7 @@ Schema (version 1), every field always present:
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
 | ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``) |
+| ``faults`` | list[str] | faults injected with ``--fault`` that fired, e.g. ``kill-node:node=2:step=7`` |
 | ``snapshot`` | {taken, published, skipped, bytes_per_rank, stall_s, copy_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy time |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import plait
 from plait.runtime.progress import Pace
+from plait.runtime.faults import fired_faults
 from plait.runtime.snapshot.restore import recovery_totals
 from plait.runtime.trainer import BaseHook, StepResult
 
@@ -127,6 +129,7 @@ class SummaryHook(BaseHook):
             "tokens_per_expert": tpe.tolist() if (tpe := trainer.engine.tokens_per_expert()) is not None else None,
             "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             **recovery_totals(self.path.parent),
+            "faults": fired_faults(self.path.parent),
             "snapshot": self.snapshots.summary() if self.snapshots is not None else None,
             "wall_s": time.time() - self.started,
             "params": {"total": int(params.total), "active": int(params.active)},

@@ -84,10 +84,11 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 
 
 class ProgressMarker(BaseHook):
-    """Rank 0 writes the last finished step to ``<run dir>/progress``: a restart counts the steps it replays from it."""
+    """Each rank writes its last finished step to ``<run dir>/progress/rank<R>``; a restart counts the steps it replays from the highest."""
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "progress"
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "progress" / f"rank{rank}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -158,8 +159,7 @@ def run(run_dir: Path) -> None:
         snapshot_hook, restore_args = _snapshot_parts(config, run_dir, rank=rank, world=world)
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)
-        if rank == 0:
-            hooks.append(ProgressMarker(run_dir))
+        hooks.append(ProgressMarker(run_dir, rank))
         faults = [parse_fault(f) for f in json.loads(os.environ.get("PLAIT_FAULTS", "[]"))]
         if faults:
             daemons = os.environ.get("PLAIT_SNAPSHOT_DAEMONS", "")
@@ -181,7 +181,17 @@ def run(run_dir: Path) -> None:
         dist.destroy_process_group()
 
 
+def _quiet_known_warnings() -> None:
+    import warnings
+
+    # torch 2.13 renames the tensor collectives (*_single); 2.11, on the GPU machines, has only these names.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated\. Please use `torch\.distributed\.\w+_single`")
+    # The disk tier calls DCP with no_dist on purpose (one rank's files, no collective).
+    warnings.filterwarnings("ignore", category=UserWarning, message=r"torch\.distributed is disabled, unavailable or uninitialized")
+
+
 def main() -> None:
+    _quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="python -m plait.runtime.worker")
     parser.add_argument("--run-dir", type=Path, required=True)
     args = parser.parse_args()

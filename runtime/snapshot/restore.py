@@ -322,8 +322,12 @@ def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: 
 
 
 def _record(run_dir: Path, attempt: int, kind: str, step: int, per_rank: dict[int, str], seconds: float) -> None:
-    progress_file = run_dir / "progress"
-    progress = int(progress_file.read_text()) if progress_file.exists() else 0
+    progress = 0
+    for f in (run_dir / "progress").glob("rank*"):
+        try:
+            progress = max(progress, int(f.read_text()))
+        except (OSError, ValueError):
+            pass
     record = {"attempt": attempt, "source": kind, "step": step, "progress": progress,
               "replayed": max(0, progress - step) if attempt > 0 else 0, "seconds": round(seconds, 4),
               "ranks": {h: sorted(r for r, x in per_rank.items() if x == h) for h in set(per_rank.values())}}

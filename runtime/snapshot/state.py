@@ -49,6 +49,7 @@ class BlobPlan:
     header: bytes
     entries: list[tuple[str, int, int]]  # (name, offset, nbytes)
     tensors: dict[str, torch.Tensor]  # live references, read by copy_tensors
+    ready: Any = None  # a torch.cuda.Event recorded by plan() when some tensor is on a GPU
 
     def write_header(self, dst: torch.Tensor) -> None:
         prefix = _PREFIX.pack(MAGIC, len(self.header))
@@ -56,15 +57,22 @@ class BlobPlan:
         dst[: len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
     def copy_tensors(self, dst: torch.Tensor) -> None:
-        """Copy every tensor into ``dst`` (a uint8 tensor of ``size`` bytes, e.g. shared memory)."""
+        """Copy every tensor into ``dst`` (a uint8 tensor of ``size`` bytes, e.g. shared memory).
+
+        CUDA tensors are copied device → host on a side stream that first waits for
+        everything queued on the current stream when :func:`plan` ran (``ready``), into
+        ``dst`` registered as pinned memory for the time of the copy, so the DMA runs
+        at full speed without blocking the training stream.
+        """
         if dst.numel() != self.size:
             raise BlobError(f"destination has {dst.numel()} bytes, the blob needs {self.size}")
+        if self.ready is not None:
+            _copy_from_cuda(self, dst)
+            return
         for name, offset, nbytes in self.entries:
             if nbytes == 0:
                 continue
             src = self.tensors[name].detach()
-            if src.device.type != "cpu":
-                src = src.to("cpu")
             dst[offset : offset + nbytes].view(src.dtype).view(src.shape).copy_(src)
 
     def write(self, dst: torch.Tensor) -> None:
@@ -90,7 +98,29 @@ def plan(tensors: dict[str, torch.Tensor], objects: dict[str, Any]) -> BlobPlan:
     base = _align(_PREFIX.size + len(header))
     for name, _, _, rel, nbytes in descr:
         entries.append((name, base + rel, nbytes))
-    return BlobPlan(size=base + relative, header=header, entries=entries, tensors=dict(tensors))
+    ready = None
+    if any(t.is_cuda for t in tensors.values()):
+        ready = torch.cuda.Event()
+        ready.record()
+    return BlobPlan(size=base + relative, header=header, entries=entries, tensors=dict(tensors), ready=ready)
+
+
+def _copy_from_cuda(p: BlobPlan, dst: torch.Tensor) -> None:
+    cudart = torch.cuda.cudart()
+    registered = cudart.cudaHostRegister(dst.data_ptr(), dst.numel(), 0) == 0
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_event(p.ready)
+        with torch.cuda.stream(stream):
+            for name, offset, nbytes in p.entries:
+                if nbytes == 0:
+                    continue
+                src = p.tensors[name].detach()
+                dst[offset : offset + nbytes].view(src.dtype).view(src.shape).copy_(src, non_blocking=registered)
+        stream.synchronize()
+    finally:
+        if registered:
+            cudart.cudaHostUnregister(dst.data_ptr())
 
 
 def read_blob(blob: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
