@@ -141,10 +141,6 @@ class Planner:
         return None
 
 
-def _fetch_into(client: DaemonClient, out: torch.Tensor, **kw: Any) -> torch.Tensor:
-    return client.get(out=out, **kw)
-
-
 def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[DaemonClient]) -> torch.Tensor:
     """Decode the blob of (node, local rank r) at version v from the survivors; checksums checked."""
     L = planner.layout
@@ -154,7 +150,6 @@ def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[Daem
         raise RestoreError(f"version {v} of node {node} local rank {r} can no longer be rebuilt")
     size = meta.size
     blob = torch.zeros(max(1, chunk_len(size, L.k) * L.k), dtype=torch.uint8)
-    g = L.group_of(node)
     for c, (s, have) in enumerate(pieces_plan):
         lengths = []
         for idx, holder in have:
@@ -187,7 +182,6 @@ def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[Daem
     blob = blob[:size]
     if checksum(blob.contiguous()) != meta.checksum:
         raise RestoreError(f"rebuilt blob of node {node} local rank {r} (version {v}) failed its checksum")
-    del g
     return blob
 
 
