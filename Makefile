@@ -46,6 +46,7 @@ test-parallel: setup
 bench: setup
 	$(BIN)/plait bench overhead
 	$(BIN)/plait bench gf256
+	$(BIN)/plait bench ec
 
 cuda-check: setup
 	$(BIN)/pytest -q tests/test_cuda_compile.py

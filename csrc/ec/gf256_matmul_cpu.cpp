@@ -6,15 +6,17 @@
 // once, splits its bytes into nibbles, and adds c * x (two vpshufb lookups, see gf256.h)
 // into one register accumulator per output; after the last input it stores each
 // accumulator once. Memory traffic is thus the k inputs read once and the m outputs
-// written once, the least any encoder can do, and the kernel runs near memory speed
-// where k + m separate multiply-adds would read and write every output k times.
+// written once, the least any encoder can do (k * m separate multiply-adds would read
+// and write every output k times). What remains is the arithmetic, two vpshufb and two
+// XORs per output and 32 input bytes, as in ISA-L's AVX2 kernels; on the 2-core EPYC
+// machines here the two run at the same speed (bench/ec.py measures both).
 //
 // Paths, picked once per process (as in gf256_cpu.cpp):
 //  - AVX2 (__attribute__((target("avx2"))), chosen at run time by __builtin_cpu_supports).
 //    Templated on the number of outputs so the accumulators are registers: with at most
 //    4 outputs each step covers 64 bytes (two accumulators per output, each table load
-//    used twice); with 5 to 8 outputs, 32 bytes (8 accumulators, 2 tables, the nibbles
-//    and the mask fill 13 of the 16 ymm registers).
+//    used twice); with 5 to 8 outputs, 32 bytes (8 accumulators, 2 tables, the nibbles,
+//    the mask and a temporary fill 14 of the 16 ymm registers).
 //  - scalar: one lookup per byte in the 256-entry product row of each coefficient; where
 //    AVX2 is missing, or everywhere when PLAIT_GF256_NO_SIMD is set (not "" or "0").
 //
@@ -187,15 +189,6 @@ void matmul_block_scalar(const MatmulPlan& plan, const Gf256Row* rows, int64_t b
 
 #if PLAIT_GF256_HAVE_AVX2_PATH
 
-// The products of the nibbles (lo, hi) of 32 input bytes with one coefficient, added to acc.
-__attribute__((target("avx2"))) inline __m256i mul_acc(__m256i acc, const LaneTables& t,
-                                                       __m256i lo, __m256i hi) {
-  const __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.lo));
-  const __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.hi));
-  return _mm256_xor_si256(acc, _mm256_xor_si256(_mm256_shuffle_epi8(tlo, lo),
-                                                _mm256_shuffle_epi8(thi, hi)));
-}
-
 __attribute__((target("avx2"))) inline __m256i load32(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
@@ -204,22 +197,25 @@ __attribute__((target("avx2"))) inline void store32(uint8_t* p, __m256i v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
 }
 
-// Bytes [p, p + 32 * kVecs) of every output, kVecs = 1 or 2 ymm words per output.
+// Bytes [p, p + 32 * kVecs) of every output, kVecs = 1 or 2 ymm words per output. Per
+// input and 32 bytes: one load, the nibble split (shift, two ANDs); per output: two
+// table loads, two vpshufb, two XORs. Inlined into the block loop so that the mask and
+// the pointers stay in registers across steps.
 template <int M, int kVecs>
-__attribute__((target("avx2"))) inline void matmul_step_avx2(const MatmulPlan& plan,
-                                                             const LaneTables* tables, int64_t p) {
+__attribute__((target("avx2"), always_inline)) inline void matmul_step_avx2(
+    const MatmulPlan& plan, const LaneTables* tables, int64_t p) {
   const __m256i mask = _mm256_set1_epi8(0x0f);
   __m256i acc[kVecs][M];
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) acc[v][i] = _mm256_setzero_si256();
   }
   const int k = plan.k;
   for (int j = 0; j < k; ++j) {
     const uint8_t* in = plan.ins[j] + p;
     __m256i lo[kVecs], hi[kVecs];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
       const __m256i s = load32(in + 32 * v);
       lo[v] = _mm256_and_si256(s, mask);
@@ -229,22 +225,22 @@ __attribute__((target("avx2"))) inline void matmul_step_avx2(const MatmulPlan& p
     const LaneTables* t = tables + j * M;
 #pragma GCC unroll 8
     for (int i = 0; i < M; ++i) {
-      if constexpr (kVecs == 1) {
-        acc[0][i] = mul_acc(acc[0][i], t[i], lo[0], hi[0]);
-      } else {
-        // Load the two tables once for both 32-byte halves.
-        const __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].lo));
-        const __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].hi));
-        acc[0][i] = _mm256_xor_si256(acc[0][i], _mm256_xor_si256(_mm256_shuffle_epi8(tlo, lo[0]),
-                                                                 _mm256_shuffle_epi8(thi, hi[0])));
-        acc[1][i] = _mm256_xor_si256(acc[1][i], _mm256_xor_si256(_mm256_shuffle_epi8(tlo, lo[1]),
-                                                                 _mm256_shuffle_epi8(thi, hi[1])));
+      __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].lo));
+      __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].hi));
+      // Pin the tables in registers: under register pressure the compiler would rather
+      // load them again for each use, and loads share the ports with the data's.
+      __asm__("" : "+x"(tlo), "+x"(thi));
+#pragma GCC unroll 4
+      for (int v = 0; v < kVecs; ++v) {
+        // One product at a time into the accumulator: one temporary register, not two.
+        acc[v][i] = _mm256_xor_si256(acc[v][i], _mm256_shuffle_epi8(tlo, lo[v]));
+        acc[v][i] = _mm256_xor_si256(acc[v][i], _mm256_shuffle_epi8(thi, hi[v]));
       }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) store32(plan.outs[i] + p + 32 * v, acc[v][i]);
   }
 }
@@ -254,6 +250,10 @@ __attribute__((target("avx2"))) void matmul_block_avx2(const MatmulPlan& plan,
                                                        const LaneTables* tables, int64_t begin,
                                                        int64_t end) {
   int64_t p = begin;
+  // 64 bytes per step where the registers allow (2M accumulators, 4 nibble vectors, the
+  // mask, 2 tables: 15 of 16 at M = 4); measured here, a 128-byte step at M <= 2 was
+  // slower (the compiler spills), and so were non-temporal stores and software
+  // prefetch on 64 MiB stripes (neither is used).
   if constexpr (M <= 4) {
     for (; p + 64 <= end; p += 64) matmul_step_avx2<M, 2>(plan, tables, p);
   }
