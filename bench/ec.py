@@ -25,6 +25,9 @@ benchmarks do, for encode and decode alike. pyeclib and zfec are single-threaded
 one-thread numbers stand in both rows. Goals: plait >= 1.5x pyeclib on 64 MiB, and
 >= 70% of memcpy. ``--quick`` runs 4 MiB stripes only (for smoke tests).
 
+It also times the shards' checksum, CRC-32C (``plait.ops.checksum``), on the first
+stripe size, against ``zlib.crc32`` of the same bytes.
+
 Peers run in child processes executing this file directly (``python bench/ec.py
 --peers ...``), so they never load torch and keep their own heap; a missing peer is
 reported as such, with the import error, and its rates are null.
@@ -283,6 +286,26 @@ def _copier(threads: int):
     return copy, pool
 
 
+def _measure_crc32c(size: dict[str, int], threads_list: list[int]) -> dict[str, float]:
+    """GB/s of plait.ops.checksum (CRC-32C) on one stripe's bytes, at each thread count,
+    and of zlib.crc32 (the checksum it replaced) on the same bytes."""
+    import zlib
+
+    import torch
+
+    from plait.ops import checksum
+
+    data = torch.frombuffer(bytearray(_payload(size["bytes"])), dtype=torch.uint8)
+    out = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        checksum(data)
+        out[f"crc32c_{threads}_thread{'s' if threads > 1 else ''}"] = data.numel() / _median_seconds(lambda: checksum(data), size["repeats"]) / 1e9
+    view = data.numpy()
+    out["zlib_crc32_1_thread"] = data.numel() / _median_seconds(lambda: zlib.crc32(view), size["repeats"]) / 1e9
+    return out
+
+
 # -------------------------------------------------------------------------------- run
 
 
@@ -359,6 +382,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     finally:
         torch.set_num_threads(all_threads)
 
+    checksum_gbps = _measure_crc32c(sizes[0], threads_list)
+    torch.set_num_threads(all_threads)
+    print("ec: checksum " + ", ".join(f"{key} {v:.2f}" for key, v in checksum_gbps.items()) + " GB/s", flush=True)
+
     judged = [v for c in cases for v in c["goals_met"].values() if v is not None]
     return {
         "description": "GB/s of the k data shards' bytes; median of `repeats` runs; pyeclib and zfec single-threaded",
@@ -379,6 +406,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "cases": cases,
         "all_verified": all(c["verified"] for c in cases),
         "goals_met": {"met": sum(judged), "judged": len(judged), "all": all(judged) if judged else None},
+        "checksum": {"bytes": sizes[0]["bytes"], "gbps": checksum_gbps},
     }
 
 

@@ -66,6 +66,8 @@ def test_quick_run_writes_a_complete_record(tmp_path):
         installed = importlib.util.find_spec(lib) is not None
         assert peers[lib]["available"] == installed or not installed
     assert "ec: k=10 m=4" in done.stdout
+    gbps = result["checksum"]["gbps"]
+    assert {"crc32c_1_thread", "zlib_crc32_1_thread"} <= set(gbps) and all(v > 0 for v in gbps.values())
 
 
 def test_a_missing_peer_is_reported_not_fatal(monkeypatch):
