@@ -50,6 +50,7 @@ test-faults: setup
 bench: setup
 	$(BIN)/plait bench overhead
 	$(BIN)/plait bench gf256
+	$(BIN)/plait bench ec
 	$(BIN)/plait bench snapshot
 
 cuda-check: setup

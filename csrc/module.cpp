@@ -10,6 +10,13 @@ TORCH_LIBRARY(plait, m) {
   // GF(2^8) multiply-accumulate over byte regions: dst[i] ^= coef * src[i], in the
   // field GF(2)[x] / (x^8 + x^4 + x^3 + x^2 + 1) (0x11d, as ISA-L and most RS codecs).
   m.def("gf256_mul_add_(Tensor(a!) dst, Tensor src, int coef) -> ()");
+  // The fused product outs[i] = XOR_j coefs[i, j] * ins[j] over GF(2^8): a whole
+  // Reed-Solomon encode (coefs = the parity rows) or decode (the decoding matrix) of a
+  // stripe in one pass. outs are overwritten; coefs is a CPU uint8 [len(outs), len(ins)].
+  m.def("gf256_matmul_(Tensor(a!)[] outs, Tensor[] ins, Tensor coefs) -> ()");
+  // CRC-32C (Castagnoli) of a uint8 CPU tensor's bytes, chained like zlib.crc32:
+  // crc32c(b, crc32c(a)) == crc32c(a + b).
+  m.def("crc32c(Tensor data, int crc=0) -> int");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 OP_NAME = "plait::gf256_mul_add_"
+# Every op with a CUDA kernel; each must be registered exactly where torch has CUDA.
+CUDA_OP_NAMES = (OP_NAME, "plait::gf256_matmul_")
 NVCC_TIMEOUT_S = 400
 
 
@@ -58,12 +60,13 @@ def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
     return cmd
 
 
-def _has_cuda_kernel() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
+def _has_cuda_kernel(name: str = OP_NAME) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
 def test_there_are_cuda_sources():
-    assert any(p.name == "gf256_cuda.cu" for p in CU_FILES), f"no csrc/**/*.cu found under {CSRC}"
+    names = {p.name for p in CU_FILES}
+    assert {"gf256_cuda.cu", "gf256_matmul_cuda.cu"} <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
@@ -106,16 +109,17 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         print(f"nvcc {source.relative_to(ROOT)}: {seconds:.1f} s")
 
 
-def test_kernel_registration_matches_the_build():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CPU")
+@pytest.mark.parametrize("name", CUDA_OP_NAMES)
+def test_kernel_registration_matches_the_build(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
     if torch.cuda.is_available():
-        assert _has_cuda_kernel(), (
-            f"torch has CUDA and a GPU but plait._C has no CUDA kernel for {OP_NAME}; was it "
+        assert _has_cuda_kernel(name), (
+            f"torch has CUDA and a GPU but plait._C has no CUDA kernel for {name}; was it "
             "built with -DPLAIT_WITH_CUDA=OFF or against another torch? Rebuild with "
             "`pip install -e . --no-build-isolation`"
         )
     elif torch.version.cuda is None:
-        assert not _has_cuda_kernel(), "a CPU-only torch build should not carry CUDA kernels"
+        assert not _has_cuda_kernel(name), "a CPU-only torch build should not carry CUDA kernels"
     else:
         pytest.skip("torch has CUDA but no GPU is visible; registration is checked on GPU machines")
 
@@ -182,3 +186,85 @@ def test_cuda_kernel_matches_cpu_kernel():
         torch.ops.plait.gf256_mul_add_(on_gpu, torch.zeros(8, dtype=torch.uint8), 3)
     with pytest.raises(RuntimeError, match="dst must be uint8"):
         torch.ops.plait.gf256_mul_add_(torch.zeros(8, device="cuda"), on_gpu, 3)
+
+
+def _matmul_cpu_and_cuda(
+    outs: list[torch.Tensor], ins: list[torch.Tensor], coefs: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """gf256_matmul_ on CPU copies and on CUDA copies of the same shards (outs hold
+    garbage first: both kernels must overwrite every byte)."""
+    expected = [o.clone() for o in outs]
+    torch.ops.plait.gf256_matmul_(expected, ins, coefs)
+    got = [o.cuda() for o in outs]
+    torch.ops.plait.gf256_matmul_(got, [t.cuda() for t in ins], coefs)
+    return expected, [g.cpu() for g in got]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matmul_matches_cpu_kernel():
+    gen = torch.Generator().manual_seed(1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+    # every output count (1 and 2 groups of four), input counts up to 32, sizes around
+    # the 16-byte vector and in the grid-stride regime
+    for k, m in ((1, 1), (2, 1), (3, 2), (4, 4), (5, 5), (10, 4), (7, 8), (32, 8), (32, 3)):
+        for n in (1, 15, 16, 17, 33, 4096 + 37, (1 << 20) + 5):
+            ins = list(rand(k, n).unbind(0))
+            outs = list(rand(m, n).unbind(0))
+            expected, got = _matmul_cpu_and_cuda(outs, ins, rand(m, k))
+            for i in range(m):
+                assert torch.equal(got[i], expected[i]), (k, m, n, i)
+
+    # a large stripe that needs several grid-stride sweeps, with the RS parity matrix
+    from plait.ops.rs_matrix import parity_matrix
+
+    n = (1 << 25) + 3
+    ins = list(rand(10, n).unbind(0))
+    outs = list(rand(4, n).unbind(0))
+    expected, got = _matmul_cpu_and_cuda(outs, ins, parity_matrix(10, 4))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    # shards at byte offsets of one device buffer: equal alignment (vector body, head and
+    # tail) and unequal alignment (bytewise), written in place
+    big_in, big_out = rand(200_000), rand(100_000)
+    n = 16_384 + 11
+    for offset_in, offset_out in ((0, 0), (3, 3), (1, 2), (5, 0)):
+        starts_in = [offset_in + 16 * 1000 * j for j in range(6)]
+        starts_out = [offset_out + 16 * 2000 * i for i in range(3)]
+        coefs = rand(3, 6)
+        expected = big_out.clone()
+        torch.ops.plait.gf256_matmul_(
+            [expected[s : s + n] for s in starts_out], [big_in[s : s + n] for s in starts_in], coefs
+        )
+        dev_in, dev_out = big_in.cuda(), big_out.cuda()
+        torch.ops.plait.gf256_matmul_(
+            [dev_out[s : s + n] for s in starts_out], [dev_in[s : s + n] for s in starts_in], coefs
+        )
+        assert torch.equal(dev_out.cpu(), expected), (offset_in, offset_out)
+
+    # on a side stream: the kernel must run on the current stream
+    ins = list(rand(4, 1 << 22).unbind(0))
+    coefs = rand(2, 4)
+    expected = [torch.empty(1 << 22, dtype=torch.uint8) for _ in range(2)]
+    torch.ops.plait.gf256_matmul_(expected, ins, coefs)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dev_ins = [t.cuda() for t in ins]
+        dev_outs = [torch.empty(1 << 22, dtype=torch.uint8, device="cuda") for _ in range(2)]
+        torch.ops.plait.gf256_matmul_(dev_outs, dev_ins, coefs)
+        got = [t.cpu() for t in dev_outs]
+    stream.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    # the argument checks are shared with the CPU kernel
+    on_gpu = torch.zeros(8, dtype=torch.uint8, device="cuda")
+    one = torch.ones(1, 1, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"outs\[0\] is on cpu but ins\[0\] is on cuda"):
+        torch.ops.plait.gf256_matmul_([torch.zeros(8, dtype=torch.uint8)], [on_gpu], one)
+    with pytest.raises(RuntimeError, match=r"outs\[0\] overlaps ins\[0\]"):
+        torch.ops.plait.gf256_matmul_([on_gpu], [on_gpu], one)
+    with pytest.raises(RuntimeError, match="coefs must be a CPU tensor"):
+        torch.ops.plait.gf256_matmul_([on_gpu], [on_gpu.clone()], one.cuda())

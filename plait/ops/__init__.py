@@ -6,6 +6,16 @@ and ``FakeTensorMode`` need; the eager kernels come with ``plait._C``.
 
 from __future__ import annotations
 
-from plait.ops.gf256 import GF256_POLY, gf256_mul, gf256_mul_add_, gf256_mul_add_reference
+from plait.ops.checksum import checksum
+from plait.ops.gf256 import GF256_POLY, gf256_matmul_, gf256_mul, gf256_mul_add_, gf256_mul_add_reference
+from plait.ops.rs import ReedSolomon
 
-__all__ = ["GF256_POLY", "gf256_mul", "gf256_mul_add_", "gf256_mul_add_reference"]
+__all__ = [
+    "GF256_POLY",
+    "ReedSolomon",
+    "checksum",
+    "gf256_matmul_",
+    "gf256_mul",
+    "gf256_mul_add_",
+    "gf256_mul_add_reference",
+]

@@ -6,11 +6,13 @@ field is GF(2)[x] / (x^8 + x^4 + x^3 + x^2 + 1), polynomial 0x11d, as in ISA-L a
 klauspost/reedsolomon, so shards are interchangeable with those codecs' for the same
 matrix.
 
-The kernels are C++/CUDA (``csrc/ec/``) and registered as ``torch.ops.plait.gf256_mul_add_``;
-their argument checks are the source of truth. This module adds:
+The kernels are C++/CUDA (``csrc/ec/``) and registered as ``torch.ops.plait.gf256_mul_add_``
+and ``torch.ops.plait.gf256_matmul_`` (the fused product of a whole coefficient matrix,
+one pass over the data: what Reed-Solomon encode and decode run); their argument checks
+are the source of truth. This module adds:
 
-* :func:`gf256_mul_add_`, the Python entry point;
-* the fake (meta) kernel, so the op traces under ``torch.compile`` and ``FakeTensorMode``;
+* :func:`gf256_mul_add_` and :func:`gf256_matmul_`, the Python entry points;
+* the fake (meta) kernels, so the ops trace under ``torch.compile`` and ``FakeTensorMode``;
 * :func:`gf256_mul_add_reference`, a slow pure-PyTorch implementation sharing no code
   with the kernels, and :func:`gf256_mul`, a scalar multiply, for tests.
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 
 import torch
 
 import plait  # noqa: F401  (loads plait._C, which defines torch.ops.plait.*)
 
-__all__ = ["GF256_POLY", "gf256_mul", "gf256_mul_add_", "gf256_mul_add_reference"]
+__all__ = ["GF256_POLY", "gf256_matmul_", "gf256_mul", "gf256_mul_add_", "gf256_mul_add_reference"]
 
 #: The reduction polynomial x^8 + x^4 + x^3 + x^2 + 1.
 GF256_POLY = 0x11D
@@ -151,5 +154,90 @@ def _gf256_mul_add_fake(dst: torch.Tensor, src: torch.Tensor, coef: int) -> None
     torch._check(
         0 <= coef <= 255,
         lambda: f"gf256_mul_add_: coef must be a GF(2^8) element in [0, 255], got {coef}",
+    )
+    return None
+
+
+def gf256_matmul_(
+    outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor], coefs: torch.Tensor | Sequence[Sequence[int]]
+) -> Sequence[torch.Tensor]:
+    """``outs[i] = XOR_j coefs[i][j] * ins[j]`` in GF(2^8) (polynomial 0x11d); returns ``outs``.
+
+    The outputs are overwritten (not accumulated into), each through its own memory, so
+    they may be slices of a larger buffer or views of shared memory
+    (``torch.from_file`` on ``/dev/shm``). Every input and output is a contiguous uint8
+    tensor with the same number of elements, all on one device (CPU or CUDA); there are
+    1 to 32 inputs and 1 to 8 outputs, and no output may share memory with an input or
+    another output. ``coefs`` is a uint8 CPU tensor of shape ``[len(outs), len(ins)]``,
+    or a nested sequence of ints that is converted to one.
+
+    One call reads each input once and writes each output once (a fused kernel, AVX2 on
+    x86 CPUs, multi-threaded on large shards), where ``len(outs) * len(ins)`` calls of
+    :func:`gf256_mul_add_` would read and write each output ``len(ins)`` times.
+
+    Raises RuntimeError (from the kernel's checks) naming the bad argument. Like
+    :func:`gf256_mul_add_`, it bumps each output's version counter and has no autograd
+    formula.
+    """
+    if not isinstance(coefs, torch.Tensor):
+        coefs = torch.tensor(coefs, dtype=torch.uint8)
+    torch.ops.plait.gf256_matmul_(list(outs), list(ins), coefs)
+    return outs
+
+
+@torch.library.register_fake("plait::gf256_matmul_")
+def _gf256_matmul_fake(outs: list[torch.Tensor], ins: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    # The same checks, in the same words, as gf256_matmul_check in
+    # csrc/ec/gf256_matmul_cpu.cpp, but for the overlap one (it needs real addresses).
+    torch._check(
+        1 <= len(ins) <= 32,
+        lambda: f"gf256_matmul_: ins must hold 1 to 32 tensors (the k <= 32 data shards of a "
+        f"stripe), got {len(ins)}; use a code with at most 32 data shards",
+    )
+    torch._check(
+        1 <= len(outs) <= 8,
+        lambda: f"gf256_matmul_: outs must hold 1 to 8 tensors, got {len(outs)}; compute more "
+        "outputs in several calls of at most 8 (one per group of rows of coefs)",
+    )
+    first = ins[0]
+    for name, tensors in (("ins", ins), ("outs", outs)):
+        for index, t in enumerate(tensors):
+            torch._check(
+                t.dtype == torch.uint8,
+                lambda name=name, index=index, t=t: f"gf256_matmul_: {name}[{index}] must be uint8, "
+                f"got {t.dtype}; reinterpret the bytes with {name}[{index}].view(torch.uint8)",
+            )
+            torch._check(
+                t.is_contiguous(),
+                lambda name=name, index=index, t=t: f"gf256_matmul_: {name}[{index}] must be "
+                f"contiguous, got strides {list(t.stride())}; pass a contiguous tensor (or a "
+                "contiguous slice of one)",
+            )
+            torch._check(
+                t.numel() == first.numel(),
+                lambda name=name, index=index, t=t: f"gf256_matmul_: {name}[{index}] has {t.numel()} "
+                f"bytes but ins[0] has {first.numel()}; every shard of a stripe must have the same "
+                "length (pad the last one)",
+            )
+            torch._check(
+                t.device == first.device,
+                lambda name=name, index=index, t=t: f"gf256_matmul_: {name}[{index}] is on {t.device} "
+                f"but ins[0] is on {first.device}; all shards must be on one device (move them with "
+                ".to(ins[0].device))",
+            )
+    torch._check(
+        coefs.dtype == torch.uint8,
+        lambda: f"gf256_matmul_: coefs must be uint8, got {coefs.dtype}; build it with "
+        "torch.tensor(rows, dtype=torch.uint8)",
+    )
+    torch._check(
+        coefs.device.type == "cpu",
+        lambda: f"gf256_matmul_: coefs must be a CPU tensor, got one on {coefs.device}; the "
+        "coefficients are read on the host, pass coefs.cpu()",
+    )
+    torch._check(
+        tuple(coefs.shape) == (len(outs), len(ins)),
+        lambda: f"gf256_matmul_: coefs must have shape [len(outs), len(ins)] = [{len(outs)}, "
+        f"{len(ins)}], got {list(coefs.shape)}; row i holds the coefficients of outs[i]",
     )
     return None
