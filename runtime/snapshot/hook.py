@@ -128,7 +128,9 @@ class SnapshotHook:
             self._newest_committed = version
             self.stats.taken += 1
             if self.disk is not None and self.config.disk_every and (version // self.config.every) % self.config.disk_every == 0:
-                self.disk.save_async(version, dst, crc)
+                # A private copy: the daemon reuses a dropped version's memory for later
+                # versions, and the disk write may outlast this version's turn.
+                self.disk.save_async(version, dst.clone(), crc)
         except Exception as err:  # noqa: BLE001
             self.stats.skipped += 1
             log.warning("snapshot %d of rank %d not committed: %s", version, self.rank, err)

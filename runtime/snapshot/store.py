@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,14 @@ class SnapshotStore:
         self._versions: dict[int, _Version] = {}
         self._used = 0
         self._published: int | None = None
+        # Segments of dropped data shards, kept mapped-in-the-kernel for the next versions: a
+        # new version of a blob is about the same size, and reusing its pages spares the
+        # kernel zeroing fresh tmpfs pages (~0.5 ms per MiB) on every snapshot. Counted in
+        # _pooled, not _used; released first when the cap needs room.
+        self._pool: list[tuple[Path, int]] = []
+        self._pooled = 0
+        self._pool_limit = 2 * nproc_per_node
+        self._pool_seq = 0
 
     # ----------------------------------------------------------------- queries
 
@@ -377,15 +386,35 @@ class SnapshotStore:
                         del ver.data[local_rank]
                 log.info("version %d local rank %d: replacing an uncommitted shard of %d bytes", version,
                          local_rank, old.size)
-            with self._lock:
-                self._reserve(size, f"the data shard of version {version}, local rank {local_rank}")
             name = shm.data_name(self.job, self.node, version, local_rank)
-            try:
-                path, tensor = shm.create_segment(name, size, prefault=self.prefault, root=self.root)
-            except BaseException:
+            recycled = self._take_from_pool(size)
+            if recycled is not None:
+                old_path, old_size = recycled
                 with self._lock:
-                    self._used -= size
-                raise
+                    try:
+                        self._reserve(size, f"the data shard of version {version}, local rank {local_rank}")
+                    except BaseException:
+                        shm.unlink(old_path)
+                        raise
+                try:
+                    path = self.root / name
+                    os.rename(old_path, path)
+                    tensor = shm.resize_segment(path, size, prefault=self.prefault)
+                except BaseException:
+                    shm.unlink(old_path)
+                    shm.unlink(self.root / name)
+                    with self._lock:
+                        self._used -= size
+                    raise
+            else:
+                with self._lock:
+                    self._reserve(size, f"the data shard of version {version}, local rank {local_rank}")
+                try:
+                    path, tensor = shm.create_segment(name, size, prefault=self.prefault, root=self.root)
+                except BaseException:
+                    with self._lock:
+                        self._used -= size
+                    raise
             shard = DataShard(path, size, tensor, version=version, local_rank=local_rank)
             with self._lock:
                 try:
@@ -771,8 +800,23 @@ class SnapshotStore:
         if shard.dropped:
             raise SnapshotNotFound(f"{shard.path.name} was dropped (its version was published past or dropped)")
 
+    def _take_from_pool(self, size: int) -> tuple[Path, int] | None:
+        """The pooled segment closest in size to ``size`` (within 2×), removed from the pool."""
+        with self._lock:
+            fits = [(abs(s - size), i) for i, (_, s) in enumerate(self._pool) if size // 2 <= s <= 2 * size and s > 0]
+            if not fits or size == 0:
+                return None
+            _, i = min(fits)
+            path, pooled = self._pool.pop(i)
+            self._pooled -= pooled
+            return path, pooled
+
     def _reserve(self, nbytes: int, what: str) -> None:
         """Account ``nbytes`` more, or raise the cap error. Caller holds ``_lock``."""
+        while self._used + self._pooled + nbytes > self.max_memory and self._pool:
+            path, size = self._pool.pop(0)  # pooled memory is the first to go
+            shm.unlink(path)
+            self._pooled -= size
         if self._used + nbytes > self.max_memory:
             raise SnapshotMemoryError(
                 f"snapshot memory cap reached on node {self.node}: {what} needs {nbytes} bytes, {self._used} bytes "
@@ -800,10 +844,21 @@ class SnapshotStore:
         if shard.dropped:
             return
         shard.dropped = True
-        with self._lock:
-            self._used -= shard.size
-        shm.unlink(shard.path)
         shm.unlink(shm.sidecar_path(shard.path))
+        with self._lock:
+            if isinstance(shard, DataShard) and shard.size > 0 and len(self._pool) < self._pool_limit:
+                self._pool_seq += 1
+                pooled = self.root / f"{shm.namespace_prefix(self.job, self.node)}pool.{self._pool_seq}"
+                self._used -= shard.size
+                try:
+                    os.rename(shard.path, pooled)
+                    self._pool.append((pooled, shard.size))
+                    self._pooled += shard.size
+                except OSError:
+                    shm.unlink(shard.path)
+            else:
+                self._used -= shard.size
+                shm.unlink(shard.path)
         shard.tensor = torch.empty(0, dtype=torch.uint8)  # readers holding the old view keep it valid
 
     def _release_version(self, ver: _Version) -> None:
