@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from plait.ops.checksum import checksum
-from plait.ops.gf256 import gf256_mul_add_
+from plait.ops.gf256 import gf256_matmul_
 from plait.ops.rs_matrix import decode_matrix
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.state import read_blob
@@ -173,10 +173,8 @@ def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[Daem
                 if checksum(buf[: pinfo.size].contiguous()) != pinfo.checksum:
                     raise RestoreError(f"parity {idx - L.k} of stripe {s} on node {holder} (version {v}) failed its checksum")
             pieces.append(buf)
-        coefs = decode_matrix(L.k, L.m, [idx for idx, _ in have], [c])[0].tolist()
-        out = torch.zeros(width, dtype=torch.uint8)
-        for coef, piece in zip(coefs, pieces):
-            gf256_mul_add_(out, piece, coef)
+        out = torch.empty(width, dtype=torch.uint8)
+        gf256_matmul_([out], pieces, decode_matrix(L.k, L.m, [idx for idx, _ in have], [c]))
         lo, hi = chunk_range(size, L.k, c)
         blob[lo:hi] = out[: hi - lo]
     blob = blob[:size]
