@@ -37,5 +37,22 @@ def dry_run_report(config: JobConfig) -> str:
         f"memory per rank:  {_gib(memory.total)} (params {_gib(memory.params)}, grads {_gib(memory.grads)}, "
         f"AdamW {_gib(memory.optimizer)}, activations {_gib(memory.activations)} per micro-batch)",
     ]
+    snap = config.snapshot
+    if snap.enabled:
+        nnodes, per_node = config.launch.nnodes, config.launch.nproc_per_node
+        # A rank's blob: its parameters (split by pp and tp; whole on every dp rank) plus its
+        # 1/dp share of AdamW's two moments (ZeRO-1), fp32. Experts split by ep are ignored: an upper bound.
+        local = params.total // (dims.pp * dims.tp)
+        blob = 4 * local + 8 * local // dims.dp
+        node_bytes = blob * per_node
+        coded = snap.ec_m > 0 and nnodes > 1
+        parity = node_bytes * snap.ec_m // snap.ec_k if coded else 0
+        lines.append(
+            f"snapshots:        every {snap.every} steps to {nnodes} node daemon(s); per node ≈ {_gib(node_bytes)} of state"
+            + (f" + {_gib(parity)} parity (EC k={snap.ec_k}, m={snap.ec_m}: survives {snap.ec_m} lost node(s) per group of "
+               f"{snap.ec_k + snap.ec_m}); sends ≈ {_gib(node_bytes * snap.ec_m)} to parity holders per snapshot" if coded
+               else " (no parity: survives worker and daemon crashes, not a node loss)")
+            + f"; up to 2 versions held" + (f"; disk every {snap.disk_every} snapshots" if snap.disk_every else "")
+        )
     lines += ["", "# rank layout (global rank → coordinates in both foldings)", dims.describe()]
     return "\n".join(lines)
