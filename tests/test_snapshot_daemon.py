@@ -341,6 +341,9 @@ def _args(*argv: str) -> argparse.Namespace:
     (["--node", "0", "--nnodes", "1", "--nproc-per-node", "1", "--peers", "nohost"], "--peers: entry 0"),
     (["--node", "0", "--nnodes", "1", "--nproc-per-node", "0"], "--nproc-per-node: got 0"),
     (["--node", "0", "--nnodes", "1", "--nproc-per-node", "1", "--max-memory", "12GB"], "--max-memory: got '12GB'"),
+    (["--node", "0", "--nnodes", "1", "--nproc-per-node", "1", "--bulk-port", "-2"], "--bulk-port: got -2"),
+    (["--node", "0", "--nnodes", "1", "--nproc-per-node", "1", "--port", "7100", "--bulk-port", "7100"],
+     "--bulk-port: got 7100, the same as --port"),
 ])
 def test_daemon_flags_are_validated(argv, match):
     with pytest.raises(CLIError, match=match):
@@ -352,6 +355,9 @@ def test_daemon_flags_parse():
     config = config_from_args(_args("--node", "2", "--nnodes", "3", "--nproc-per-node", "2", "--ec-k", "2", "--ec-m",
                                     "1", "--peers", "a:1,b:2,c:3", "--max-memory", "1KiB"))
     assert config.peers == ["a:1", "b:2", "c:3"] and config.max_memory == 1024 and config.host == "127.0.0.1"
+    assert config.bulk_port == 0  # any free port, reported in Status and the ready file
+    assert config_from_args(_args("--node", "0", "--nnodes", "1", "--nproc-per-node", "1", "--bulk-port",
+                                  "-1")).bulk_port == -1
 
 
 # =========================================================================== one daemon (m = 0)
@@ -542,13 +548,18 @@ def test_memory_cap_error_names_the_bytes(single):
 
 
 class Cluster:
-    """``nnodes`` daemons of one job on loopback, with fixed ports so a node restarts where it was."""
+    """``nnodes`` daemons of one job on loopback, with fixed ports (gRPC and bulk) so a node restarts where it was.
+
+    Nodes in ``no_bulk`` run without a bulk plane (``--bulk-port -1``): bytes to them go over gRPC.
+    """
 
     def __init__(self, run_dir: Path, *, nnodes: int = 3, nproc: int = 2, k: int = 2, m: int = 1,
-                 max_memory: str = "256MiB"):
+                 max_memory: str = "256MiB", no_bulk: tuple[int, ...] = ()):
         self.job = _job("ec")
         self.run_dir, self.nnodes, self.nproc, self.k, self.m, self.max_memory = run_dir, nnodes, nproc, k, m, max_memory
-        self.ports = free_ports(nnodes)
+        ports = free_ports(2 * nnodes)
+        self.ports = ports[:nnodes]
+        self.bulk_ports = [-1 if node in no_bulk else port for node, port in enumerate(ports[nnodes:])]
         self.peers = [f"127.0.0.1:{p}" for p in self.ports]
         self.procs = [self._start(n) for n in range(nnodes)]
         for proc in self.procs:
@@ -557,8 +568,8 @@ class Cluster:
 
     def _start(self, node: int):
         return start_daemon(self.job, node, nnodes=self.nnodes, nproc_per_node=self.nproc, ec_k=self.k, ec_m=self.m,
-                            port=self.ports[node], peers=self.peers, max_memory=self.max_memory, run_dir=self.run_dir,
-                            wait=False)
+                            port=self.ports[node], bulk_port=self.bulk_ports[node], peers=self.peers,
+                            max_memory=self.max_memory, run_dir=self.run_dir, wait=False)
 
     def kill(self, node: int) -> None:
         stop_daemon(self.procs[node], kill=True)
@@ -742,7 +753,8 @@ def test_a_version_older_than_the_published_one_is_refused_everywhere(healthy):
 
 @pytest.mark.skipif(not os.environ.get("PLAIT_SNAPSHOT_BENCH"), reason="set PLAIT_SNAPSHOT_BENCH=1 to measure")
 def test_loopback_throughput(tmp_path, capsys):
-    """Get and PushChunk of 256 MiB over loopback gRPC, and a framed TCP socket for comparison (median of 3)."""
+    """Get and PushChunk of 256 MiB over loopback on the default transport (the bulk plane), and a bare framed
+    TCP socket for comparison (median of 3); `plait bench transport` compares the bulk plane with gRPC."""
     size, reps = 256 * MiB, 3
     tune_malloc()  # what the daemons do at start (see its docstring); affects the TCP baseline alike
     cluster = Cluster(tmp_path, nnodes=2, nproc=1, k=1, m=1, max_memory="2GiB")

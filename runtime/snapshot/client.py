@@ -8,30 +8,38 @@
 Every gRPC failure becomes a typed :class:`~plait.runtime.snapshot.errors.SnapshotError`
 subclass carrying the daemon's message (see ``errors.py`` for the code of each), so
 callers never handle ``grpc.RpcError``.
+
+Bulk bytes (:meth:`DaemonClient.get`, :meth:`DaemonClient.push_chunk`) go over the
+daemon's framed-TCP bulk plane (``bulk.py``) when it advertises one in Status, and over
+gRPC otherwise: the same requests, the same refusals, the same exceptions.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Iterator
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 import torch
 
-from plait.runtime.snapshot import shm, wire
+from plait.runtime.snapshot import bulk, shm, wire
 from plait.runtime.snapshot import snapshot_pb2 as pb
 from plait.runtime.snapshot import snapshot_pb2_grpc as pb_grpc
 from plait.runtime.snapshot.errors import (
-    ERROR_BY_CODE,
+    BulkTransportError,
     DaemonUnavailable,
-    SnapshotError,
     SnapshotNotFound,
     SnapshotRangeError,
     SnapshotRequestError,
+    error_from_status,
 )
 from plait.runtime.snapshot.store import DataShardInfo, MemberInfo, ParityShardInfo, VersionInfo
 
@@ -48,8 +56,15 @@ __all__ = [
     "DataShardInfo",
     "ParityShardInfo",
     "MemberInfo",
+    "Transport",
 ]
 
+log = logging.getLogger(__name__)
+
+Transport = Literal["auto", "grpc", "tcp"]
+T = TypeVar("T")
+
+BULK_RECHECK_S = 30.0  # after the bulk plane failed (or was not advertised), how long to use gRPC before asking again
 MESSAGE_BYTES = 4 * 1024 * 1024  # payload per streamed message
 MAX_GRPC_MESSAGE = 16 * 1024 * 1024  # above MESSAGE_BYTES plus the header fields
 
@@ -145,17 +160,36 @@ class DaemonStatus:
     pushes_pending: int
     pushes_done: int
     pushes_failed: int
+    bulk_port: int = 0  # the framed-TCP bulk plane's port; 0: none (bytes over gRPC)
+    pushes_over_grpc: int = 0  # of pushes_done, those that fell back to gRPC
 
 
 class DaemonClient:
-    """A connection to one daemon. Thread-safe (one gRPC channel); close it, or use it as a context manager."""
+    """A connection to one daemon. Thread-safe (one gRPC channel, a pool of bulk connections); close it, or use
+    it as a context manager.
 
-    def __init__(self, address: str, timeout: float = 30.0):
+    ``transport`` chooses how bulk bytes travel: "auto" (the bulk plane when the daemon
+    advertises one, gRPC otherwise or when the bulk port fails while gRPC answers),
+    "grpc" (never the bulk plane), "tcp" (only the bulk plane: DaemonUnavailable when the
+    daemon has none). ``transfers`` counts the bulk calls per "op/transport".
+    """
+
+    def __init__(self, address: str, timeout: float = 30.0, *, transport: Transport = "auto"):
+        if transport not in ("auto", "grpc", "tcp"):
+            raise SnapshotRequestError(f"transport: got {transport!r}; accepted: 'auto', 'grpc' or 'tcp'")
         self.address = address
         self.timeout = timeout
+        self.transport: Transport = transport
+        self.transfers: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
         self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.SnapshotDaemonStub(self._channel)
         self._raw = RawStub(self._channel)
+        host = address.rpartition(":")[0].strip("[]")
+        self._pool = bulk.BulkPool(host, timeout=timeout, address=address) if host else None
+        self._bulk_lock = threading.Lock()
+        self._bulk_port: int | None = None  # as last advertised; None: none, or not asked yet
+        self._bulk_asked_at: float | None = None  # monotonic time of the last Status that told us
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -169,6 +203,8 @@ class DaemonClient:
                                     f"{wait:.1f} s; is it running (see its log)?") from None
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.clear()
         self._channel.close()
 
     def __enter__(self) -> DaemonClient:
@@ -226,11 +262,19 @@ class DaemonClient:
 
         data = _bytes_of(chunk, "chunk")
         declared = compute_checksum(data) if chunk_checksum is None else chunk_checksum
+        request = bulk.Request(bulk.OP_PUSH_CHUNK, version=version, local_rank=local_rank, stripe=stripe,
+                               index=index, member=member, node=node, length=data.numel(), blob_size=blob_size,
+                               blob_checksum=blob_checksum, chunk_checksum=declared, step=step)
+        done = self._over_bulk("push_chunk", lambda conn: conn.push_chunk(request, data))
+        if done is not None:
+            return done
         header = pb.ChunkHeader(version=version, local_rank=local_rank, stripe=stripe, index=index, member=member,
                                 node=node, blob_size=blob_size, blob_checksum=blob_checksum, chunk_len=data.numel(),
                                 chunk_checksum=declared, step=step)
         messages = data_messages(pb.PushChunkRequest(header=header).SerializeToString(), data)
-        return self._call(self._raw.PushChunk, messages, timeout=self._transfer_timeout(data.numel())).accepted
+        accepted = self._call(self._raw.PushChunk, messages, timeout=self._transfer_timeout(data.numel())).accepted
+        self._count("push_chunk/grpc")
+        return accepted
 
     # ----------------------------------------------------------------- reading
 
@@ -262,9 +306,15 @@ class DaemonClient:
         if length is not None:
             request.length = length
         if out is not None:
-            _bytes_of(out, "out")
+            out = _bytes_of(out, "out")
             if length is not None and out.numel() < length:
                 raise SnapshotRequestError(f"get: out holds {out.numel()} bytes but length is {length}")
+        frame = bulk.Request(bulk.OP_GET, version=version, local_rank=local_rank, stripe=request.stripe,
+                             index=request.index, kind=request.kind, offset=offset, length=length or 0,
+                             flags=bulk.REQUEST_TO_END if length is None else 0)
+        got = self._over_bulk("get", lambda conn: conn.get(frame, out))
+        if got is not None:
+            return got
         stream = self._raw.Get(request, timeout=None if length is None else self._transfer_timeout(length))
         try:
             first = next(stream)
@@ -290,6 +340,7 @@ class DaemonClient:
             self._raise(err)
         except StopIteration:
             raise SnapshotRangeError(f"get: the daemon at {self.address} ended the stream without a reply") from None
+        self._count("get/grpc")
         return out[:total], first.checksum
 
     def open_data(self, version: int, local_rank: int) -> torch.Tensor:
@@ -337,7 +388,74 @@ class DaemonClient:
             versions=[VersionStatus(v.version, v.complete, v.published) for v in s.versions],
             uptime_s=s.uptime_s, pid=s.pid, published=s.published if s.HasField("published") else None,
             pushes_pending=s.pushes_pending, pushes_done=s.pushes_done, pushes_failed=s.pushes_failed,
+            bulk_port=s.bulk_port, pushes_over_grpc=s.pushes_over_grpc,
         )
+
+    # ----------------------------------------------------------------- the bulk plane
+
+    def _over_bulk(self, what: str, call: Callable[[bulk.BulkConnection], T]) -> T | None:
+        """Run ``call`` on a bulk connection; None: this call goes over gRPC instead.
+
+        When the bulk port fails (refused, reset, stalled), the daemon is asked over gRPC
+        for its port again: if gRPC fails too, the daemon is down and the caller gets
+        DaemonUnavailable (as over gRPC alone); if it answers, maybe with a new port (a
+        restarted daemon), the call is tried once more on a fresh connection, and if
+        that fails too, gRPC carries it and the bulk plane rests for BULK_RECHECK_S.
+        Refusals (typed errors other than DaemonUnavailable) are final on either path.
+        """
+        if self.transport == "grpc" or self._pool is None:
+            return None
+        failure: BulkTransportError | None = None
+        for attempt in range(2):
+            port = self._advertised_bulk_port(refresh=attempt > 0)
+            if port is None:
+                break
+            conn: bulk.BulkConnection | None = None
+            try:
+                if attempt == 0:
+                    conn = self._pool.acquire(port)
+                else:  # a fresh connection: idle ones may all be as stale as the one that failed
+                    conn = bulk.BulkConnection(self._pool.host, port, timeout=self.timeout, address=self.address)
+                result = call(conn)
+            except BulkTransportError as err:
+                failure = err
+                self._pool.clear()
+                log.info("%s over the bulk plane of %s failed: %s", what, self.address, err)
+                continue
+            finally:
+                if conn is not None:
+                    self._pool.release(conn)
+            self._count(f"{what}/tcp")
+            return result
+        if self.transport == "tcp":
+            raise failure or DaemonUnavailable(f"snapshot daemon at {self.address} advertises no bulk port (it runs "
+                                               "with --bulk-port -1, or predates the bulk plane); use transport="
+                                               "'auto' or 'grpc'")
+        if failure is not None:
+            log.warning("bulk plane of the snapshot daemon at %s failed (%s) while gRPC answers; moving bytes over "
+                        "gRPC for %.0f s", self.address, failure, BULK_RECHECK_S)
+            with self._bulk_lock:
+                self._bulk_port, self._bulk_asked_at = None, time.monotonic()
+        return None
+
+    def _advertised_bulk_port(self, *, refresh: bool) -> int | None:
+        """The daemon's bulk port as Status reports it: asked once and kept; asked again on ``refresh``, or
+        BULK_RECHECK_S after it said none. Raises DaemonUnavailable when gRPC cannot reach the daemon."""
+        with self._bulk_lock:
+            asked = self._bulk_asked_at
+            if not refresh and asked is not None and (
+                    self._bulk_port is not None or time.monotonic() - asked < BULK_RECHECK_S):
+                return self._bulk_port
+            port = self.status().bulk_port or None
+            if port != self._bulk_port or asked is None:
+                log.info("snapshot daemon at %s: %s", self.address,
+                         f"bulk plane on port {port}" if port else "no bulk plane; shard bytes go over gRPC")
+            self._bulk_port, self._bulk_asked_at = port, time.monotonic()
+            return port
+
+    def _count(self, key: str) -> None:
+        with self._count_lock:
+            self.transfers[key] += 1
 
     # ----------------------------------------------------------------- internals
 
@@ -348,16 +466,7 @@ class DaemonClient:
             self._raise(err)
 
     def _raise(self, err: grpc.RpcError) -> NoReturn:
-        code = err.code()
-        cls = ERROR_BY_CODE.get(code.name, SnapshotError)
-        details = err.details() or code.name
-        if cls is DaemonUnavailable:
-            message = f"snapshot daemon at {self.address}: {code.name}: {details}"
-        else:
-            message = details
-        error = cls(message)
-        error.grpc_code = code.name  # type: ignore[attr-defined]
-        raise error from None
+        raise error_from_status(err.code().name, err.details() or "", self.address) from None
 
     def _transfer_timeout(self, nbytes: int) -> float:
         """The base timeout plus time for the bytes at a pessimistic 50 MB/s."""

@@ -10,6 +10,10 @@ background, retrying while a peer is unreachable (it may be restarting), and giv
 with a log line after a bounded time rather than failing the commit: a missing parity
 member only keeps the version from becoming complete, which the coordinator sees.
 
+Two planes: gRPC for control (and as a fallback), and a framed-TCP bulk plane on its own
+port (``--bulk-port``, :mod:`~plait.runtime.snapshot.bulk`) for the bytes of pushes and
+Gets, which measured several times faster than gRPC streaming here.
+
 The daemon is a separate process, not a thread of a worker, so a crashing worker does
 not take the snapshots with it; the segments are files in /dev/shm, so even a crashing
 daemon does not: a restarted one re-adopts what it finds (``SnapshotStore.adopt``).
@@ -42,19 +46,18 @@ import torch
 from plait.errors import CLIError, PlaitError
 from plait.ops.checksum import checksum as compute_checksum
 from plait.ops.rs_matrix import MAX_K, MAX_M
-from plait.runtime.snapshot import shm
+from plait.runtime.snapshot import bulk, shm
 from plait.runtime.snapshot import snapshot_pb2 as pb
 from plait.runtime.snapshot import snapshot_pb2_grpc as pb_grpc
 from plait.runtime.snapshot import wire
 from plait.runtime.snapshot.client import (
     MESSAGE_BYTES,
     SERVICE,
-    RawStub,
+    DaemonClient,
     channel_options,
-    data_messages,
     tune_malloc,
 )
-from plait.runtime.snapshot.errors import SnapshotError, SnapshotRangeError, SnapshotRequestError
+from plait.runtime.snapshot.errors import DaemonUnavailable, SnapshotError, SnapshotRequestError
 from plait.runtime.snapshot.store import ChunkHeader, ChunkPush, DataShardInfo, ParityShardInfo, SnapshotStore
 
 __all__ = [
@@ -86,6 +89,7 @@ class DaemonConfig:
     ec_k: int = 1
     ec_m: int = 0
     port: int = 0  # 0: any free port (the ready file says which)
+    bulk_port: int = 0  # the bulk plane's port; 0: any free port; -1: no bulk plane (bytes over gRPC only)
     host: str = "127.0.0.1"
     peers: list[str] = field(default_factory=list)  # every node's daemon address, index = node
     max_memory: int = 0  # 0: the size of /dev/shm
@@ -139,6 +143,12 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
                        f"of k+m={n} (e.g. {choices}), or choose --ec-k/--ec-m with k+m dividing {args.nnodes}")
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port: got {args.port}; accepted: 0 (any free port) to 65535")
+    if not -1 <= args.bulk_port <= 65535:
+        raise CLIError(f"--bulk-port: got {args.bulk_port}; accepted: 0 (any free port) to 65535, or -1 (no bulk "
+                       "plane: shard bytes go over gRPC)")
+    if args.bulk_port > 0 and args.bulk_port == args.port:
+        raise CLIError(f"--bulk-port: got {args.bulk_port}, the same as --port; the bulk plane needs a port of its "
+                       "own (or 0 for any free one)")
     peers = [] if not args.peers else [_parse_address(p, i) for i, p in enumerate(args.peers.split(","))]
     if args.ec_m and not peers:
         raise CLIError(f"--peers: missing; with --ec-m {args.ec_m} the daemon pushes parity chunks to its peers: give "
@@ -148,7 +158,8 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
                        "in node order (this node's own address included)")
     max_memory = parse_bytes(args.max_memory) if args.max_memory is not None else _shm_size()
     return DaemonConfig(job=args.job, node=args.node, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                        ec_k=args.ec_k, ec_m=args.ec_m, port=args.port, host=args.host, peers=peers,
+                        ec_k=args.ec_k, ec_m=args.ec_m, port=args.port, bulk_port=args.bulk_port, host=args.host,
+                        peers=peers,
                         max_memory=max_memory, ready_file=args.ready_file, log_file=args.log_file,
                         cleanup=args.cleanup)
 
@@ -167,13 +178,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ec-m", type=int, default=0, metavar="M", help="parity shards per stripe: up to M nodes of "
                         "each group of K+M may be lost (default 0: no parity)")
     parser.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port; see --ready-file)")
+    parser.add_argument("--bulk-port", type=int, default=0, metavar="PORT", help="port of the framed-TCP bulk plane that "
+                        "carries shard bytes (pushes, Gets), on --host (default 0: any free port, reported in Status "
+                        "and the ready file; -1: none, bytes go over gRPC)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for peers "
                         "on other machines)")
     parser.add_argument("--peers", metavar="HOST:PORT,...", help="every node's daemon address in node order; "
                         "required when --ec-m > 0")
     parser.add_argument("--max-memory", metavar="BYTES", help="cap on data + parity held, e.g. 64GiB "
                         "(default: the size of /dev/shm)")
-    parser.add_argument("--ready-file", type=Path, metavar="FILE", help="write {pid, port} as JSON here once serving")
+    parser.add_argument("--ready-file", type=Path, metavar="FILE", help="write {pid, port, bulk_port} as JSON here "
+                        "once serving")
     parser.add_argument("--log-file", type=Path, metavar="FILE", help="append logs here (default: stderr)")
     parser.add_argument("--cleanup", action="store_true", help="remove this node's snapshot segments on exit "
                         "(by default they outlive the daemon, for a restarted one to adopt)")
@@ -220,6 +235,10 @@ class ChunkPusher:
     on a timer, not in a worker thread, so pushes to a dead peer never hold up pushes to
     healthy ones. Any other refusal is final. Nothing here raises into the server: every
     failure ends as a log line and a ``failed`` count in Status.
+
+    Chunks travel through a :class:`DaemonClient` per peer, so over the peer's bulk plane
+    when it advertises one (re-learnt over gRPC when its bulk port fails: a restarted
+    peer may have another) and over gRPC PushChunk when it does not.
     """
 
     def __init__(self, store: SnapshotStore, peers: list[str], *, give_up_s: float = PUSH_GIVE_UP_S,
@@ -230,7 +249,7 @@ class ChunkPusher:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plait-push")
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._clients: dict[str, DaemonClient] = {}
         self._inflight: set[tuple[int, int]] = set()
         self._timers: list[tuple[float, int, _PushJob]] = []  # heap of (due, sequence, job)
         self._timer_wakeup = threading.Condition(self._lock)
@@ -313,22 +332,21 @@ class ChunkPusher:
             log.info("dropping the push of %s: the shard is gone", job.what)
             return "done"
         address = self.peers[job.push.target_node]
-        stub = RawStub(self._channel(address))
-        first = pb.PushChunkRequest(header=pb.ChunkHeader(**vars(h))).SerializeToString()
         try:
-            reply = stub.PushChunk(data_messages(first, job.view), timeout=30.0 + h.chunk_len / 20e6)
-        except grpc.RpcError as err:
-            code = err.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                if job.attempt == 1:
-                    log.warning("push of %s at %s: %s (%s); retrying for up to %.0f s", job.what, address, code.name,
-                                err.details(), self.give_up_s)
-                return "retry"
-            log.error("push of %s at %s refused: %s: %s", job.what, address, code.name, err.details())
+            accepted = self._client(address).push_chunk(
+                h.version, h.local_rank, stripe=h.stripe, index=h.index, member=h.member, node=h.node,
+                blob_size=h.blob_size, blob_checksum=h.blob_checksum, step=h.step, chunk=job.view,
+                chunk_checksum=h.chunk_checksum)
+        except DaemonUnavailable as err:  # the peer is down or restarting (either plane): try again later
+            if job.attempt == 1:
+                log.warning("push of %s at %s: %s; retrying for up to %.0f s", job.what, address, err, self.give_up_s)
+            return "retry"
+        except SnapshotError as err:
+            log.error("push of %s at %s refused: %s: %s", job.what, address, getattr(err, "grpc_code", err.code), err)
             return "failed"
         if job.attempt > 1:
             log.info("push of %s succeeded after %d attempts", job.what, job.attempt)
-        if not reply.accepted:
+        if not accepted:
             log.debug("push of %s: the member was already there", job.what)
         return "done"
 
@@ -363,12 +381,19 @@ class ChunkPusher:
             if remaining[0] == 0:
                 self._inflight.discard((header.version, header.local_rank))
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _client(self, address: str) -> DaemonClient:
         with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = grpc.insecure_channel(address, options=channel_options())
-            return channel
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = DaemonClient(address, timeout=30.0)
+            return client
+
+    @property
+    def over_grpc(self) -> int:
+        """Chunks pushed over gRPC PushChunk rather than the peers' bulk planes (fallbacks)."""
+        with self._lock:
+            clients = list(self._clients.values())
+        return sum(client.transfers["push_chunk/grpc"] for client in clients)
 
     def close(self) -> None:
         """Stop: transfers not yet done are abandoned (logged as failed); the segments stay."""
@@ -378,9 +403,9 @@ class ChunkPusher:
         self._timer_thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
 
 # --------------------------------------------------------------------------- the service
@@ -429,9 +454,10 @@ def _rpc(method: Callable) -> Callable:
 class SnapshotServicer(pb_grpc.SnapshotDaemonServicer):
     """The RPCs of snapshot.proto over one store; byte payloads in messages of <= 4 MiB."""
 
-    def __init__(self, store: SnapshotStore, pusher: ChunkPusher | None):
+    def __init__(self, store: SnapshotStore, pusher: ChunkPusher | None, bulk_port: int = 0):
         self.store = store
         self.pusher = pusher
+        self.bulk_port = bulk_port  # advertised in Status; 0: no bulk plane
         self.started = time.monotonic()
 
     @_rpc
@@ -469,27 +495,17 @@ class SnapshotServicer(pb_grpc.SnapshotDaemonServicer):
 
     @_rpc
     def Get(self, request, context):
-        if request.kind == pb.SHARD_KIND_DATA:
-            shard = self.store.data_shard(request.version, request.local_rank)
-        elif request.kind == pb.SHARD_KIND_PARITY:
-            shard = self.store.parity_shard(request.version, request.local_rank, request.stripe, request.index)
-        else:
+        kind = {pb.SHARD_KIND_DATA: "data", pb.SHARD_KIND_PARITY: "parity"}.get(request.kind)
+        if kind is None:
             raise SnapshotRequestError(f"Get: kind must be SHARD_KIND_DATA or SHARD_KIND_PARITY, got {request.kind}")
-        tensor, size, stored = shard.tensor, shard.size, shard.checksum or 0  # a drop meanwhile keeps this view valid
-        offset = request.offset
-        length = request.length if request.HasField("length") else size - offset
-        if offset < 0 or length < 0:
-            raise SnapshotRequestError(f"Get: offset {offset} and length {length} must be >= 0")
-        if offset + length > size:
-            raise SnapshotRangeError(f"Get: bytes [{offset}, {offset + length}) reach past the end of the "
-                                     f"{size}-byte shard {shard.path.name}; ask for at most {max(0, size - offset)} "
-                                     f"bytes from offset {offset}")
-        arr = tensor.numpy()
-        end = offset + length
-        yield wire.encode_get_reply(arr[offset:min(end, offset + MESSAGE_BYTES)], checksum=stored, size=size,
-                                    offset=offset, length=length)
-        for pos in range(offset + MESSAGE_BYTES, end, MESSAGE_BYTES):
-            yield wire.encode_get_reply(arr[pos:min(end, pos + MESSAGE_BYTES)])
+        r = self.store.read_range(kind, request.version, request.local_rank, stripe=request.stripe,
+                                  index=request.index, offset=request.offset,
+                                  length=request.length if request.HasField("length") else None)
+        arr = r.data.numpy()  # a drop meanwhile keeps this view valid
+        yield wire.encode_get_reply(arr[:MESSAGE_BYTES], checksum=r.checksum, size=r.size, offset=r.offset,
+                                    length=r.length)
+        for pos in range(MESSAGE_BYTES, r.length, MESSAGE_BYTES):
+            yield wire.encode_get_reply(arr[pos:pos + MESSAGE_BYTES])
 
     @_rpc
     def List(self, request, context):
@@ -511,7 +527,8 @@ class SnapshotServicer(pb_grpc.SnapshotDaemonServicer):
                       for v in s.versions()],
             uptime_s=time.monotonic() - self.started, pid=os.getpid(), published=s.published,
             pushes_pending=pusher.pending if pusher else 0, pushes_done=pusher.done if pusher else 0,
-            pushes_failed=pusher.failed if pusher else 0,
+            pushes_failed=pusher.failed if pusher else 0, bulk_port=self.bulk_port,
+            pushes_over_grpc=pusher.over_grpc if pusher else 0,
         )
 
     @_rpc
@@ -536,7 +553,7 @@ class SnapshotServicer(pb_grpc.SnapshotDaemonServicer):
             return pb.PushChunkReply(accepted=False)
         buf = torch.empty(header.chunk_len, dtype=torch.uint8)
         arr = buf.numpy()
-        pos = 0
+        pos = received = 0
         for msg in request_iterator:
             if msg.header is not None:
                 raise SnapshotRequestError("PushChunk: only the first message may be a header")
@@ -545,11 +562,12 @@ class SnapshotServicer(pb_grpc.SnapshotDaemonServicer):
                 raise SnapshotRequestError(f"PushChunk: more than the declared chunk_len {header.chunk_len} bytes "
                                            f"for stripe {header.stripe}, member {header.member}")
             arr[pos:pos + n] = np.frombuffer(msg.data, dtype=np.uint8)
+            received = compute_checksum(buf[pos:pos + n], received)  # message by message, as on the bulk plane
             pos += n
         if pos != header.chunk_len:
             raise SnapshotRequestError(f"PushChunk: got {pos} bytes but the header declared chunk_len "
                                        f"{header.chunk_len} (stripe {header.stripe}, member {header.member})")
-        return pb.PushChunkReply(accepted=self.store.add_chunk(header, shard, buf))
+        return pb.PushChunkReply(accepted=self.store.add_chunk(header, shard, buf, received_checksum=received))
 
 
 def _data_pb(d: DataShardInfo) -> pb.DataShardInfo:
@@ -620,6 +638,7 @@ def serve(config: DaemonConfig, stop: threading.Event | None = None) -> int:
     except SnapshotError as err:
         raise CLIError(f"--job/--node: {err}") from None
     pusher: ChunkPusher | None = None
+    bulk_server: bulk.BulkServer | None = None
     try:
         store = SnapshotStore(config.job, config.node, nnodes=config.nnodes, nproc_per_node=config.nproc_per_node,
                               ec_k=config.ec_k, ec_m=config.ec_m, max_memory=config.max_memory)
@@ -637,9 +656,18 @@ def serve(config: DaemonConfig, stop: threading.Event | None = None) -> int:
         if not port:
             raise CLIError(f"--port: cannot listen on {bind} ({detail or 'address in use?'}); choose a free port, "
                            "or 0 for any")
+        if config.bulk_port >= 0:
+            try:
+                bulk_server = bulk.BulkServer(store, config.host, config.bulk_port)
+            except OSError as err:
+                raise CLIError(f"--bulk-port: cannot listen on {config.host}:{config.bulk_port} ({err}); choose a "
+                               "free port, 0 for any, or -1 for none") from None
         store.adopt()
         pusher = ChunkPusher(store, config.peers, give_up_s=config.push_give_up_s) if config.ec_m else None
-        add_servicer(SnapshotServicer(store, pusher), server)
+        bulk_port = bulk_server.port if bulk_server is not None else 0
+        add_servicer(SnapshotServicer(store, pusher, bulk_port), server)
+        if bulk_server is not None:
+            bulk_server.start()
         server.start()
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
@@ -654,14 +682,17 @@ def serve(config: DaemonConfig, stop: threading.Event | None = None) -> int:
                 signal.signal(sig, on_signal)
         if config.ready_file is not None:
             config.ready_file.parent.mkdir(parents=True, exist_ok=True)
-            shm.write_json_atomic(config.ready_file, {"pid": os.getpid(), "port": port, "host": config.host,
-                                                      "job": config.job, "node": config.node})
-        log.info("serving job %s node %d/%d on %s:%d (k=%d, m=%d, %d rank(s), cap %d bytes, %d bytes adopted)",
-                 config.job, config.node, config.nnodes, config.host, port, config.ec_k, config.ec_m,
-                 config.nproc_per_node, config.max_memory, store.memory_used)
+            shm.write_json_atomic(config.ready_file, {"pid": os.getpid(), "port": port, "bulk_port": bulk_port,
+                                                      "host": config.host, "job": config.job, "node": config.node})
+        log.info("serving job %s node %d/%d on %s:%d, bulk plane %s (k=%d, m=%d, %d rank(s), cap %d bytes, %d bytes "
+                 "adopted)", config.job, config.node, config.nnodes, config.host, port,
+                 f"on port {bulk_port}" if bulk_port else "off", config.ec_k, config.ec_m, config.nproc_per_node,
+                 config.max_memory, store.memory_used)
         while not stop.wait(0.5):
             pass
         log.info("stopping")
+        if bulk_server is not None:
+            bulk_server.close()
         server.stop(grace=2.0).wait()
         store.close()
         if config.cleanup:
@@ -671,6 +702,8 @@ def serve(config: DaemonConfig, stop: threading.Event | None = None) -> int:
     finally:
         if pusher is not None:
             pusher.close()
+        if bulk_server is not None:
+            bulk_server.close()
         os.close(lock_fd)
 
 

@@ -20,8 +20,10 @@ __all__ = [
     "SnapshotNotFound",
     "SnapshotRangeError",
     "DaemonUnavailable",
+    "BulkTransportError",
     "DaemonStartError",
     "ERROR_BY_CODE",
+    "error_from_status",
 ]
 
 
@@ -77,6 +79,16 @@ class DaemonUnavailable(SnapshotError):
     code = "UNAVAILABLE"
 
 
+class BulkTransportError(DaemonUnavailable):
+    """The bulk TCP connection to a daemon failed: refused, reset, closed mid-frame, timed out, or garbled.
+
+    A subclass of DaemonUnavailable because that is what it means to a caller that gets
+    it; :class:`~plait.runtime.snapshot.client.DaemonClient` catches it first, asks the
+    daemon over gRPC whether it is alive (and on which bulk port), and retries or falls
+    back to gRPC.
+    """
+
+
 class DaemonStartError(SnapshotError):
     """A daemon process exited or did not become ready; the message holds its log's tail."""
 
@@ -98,3 +110,18 @@ ERROR_BY_CODE: dict[str, type[SnapshotError]] = {
 }
 ERROR_BY_CODE["DEADLINE_EXCEEDED"] = DaemonUnavailable
 ERROR_BY_CODE["ALREADY_EXISTS"] = SnapshotVersionError
+
+
+def error_from_status(code: str, details: str, address: str) -> SnapshotError:
+    """The typed exception for a daemon's refusal with status ``code`` (a gRPC status name) and ``details``.
+
+    One function for both transports (gRPC and the bulk plane), so the same refusal is
+    the same class with the same message whichever carried it. ``grpc_code`` keeps the
+    status name for callers that log it.
+    """
+    cls = ERROR_BY_CODE.get(code, SnapshotError)
+    details = details or code
+    message = f"snapshot daemon at {address}: {code}: {details}" if cls is DaemonUnavailable else details
+    error = cls(message)
+    error.grpc_code = code  # type: ignore[attr-defined]
+    return error

@@ -7,7 +7,7 @@
     for proc in procs:
         wait_daemon(proc)
 
-A daemon is ready when it wrote its ready file (JSON ``{pid, port}``), which it does only
+A daemon is ready when it wrote its ready file (JSON ``{pid, port, bulk_port}``), which it does only
 after it adopted its namespace and its server listens; a daemon that exits or takes too
 long to get there raises :class:`DaemonStartError` with the tail of its log.
 """
@@ -30,12 +30,13 @@ __all__ = ["DaemonProcess", "free_ports", "daemon_files", "start_daemon", "wait_
 
 
 class DaemonProcess(subprocess.Popen):
-    """A daemon's Popen, plus where its ready file and log are and the port it serves on."""
+    """A daemon's Popen, plus where its ready file and log are and the ports it serves on."""
 
     node: int
     ready_file: Path
     log_file: Path
     port: int
+    bulk_port: int  # 0: no bulk plane
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -67,6 +68,7 @@ def start_daemon(
     ec_k: int = 1,
     ec_m: int = 0,
     port: int = 0,
+    bulk_port: int = 0,
     peers: Sequence[str] | None = None,
     max_memory: int | str | None = None,
     run_dir: Path,
@@ -87,7 +89,7 @@ def start_daemon(
     cmd = [
         sys.executable, "-m", "plait.runtime.snapshot.daemon",
         "--job", job, "--node", str(node), "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
-        "--ec-k", str(ec_k), "--ec-m", str(ec_m), "--port", str(port), "--host", host,
+        "--ec-k", str(ec_k), "--ec-m", str(ec_m), "--port", str(port), "--bulk-port", str(bulk_port), "--host", host,
         "--ready-file", str(ready), "--log-file", str(log_file),
     ]
     if peers:
@@ -100,14 +102,15 @@ def start_daemon(
     with open(log_file, "ab") as out:
         proc = DaemonProcess(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env,
                              start_new_session=True)
-    proc.node, proc.ready_file, proc.log_file, proc.port = node, ready, log_file, port
+    proc.node, proc.ready_file, proc.log_file, proc.port, proc.bulk_port = node, ready, log_file, port, bulk_port
     if wait:
         wait_daemon(proc, timeout=timeout)
     return proc
 
 
 def wait_daemon(proc: DaemonProcess, timeout: float = 60.0) -> int:
-    """Wait for a started daemon's ready file; return its port. Raises DaemonStartError with its log tail."""
+    """Wait for a started daemon's ready file; return its (gRPC) port and note its bulk port on ``proc``.
+    Raises DaemonStartError with its log tail."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.ready_file.exists():
@@ -117,6 +120,7 @@ def wait_daemon(proc: DaemonProcess, timeout: float = 60.0) -> int:
                 info = {}
             if info.get("pid") == proc.pid:
                 proc.port = int(info["port"])
+                proc.bulk_port = int(info.get("bulk_port", 0))
                 return proc.port
         code = proc.poll()
         if code is not None:

@@ -49,6 +49,7 @@ from plait.runtime.snapshot.errors import (
     SnapshotChecksumError,
     SnapshotMemoryError,
     SnapshotNotFound,
+    SnapshotRangeError,
     SnapshotRequestError,
     SnapshotVersionError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "VersionInfo",
     "ChunkHeader",
     "ChunkPush",
+    "ShardRange",
     "DataShard",
     "ParityShard",
     "SnapshotStore",
@@ -162,6 +164,22 @@ class ChunkPush:
     start: int
     end: int
     target_node: int
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    """Bytes [offset, offset + length) of a readable shard, as both transports serve them.
+
+    ``data`` is a view of the shard's mapping taken when the range was resolved: a drop
+    or publish meanwhile unlinks the file but keeps this view valid, so a reader already
+    streaming finishes with the bytes it asked for. ``checksum`` covers the whole shard.
+    """
+
+    data: torch.Tensor
+    size: int
+    checksum: int
+    offset: int
+    length: int
 
 
 # --------------------------------------------------------------------------- shards
@@ -355,6 +373,30 @@ class SnapshotStore:
                     f"(members {sorted(shard.members)})"
                 )
             return shard
+
+    def read_range(self, kind: str, version: int, local_rank: int, *, stripe: int = 0, index: int = 0,
+                   offset: int = 0, length: int | None = None) -> ShardRange:
+        """Resolve a Get: bytes [offset, offset + length) of a committed data shard or complete parity shard.
+
+        ``kind`` is "data" or "parity"; ``length`` None means to the end. One place for the
+        rules and their messages, so gRPC Get and the bulk plane refuse alike.
+        """
+        if kind == "data":
+            shard: DataShard | ParityShard = self.data_shard(version, local_rank)
+        elif kind == "parity":
+            shard = self.parity_shard(version, local_rank, stripe, index)
+        else:
+            raise SnapshotRequestError(f"Get: kind must be data or parity, got {kind!r}")
+        tensor, size, stored = shard.tensor, shard.size, shard.checksum or 0  # one consistent snapshot of the shard
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0:
+            raise SnapshotRequestError(f"Get: offset {offset} and length {length} must be >= 0")
+        if offset + length > size:
+            raise SnapshotRangeError(f"Get: bytes [{offset}, {offset + length}) reach past the end of the "
+                                     f"{size}-byte shard {shard.path.name}; ask for at most {max(0, size - offset)} "
+                                     f"bytes from offset {offset}")
+        return ShardRange(tensor[offset:offset + length], size, stored, offset, length)
 
     # ----------------------------------------------------------------- data shards
 
@@ -551,18 +593,22 @@ class SnapshotStore:
                 self._grow_locked(shard, header.chunk_len)
         return shard
 
-    def add_chunk(self, header: ChunkHeader, shard: ParityShard, data: torch.Tensor) -> bool:
+    def add_chunk(self, header: ChunkHeader, shard: ParityShard, data: torch.Tensor, *,
+                  received_checksum: int | None = None) -> bool:
         """Verify a chunk's bytes and accumulate ``P[j][c] * chunk`` into the parity shard.
 
         Returns False (and changes nothing) when the member already arrived: pushes are
         retried after lost answers, and XOR-accumulating a member twice would cancel it.
+        ``received_checksum`` is the checksum of ``data`` if the receiver computed it
+        slice by slice as the bytes arrived (so it overlaps the transfer instead of
+        following it); otherwise it is computed here.
         """
         if data.numel() != header.chunk_len:
             raise SnapshotRequestError(
                 f"chunk for version {header.version}, stripe {header.stripe}, member {header.member}: got "
                 f"{data.numel()} bytes but the header declared chunk_len {header.chunk_len}"
             )
-        actual = compute_checksum(data)
+        actual = compute_checksum(data) if received_checksum is None else received_checksum
         if actual != header.chunk_checksum:
             raise SnapshotChecksumError(
                 f"chunk checksum mismatch for version {header.version}, local rank {header.local_rank}, stripe "
