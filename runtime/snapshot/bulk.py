@@ -3,12 +3,12 @@
 gRPC (``snapshot.proto``) stays the control plane: Put allocation, Commit, List,
 Status, Drop, Publish. The two paths that move shard bytes in bulk, a daemon pushing a
 chunk to its parity holder and a reader fetching a byte range (restore, repair), go
-over this plane instead, because on this machine it measured several times faster
-(``plait bench transport``; the numbers are in README.md, "Snapshots and recovery"):
-bytes go from the shared-memory mapping straight into the socket (``sendall`` of a
-memoryview) and from the socket straight into their destination (``recv_into``), while
-gRPC's Python streaming copies every 4 MiB message between its own buffers and Python
-objects and hands each one through its completion queue.
+over this plane instead, because it measured faster on every path here (``plait bench
+transport``, ``bench/results/transport.json``; summarised in README.md, "Snapshots and
+recovery"): bytes go from the shared-memory mapping straight into the socket
+(``sendall`` of a memoryview) and from the socket straight into their destination
+(``recv_into``), while gRPC's Python streaming copies every 4 MiB message between its
+own buffers and Python objects and hands each one through its completion queue.
 
 Each daemon listens on one more port (``--bulk-port``, on the same host as gRPC) and
 reports it in its ready file and in Status. Clients learn it from Status and fall back
@@ -213,7 +213,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, *, at_boundary: bool = Fa
         except (BlockingIOError, TimeoutError):
             if at_boundary and pos == 0:
                 continue  # an idle persistent connection between requests: keep waiting
-            raise _ConnectionLost(f"no progress for {IO_TIMEOUT_S:.0f} s after {pos} of {total} bytes") from None
+            raise _ConnectionLost(f"stalled past the socket timeout after {pos} of {total} bytes") from None
         except OSError as err:
             raise _ConnectionLost(f"{type(err).__name__}: {err}") from None
         if got == 0:
@@ -228,7 +228,7 @@ def _send_all(sock: socket.socket, data: bytes | memoryview) -> None:
     try:
         sock.sendall(data)
     except (BlockingIOError, TimeoutError):
-        raise _ConnectionLost(f"no progress for {IO_TIMEOUT_S:.0f} s while sending") from None
+        raise _ConnectionLost("stalled past the socket timeout while sending") from None
     except OSError as err:
         raise _ConnectionLost(f"{type(err).__name__}: {err}") from None
 
