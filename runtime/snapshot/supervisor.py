@@ -61,7 +61,9 @@ class DaemonSet:
         self.nnodes = nnodes
         self.per_node = nproc_per_node
         self.run_dir = run_dir
-        self.ports = free_ports(nnodes)
+        ports = free_ports(2 * nnodes)
+        # Fixed ports, gRPC and bulk: a replacement daemon comes back where its peers look for it.
+        self.ports, self.bulk_ports = ports[:nnodes], ports[nnodes:]
         self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
         self.procs: list[subprocess.Popen | None] = [None] * nnodes
         self.replaced = [0] * nnodes
@@ -74,7 +76,8 @@ class DaemonSet:
 
         proc = start_daemon(
             self.job, node, nnodes=self.nnodes, nproc_per_node=self.per_node, ec_k=self.config.ec_k,
-            ec_m=self.config.ec_m if self.nnodes > 1 else 0, port=self.ports[node], peers=self.addresses,
+            ec_m=self.config.ec_m if self.nnodes > 1 else 0, port=self.ports[node], bulk_port=self.bulk_ports[node],
+            peers=self.addresses,
             max_memory=self.config.max_memory_bytes or None, run_dir=self.run_dir,
         )
         path = pid_file(self.run_dir, node)
