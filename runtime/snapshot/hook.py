@@ -52,6 +52,9 @@ class SnapshotStats:
     stall_s: list[float] = field(default_factory=list)  # per step: update's wait for the copy + on_step_end (take, publish)
     copy_s: list[float] = field(default_factory=list)  # per snapshot: the copy thread's copy + checksum + commit
     bytes: int = 0  # this rank's blob size, last snapshot
+    take_s: list[float] = field(default_factory=list)  # per snapshot: plan + alloc + header, on the training thread
+    publish_s: list[float] = field(default_factory=list)  # per snapshot (rank 0): waiting for completion + publishing
+    update_wait_s: list[float] = field(default_factory=list)  # per step: the optimizer update's wait for the copy
 
 
 class SnapshotHook:
@@ -87,9 +90,13 @@ class SnapshotHook:
         start = time.perf_counter()
         if self._pending is not None and self.peers is not None:
             self._publish(self._pending)
+            self.stats.publish_s.append(time.perf_counter() - start)
         if step % self.config.every == 0 and step < trainer.config.steps:
             self._wait_copy()
+            t0 = time.perf_counter()
             self._take(trainer, step)
+            self.stats.take_s.append(time.perf_counter() - t0)
+        self.stats.update_wait_s.append(self._stall)
         # This step's stall: its optimizer update's wait for the copy, plus this call.
         self.stats.stall_s.append(self._stall + time.perf_counter() - start)
         self._stall = 0.0
@@ -186,7 +193,8 @@ class SnapshotHook:
 
     def summary(self) -> dict[str, Any]:
         return {"taken": self.stats.taken, "published": self.stats.published, "skipped": self.stats.skipped,
-                "bytes_per_rank": self.stats.bytes, "stall_s": self.stats.stall_s, "copy_s": self.stats.copy_s}
+                "bytes_per_rank": self.stats.bytes, "stall_s": self.stats.stall_s, "copy_s": self.stats.copy_s,
+                "take_s": self.stats.take_s, "publish_s": self.stats.publish_s, "update_wait_s": self.stats.update_wait_s}
 
 
 def node_of(rank: int, per_node: int) -> int:
