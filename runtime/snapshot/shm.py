@@ -175,19 +175,7 @@ def create_segment(name: str, size: int, *, prefault: bool = True, root: Path = 
             "or a stale segment was left behind; stop the other daemon or remove the file"
         ) from None
     try:
-        os.ftruncate(fd, size)
-        if prefault and size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.ENOMEM):
-                    free = _free_bytes(root)
-                    raise SnapshotMemoryError(
-                        f"{root} has no room for segment {name}: needs {size} bytes, {free} bytes free; "
-                        f"enlarge {root} (mount -o remount,size=...) or lower snapshot.max_memory below its size"
-                    ) from None
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+        _size_file(fd, size, prefault=prefault, root=root, what=f"segment {name}")
     except BaseException:
         os.close(fd)
         unlink(path)
@@ -223,21 +211,32 @@ def resize_segment(path: Path, size: int, *, prefault: bool = True) -> torch.Ten
     """
     fd = os.open(path, os.O_RDWR)
     try:
-        os.ftruncate(fd, size)
-        if prefault and size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.ENOMEM):
-                    raise SnapshotMemoryError(
-                        f"{path.parent} has no room to grow {path.name} to {size} bytes; "
-                        f"{_free_bytes(path.parent)} bytes free; enlarge {path.parent} or lower snapshot.max_memory"
-                    ) from None
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+        _size_file(fd, size, prefault=prefault, root=path.parent, what=f"segment {path.name} (resized)")
     finally:
         os.close(fd)
     return map_segment(path, size)
+
+
+def _size_file(fd: int, size: int, *, prefault: bool, root: Path, what: str) -> None:
+    """Set the file's size; with ``prefault``, reserve its pages now (posix_fallocate).
+
+    tmpfs allocates lazily, so without the reservation a full /dev/shm shows up later as
+    SIGBUS in whichever process first touches a missing page; with it, it is an error
+    here that names the sizes.
+    """
+    os.ftruncate(fd, size)
+    if not (prefault and size):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise SnapshotMemoryError(
+                f"{root} has no room for {what}: needs {size} bytes, {_free_bytes(root)} bytes free; "
+                f"enlarge {root} (mount -o remount,size=...) or lower snapshot.max_memory below its size"
+            ) from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def unlink(path: Path) -> None:
