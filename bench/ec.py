@@ -318,6 +318,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     sizes = _plan(quick)
     all_threads = torch.get_num_threads()
+    # Other processes share the cores; the load averages tell how much (2 cores here).
+    load_before = os.getloadavg()
     threads_list = sorted({1, all_threads})
     from plait.ops.rs_matrix import parity_matrix
 
@@ -407,6 +409,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "all_verified": all(c["verified"] for c in cases),
         "goals_met": {"met": sum(judged), "judged": len(judged), "all": all(judged) if judged else None},
         "checksum": {"bytes": sizes[0]["bytes"], "gbps": checksum_gbps},
+        "load_average_before_after": [list(load_before), list(os.getloadavg())],
     }
 
 
