@@ -49,8 +49,9 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     from plait.ops.checksum import checksum
     from plait.runtime.snapshot import shm
-    from plait.runtime.snapshot.client import DaemonClient, tune_malloc
-    from plait.runtime.snapshot.spawn import free_ports, start_daemon, stop_daemon, wait_daemon
+    from plait.runtime.snapshot.transport.channel import tune_malloc
+    from plait.runtime.snapshot.transport.client import DaemonClient
+    from plait.runtime.snapshot.launcher.spawn import free_ports, start_daemon, stop_daemon, wait_daemon
 
     size, reps = (32 * MiB, 1) if quick else (256 * MiB, 3)
     tune_malloc()  # what the daemons do at start; the gRPC client side benefits from it alike

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, "
                        "parameter count and memory estimate, then exit")
 
-    from plait.runtime.snapshot.daemon import add_daemon_parser
+    from plait.runtime.snapshot.daemon.main import add_daemon_parser
 
     add_daemon_parser(commands)
 
@@ -100,17 +100,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if faults:
         env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
     if config.snapshot.enabled:
-        from plait.runtime.snapshot.hook import job_name
-        from plait.runtime.snapshot.supervisor import DaemonSet
+        from plait.runtime.snapshot.trainer.hook import job_name
+        from plait.runtime.snapshot.launcher.spawn import job_secret_file
+        from plait.runtime.snapshot.launcher.supervisor import DaemonSet
 
         job = job_name(run_dir)
+        secret_file = job_secret_file(run_dir)
         daemons = DaemonSet(config.snapshot, job=job, nnodes=config.launch.nnodes,
-                            nproc_per_node=config.launch.nproc_per_node, run_dir=run_dir)
+                            nproc_per_node=config.launch.nproc_per_node, run_dir=run_dir, secret_file=secret_file)
         daemons.start()
-        env.update(PLAIT_SNAPSHOT_DAEMONS=",".join(daemons.addresses), PLAIT_JOB=job)
+        env.update(PLAIT_SNAPSHOT_DAEMONS=",".join(daemons.addresses), PLAIT_JOB=job,
+                   PLAIT_SNAPSHOT_SECRET_FILE=str(secret_file.resolve()))
         snap = config.snapshot
         print(f"plait: snapshots every {snap.every} steps to {config.launch.nnodes} node daemon(s) "
-              f"({', '.join(daemons.addresses)})" + (f", erasure-coded k={snap.ec_k} m={snap.ec_m}" if snap.ec_m and config.launch.nnodes > 1 else "")
+              f"({', '.join(daemons.addresses)})" + (", erasure-coded k={} m={}".format(*daemons.code) if daemons.code[1] else ", no parity")
               + (f", disk every {snap.disk_every} snapshots" if snap.disk_every else ""), flush=True)
     try:
         launch_workers(config.launch, run_dir, env=env, max_restarts=config.launch.restarts(config.snapshot.enabled))
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args)
         if args.command == "daemon":
-            from plait.runtime.snapshot.daemon import cmd_daemon
+            from plait.runtime.snapshot.daemon.main import cmd_daemon
 
             return cmd_daemon(args)
         return cmd_bench(args)

@@ -45,14 +45,15 @@ def dry_run_report(config: JobConfig) -> str:
         local = params.total // (dims.pp * dims.tp)
         blob = 4 * local + 8 * local // dims.dp
         node_bytes = blob * per_node
-        coded = snap.ec_m > 0 and nnodes > 1
-        parity = node_bytes * snap.ec_m // snap.ec_k if coded else 0
+        k, m = snap.code(nnodes)
+        coded = m > 0
+        parity = node_bytes * m // k if coded else 0
         lines.append(
             f"snapshots:        every {snap.every} steps to {nnodes} node daemon(s); per node ≈ {_gib(node_bytes)} of state"
-            + (f" + {_gib(parity)} parity (EC k={snap.ec_k}, m={snap.ec_m}: survives {snap.ec_m} lost node(s) per group of "
-               f"{snap.ec_k + snap.ec_m}); sends ≈ {_gib(node_bytes * snap.ec_m)} to parity holders per snapshot" if coded
+            + (f" + {_gib(parity)} parity (EC k={k}, m={m}: survives {m} lost node(s) per group of "
+               f"{k + m}); sends ≈ {_gib(node_bytes * m)} to parity holders per snapshot" if coded
                else " (no parity: survives worker and daemon crashes, not a node loss)")
-            + f"; up to 2 versions held" + (f"; disk every {snap.disk_every} snapshots" if snap.disk_every else "")
+            + "; up to 3 versions held (the published one and 2 in flight)" + (f"; disk every {snap.disk_every} snapshots" if snap.disk_every else "")
         )
     lines += ["", "# rank layout (global rank → coordinates in both foldings)", dims.describe()]
     return "\n".join(lines)

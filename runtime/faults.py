@@ -195,7 +195,7 @@ class FaultHook:
 
     def _fire(self, f: Fault) -> set[int]:
         """Carry out ``f``; returns the ranks to kill."""
-        from plait.runtime.snapshot import supervisor
+        from plait.runtime.snapshot.launcher import supervisor
 
         if f.kind == "kill-worker":
             return {f.target}
@@ -217,7 +217,7 @@ def corrupt_newest_shard(address: str, *, local_rank: int, timeout: float = 60.0
     Waits first until the daemon holds no incomplete version, so that the shard
     corrupted is the one a restore would pick.
     """
-    from plait.runtime.snapshot.client import DaemonClient
+    from plait.runtime.snapshot.transport.client import DaemonClient
 
     client = DaemonClient(address)
     try:

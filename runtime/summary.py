@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import plait
 from plait.runtime.progress import Pace
 from plait.runtime.faults import fired_faults
-from plait.runtime.snapshot.restore import recovery_totals
+from plait.runtime.snapshot.trainer.restore import recovery_totals
 from plait.runtime.trainer import BaseHook, StepResult
 
 if TYPE_CHECKING:

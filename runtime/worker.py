@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import plait
+from plait.errors import LaunchError
 from plait.runtime.config import JobConfig, load_config, model_spec
 from plait.runtime.data import SequenceLoader, eval_batches, load_corpus
 from plait.runtime.metrics import MetricsHook
@@ -28,15 +30,19 @@ from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.build import build_engine
 from plait.runtime.faults import FaultHook, parse_fault
-from plait.runtime.snapshot.client import DaemonClient
-from plait.runtime.snapshot.disk import DiskTier
-from plait.runtime.snapshot.hook import SnapshotHook
+from plait.runtime.snapshot.transport.client import DaemonClient
+from plait.runtime.snapshot.trainer.disk import DiskTier
+from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
+from plait.runtime.snapshot.trainer.hook import SnapshotHook
+from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
 from plait.runtime.snapshot.layout import GroupLayout
-from plait.runtime.snapshot.restore import restore
+from plait.runtime.snapshot.trainer.restore import restore
 from plait.runtime.trainer import BaseHook, Hook, Trainer
 from plait.scheduler.estimate import train_flops_per_token
 
 log = logging.getLogger("plait.worker")
+
+PARENT_POLL_S = 0.2
 
 
 def _device(local_rank: int) -> torch.device:
@@ -102,25 +108,50 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, *, rank: int, world: int) 
     nnodes = config.launch.nnodes
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     snap = config.snapshot
-    args: dict = {"rank": rank, "world": world, "per_node": per_node, "layout": None, "clients": None, "disk": None,
-                  "run_dir": run_dir, "attempt": attempt}
+    layout = GroupLayout(*snap.code(nnodes))
+    args: dict = {"rank": rank, "world": world, "per_node": per_node, "layout": layout, "clients": None, "disk": None,
+                  "run_dir": run_dir, "attempt": attempt, "secret": None, "lifecycle": None}
     if not snap.enabled:
         return None, args
     node, local_rank = divmod(rank, per_node)
+    secret = JobSecret.from_env()
+    if secret is None:
+        raise LaunchError(f"snapshots are on but {SECRET_ENV} is not set: start workers with plait train, or set it "
+                          "to the job's secret file")
     addresses = os.environ["PLAIT_SNAPSHOT_DAEMONS"].split(",")
-    clients = [DaemonClient(a) for a in addresses]
+    clients = [DaemonClient(a, secret=secret) for a in addresses]
     disk = None
     if snap.disk_every:
-        disk = DiskTier(Path(snap.dir) if snap.dir else run_dir / "checkpoints", rank=rank, world=world, keep=snap.keep_disk)
-    layout = GroupLayout(snap.ec_k, snap.ec_m) if (snap.ec_m > 0 and nnodes > 1) else None
-    hook = SnapshotHook(snap, client=clients[node], peers=clients if rank == 0 else None, rank=rank,
-                        local_rank=local_rank, disk=disk)
-    args.update(layout=layout, clients=clients, disk=disk)
+        disk = DiskTier(Path(snap.dir) if snap.dir else run_dir / "checkpoints", rank=rank, world=world,
+                        keep=snap.keep_disk, secret=secret)
+    lifecycle = VersionLifecycle(clients, complete_timeout=snap.complete_timeout) if rank == 0 else None
+    hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,
+                        secret=secret, disk=disk)
+    args.update(clients=clients, disk=disk, secret=secret, lifecycle=lifecycle)
     return hook, args
+
+
+def _die_with_parent() -> None:
+    """Exit at once when the process that started this worker (the elastic agent) is gone.
+
+    Without it, a ``kill -9`` of ``plait train`` (a scheduler's cancel, the OOM killer)
+    leaves the workers training with nobody to answer to. Polled rather than
+    PR_SET_PDEATHSIG, which fires when the *thread* that forked exits.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="plait-parent-watch", daemon=True).start()
 
 
 def run(run_dir: Path) -> None:
     started = time.time()
+    _die_with_parent()
     # An exception rather than an exit, so the summary of the steps done gets written.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     config = load_config(run_dir / "config.yaml")
@@ -130,6 +161,7 @@ def run(run_dir: Path) -> None:
     device = _device(local_rank)
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     _init_process_group(backend, rank=rank, world=world)
+    lifecycle = None
     try:
         torch.set_num_threads(_threads(config))
         if device.type == "cpu":
@@ -157,6 +189,7 @@ def run(run_dir: Path) -> None:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
         snapshot_hook, restore_args = _snapshot_parts(config, run_dir, rank=rank, world=world)
+        lifecycle = restore_args["lifecycle"]
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)
         hooks.append(ProgressMarker(run_dir, rank))
@@ -169,6 +202,8 @@ def run(run_dir: Path) -> None:
         if summary is not None:
             summary.snapshots = snapshot_hook
         outcome = restore(trainer, **restore_args)
+        if snapshot_hook is not None:
+            snapshot_hook.epoch = outcome.epoch
         if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
             print(outcome.line, flush=True)
         try:
@@ -178,6 +213,8 @@ def run(run_dir: Path) -> None:
                 summary.write(trainer, status="failed", error=f"{type(err).__name__}: {err}")
             raise
     finally:
+        if lifecycle is not None:
+            lifecycle.close()
         dist.destroy_process_group()
 
 

@@ -19,8 +19,8 @@ import torch
 
 from plait.ops.checksum import checksum
 from plait.ops.rs_matrix import parity_matrix
-from plait.runtime.snapshot import bulk
-from plait.runtime.snapshot.client import DaemonClient
+from plait.runtime.snapshot.transport import bulk
+from plait.runtime.snapshot.transport.client import DaemonClient
 from plait.runtime.snapshot.errors import (
     DaemonUnavailable,
     SnapshotChecksumError,
@@ -31,7 +31,7 @@ from plait.runtime.snapshot.errors import (
     SnapshotRequestError,
     SnapshotVersionError,
 )
-from plait.runtime.snapshot.spawn import free_ports
+from plait.runtime.snapshot.launcher.spawn import free_ports
 from test_snapshot_daemon import SIZES, Cluster, _blob, _check_parity, _chunk, _stop_all
 
 MiB = 1 << 20
@@ -49,7 +49,7 @@ def test_frames_round_trip_and_garbage_is_refused_by_name():
     assert bulk.Request.unpack(raw) == request
     with pytest.raises(SnapshotRequestError, match="not b'PLTB'"):
         bulk.Request.unpack(b"GET " + raw[4:])
-    with pytest.raises(SnapshotRequestError, match="protocol 7 is not this daemon's protocol 1"):
+    with pytest.raises(SnapshotRequestError, match="protocol 7 is not this daemon's protocol 2"):
         bulk.Request.unpack(bulk.Request(bulk.OP_GET, protocol=7).pack())
     with pytest.raises(SnapshotRequestError, match="does not fit its wire type"):
         bulk.Request(bulk.OP_GET, local_rank=2**31).pack()
@@ -194,24 +194,61 @@ def test_every_refusal_is_the_same_typed_error_over_tcp_as_over_grpc(group):
             client.drop(version + 1)
 
 
-def test_the_bulk_port_refuses_foreign_frames_and_unknown_ops(group):
+def test_the_bulk_port_refuses_foreign_frames_and_unknown_ops(group, job_secret):
     cluster = group
     host, port = "127.0.0.1", cluster.bulk_ports[0]
-    conn = bulk.BulkConnection(host, port, timeout=10, address=cluster.peers[0])
-    with pytest.raises(SnapshotRequestError, match="protocol 9 is not this daemon's protocol 1"):
+    conn = bulk.BulkConnection(host, port, timeout=10, address=cluster.peers[0], secret=job_secret)
+    with pytest.raises(SnapshotRequestError, match="protocol 9 is not this daemon's protocol 2"):
         conn.get(bulk.Request(bulk.OP_GET, kind=bulk.KIND_DATA, protocol=9), None)
     conn.close()
-    conn = bulk.BulkConnection(host, port, timeout=10, address=cluster.peers[0])
+    conn = bulk.BulkConnection(host, port, timeout=10, address=cluster.peers[0], secret=job_secret)
     with pytest.raises(SnapshotRequestError, match="bulk: unknown op 77"):
         conn.get(bulk.Request(77), None)
     conn.close()
     with socket.create_connection((host, port), timeout=10) as raw:  # not a plait client at all
-        raw.sendall((b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 88)[:88])  # exactly one header's worth
+        assert raw.recv(4)[:4] == b"PLTC"  # the daemon speaks first: a challenge
+        raw.sendall((b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 88)[:36])  # one answer's worth of garbage
         reply = b""
         while piece := raw.recv(4096):  # until the daemon hangs up on it
             reply += piece
-        assert reply[:4] == b"PLTR" and b"is something other than a plait snapshot client" in reply
+        assert b"PLTR" in reply and b"did not prove the job's secret" in reply
     assert cluster.clients[0].status().pid == cluster.procs[0].pid  # unharmed
+
+
+def test_every_plane_refuses_a_caller_without_the_jobs_secret(group, tmp_path):
+    """gRPC (no token, a wrong one, a replayed one) and the bulk plane refuse with a typed error; logged once."""
+    import grpc
+
+    from plait.runtime.snapshot.auth import AUTH_METADATA, JobSecret
+    from plait.runtime.snapshot.errors import SnapshotAuthError
+    from plait.runtime.snapshot.transport import snapshot_pb2 as pb
+    from plait.runtime.snapshot.transport import snapshot_pb2_grpc as pb_grpc
+
+    cluster = group
+    stranger = JobSecret.create(tmp_path / "stranger")
+    for transport in ("grpc", "tcp"):
+        with DaemonClient(cluster.peers[0], timeout=10, transport=transport, secret=stranger) as client:
+            with pytest.raises(SnapshotAuthError, match="refused"):
+                client.list() if transport == "grpc" else client.get(1, kind="data", local_rank=0)
+            with pytest.raises(SnapshotAuthError):
+                client.publish(10**6)
+    with grpc.insecure_channel(cluster.peers[0]) as channel:
+        stub = pb_grpc.SnapshotDaemonStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Drop(pb.DropRequest(version=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "no plait-auth token" in info.value.details()
+        token = JobSecret.from_env().token("/plait.snapshot.v1.SnapshotDaemon/Status")
+        stub.Status(pb.StatusRequest(), timeout=10, metadata=[(AUTH_METADATA, token)])  # a right token: served
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Status(pb.StatusRequest(), timeout=10, metadata=[(AUTH_METADATA, token)])  # the same token again
+        assert "replayed" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # a token for another method
+            stub.Drop(pb.DropRequest(version=1), timeout=10, metadata=[(AUTH_METADATA, JobSecret.from_env().token(
+                "/plait.snapshot.v1.SnapshotDaemon/Status"))])
+        assert "wrong plait-auth token" in info.value.details()
+    log = cluster.log(0)
+    assert log.count("refused 127.0.0.1") == 1  # once per peer host, however many refusals
+    assert cluster.clients[0].status().pid == cluster.procs[0].pid
 
 
 # =========================================================================== a parity holder killed mid-push

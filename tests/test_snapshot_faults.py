@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from plait.runtime.faults import random_faults
+from plait.runtime.snapshot import shm
 
 CONFIG = """
 model: {kind: moe, layers: 2, dim: 64, heads: 4, ffn_dim: 128, vocab: 256, seq_len: 64, experts: 4, top_k: 2}
@@ -57,10 +58,10 @@ def baseline(config, tmp_path_factory) -> dict:
 
 
 def _no_leftover_memory(run_dir: Path) -> None:
-    from plait.runtime.snapshot.hook import job_name
+    from plait.runtime.snapshot.trainer.hook import job_name
 
     job = job_name(run_dir)
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"plait.{job}.")], "shared memory left behind"
+    assert not [p for p in os.listdir(shm.segment_root()) if p.startswith(f"plait.{job}.")], "shared memory left behind"
 
 
 def _same(summary: dict, baseline: dict) -> None:

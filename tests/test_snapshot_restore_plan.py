@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from plait.runtime.snapshot.layout import GroupLayout
-from plait.runtime.snapshot.restore import Planner, _ranks_text
-from plait.runtime.snapshot.store import DataShardInfo, MemberInfo, ParityShardInfo, VersionInfo
+from plait.runtime.snapshot.trainer.restore import Planner, _ranks_text
+from plait.runtime.snapshot.records import DataShardInfo, MemberInfo, ParityShardInfo, VersionInfo
 
 K, M, NODES, P = 2, 1, 3, 2
 

@@ -8,9 +8,9 @@ import torch
 from plait.errors import CLIError, ConfigError
 from plait.runtime.faults import Fault, check_faults, parse_fault, random_faults
 from plait.runtime.snapshot.config import SnapshotConfig, parse_size
-from plait.runtime.snapshot.disk import DiskTier, complete_steps
+from plait.runtime.snapshot.trainer.disk import DiskTier, complete_steps
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
-from plait.runtime.snapshot.state import BlobError, plan, read_blob
+from plait.runtime.snapshot.trainer.blob import BlobError, plan, read_blob
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -25,13 +25,13 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_a_blob_round_trips_tensors_bitwise_and_objects():
+def test_a_blob_round_trips_tensors_bitwise_and_objects(job_secret):
     tensors = _tensors()
     objects = {"step": 7, "rng": {"python": (3, (1, 2), None)}, "bytes": b"\x00\xff"}
     p = plan(tensors, objects)
     blob = torch.full((p.size,), 0xAB, dtype=torch.uint8)
-    p.write(blob)
-    got, got_objects = read_blob(blob)
+    p.write(blob, job_secret)
+    got, got_objects = read_blob(blob, job_secret)
     assert got_objects == objects
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
@@ -43,29 +43,51 @@ def test_a_blob_round_trips_tensors_bitwise_and_objects():
             assert got[name].data_ptr() == blob.data_ptr() + offset
 
 
-def test_the_header_is_fixed_when_planned_and_tensors_are_copied_later():
+def test_the_header_is_fixed_when_planned_and_tensors_are_copied_later(job_secret):
     tensors = {"w": torch.zeros(4)}
     p = plan(tensors, {"step": 1})
     tensors["w"].add_(3)  # training goes on between plan and copy: the copy sees the values at copy time
     blob = torch.empty(p.size, dtype=torch.uint8)
-    p.write(blob)
-    got, objects = read_blob(blob)
+    p.write(blob, job_secret)
+    got, objects = read_blob(blob, job_secret)
     assert objects == {"step": 1} and torch.equal(got["w"], torch.full((4,), 3.0))
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda b: b[:8].fill_(0), "bad magic"),
-    (lambda b: b[8:16].fill_(0xFF), "runs past"),
+    (lambda b: b[8:16].fill_(0xFF), "MAC does not match"),
+    (lambda b: b[-1:].bitwise_xor_(1), "MAC does not match"),  # a tensor byte: caught before anything is parsed
 ])
-def test_a_damaged_blob_is_refused(mutate, message):
+def test_a_damaged_blob_is_refused(job_secret, mutate, message):
     p = plan({"w": torch.ones(3)}, {})
     blob = torch.empty(p.size, dtype=torch.uint8)
-    p.write(blob)
+    p.write(blob, job_secret)
     mutate(blob)
     with pytest.raises(BlobError, match=message):
-        read_blob(blob)
+        read_blob(blob, job_secret)
     with pytest.raises(BlobError, match="shorter than its prefix"):
-        read_blob(torch.zeros(4, dtype=torch.uint8))
+        read_blob(torch.zeros(4, dtype=torch.uint8), job_secret)
+
+
+def test_a_blob_sealed_with_another_secret_is_refused_before_its_header_is_parsed(job_secret, tmp_path):
+    """A stranger's bytes (planted in shared memory, or decoded from a pushed parity chunk) are never parsed."""
+    from plait.runtime.snapshot.auth import JobSecret
+    from plait.runtime.snapshot.trainer import blob as blob_format
+
+    other = JobSecret.create(tmp_path / "other")
+    p = plan({"w": torch.ones(3)}, {"step": 1})
+    blob = torch.empty(p.size, dtype=torch.uint8)
+    p.write(blob, other)
+    with pytest.raises(BlobError, match="MAC does not match"):
+        read_blob(blob, job_secret)
+    # A header that would be refused if parsed is refused for its MAC first, and a correctly
+    # sealed one with a crafted entry is refused by the bounds check, not trusted.
+    evil = blob_format.BlobPlan(size=p.size, header=b'{"tensors":[["w","float32",[1000],0,4000]],"objects":{}}',
+                                entries=[], tensors={})
+    evil.write_header(blob)
+    blob_format.seal(blob, job_secret)
+    with pytest.raises(BlobError, match="runs past the end"):
+        read_blob(blob, job_secret)
 
 
 def test_copy_into_a_wrong_size_is_refused():
@@ -102,6 +124,11 @@ def test_snapshot_config_errors_name_the_key_and_a_fix():
     with pytest.raises(ConfigError, match="snapshot.ec_m=0"):
         SnapshotConfig(every=2, ec_k=2, ec_m=1).check_nodes(1)
     SnapshotConfig(every=2, ec_k=2, ec_m=1).check_nodes(6)
+    # the defaults fit any number of nodes: no parity on one node, one parity node per group otherwise
+    for nnodes, code in ((1, (1, 0)), (2, (1, 1)), (3, (2, 1)), (4, (3, 1)), (8, (7, 1)), (40, (19, 1))):
+        SnapshotConfig(every=2).check_nodes(nnodes)
+        assert SnapshotConfig(every=2).code(nnodes) == code, nnodes
+    assert SnapshotConfig(every=2, ec_m=2).code(8) == (6, 2) and SnapshotConfig(every=2, ec_k=2).code(6) == (2, 1)
     SnapshotConfig(every=0, ec_k=2, ec_m=1).check_nodes(1)  # snapshots off: no group needed
     for kwargs, key in (({"ec_k": 0}, "snapshot.ec_k"), ({"ec_m": 9}, "snapshot.ec_m"), ({"every": -1}, "snapshot.every"),
                         ({"max_memory": "4 parsecs"}, "snapshot.max_memory")):
@@ -131,13 +158,13 @@ def test_faults_parse_and_refuse_what_cannot_happen():
     assert len({f.step for f in a}) == 4 and all(2 < f.step < 20 for f in a)
 
 
-def test_the_disk_tier_round_trips_and_only_complete_checkpoints_count(tmp_path):
+def test_the_disk_tier_round_trips_and_only_complete_checkpoints_count(tmp_path, job_secret):
     tensors = _tensors()
     objects = {"step": 4, "loader": {"cursor": 24}}
     p = plan(tensors, objects)
     blob = torch.empty(p.size, dtype=torch.uint8)
-    p.write(blob)
-    tiers = [DiskTier(tmp_path, rank=r, world=2, keep=2) for r in range(2)]
+    p.write(blob, job_secret)
+    tiers = [DiskTier(tmp_path, rank=r, world=2, keep=2, secret=job_secret) for r in range(2)]
     tiers[0].save(4, blob)
     assert complete_steps(tmp_path, 2) == []  # rank 1 has not written step 4 yet
     tiers[1].save(4, blob)

@@ -11,7 +11,7 @@ import torch
 from plait.ops.checksum import checksum
 from plait.runtime.snapshot import shm
 from plait.runtime.snapshot.errors import SnapshotMemoryError
-from plait.runtime.snapshot.store import SnapshotStore
+from plait.runtime.snapshot.daemon.store import SnapshotStore
 
 
 @pytest.fixture

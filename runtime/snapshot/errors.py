@@ -19,6 +19,7 @@ __all__ = [
     "SnapshotMemoryError",
     "SnapshotNotFound",
     "SnapshotRangeError",
+    "SnapshotAuthError",
     "DaemonUnavailable",
     "BulkTransportError",
     "DaemonStartError",
@@ -73,6 +74,12 @@ class SnapshotRangeError(SnapshotError):
     code = "OUT_OF_RANGE"
 
 
+class SnapshotAuthError(SnapshotError):
+    """The caller did not prove the job's secret, or the secret file is missing or unsafe (UNAUTHENTICATED)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class DaemonUnavailable(SnapshotError):
     """The daemon cannot be reached or did not answer in time (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 
@@ -83,7 +90,7 @@ class BulkTransportError(DaemonUnavailable):
     """The bulk TCP connection to a daemon failed: refused, reset, closed mid-frame, timed out, or garbled.
 
     A subclass of DaemonUnavailable because that is what it means to a caller that gets
-    it; :class:`~plait.runtime.snapshot.client.DaemonClient` catches it first, asks the
+    it; :class:`~plait.runtime.snapshot.transport.client.DaemonClient` catches it first, asks the
     daemon over gRPC whether it is alive (and on which bulk port), and retries or falls
     back to gRPC.
     """
@@ -105,6 +112,7 @@ ERROR_BY_CODE: dict[str, type[SnapshotError]] = {
         SnapshotMemoryError,
         SnapshotNotFound,
         SnapshotRangeError,
+        SnapshotAuthError,
         DaemonUnavailable,
     )
 }

@@ -13,7 +13,16 @@ loses them. Every name lives in a per-(job, node) namespace,
 
 so a restarted daemon finds what it held, and :func:`remove_namespace` emulates the
 loss of a whole node. Job names are restricted to ``[A-Za-z0-9_-]``: a dot would make
-the names ambiguous and a slash would leave /dev/shm.
+the names ambiguous and a slash would leave the directory.
+
+Every name lives in ``/dev/shm/plait-<uid>/`` (:func:`segment_root`), a directory of
+mode 0700 owned by the user, checked (not a link, right owner, right mode) every time
+it is used: other users cannot list, read, plant or replace a segment. Files are
+opened with ``O_NOFOLLOW``, so a link planted under a segment's name is refused rather
+than followed, and a reader maps only paths inside that directory (a daemon cannot
+point a worker at another file). The lock file of a namespace is never unlinked: a
+daemon holding the lock on a file that someone unlinked would let a second daemon lock
+a new file of the same name and serve the same namespace.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +46,9 @@ from plait.runtime.snapshot.errors import SnapshotMemoryError, SnapshotRequestEr
 
 __all__ = [
     "SHM_DIR",
+    "segment_root",
+    "check_inside",
+    "rename",
     "SegmentName",
     "validate_job",
     "namespace_prefix",
@@ -57,7 +70,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")  # the tmpfs that holds every user's segment directory
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)  # Linux; Python < 3.10 lacks the constant
 JOB_RE = re.compile(r"[A-Za-z0-9_-]+")
 SIDECAR_SUFFIX = ".meta"
@@ -68,6 +81,40 @@ _NAME_RE = re.compile(
     r"(?:(?P<data>data)\.r(?P<drank>\d+)|parity\.r(?P<prank>\d+)\.s(?P<stripe>\d+)\.j(?P<index>\d+))"
     r"(?P<sidecar>\.meta)?"
 )
+
+
+def segment_root(base: Path = SHM_DIR) -> Path:
+    """This user's private segment directory under ``base`` (created 0700 on first use), after checking it.
+
+    Refuses (SnapshotRequestError) a directory that is a link, belongs to another user or
+    is open to others: it could be read or planted with segments by someone else.
+    """
+    root = Path(base) / f"plait-{os.geteuid()}"
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SnapshotRequestError(
+            f"{root} must be a directory owned by uid {os.geteuid()} with mode 0700 (it holds snapshot segments); "
+            f"it is {'a link or file' if not stat.S_ISDIR(st.st_mode) else f'owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}'}; "
+            "remove it and start again"
+        )
+    return root
+
+
+def _root(root: Path | None) -> Path:
+    return segment_root() if root is None else Path(root)
+
+
+def check_inside(path: Path, root: Path | None = None) -> Path:
+    """``path`` if it names a file directly inside the segment directory, else SnapshotRequestError."""
+    path = Path(path)
+    where = _root(root)
+    if path.parent != where or not path.name.startswith("plait.") or path.name in (".", ".."):
+        raise SnapshotRequestError(f"refusing segment path {str(path)!r}: segments live directly in {where}")
+    return path
 
 
 def validate_job(job: str) -> str:
@@ -101,7 +148,7 @@ def lock_name(job: str, node: int) -> str:
     return f"{namespace_prefix(job, node)}lock"
 
 
-def lock_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> int:
+def lock_namespace(job: str, node: int, *, root: Path | None = None) -> int:
     """Take the namespace's exclusive lock for this process's lifetime; return its fd (close it to release).
 
     A daemon adopting a namespace deletes what it does not recognise as committed, so a
@@ -109,8 +156,8 @@ def lock_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> int:
     progress. flock is released by the kernel when the holder dies, even by SIGKILL, so
     a restarted daemon always gets it.
     """
-    path = root / lock_name(job, node)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    path = _root(root) / lock_name(job, node)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -155,7 +202,7 @@ def parse_name(name: str) -> SegmentName | None:
                        int(match["stripe"]), int(match["index"]), bool(match["sidecar"]))
 
 
-def create_segment(name: str, size: int, *, prefault: bool = True, root: Path = SHM_DIR) -> tuple[Path, torch.Tensor]:
+def create_segment(name: str, size: int, *, prefault: bool = True, root: Path | None = None) -> tuple[Path, torch.Tensor]:
     """Create ``root/name`` exclusively, size it and map it; return (path, uint8 tensor view).
 
     O_EXCL because two writers of one name would silently share pages: an existing file
@@ -166,9 +213,10 @@ def create_segment(name: str, size: int, *, prefault: bool = True, root: Path = 
     """
     if size < 0:
         raise SnapshotRequestError(f"segment {name}: size must be >= 0, got {size}")
+    root = _root(root)
     path = root / name
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise SnapshotVersionError(
             f"shared-memory segment {path} already exists: another daemon may serve this job and node, "
@@ -181,21 +229,28 @@ def create_segment(name: str, size: int, *, prefault: bool = True, root: Path = 
         unlink(path)
         raise
     os.close(fd)
-    return path, map_segment(path, size)
+    return path, map_segment(path, size, root=root)
 
 
-def map_segment(path: Path, size: int) -> torch.Tensor:
+def map_segment(path: Path, size: int, *, root: Path | None = None) -> torch.Tensor:
     """Map the first ``size`` bytes of an existing segment as a writable uint8 tensor (no copy).
 
     The mapping is MAP_SHARED: writes through it are the segment's bytes, visible to every
     other process mapping the same file, and it stays valid after the file is unlinked.
+    ``path`` must lie directly in the segment directory (``root``, default
+    :func:`segment_root`): a path from anywhere else (as a hostile daemon might answer a
+    Put or List) is refused, and a link is never followed.
     """
+    path = check_inside(path, root)
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
     # MAP_POPULATE maps every page now, in one call, instead of one fault per 4 KiB page on
     # first touch: a 64 MiB copy into a fresh mapping takes about half the time.
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        if os.fstat(fd).st_size < size:
+            raise SnapshotRequestError(f"segment {path.name} holds {os.fstat(fd).st_size} bytes, fewer than the "
+                                       f"{size} asked for")
         mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -209,12 +264,17 @@ def resize_segment(path: Path, size: int, *, prefault: bool = True) -> torch.Ten
 
     Bytes past the old end read as zeros, which is exactly the zero padding parity needs.
     """
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         _size_file(fd, size, prefault=prefault, root=path.parent, what=f"segment {path.name} (resized)")
     finally:
         os.close(fd)
-    return map_segment(path, size)
+    return map_segment(path, size, root=path.parent)
+
+
+def rename(src: Path, dst: Path) -> None:
+    """Rename a segment within its directory (a pooled segment taking a new shard's name)."""
+    os.rename(src, dst)
 
 
 def _size_file(fd: int, size: int, *, prefault: bool, root: Path, what: str) -> None:
@@ -247,9 +307,10 @@ def unlink(path: Path) -> None:
         pass
 
 
-def list_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> list[Path]:
+def list_namespace(job: str, node: int, *, root: Path | None = None) -> list[Path]:
     """Every file of ``job`` on ``node`` in ``root``, sorted by name."""
     prefix = namespace_prefix(job, node)
+    root = _root(root)
     try:
         names = os.listdir(root)
     except FileNotFoundError:
@@ -257,26 +318,34 @@ def list_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> list[Path]:
     return sorted(root / name for name in names if name.startswith(prefix))
 
 
-def remove_namespace(job: str, node: int, *, root: Path = SHM_DIR) -> int:
-    """Unlink every file of ``job`` on ``node``; return how many. Emulates losing the node's memory."""
-    paths = list_namespace(job, node, root=root)
+def remove_namespace(job: str, node: int, *, root: Path | None = None, lock_too: bool = False) -> int:
+    """Unlink every file of ``job`` on ``node`` but its lock; return how many. Emulates losing the node's memory.
+
+    ``lock_too`` also removes the lock file: only for a namespace nobody serves any more
+    (the launcher at the end of a job, once its daemons have exited).
+    """
+    root = _root(root)
+    lock = lock_name(job, node)
+    paths = [p for p in list_namespace(job, node, root=root) if lock_too or p.name != lock]
     for path in paths:
         unlink(path)
     if paths:
-        log.info("removed %d file(s) of job %s node %d from %s", len(paths), job, node, root)
+        log.debug("removed %d file(s) of job %s node %d from %s", len(paths), job, node, root)
     return len(paths)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
         json.dump(obj, f, separators=(",", ":"), sort_keys=True)
     os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as f:
         return json.load(f)
 
 

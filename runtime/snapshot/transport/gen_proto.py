@@ -1,12 +1,12 @@
 """Regenerate ``snapshot_pb2.py`` and ``snapshot_pb2_grpc.py`` from ``snapshot.proto``.
 
-    python -m plait.runtime.snapshot.gen_proto            # rewrite the checked-in modules
-    python -m plait.runtime.snapshot.gen_proto --check    # exit 1 if they are stale
+    python -m plait.runtime.snapshot.transport.gen_proto            # rewrite the checked-in modules
+    python -m plait.runtime.snapshot.transport.gen_proto --check    # exit 1 if they are stale
 
 The generated modules are checked in so that running plait needs only grpcio and
 protobuf, not grpcio-tools. protoc sees the proto under the virtual path
-``plait/runtime/snapshot/snapshot.proto`` (``-Iplait/runtime/snapshot=<this folder>``),
-so the grpc module imports ``from plait.runtime.snapshot import snapshot_pb2``, which
+``plait/runtime/snapshot/transport/snapshot.proto`` (``-Iplait/runtime/snapshot/transport=<this folder>``),
+so the grpc module imports ``from plait.runtime.snapshot.transport import snapshot_pb2``, which
 resolves inside the installed package, and the descriptor's file name is the same
 wherever the repository is checked out: regenerating is byte-identical.
 """
@@ -23,7 +23,7 @@ __all__ = ["PROTO", "GENERATED", "generate"]
 
 HERE = Path(__file__).resolve().parent
 PROTO = HERE / "snapshot.proto"
-VIRTUAL_DIR = "plait/runtime/snapshot"
+VIRTUAL_DIR = "plait/runtime/snapshot/transport"
 GENERATED = ("snapshot_pb2.py", "snapshot_pb2_grpc.py")
 
 
@@ -59,7 +59,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plait.runtime.snapshot.gen_proto", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m plait.runtime.snapshot.transport.gen_proto", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only compare with the checked-in modules")
     args = parser.parse_args(argv)
     if not args.check:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="plait-gen-") as tmp:
         stale = [p.name for p in generate(Path(tmp)) if p.read_bytes() != (HERE / p.name).read_bytes()]
     if stale:
-        print(f"stale: {', '.join(stale)}; run python -m plait.runtime.snapshot.gen_proto", file=sys.stderr)
+        print(f"stale: {', '.join(stale)}; run python -m plait.runtime.snapshot.transport.gen_proto", file=sys.stderr)
         return 1
     print("generated modules are current")
     return 0

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from plait.runtime.snapshot import snapshot_pb2 as plait_dot_runtime_dot_snapshot_dot_snapshot__pb2
+from plait.runtime.snapshot.transport import snapshot_pb2 as plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in plait/runtime/snapshot/snapshot_pb2_grpc.py depends on'
+        + ' but the generated code in plait/runtime/snapshot/transport/snapshot_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,48 @@ class SnapshotDaemonStub:
         """
         self.Put = channel.stream_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/Put',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutReply.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/Commit',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitReply.FromString,
                 _registered_method=True)
         self.Get = channel.unary_stream(
                 '/plait.snapshot.v1.SnapshotDaemon/Get',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetReply.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/List',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/Status',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusReply.FromString,
                 _registered_method=True)
         self.Drop = channel.unary_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/Drop',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropReply.FromString,
                 _registered_method=True)
         self.Publish = channel.unary_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/Publish',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishReply.FromString,
+                _registered_method=True)
+        self.Reset = channel.unary_unary(
+                '/plait.snapshot.v1.SnapshotDaemon/Reset',
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetReply.FromString,
                 _registered_method=True)
         self.PushChunk = channel.stream_unary(
                 '/plait.snapshot.v1.SnapshotDaemon/PushChunk',
-                request_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkRequest.SerializeToString,
-                response_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkReply.FromString,
+                request_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkRequest.SerializeToString,
+                response_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkReply.FromString,
                 _registered_method=True)
 
 
@@ -130,6 +135,15 @@ class SnapshotDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reset(self, request, context):
+        """Begin a restore generation: drop every version but `keep`, and refuse from now on
+        any version below `floor` (the new epoch's first version id). Sent to every daemon
+        by the job's one owner of the version lifecycle right after a restore decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushChunk(self, request_iterator, context):
         """Peer to peer: one data chunk for a parity shard this daemon holds; a header, then
         exactly chunk_len bytes in data messages.
@@ -143,43 +157,48 @@ def add_SnapshotDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Put': grpc.stream_unary_rpc_method_handler(
                     servicer.Put,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutReply.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitReply.SerializeToString,
             ),
             'Get': grpc.unary_stream_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetReply.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusReply.SerializeToString,
             ),
             'Drop': grpc.unary_unary_rpc_method_handler(
                     servicer.Drop,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropReply.SerializeToString,
             ),
             'Publish': grpc.unary_unary_rpc_method_handler(
                     servicer.Publish,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishReply.SerializeToString,
+            ),
+            'Reset': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reset,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetReply.SerializeToString,
             ),
             'PushChunk': grpc.stream_unary_rpc_method_handler(
                     servicer.PushChunk,
-                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkRequest.FromString,
-                    response_serializer=plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkReply.SerializeToString,
+                    request_deserializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkRequest.FromString,
+                    response_serializer=plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,8 +226,8 @@ class SnapshotDaemon:
             request_iterator,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Put',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PutReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +253,8 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Commit',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.CommitReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.CommitReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +280,8 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Get',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.GetReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.GetReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -288,8 +307,8 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/List',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.ListReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ListReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -315,8 +334,8 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Status',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.StatusReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -342,8 +361,8 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Drop',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.DropReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.DropReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -369,8 +388,35 @@ class SnapshotDaemon:
             request,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/Publish',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PublishReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PublishReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.snapshot.v1.SnapshotDaemon/Reset',
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.ResetReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -396,8 +442,8 @@ class SnapshotDaemon:
             request_iterator,
             target,
             '/plait.snapshot.v1.SnapshotDaemon/PushChunk',
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkRequest.SerializeToString,
-            plait_dot_runtime_dot_snapshot_dot_snapshot__pb2.PushChunkReply.FromString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkRequest.SerializeToString,
+            plait_dot_runtime_dot_snapshot_dot_transport_dot_snapshot__pb2.PushChunkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import threading
@@ -26,7 +25,9 @@ from typing import Any
 import torch
 
 from plait.ops.checksum import checksum
-from plait.runtime.snapshot.state import read_blob
+from plait.runtime.snapshot.auth import JobSecret
+from plait.runtime.snapshot.trainer import objects as object_codec
+from plait.runtime.snapshot.trainer.blob import read_blob
 
 log = logging.getLogger("plait.snapshot.disk")
 
@@ -41,8 +42,9 @@ def _crc(t: torch.Tensor) -> int:
 class DiskTier:
     """One rank's writer and reader of the disk tier."""
 
-    def __init__(self, root: Path, *, rank: int, world: int, keep: int = 2, tries: int = 3):
+    def __init__(self, root: Path, *, rank: int, world: int, secret: JobSecret, keep: int = 2, tries: int = 3):
         self.root = Path(root)
+        self.secret = secret
         self.rank = rank
         self.world = world
         self.keep = keep
@@ -82,8 +84,8 @@ class DiskTier:
     def save(self, step: int, blob: torch.Tensor) -> None:
         import torch.distributed.checkpoint as dcp
 
-        tensors, objects = read_blob(blob)
-        raw = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)
+        tensors, objects = read_blob(blob, self.secret)
+        raw = object_codec.dumps(objects)
         obj_tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         state: dict[str, Any] = {"tensors": dict(tensors), "objects": obj_tensor}
         step_dir = self.root / f"step-{step:08d}"
@@ -134,7 +136,7 @@ class DiskTier:
                 raise ValueError(f"disk checkpoint step {step}, rank {self.rank}: checksum mismatch in {name}")
         if _crc(state["objects"]) != marker["objects"][1]:
             raise ValueError(f"disk checkpoint step {step}, rank {self.rank}: checksum mismatch in the Python state")
-        objects = pickle.loads(bytes(state["objects"].numpy()))
+        objects = object_codec.loads(state["objects"].numpy())
         return state["tensors"], objects
 
 

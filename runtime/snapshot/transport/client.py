@@ -30,25 +30,24 @@ import grpc
 import numpy as np
 import torch
 
-from plait.runtime.snapshot import bulk, shm, wire
-from plait.runtime.snapshot import snapshot_pb2 as pb
-from plait.runtime.snapshot import snapshot_pb2_grpc as pb_grpc
+from plait.runtime.snapshot import shm
+from plait.runtime.snapshot.transport import bulk, wire
+from plait.runtime.snapshot.transport import snapshot_pb2 as pb
+from plait.runtime.snapshot.transport import snapshot_pb2_grpc as pb_grpc
+from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
 from plait.runtime.snapshot.errors import (
     BulkTransportError,
+    SnapshotAuthError,
     DaemonUnavailable,
     SnapshotNotFound,
     SnapshotRangeError,
     SnapshotRequestError,
     error_from_status,
 )
-from plait.runtime.snapshot.store import DataShardInfo, MemberInfo, ParityShardInfo, VersionInfo
+from plait.runtime.snapshot.records import DataShardInfo, MemberInfo, ParityShardInfo, VersionInfo
+from plait.runtime.snapshot.transport.channel import RawStub, authenticated_channel, data_messages
 
 __all__ = [
-    "MESSAGE_BYTES",
-    "channel_options",
-    "tune_malloc",
-    "RawStub",
-    "data_messages",
     "DaemonClient",
     "DaemonStatus",
     "VersionStatus",
@@ -65,74 +64,6 @@ Transport = Literal["auto", "grpc", "tcp"]
 T = TypeVar("T")
 
 BULK_RECHECK_S = 30.0  # after the bulk plane failed (or was not advertised), how long to use gRPC before asking again
-MESSAGE_BYTES = 4 * 1024 * 1024  # payload per streamed message
-MAX_GRPC_MESSAGE = 16 * 1024 * 1024  # above MESSAGE_BYTES plus the header fields
-
-
-def channel_options() -> list[tuple[str, int]]:
-    """Options of every channel to (and server of) a daemon: large messages, quick reconnects.
-
-    gRPC's default reconnect backoff grows to two minutes, so a channel to a daemon that
-    was down would keep failing long after the daemon is back; capping it at one second
-    lets retries land soon after a restart.
-    """
-    return [
-        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
-        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-    ]
-
-
-def tune_malloc() -> None:
-    """Keep glibc from returning every freed 4 MiB message buffer to the kernel (process-wide).
-
-    Each streamed message allocates a few 4 MiB buffers (bytes, protobuf, gRPC slices).
-    By default glibc serves such sizes with mmap, or trims the heap after each free, so
-    every message pays about a thousand fresh page faults per buffer: that halves Get and
-    PushChunk throughput on loopback. With a fixed 32 MiB mmap threshold and a heap
-    trimmed only past 128 MiB of free space, the pages stay mapped. The daemon calls this
-    at start; a process that streams large Gets may call it too. Best effort: a libc
-    without mallopt is left alone.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-SERVICE = pb.DESCRIPTOR.services_by_name["SnapshotDaemon"].full_name
-
-
-class RawStub:
-    """The byte-carrying RPCs with the hand-written codec of :mod:`wire` (see there why).
-
-    ``Put`` and ``PushChunk`` take already serialised messages (bytes); ``Get`` yields
-    :class:`wire.RawGetReply` whose data is a view of the received buffer.
-    """
-
-    def __init__(self, channel: grpc.Channel):
-        self.Put = channel.stream_unary(f"/{SERVICE}/Put", request_serializer=None,
-                                        response_deserializer=pb.PutReply.FromString)
-        self.PushChunk = channel.stream_unary(f"/{SERVICE}/PushChunk", request_serializer=None,
-                                              response_deserializer=pb.PushChunkReply.FromString)
-        self.Get = channel.unary_stream(f"/{SERVICE}/Get", request_serializer=pb.GetRequest.SerializeToString,
-                                        response_deserializer=wire.decode_get_reply)
-
-
-def data_messages(header: bytes, view: torch.Tensor) -> Iterator[bytes]:
-    """A serialised header, then ``view``'s bytes in data messages of at most MESSAGE_BYTES."""
-    yield header
-    arr = view.numpy()
-    for pos in range(0, view.numel(), MESSAGE_BYTES):
-        yield wire.encode_data(arr[pos:pos + MESSAGE_BYTES])
-
 
 @dataclass(frozen=True)
 class VersionStatus:
@@ -162,6 +93,7 @@ class DaemonStatus:
     pushes_failed: int
     bulk_port: int = 0  # the framed-TCP bulk plane's port; 0: none (bytes over gRPC)
     pushes_over_grpc: int = 0  # of pushes_done, those that fell back to gRPC
+    floor: int = 0  # the oldest version accepted: the start of the daemon's restore generation
 
 
 class DaemonClient:
@@ -174,19 +106,24 @@ class DaemonClient:
     daemon has none). ``transfers`` counts the bulk calls per "op/transport".
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, *, transport: Transport = "auto"):
+    def __init__(self, address: str, timeout: float = 30.0, *, transport: Transport = "auto",
+                 secret: JobSecret | None = None):
         if transport not in ("auto", "grpc", "tcp"):
             raise SnapshotRequestError(f"transport: got {transport!r}; accepted: 'auto', 'grpc' or 'tcp'")
+        secret = secret or JobSecret.from_env()
+        if secret is None:
+            raise SnapshotAuthError(f"no job secret to reach the snapshot daemon at {address}: pass secret= or set "
+                                    f"{SECRET_ENV} to the job's secret file (plait train writes <run dir>/secret)")
         self.address = address
         self.timeout = timeout
         self.transport: Transport = transport
         self.transfers: Counter[str] = Counter()
         self._count_lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._raw_channel, self._channel = authenticated_channel(address, secret)
         self._stub = pb_grpc.SnapshotDaemonStub(self._channel)
         self._raw = RawStub(self._channel)
         host = address.rpartition(":")[0].strip("[]")
-        self._pool = bulk.BulkPool(host, timeout=timeout, address=address) if host else None
+        self._pool = bulk.BulkPool(host, timeout=timeout, address=address, secret=secret) if host else None
         self._bulk_lock = threading.Lock()
         self._bulk_port: int | None = None  # as last advertised; None: none, or not asked yet
         self._bulk_asked_at: float | None = None  # monotonic time of the last Status that told us
@@ -197,7 +134,7 @@ class DaemonClient:
         """Block until the daemon accepts connections, or raise DaemonUnavailable."""
         wait = self.timeout if timeout is None else timeout
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=wait)
+            grpc.channel_ready_future(self._raw_channel).result(timeout=wait)
         except grpc.FutureTimeoutError:
             raise DaemonUnavailable(f"snapshot daemon at {self.address} did not accept a connection within "
                                     f"{wait:.1f} s; is it running (see its log)?") from None
@@ -205,7 +142,7 @@ class DaemonClient:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.clear()
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> DaemonClient:
         return self
@@ -247,6 +184,11 @@ class DaemonClient:
     def publish(self, version: int) -> list[int]:
         """Mark ``version`` globally complete on this daemon; return the older versions it dropped."""
         return builtins.list(self._call(self._stub.Publish, pb.PublishRequest(version=version)).dropped)
+
+    def reset(self, floor: int, keep: int | None = None) -> list[int]:
+        """Begin a restore generation on this daemon (see ``SnapshotStore.reset``); return the versions dropped."""
+        request = pb.ResetRequest(floor=floor) if keep is None else pb.ResetRequest(floor=floor, keep=keep)
+        return builtins.list(self._call(self._stub.Reset, request).dropped)
 
     def drop(self, version: int) -> bool:
         """Remove a version; False if the daemon did not hold it."""
@@ -388,7 +330,7 @@ class DaemonClient:
             versions=[VersionStatus(v.version, v.complete, v.published) for v in s.versions],
             uptime_s=s.uptime_s, pid=s.pid, published=s.published if s.HasField("published") else None,
             pushes_pending=s.pushes_pending, pushes_done=s.pushes_done, pushes_failed=s.pushes_failed,
-            bulk_port=s.bulk_port, pushes_over_grpc=s.pushes_over_grpc,
+            bulk_port=s.bulk_port, pushes_over_grpc=s.pushes_over_grpc, floor=s.floor,
         )
 
     # ----------------------------------------------------------------- the bulk plane
@@ -415,7 +357,8 @@ class DaemonClient:
                 if attempt == 0:
                     conn = self._pool.acquire(port)
                 else:  # a fresh connection: idle ones may all be as stale as the one that failed
-                    conn = bulk.BulkConnection(self._pool.host, port, timeout=self.timeout, address=self.address)
+                    conn = bulk.BulkConnection(self._pool.host, port, timeout=self.timeout, address=self.address,
+                                               secret=self._pool.secret)
                 result = call(conn)
             except BulkTransportError as err:
                 failure = err

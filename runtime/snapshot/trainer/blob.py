@@ -2,35 +2,47 @@
 
 Layout of a blob (little endian)::
 
-    b"PLAITSNP" | u64 header length H | header (pickle, H bytes) | pad to 64 | tensor bytes …
+    b"PLAITSN2" | u64 header length H | MAC (32 bytes) | header (JSON, H bytes) | pad to 64 | tensor bytes …
 
 The header lists every tensor (name, dtype, shape, offset, bytes) and carries the small
 Python state: step, data-loader position, RNG states (python, numpy, torch CPU and CUDA),
-the hooks' histories, the layout key. Tensors start at 64-byte offsets, so that reading
+the hooks' histories, the layout key, in the JSON of :mod:`.objects` (never pickle).
+The MAC is HMAC-SHA256 with the job's secret over every byte of the blob but the MAC
+field itself; :func:`read_blob` checks it before it parses anything, so a blob that did
+not come from this job (bytes planted in shared memory, a parity chunk pushed by a
+stranger and decoded into a blob) is refused, whatever it holds. Tensors start at 64-byte offsets, so that reading
 maps them as views of the blob (no copies) and writing is one ``copy_`` per tensor into
 the daemon's shared memory.
 
 Writing is split in two so that training goes on meanwhile: :func:`plan` fixes the
 offsets and serialises the Python state *now* (it changes every step), and
 :meth:`BlobPlan.copy_tensors` copies the tensors later, from another thread, before the
-optimizer next writes them (``ShardedAdamW.before_update``). The header is trusted data:
-it is written and read by the same job on the same machines.
+optimizer next writes them (``ShardedAdamW.before_update``); :func:`seal` writes the MAC
+once every byte is in place.
 """
 
 from __future__ import annotations
 
-import pickle
+import hmac
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["MAGIC", "BlobError", "BlobPlan", "plan", "read_blob"]
+from plait.runtime.snapshot.auth import MAC_BYTES, JobSecret
+from plait.runtime.snapshot.trainer import objects as object_codec
 
-MAGIC = b"PLAITSNP"
+__all__ = ["MAGIC", "BlobError", "BlobPlan", "plan", "seal", "read_blob"]
+
+MAGIC = b"PLAITSN2"
 _PREFIX = struct.Struct("<8sQ")
+_MAC_AT = _PREFIX.size  # the MAC field: bytes [16, 48)
+_HEADER_AT = _MAC_AT + MAC_BYTES
 ALIGN = 64
+_DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64",
+           "float8_e4m3fn", "float8_e5m2", "complex64"}
 
 
 class BlobError(ValueError):
@@ -53,7 +65,7 @@ class BlobPlan:
 
     def write_header(self, dst: torch.Tensor) -> None:
         prefix = _PREFIX.pack(MAGIC, len(self.header))
-        raw = prefix + self.header
+        raw = prefix + bytes(MAC_BYTES) + self.header
         dst[: len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
     def copy_tensors(self, dst: torch.Tensor) -> None:
@@ -75,13 +87,14 @@ class BlobPlan:
             src = self.tensors[name].detach()
             dst[offset : offset + nbytes].view(src.dtype).view(src.shape).copy_(src)
 
-    def write(self, dst: torch.Tensor) -> None:
+    def write(self, dst: torch.Tensor, secret: JobSecret) -> None:
         self.write_header(dst)
         self.copy_tensors(dst)
+        seal(dst, secret)
 
 
 def plan(tensors: dict[str, torch.Tensor], objects: dict[str, Any]) -> BlobPlan:
-    """Lay out ``tensors`` (contiguous, any dtype) and serialise ``objects`` (picklable) now."""
+    """Lay out ``tensors`` (contiguous) and serialise ``objects`` (what :mod:`.objects` stores) now."""
     entries: list[tuple[str, int, int]] = []
     descr: list[tuple[str, str, list[int], int, int]] = []
     # Offsets depend on the header's length, and the header holds the offsets: lay out
@@ -93,9 +106,8 @@ def plan(tensors: dict[str, torch.Tensor], objects: dict[str, Any]) -> BlobPlan:
         nbytes = t.numel() * t.element_size()
         descr.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), relative, nbytes))
         relative = _align(relative + nbytes)
-    body = {"tensors": descr, "objects": objects}
-    header = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
-    base = _align(_PREFIX.size + len(header))
+    header = object_codec.dumps({"tensors": descr, "objects": objects})
+    base = _align(_HEADER_AT + len(header))
     for name, _, _, rel, nbytes in descr:
         entries.append((name, base + rel, nbytes))
     ready = None
@@ -123,24 +135,54 @@ def _copy_from_cuda(p: BlobPlan, dst: torch.Tensor) -> None:
             cudart.cudaHostUnregister(dst.data_ptr())
 
 
-def read_blob(blob: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors (views of ``blob``: copy them before the blob goes away) and objects of a blob."""
+def _mac(blob: torch.Tensor, secret: JobSecret) -> bytes:
+    view = memoryview(blob.numpy())
+    return secret.mac(view[:_MAC_AT], view[_HEADER_AT:])
+
+
+def seal(blob: torch.Tensor, secret: JobSecret) -> None:
+    """Write the blob's MAC (after the header and every tensor are in place)."""
+    blob[_MAC_AT:_HEADER_AT].copy_(torch.frombuffer(bytearray(_mac(blob, secret)), dtype=torch.uint8))
+
+
+def read_blob(blob: torch.Tensor, secret: JobSecret) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors (views of ``blob``: copy them before the blob goes away) and objects of a blob.
+
+    The MAC is checked first: BlobError, and nothing parsed, when the blob was not sealed
+    with ``secret``. Then every tensor entry is checked against the blob's bounds.
+    """
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise BlobError("a blob is a 1-D uint8 tensor")
-    if blob.numel() < _PREFIX.size:
+    if blob.numel() < _HEADER_AT:
         raise BlobError(f"blob of {blob.numel()} bytes is shorter than its prefix")
     magic, hlen = _PREFIX.unpack(bytes(blob[: _PREFIX.size].numpy()))
     if magic != MAGIC:
-        raise BlobError(f"bad magic {magic!r}; not a plait snapshot blob")
-    if _PREFIX.size + hlen > blob.numel():
+        raise BlobError(f"bad magic {magic!r}; not a plait snapshot blob (of this format)")
+    stored = bytes(blob[_MAC_AT:_HEADER_AT].numpy())
+    if not hmac.compare_digest(stored, _mac(blob, secret)):
+        raise BlobError("the blob's MAC does not match: it was not written by this job (or was altered); refusing to "
+                        "read it")
+    if _HEADER_AT + hlen > blob.numel():
         raise BlobError(f"header of {hlen} bytes runs past the blob's {blob.numel()} bytes")
-    body = pickle.loads(bytes(blob[_PREFIX.size : _PREFIX.size + hlen].numpy()))
-    base = _align(_PREFIX.size + hlen)
+    try:
+        body = object_codec.loads(blob[_HEADER_AT : _HEADER_AT + hlen].numpy())
+        entries, objects = body["tensors"], body["objects"]
+    except (object_codec.ObjectsError, KeyError, TypeError) as err:
+        raise BlobError(f"unreadable blob header: {err}") from None
+    base = _align(_HEADER_AT + hlen)
     tensors: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, rel, nbytes in body["tensors"]:
-        start = base + rel
-        if start + nbytes > blob.numel():
-            raise BlobError(f"tensor {name} runs past the end of the blob")
+    for entry in entries:
+        try:
+            name, dtype, shape, rel, nbytes = entry
+        except (TypeError, ValueError):
+            raise BlobError(f"bad tensor entry {entry!r}") from None
+        if dtype not in _DTYPES or not isinstance(name, str):
+            raise BlobError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
         dt = getattr(torch, dtype)
+        if not all(isinstance(n, int) and n >= 0 for n in shape) or nbytes != math.prod(shape) * dt.itemsize:
+            raise BlobError(f"tensor {name}: shape {shape} does not match its {nbytes} bytes")
+        start = base + rel
+        if rel < 0 or start + nbytes > blob.numel():
+            raise BlobError(f"tensor {name} runs past the end of the blob")
         tensors[name] = blob[start : start + nbytes].view(dt).view(shape) if nbytes else torch.empty(shape, dtype=dt)
-    return tensors, body["objects"]
+    return tensors, objects

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,17 +26,21 @@ import torch.distributed as dist
 from plait.ops.checksum import checksum
 from plait.ops.gf256 import gf256_matmul_
 from plait.ops.rs_matrix import decode_matrix
+from plait.runtime.snapshot.errors import SnapshotError
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
-from plait.runtime.snapshot.state import read_blob
+from plait.runtime.snapshot.records import VersionInfo, epoch_of, step_of, version_id, version_text
+from plait.runtime.snapshot.trainer.blob import read_blob
 
 if TYPE_CHECKING:
-    from plait.runtime.snapshot.client import DaemonClient, VersionInfo
-    from plait.runtime.snapshot.disk import DiskTier
+    from plait.runtime.snapshot.auth import JobSecret
+    from plait.runtime.snapshot.trainer.disk import DiskTier
+    from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
+    from plait.runtime.snapshot.transport.client import DaemonClient
     from plait.runtime.trainer import Trainer
 
 log = logging.getLogger("plait.snapshot.restore")
 
-Listing = dict[int, dict[int, "VersionInfo"]]  # node -> version -> info
+Listing = dict[int, dict[int, VersionInfo]]  # node -> version -> info
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Outcome:
     seconds: float
     line: str  # the one line printed on rank 0
     per_rank: dict[int, str]  # rank -> local | rebuild | disk | fresh
+    epoch: int = 0  # the restore generation this run writes its versions in
 
 
 class RestoreError(RuntimeError):
@@ -106,7 +112,7 @@ class Planner:
                     have.append((L.k + j, holder))
             if len(have) < L.k:
                 return None
-            plan.append((s, have[: L.k]))
+            plan.append((s, have))  # every survivor: spares beyond k stand in for a piece that fails its check
         return plan
 
     def member_meta(self, v: int, node: int, r: int):
@@ -141,46 +147,71 @@ class Planner:
         return None
 
 
-def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[DaemonClient]) -> torch.Tensor:
-    """Decode the blob of (node, local rank r) at version v from the survivors; checksums checked."""
+def rebuild_blob(planner: Planner, v: int, node: int, r: int, clients: list[DaemonClient],
+                 notes: list[str] | None = None) -> torch.Tensor:
+    """Decode the blob of (node, local rank r) at version v from the survivors; every piece's checksum checked.
+
+    Per chunk, survivors are read in turn until k of them pass their checksums: a bad or
+    unreachable piece is ruled out (and noted) and a spare one used instead (m >= 2), so
+    one bad piece never discards the version while enough good ones exist.
+    """
     L = planner.layout
     meta = planner.member_meta(v, node, r)
     pieces_plan = planner.rebuild_pieces(v, node, r)
     if meta is None or pieces_plan is None:
-        raise RestoreError(f"version {v} of node {node} local rank {r} can no longer be rebuilt")
+        raise RestoreError(f"{version_text(v)} of node {node} local rank {r} can no longer be rebuilt")
     size = meta.size
     blob = torch.zeros(max(1, chunk_len(size, L.k) * L.k), dtype=torch.uint8)
-    for c, (s, have) in enumerate(pieces_plan):
-        lengths = []
-        for idx, holder in have:
-            if idx >= L.k:
-                lengths.append(planner.parity(v, holder, r, s, idx - L.k).size)
-        width = max(lengths) if lengths else chunk_len(size, L.k)
+    for c, (s, candidates) in enumerate(pieces_plan):
+        good: list[tuple[int, torch.Tensor]] = []
+        for idx, holder in candidates:
+            if len(good) == L.k:
+                break
+            try:
+                good.append((idx, _fetch_piece(planner, v, holder, r, s, idx, clients)))
+            except (RestoreError, SnapshotError) as err:
+                if notes is not None:
+                    notes.append(f"ruled out piece {idx} of stripe {s} on node {holder}: {err}")
+                log.warning("restore: %s; trying a spare piece", err)
+        if len(good) < L.k:
+            raise RestoreError(f"chunk {c} of node {node} local rank {r} ({version_text(v)}): only {len(good)} of the "
+                               f"{L.k} pieces needed passed their checks")
+        width = max([buf.numel() for idx, buf in good if idx >= L.k] or [chunk_len(size, L.k)])
         pieces = []
-        for idx, holder in have:
-            buf = torch.zeros(width, dtype=torch.uint8)
-            if idx < L.k:
-                info = planner.data(v, holder, r)
-                lo, hi = chunk_range(info.size, L.k, idx)
-                if hi > lo:
-                    client_get(clients[holder], buf[: hi - lo], version=v, kind="data", local_rank=r, offset=lo, length=hi - lo)
-                want = _member_chunk_checksum(planner, v, holder, r, s)
-                if want is not None and checksum(buf[: hi - lo].contiguous()) != want:
-                    raise RestoreError(f"chunk {idx} of node {holder} (version {v}) failed its checksum")
-            else:
-                pinfo = planner.parity(v, holder, r, s, idx - L.k)
-                client_get(clients[holder], buf[: pinfo.size], version=v, kind="parity", local_rank=r, stripe=s, index=idx - L.k)
-                if checksum(buf[: pinfo.size].contiguous()) != pinfo.checksum:
-                    raise RestoreError(f"parity {idx - L.k} of stripe {s} on node {holder} (version {v}) failed its checksum")
-            pieces.append(buf)
+        for _, buf in good:
+            padded = torch.zeros(width, dtype=torch.uint8)
+            padded[: buf.numel()] = buf
+            pieces.append(padded)
         out = torch.empty(width, dtype=torch.uint8)
-        gf256_matmul_([out], pieces, decode_matrix(L.k, L.m, [idx for idx, _ in have], [c]))
+        gf256_matmul_([out], pieces, decode_matrix(L.k, L.m, [idx for idx, _ in good], [c]))
         lo, hi = chunk_range(size, L.k, c)
         blob[lo:hi] = out[: hi - lo]
     blob = blob[:size]
     if checksum(blob.contiguous()) != meta.checksum:
-        raise RestoreError(f"rebuilt blob of node {node} local rank {r} (version {v}) failed its checksum")
+        raise RestoreError(f"rebuilt blob of node {node} local rank {r} ({version_text(v)}) failed its checksum")
     return blob
+
+
+def _fetch_piece(planner: Planner, v: int, holder: int, r: int, s: int, idx: int,
+                 clients: list[DaemonClient]) -> torch.Tensor:
+    """Piece ``idx`` of stripe s (a data chunk, idx < k, or parity idx - k) from ``holder``, checksum checked."""
+    L = planner.layout
+    if idx < L.k:
+        info = planner.data(v, holder, r)
+        lo, hi = chunk_range(info.size, L.k, idx)
+        buf = torch.empty(hi - lo, dtype=torch.uint8)
+        if hi > lo:
+            client_get(clients[holder], buf, version=v, kind="data", local_rank=r, offset=lo, length=hi - lo)
+        want = _member_chunk_checksum(planner, v, holder, r, s)
+        if want is not None and checksum(buf) != want:
+            raise RestoreError(f"chunk {idx} of node {holder} ({version_text(v)}) failed its checksum")
+        return buf
+    pinfo = planner.parity(v, holder, r, s, idx - L.k)
+    buf = torch.empty(pinfo.size, dtype=torch.uint8)
+    client_get(clients[holder], buf, version=v, kind="parity", local_rank=r, stripe=s, index=idx - L.k)
+    if checksum(buf) != pinfo.checksum:
+        raise RestoreError(f"parity {idx - L.k} of stripe {s} on node {holder} ({version_text(v)}) failed its checksum")
+    return buf
 
 
 def client_get(client: DaemonClient, out: torch.Tensor, **kw: Any) -> None:
@@ -202,26 +233,53 @@ def _member_chunk_checksum(planner: Planner, v: int, holder: int, r: int, stripe
     return None
 
 
-def _list_all(clients: list[DaemonClient]) -> Listing:
+LIST_TIMEOUT_S = 10.0  # how long restore waits for one daemon's answer; a daemon that takes longer holds nothing
+
+
+def _list_all(clients: list[DaemonClient], timeout: float = LIST_TIMEOUT_S) -> tuple[Listing, int]:
+    """What every daemon holds, asked in parallel (each bounded by ``timeout``), and the next restore epoch.
+
+    The next epoch is one more than any epoch a daemon holds a version of or was reset
+    to: the versions the restored run writes are then newer than anything left behind.
+    """
+    def ask(client: DaemonClient) -> tuple[dict[int, VersionInfo], int]:
+        client.wait_ready(timeout=timeout)
+        return {v.version: v for v in client.list()}, client.status().floor
+
     listing: Listing = {}
-    for node, client in enumerate(clients):
-        try:
-            client.wait_ready(timeout=30)
-            listing[node] = {v.version: v for v in client.list()}
-        except Exception as err:  # noqa: BLE001 - a missing daemon holds nothing
-            log.warning("restore: daemon of node %d did not answer: %s", node, err)
-            listing[node] = {}
-    return listing
+    newest = -1
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(clients))), thread_name_prefix="plait-restore-list") as pool:
+        futures = [pool.submit(ask, client) for client in clients]
+        deadline = time.monotonic() + 2 * timeout
+        for node, future in enumerate(futures):
+            try:
+                held, floor = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as err:  # noqa: BLE001 - a missing, restarting or hung daemon holds nothing
+                log.warning("restore: daemon of node %d did not answer: %s", node, err or type(err).__name__)
+                listing[node] = {}
+                continue
+            listing[node] = held
+            newest = max([newest, epoch_of(floor), *(epoch_of(v) for v in held)])
+    return listing, newest + 1
 
 
-def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: GroupLayout | None,
-            clients: list[DaemonClient] | None, disk: DiskTier | None, run_dir: Path, attempt: int) -> Outcome:
-    """Bring ``trainer`` to the newest recoverable state (a collective over all ranks)."""
+def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: GroupLayout,
+            clients: list[DaemonClient] | None, disk: DiskTier | None, run_dir: Path, attempt: int, secret: JobSecret,
+            lifecycle: VersionLifecycle | None = None) -> Outcome:
+    """Bring ``trainer`` to the newest recoverable state (a collective over all ranks).
+
+    Global rank 0 decides, every rank loads and reports, rank 0 rules out what failed
+    and decides again (at most 8 plans, every call bounded). Once every rank loaded, rank
+    0's ``lifecycle`` resets every daemon to the new restore epoch (keeping only the
+    version restored from), before any rank takes a snapshot again.
+    """
     start = time.perf_counter()
     node, local_rank = divmod(rank, per_node)
     planner: Planner | None = None
-    if rank == 0 and clients is not None and layout is not None and attempt > 0:
-        planner = Planner(_list_all(clients), layout=layout, world=world, per_node=per_node)
+    epoch = 0
+    if rank == 0 and clients is not None:
+        listing, epoch = _list_all(clients)
+        planner = Planner(listing, layout=layout, world=world, per_node=per_node)
     bad_disk: set[int] = set()
     notes: list[str] = []
     for _ in range(8):
@@ -229,54 +287,62 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
         if rank == 0:
             choice = planner.choose() if planner is not None else None
             if choice is not None:
-                decision[0] = ("memory", choice[0], choice[1], planner.listing, planner.bad_data)
+                decision[0] = ("memory", choice[0], choice[1], planner.listing, planner.bad_data, epoch)
             else:
-                from plait.runtime.snapshot.disk import complete_steps
+                from plait.runtime.snapshot.trainer.disk import complete_steps
 
                 steps = [s for s in complete_steps(disk.root, world) if s not in bad_disk] if (disk is not None and attempt > 0) else []
-                decision[0] = ("disk", steps[-1], None, None, None) if steps else ("fresh", 0, None, None, None)
+                decision[0] = ("disk", steps[-1], None, None, None, epoch) if steps else ("fresh", 0, None, None, None, epoch)
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
-        kind, step, sources, listing, bad = decision[0]
+        kind, version, sources, listing, bad, epoch = decision[0]
         error = None
         how = kind
+        rank_notes: list[str] = []
         try:
             if kind == "memory":
                 how = sources[rank]
                 if how == "local":
                     assert clients is not None
-                    info = listing[node][step]
+                    info = listing[node][version]
                     shard = next(d for d in info.data if d.local_rank == local_rank)
-                    blob = clients[node].open_data(step, local_rank)
+                    blob = clients[node].open_data(version, local_rank)
                     if blob.numel() != shard.size or checksum(blob) != shard.checksum:
-                        raise RestoreError(f"local shard of version {step} failed its checksum")
+                        raise RestoreError(f"local shard of {version_text(version)} failed its checksum")
                 else:
-                    assert clients is not None and layout is not None
+                    assert clients is not None
                     p = Planner(listing, layout=layout, world=world, per_node=per_node)
                     p.bad_data = bad
-                    blob = rebuild_blob(p, step, node, local_rank, clients)
-                tensors, objects = read_blob(blob)
+                    blob = rebuild_blob(p, version, node, local_rank, clients, rank_notes)
+                tensors, objects = read_blob(blob, secret)
                 trainer.load_snapshot(tensors, objects)
             elif kind == "disk":
                 assert disk is not None
-                tensors, objects = disk.load(step)
+                tensors, objects = disk.load(version)
                 trainer.load_snapshot(tensors, objects)
         except Exception as err:  # noqa: BLE001 - reported to rank 0, which plans around it
             error = f"{type(err).__name__}: {err}"
-            log.warning("restore: rank %d could not use %s (step %d): %s", rank, how, step, error)
+            log.warning("restore: rank %d could not use %s (%s): %s", rank, how, _point(kind, version), error)
         reports: list[Any] = [None] * world
         if world > 1:
-            dist.all_gather_object(reports, (how, error))
+            dist.all_gather_object(reports, (how, error, rank_notes))
         else:
-            reports = [(how, error)]
-        failed = {r: e for r, (_, e) in enumerate(reports) if e is not None}
+            reports = [(how, error, rank_notes)]
+        failed = {r: e for r, (_, e, _) in enumerate(reports) if e is not None}
+        if rank == 0:
+            notes.extend(f"rank {r}: {n}" for r, (_, _, ns) in enumerate(reports) for n in ns)
         if not failed:
-            per_rank = {r: h for r, (h, _) in enumerate(reports)}
+            per_rank = {r: h for r, (h, _, _) in enumerate(reports)}
+            if rank == 0 and lifecycle is not None:
+                notes.extend(lifecycle.reset(version_id(epoch, 0), version if kind == "memory" else None))
+            if world > 1:
+                dist.barrier()  # nobody snapshots before every daemon is in the new epoch
             seconds = time.perf_counter() - start
+            step = step_of(version) if kind == "memory" else version
             line = _line(kind, step, per_rank, per_node, notes, seconds)
             if rank == 0:
-                _record(run_dir, attempt, kind, step, per_rank, seconds)
-            return Outcome(source=kind, step=step, seconds=seconds, line=line, per_rank=per_rank)
+                _record(run_dir, attempt, kind, step, per_rank, seconds, epoch)
+            return Outcome(source=kind, step=step, seconds=seconds, line=line, per_rank=per_rank, epoch=epoch)
         if rank == 0:
             for r, e in failed.items():
                 n, lr = divmod(r, per_node)
@@ -284,12 +350,16 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                 notes.append(f"rank {r} {how_r} failed ({e})")
                 if kind == "memory" and planner is not None:
                     if how_r == "local":
-                        planner.bad_data.add((step, n, lr))
+                        planner.bad_data.add((version, n, lr))
                     else:
-                        planner.bad_versions.add(step)
+                        planner.bad_versions.add(version)
                 elif kind == "disk":
-                    bad_disk.add(step)
+                    bad_disk.add(version)
     raise RestoreError("restore: no source passed its checks after 8 plans; see the workers' logs")
+
+
+def _point(kind: str, version: int) -> str:
+    return version_text(version) if kind == "memory" else f"step {version}"
 
 
 def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: list[str], seconds: float) -> str:
@@ -313,14 +383,15 @@ def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: 
     return f"plait: restore: {text}, {seconds:.2f} s, checksums verified" if kind != "fresh" else f"plait: restore: {text}"
 
 
-def _record(run_dir: Path, attempt: int, kind: str, step: int, per_rank: dict[int, str], seconds: float) -> None:
+def _record(run_dir: Path, attempt: int, kind: str, step: int, per_rank: dict[int, str], seconds: float,
+            epoch: int) -> None:
     progress = 0
     for f in (run_dir / "progress").glob("rank*"):
         try:
             progress = max(progress, int(f.read_text()))
         except (OSError, ValueError):
             pass
-    record = {"attempt": attempt, "source": kind, "step": step, "progress": progress,
+    record = {"attempt": attempt, "epoch": epoch, "source": kind, "step": step, "progress": progress,
               "replayed": max(0, progress - step) if attempt > 0 else 0, "seconds": round(seconds, 4),
               "ranks": {h: sorted(r for r, x in per_rank.items() if x == h) for h in set(per_rank.values())}}
     with open(run_dir / "recovery.jsonl", "a") as f:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from plait.runtime.snapshot.errors import DaemonStartError
 
-__all__ = ["DaemonProcess", "free_ports", "daemon_files", "start_daemon", "wait_daemon", "stop_daemon"]
+__all__ = ["DaemonProcess", "free_ports", "daemon_files", "job_secret_file", "start_daemon", "wait_daemon", "stop_daemon"]
 
 
 class DaemonProcess(subprocess.Popen):
@@ -77,12 +77,16 @@ def start_daemon(
     wait: bool = True,
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    secret_file: Path | None = None,
+    parent_pid: int | None = None,
 ) -> DaemonProcess:
     """Run ``python -m plait.runtime.snapshot.daemon`` for one node; by default wait until it serves.
 
     Its stdout, stderr and log go to ``run_dir/daemon-<job>-n<node>.log`` (appended, so a
-    restarted daemon's log follows the previous one's).
+    restarted daemon's log follows the previous one's). ``secret_file`` defaults to
+    ``$PLAIT_SNAPSHOT_SECRET_FILE``, else to ``run_dir/secret`` (made if missing).
     """
+    secret_file = secret_file or job_secret_file(run_dir)
     ready, log_file = daemon_files(run_dir, job, node)
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)
@@ -90,8 +94,10 @@ def start_daemon(
         sys.executable, "-m", "plait.runtime.snapshot.daemon",
         "--job", job, "--node", str(node), "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
         "--ec-k", str(ec_k), "--ec-m", str(ec_m), "--port", str(port), "--bulk-port", str(bulk_port), "--host", host,
-        "--ready-file", str(ready), "--log-file", str(log_file),
+        "--ready-file", str(ready), "--log-file", str(log_file), "--secret-file", str(secret_file),
     ]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
     if peers:
         cmd += ["--peers", ",".join(peers)]
     if max_memory is not None:
@@ -106,6 +112,19 @@ def start_daemon(
     if wait:
         wait_daemon(proc, timeout=timeout)
     return proc
+
+
+def job_secret_file(run_dir: Path) -> Path:
+    """``$PLAIT_SNAPSHOT_SECRET_FILE`` if set, else ``run_dir/secret``, created (0600) when missing."""
+    from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
+
+    if os.environ.get(SECRET_ENV):
+        return Path(os.environ[SECRET_ENV])
+    path = Path(run_dir) / "secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        JobSecret.create(path)
+    return path
 
 
 def wait_daemon(proc: DaemonProcess, timeout: float = 60.0) -> int:

@@ -53,14 +53,21 @@ def kill_daemon(run_dir: Path, node: int, remove_memory: str | None = None) -> N
 class DaemonSet:
     """Start, watch and stop the daemons of a job on this machine."""
 
-    def __init__(self, config: SnapshotConfig, *, job: str, nnodes: int, nproc_per_node: int, run_dir: Path):
-        from plait.runtime.snapshot.spawn import free_ports
+    def __init__(self, config: SnapshotConfig, *, job: str, nnodes: int, nproc_per_node: int, run_dir: Path,
+                 secret_file: Path):
+        from plait.runtime.snapshot.launcher.spawn import free_ports
 
         self.config = config
         self.job = job
         self.nnodes = nnodes
         self.per_node = nproc_per_node
         self.run_dir = run_dir
+        self.code = config.code(nnodes)
+        self.secret_file = secret_file
+        from plait.runtime.snapshot.daemon.config import default_cap
+
+        # Every emulated node's daemon shares this machine's /dev/shm: split it between them.
+        self.max_memory = config.max_memory_bytes or default_cap(nnodes)
         ports = free_ports(2 * nnodes)
         # Fixed ports, gRPC and bulk: a replacement daemon comes back where its peers look for it.
         self.ports, self.bulk_ports = ports[:nnodes], ports[nnodes:]
@@ -72,13 +79,13 @@ class DaemonSet:
         self._watcher: threading.Thread | None = None
 
     def _start(self, node: int) -> subprocess.Popen:
-        from plait.runtime.snapshot.spawn import start_daemon
+        from plait.runtime.snapshot.launcher.spawn import start_daemon
 
         proc = start_daemon(
-            self.job, node, nnodes=self.nnodes, nproc_per_node=self.per_node, ec_k=self.config.ec_k,
-            ec_m=self.config.ec_m if self.nnodes > 1 else 0, port=self.ports[node], bulk_port=self.bulk_ports[node],
+            self.job, node, nnodes=self.nnodes, nproc_per_node=self.per_node, ec_k=self.code[0], ec_m=self.code[1],
+            port=self.ports[node], bulk_port=self.bulk_ports[node],
             peers=self.addresses,
-            max_memory=self.config.max_memory_bytes or None, run_dir=self.run_dir,
+            max_memory=self.max_memory, run_dir=self.run_dir, secret_file=self.secret_file, parent_pid=os.getpid(),
         )
         path = pid_file(self.run_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +136,6 @@ class DaemonSet:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-        if remove_memory:
+        if remove_memory:  # every daemon has exited: nobody holds the locks any more
             for node in range(self.nnodes):
-                shm.remove_namespace(self.job, node)
+                shm.remove_namespace(self.job, node, lock_too=True)
