@@ -26,7 +26,7 @@ Schema (version 1), every field always present:
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
 | ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``) |
 | ``faults`` | list[str] | faults injected with ``--fault`` that fired, e.g. ``kill-node:node=2:step=7`` |
-| ``snapshot`` | {taken, published, skipped, bytes_per_rank, stall_s, copy_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy time |
+| ``snapshot`` | {taken, skipped, skip_reasons, published, abandoned, bytes_per_rank, stall_s, copy_s, alloc_s, take_s, update_wait_s, publish_latency_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy and allocation times; published/abandoned/publish_latency_s come from rank 0's publisher (every node's versions) |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
 | ``data`` | {root, files, train_bytes, eval_bytes} | the corpus |

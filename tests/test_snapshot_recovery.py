@@ -48,9 +48,10 @@ def test_one_node_with_the_defaults_restores_a_killed_worker_from_memory(one_nod
     summary, output = _run(config, tmp_path / "run", "--nproc", "2", "--fault", "kill-worker:rank=1:step=7")
     _same(summary, baseline)
     (rec,) = summary["recoveries"]
-    assert rec["source"] == "memory" and rec["step"] == 6 and rec["replayed"] == 1, rec
+    # step 6's snapshot, or step 4's if 6 had not completed (it does so off the training thread) when rank 1 died
+    assert rec["source"] == "memory" and rec["step"] in (4, 6) and rec["replayed"] == 7 - rec["step"], rec
     assert rec["ranks"] == {"local": [0, 1]}
-    assert "plait: restore: step 6 from local daemon memory for ranks 0-1" in output
+    assert f"plait: restore: step {rec['step']} from local daemon memory for ranks 0-1" in output
 
 
 def _pid_of_daemon(run_dir: Path, node: int) -> int:

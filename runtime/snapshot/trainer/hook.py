@@ -202,18 +202,19 @@ class SnapshotHook:
         copy = self._copy
         if copy is None:
             return
+        if copy.state in ("cancelled", "failed"):
+            return  # decided at an earlier update, or the allocation failed: nothing to wait for
         start = time.perf_counter()
-        if not copy.started.wait(self._alloc_wait()):
-            with copy.lock:
-                cancelled = copy.state == "allocating"
-                if cancelled:
-                    copy.state = "cancelled"
-            if cancelled:
+        wait = self._alloc_wait()
+        copy.started.wait(wait)
+        with copy.lock:
+            if copy.state == "allocating":  # the daemon has not given the segment: this snapshot will not be taken
+                copy.state = "cancelled"
                 self._skip(copy.version, "the daemon was too slow to allocate before the next update",
-                           f"waited {self._alloc_wait():.2f} s")
-                self._stall += time.perf_counter() - start
-                return
-        copy.copied.wait()  # memory speed: the tensors are being copied, no daemon involved
+                           f"waited {wait:.2f} s")
+            copying = copy.state in ("copying", "copied")
+        if copying:
+            copy.copied.wait()  # memory speed: the tensors are being copied, no daemon involved
         self._stall += time.perf_counter() - start
 
     def summary(self) -> dict[str, Any]:

@@ -257,7 +257,8 @@ class DaemonClient:
         got = self._over_bulk("get", lambda conn: conn.get(frame, out))
         if got is not None:
             return got
-        stream = self._raw.Get(request, timeout=None if length is None else self._transfer_timeout(length))
+        stream = self._raw.Get(request, timeout=self._transfer_timeout(
+            length if length is not None else self._shard_size(version, kind, local_rank, stripe, index) - offset))
         try:
             first = next(stream)
             total = first.length
@@ -284,6 +285,15 @@ class DaemonClient:
             raise SnapshotRangeError(f"get: the daemon at {self.address} ended the stream without a reply") from None
         self._count("get/grpc")
         return out[:total], first.checksum
+
+    def _shard_size(self, version: int, kind: str, local_rank: int, stripe: int | None, index: int | None) -> int:
+        """The size of a shard as List reports it (0 when absent: the Get that follows is refused anyway)."""
+        for info in self.list(version):
+            shards = info.data if kind == "data" else [p for p in info.parity if (p.stripe, p.index) == (stripe, index)]
+            for shard in shards:
+                if shard.local_rank == local_rank:
+                    return shard.size
+        return 0
 
     def open_data(self, version: int, local_rank: int) -> torch.Tensor:
         """A zero-copy view of a committed data shard in this machine's shared memory.
