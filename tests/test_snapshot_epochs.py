@@ -6,7 +6,6 @@ One process, real stores on real shared memory (no daemon): the rules themselves
 from __future__ import annotations
 
 import pytest
-import torch
 from test_snapshot_daemon import _blob, _job, _store, _write_commit
 
 from plait.ops.checksum import checksum
@@ -125,5 +124,7 @@ def test_a_full_shared_memory_filesystem_is_a_clear_refusal(job, tmp_path):
         shard = store.alloc(version_id(1, 2), 0, 1000)  # a smaller one still fits: the failure left nothing behind
         shard.tensor.copy_(_blob(1000, 1))
         store.commit(version_id(1, 2), 0, size=1000, checksum=checksum(_blob(1000, 1)), step=2)
+        store.close()
+        del shard, store
     finally:
-        subprocess.run(["umount", str(mnt)])
+        subprocess.run(["umount", "-l", str(mnt)])  # lazy: a mapping still held goes with its owner
