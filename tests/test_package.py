@@ -55,6 +55,17 @@ def test_scheduler_does_not_use_torch_distributed():
         assert "torch.distributed" not in path.read_text(), path
 
 
+def test_the_daemon_and_trainer_sides_of_snapshots_never_import_each_other():
+    """They share records, errors, config, layout, shm, auth and transport; each side stays whole without the other."""
+    snap = REPO / "runtime" / "snapshot"
+    for side, other in (("daemon", "trainer"), ("trainer", "daemon"), ("transport", "daemon"), ("transport", "trainer")):
+        for path in (snap / side).rglob("*.py"):
+            assert f"plait.runtime.snapshot.{other}" not in path.read_text(), (path, other)
+    for path in snap.rglob("*.py"):
+        if not path.name.endswith("_pb2.py") and not path.name.endswith("_pb2_grpc.py"):
+            assert len(path.read_text().splitlines()) <= 600, path
+
+
 def test_extension_is_loaded_as_plait_C():
     assert plait._C.__name__ == "plait._C"
     import torch
@@ -86,7 +97,7 @@ def test_cli_surface_is_frozen():
         "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
-        "daemon --max-memory",
+        "daemon --max-memory", "daemon --secret-file", "daemon --parent-pid",
         "daemon --ready-file", "daemon --log-file", "daemon --cleanup",
         "bench", "bench -h", "bench --help", "bench <name>", "bench --json", "bench --out", "bench --quick",
     }
@@ -97,7 +108,7 @@ def test_every_cli_flag_is_in_the_readme():
     for flag in ("--config", "--nproc", "--run-dir", "--set", "--dry-run", "--json", "--out", "--quick", "--nnodes",
                  "--nproc-per-node", "--fault", "--job", "--node", "--ec-k", "--ec-m", "--port", "--bulk-port", "--host",
                  "--peers",
-                 "--max-memory", "--ready-file", "--log-file", "--cleanup", "plait daemon"):
+                 "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon"):
         assert flag in readme, flag
 
 
