@@ -7,7 +7,14 @@ and ``FakeTensorMode`` need; the eager kernels come with ``plait._C``.
 from __future__ import annotations
 
 from plait.ops.checksum import checksum
-from plait.ops.gf256 import GF256_POLY, gf256_matmul_, gf256_mul, gf256_mul_add_, gf256_mul_add_reference
+from plait.ops.gf256 import (
+    GF256_POLY,
+    gf256_matmul_,
+    gf256_matmul_kernels,
+    gf256_mul,
+    gf256_mul_add_,
+    gf256_mul_add_reference,
+)
 from plait.ops.rs import ReedSolomon
 
 __all__ = [
@@ -15,6 +22,7 @@ __all__ = [
     "ReedSolomon",
     "checksum",
     "gf256_matmul_",
+    "gf256_matmul_kernels",
     "gf256_mul",
     "gf256_mul_add_",
     "gf256_mul_add_reference",
