@@ -19,8 +19,12 @@ TORCH_LIBRARY(plait, m) {
   // kernel of this build).
   m.def("gf256_matmul_kernels(bool all=False) -> str[]");
   // CRC-32C (Castagnoli) of a uint8 CPU tensor's bytes, chained like zlib.crc32:
-  // crc32c(b, crc32c(a)) == crc32c(a + b).
-  m.def("crc32c(Tensor data, int crc=0) -> int");
+  // crc32c(b, crc32c(a)) == crc32c(a + b). kernel names an implementation (None: the
+  // best this CPU runs).
+  m.def("crc32c(Tensor data, int crc=0, str? kernel=None) -> int");
+  // The implementations of crc32c this CPU runs, the default first (all=True: every one
+  // of this build).
+  m.def("crc32c_kernels(bool all=False) -> str[]");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

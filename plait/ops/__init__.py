@@ -6,7 +6,7 @@ and ``FakeTensorMode`` need; the eager kernels come with ``plait._C``.
 
 from __future__ import annotations
 
-from plait.ops.checksum import checksum
+from plait.ops.checksum import checksum, crc32c_kernels
 from plait.ops.gf256 import (
     GF256_POLY,
     gf256_matmul_,
@@ -21,6 +21,7 @@ __all__ = [
     "GF256_POLY",
     "ReedSolomon",
     "checksum",
+    "crc32c_kernels",
     "gf256_matmul_",
     "gf256_matmul_kernels",
     "gf256_mul",
