@@ -62,9 +62,9 @@ def _plan(quick: bool) -> list[dict[str, int]]:
     return [{"bytes": 64 * MiB, "repeats": 9}, {"bytes": 1024 * MiB, "repeats": 5}]
 
 
-def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds of each run, timed in rounds that run each once, in an order that
-    rotates every round, so all see the same machine."""
+def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, timed in rounds that run each once, in an order that rotates
+    every round, so all see the same machine; times[name][r] is round r's."""
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
@@ -72,7 +72,15 @@ def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def _paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over rounds of b's time / a's time in the same round: a's speed relative to
+    b's, less sensitive to load that changes between rounds than a ratio of medians."""
+    if a not in times or b not in times:
+        return None
+    return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
 
 
 def _copier(threads: int):
@@ -175,15 +183,26 @@ def _measure_stripe(flat, total: int, k: int, m: int, repeats: int, threads_list
         for fn in runs.values():
             fn()
         verified = all(torch.equal(rebuilt[i], data[i]) for i in range(m))
-        seconds = _interleaved(runs, repeats)
+        times = _interleaved(runs, repeats)
         if pool is not None:
             pool.shutdown()
         verified = verified and all(torch.equal(rebuilt[i], data[i]) for i in range(m))
-        gbps = {name: nbytes / t / 1e9 for name, t in seconds.items()}
+        gbps = {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
         results[threads] = {
             "gbps": {key: gbps.get(key) for key in ("plait_encode", "plait_encode_cold", "plait_decode", "isal_kernel_encode", "memcpy")},
+            # slowest and fastest round: how much the machine's load moved the rates
+            "gbps_range": {
+                name: [nbytes / max(times[name]) / 1e9, nbytes / min(times[name]) / 1e9]
+                for name in ("plait_encode", "isal_kernel_encode") if name in times
+            },
+            "encode_vs_isal_kernel_paired": _paired_ratio(times, "plait_encode", "isal_kernel_encode"),
             "kernels": {
-                kernel: {"plait": gbps[f"plait_{kernel}"], "isal": gbps.get(f"isal_{kernel}"), "ratio": _ratio(gbps[f"plait_{kernel}"], gbps.get(f"isal_{kernel}"))}
+                kernel: {
+                    "plait": gbps[f"plait_{kernel}"],
+                    "isal": gbps.get(f"isal_{kernel}"),
+                    "ratio": _ratio(gbps[f"plait_{kernel}"], gbps.get(f"isal_{kernel}")),
+                    "ratio_paired": _paired_ratio(times, f"plait_{kernel}", f"isal_{kernel}"),
+                }
                 for kernel in kernels
             } if threads == 1 else None,
             "isal_missing": isal_missing,
@@ -218,8 +237,8 @@ def _measure_crc32c(size: dict[str, int], threads_list: list[int], isal) -> dict
             runs["isal_crc32_iscsi"] = lambda buf=buf: isal.crc32c(buf.data_ptr(), buf.numel())
             agree &= runs["isal_crc32_iscsi"]() == checksum(buf)
         agree &= all(checksum(buf, kernel=kernel) == checksum(buf, kernel="portable") for kernel in kernels)
-        seconds = _interleaved(runs, repeats)
-        out[f"gbps_1_thread_{label}"] = {name: buf.numel() / t / 1e9 for name, t in seconds.items()}
+        times = _interleaved(runs, repeats)
+        out[f"gbps_1_thread_{label}"] = {name: buf.numel() / statistics.median(t) / 1e9 for name, t in times.items()}
     gbps = {}
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -305,6 +324,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     }
                     ratios = {
                         "encode_vs_isal_kernel": _ratio(gbps["plait_encode"], gbps["isal_kernel_encode"]),
+                        "encode_vs_isal_kernel_paired": p["encode_vs_isal_kernel_paired"],
                         "encode_vs_pyeclib": _ratio(gbps["plait_encode"], gbps["pyeclib_encode"]),
                         "decode_vs_pyeclib": _ratio(gbps["plait_decode"], gbps["pyeclib_decode"]),
                         "encode_vs_zfec": _ratio(gbps["plait_encode"], gbps["zfec_encode"]),
@@ -324,7 +344,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     cases.append({
                         "k": k, "m": m, "bytes": total, "shard_bytes": shard_bytes(total, k),
                         "data_bytes": k * shard_bytes(total, k), "threads": threads,
-                        "gbps": gbps, "ratios": ratios, "kernels": p["kernels"], "goals_met": goals,
+                        "gbps": gbps, "gbps_range": p["gbps_range"], "ratios": ratios, "kernels": p["kernels"], "goals_met": goals,
                         "verified": p["verified"],
                     })
                     print(
@@ -381,4 +401,17 @@ def run(quick: bool = False) -> dict[str, Any]:
         "goals_met": {"met": sum(judged), "judged": len(judged), "all": all(judged) if judged else None},
         "checksum": checksum_record,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
+        "noise": _noise_note(load_before, os.getloadavg()),
     }
+
+
+def _noise_note(before: tuple[float, ...], after: tuple[float, ...]) -> str:
+    """Whether other processes shared the cores during the run, from the load averages."""
+    cores = os.cpu_count() or 1
+    peak = max(before[0], after[0], after[1])
+    if peak < 0.5:
+        return f"quiet: 1-minute load average at most {peak:.2f} on {cores} cores"
+    return (
+        f"shared: load average up to {peak:.2f} on {cores} cores (other processes ran besides this one); "
+        "rates move between rounds (see gbps_range), the paired ratios (same round) less so"
+    )

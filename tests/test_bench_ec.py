@@ -24,6 +24,7 @@ GBPS_KEYS = {
 RATIO_KEYS = {
     "encode_vs_pyeclib", "decode_vs_pyeclib", "encode_vs_zfec", "decode_vs_zfec",
     "encode_vs_memory_bound", "decode_vs_memory_bound", "encode_cold_vs_memory_bound", "encode_vs_isal_kernel",
+    "encode_vs_isal_kernel_paired",
 }
 
 
@@ -70,6 +71,9 @@ def test_quick_run_writes_a_complete_record(tmp_path):
             assert case["gbps"]["isal_kernel_encode"] > 0
             assert case["ratios"]["encode_vs_isal_kernel"] == pytest.approx(case["gbps"]["plait_encode"] / case["gbps"]["isal_kernel_encode"])
             assert case["goals_met"]["encode_vs_isal_kernel"] == ((case["ratios"]["encode_vs_isal_kernel"] >= 1.0) if case["threads"] == 1 else None)
+            assert case["ratios"]["encode_vs_isal_kernel_paired"] > 0
+            worst, best = case["gbps_range"]["isal_kernel_encode"]
+            assert 0 < worst <= case["gbps"]["isal_kernel_encode"] <= best
         if peers["pyeclib"]["available"]:
             assert case["ratios"]["decode_vs_pyeclib"] == pytest.approx(case["gbps"]["plait_decode"] / case["gbps"]["pyeclib_decode"])
         if case["threads"] == 1:  # each vector kernel of this CPU, against ISA-L's for the same instructions
@@ -84,6 +88,7 @@ def test_quick_run_writes_a_complete_record(tmp_path):
         assert case["goals_met"]["encode_vs_memory_bound"] == (case["ratios"]["encode_vs_memory_bound"] >= 0.7)
         assert case["data_bytes"] == case["k"] * case["shard_bytes"] and case["shard_bytes"] % 64 == 0
     assert result["all_verified"] is True
+    assert result["noise"].startswith(("quiet", "shared"))
     for lib in ("pyeclib", "zfec"):
         installed = importlib.util.find_spec(lib) is not None
         assert peers[lib]["available"] == installed or not installed
