@@ -1,7 +1,8 @@
-// plait::crc32c(data, crc=0, kernel=None) -> int: CRC-32C (Castagnoli) of a uint8 CPU tensor's bytes,
-// the checksum of snapshot shards. Standard parameters (reflected polynomial 0x82F63B78,
-// initial value and final XOR 0xFFFFFFFF, so crc32c(b"123456789") == 0xE3069283), and
-// chaining like zlib.crc32: crc32c(b, crc32c(a)) == crc32c(a + b).
+// plait::crc32c(data, crc=0, kernel=None) -> int: CRC-32C (Castagnoli) of a uint8 CPU
+// tensor's bytes, the checksum of snapshot shards. Standard parameters (reflected
+// polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF, so
+// crc32c(b"123456789") == 0xE3069283), and chaining like zlib.crc32:
+// crc32c(b, crc32c(a)) == crc32c(a + b).
 //
 // Inside, the 32-bit state is the "raw" CRC register (no initial or final inversion),
 // which is linear in the data: the state after A || B is the state after A shifted by
@@ -295,10 +296,6 @@ __attribute__((target("sse4.2,pclmul"))) uint32_t update_pclmul(uint32_t state, 
   return update_sse42_serial(static_cast<uint32_t>(c), p, n);
 }
 
-#endif  // PLAIT_CRC32C_HAVE_X86_PATHS
-
-#if PLAIT_CRC32C_HAVE_X86_PATHS
-
 // The VPCLMULQDQ kernels take inputs from their minimum length up; shorter ones go the
 // way of the next kernel down.
 __attribute__((target("sse4.2,pclmul"))) uint32_t update_vpclmul_avx2(uint32_t state,
@@ -334,9 +331,7 @@ bool always() { return true; }
 bool has_sse42() { return cpu::features().sse42; }
 bool has_pclmul() { return has_sse42() && cpu::features().pclmulqdq; }
 bool has_vpclmul_avx2() { return has_pclmul() && cpu::features().vpclmulqdq && cpu::features().avx2; }
-bool has_vpclmul_avx512() {
-  return has_vpclmul_avx2() && cpu::features().avx512f;
-}
+bool has_vpclmul_avx512() { return has_vpclmul_avx2() && cpu::features().avx512f; }
 #endif
 
 // In the order of preference of the default.
