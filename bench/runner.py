@@ -20,6 +20,8 @@ from plait.errors import CLIError, did_you_mean
 
 BENCH_DIR = Path(__file__).resolve().parent
 _NOT_BENCHMARKS = {"__init__", "runner", "ddp_baseline"}
+# The CPU flags that decide which kernels run (see csrc/cpu/features.h), kept with results.
+SIMD_FLAGS = ("sse4_2", "pclmulqdq", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "gfni", "vpclmulqdq", "vaes")
 
 
 def list_benchmarks() -> dict[str, str]:
@@ -38,14 +40,17 @@ def machine_info() -> dict[str, Any]:
 
     import plait
 
-    cpu = platform.processor()
+    model: str | None = None
+    flags: list[str] | None = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and flags is None:
+                flags = [f for f in line.split(":", 1)[1].split() if f in SIMD_FLAGS]
     except OSError:
         pass
+    cpu = model or platform.processor()
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
@@ -57,6 +62,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "host": platform.node(),
         "cpu": cpu,
+        "cpu_flags": flags or [],
         "cores": os.cpu_count(),
         "memory_gib": round(mem_gib, 1) if mem_gib else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -13,10 +13,18 @@ TORCH_LIBRARY(plait, m) {
   // The fused product outs[i] = XOR_j coefs[i, j] * ins[j] over GF(2^8): a whole
   // Reed-Solomon encode (coefs = the parity rows) or decode (the decoding matrix) of a
   // stripe in one pass. outs are overwritten; coefs is a CPU uint8 [len(outs), len(ins)].
-  m.def("gf256_matmul_(Tensor(a!)[] outs, Tensor[] ins, Tensor coefs) -> ()");
+  // kernel names a CPU kernel (None: the best this CPU runs); CUDA tensors take None.
+  m.def("gf256_matmul_(Tensor(a!)[] outs, Tensor[] ins, Tensor coefs, str? kernel=None) -> ()");
+  // The CPU kernels of gf256_matmul_ this CPU runs, the default first (all=True: every
+  // kernel of this build).
+  m.def("gf256_matmul_kernels(bool all=False) -> str[]");
   // CRC-32C (Castagnoli) of a uint8 CPU tensor's bytes, chained like zlib.crc32:
-  // crc32c(b, crc32c(a)) == crc32c(a + b).
-  m.def("crc32c(Tensor data, int crc=0) -> int");
+  // crc32c(b, crc32c(a)) == crc32c(a + b). kernel names an implementation (None: the
+  // best this CPU runs).
+  m.def("crc32c(Tensor data, int crc=0, str? kernel=None) -> int");
+  // The implementations of crc32c this CPU runs, the default first (all=True: every one
+  // of this build).
+  m.def("crc32c_kernels(bool all=False) -> str[]");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -1,4 +1,7 @@
-"""Session-wide test setup: a job secret for every daemon and client the tests start."""
+"""Shared pytest setup: a job secret for every snapshot daemon and client the tests start,
+and a summary of the CPU kernels the tests ran and of those this CPU lacks, so that a
+kernel is never silently untested (the CI machines differ: some have AVX-512, GFNI and
+VPCLMULQDQ, some only AVX2)."""
 
 from __future__ import annotations
 
@@ -21,3 +24,41 @@ def job_secret(tmp_path_factory: pytest.TempPathFactory) -> JobSecret:
         os.environ.pop(SECRET_ENV, None)
     else:
         os.environ[SECRET_ENV] = saved
+
+
+_KERNELS_RAN = pytest.StashKey[dict[str, set[str]]]()
+
+
+@pytest.fixture
+def kernel_ran(request):
+    """``kernel_ran(family, name)``: note that this test ran kernel ``name`` of the op
+    ``family`` (``gf256_matmul_``, ``crc32c``); also a junit property of the test."""
+    ran = request.config.stash.setdefault(_KERNELS_RAN, {})
+
+    def record(family: str, name: str) -> None:
+        ran.setdefault(family, set()).add(name)
+        request.node.user_properties.append(("kernel", f"{family}:{name}"))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    ran = config.stash.get(_KERNELS_RAN, None)
+    if not ran:
+        return
+    import torch
+
+    import plait  # noqa: F401  (registers torch.ops.plait.*)
+
+    listing = {"gf256_matmul_": torch.ops.plait.gf256_matmul_kernels, "crc32c": torch.ops.plait.crc32c_kernels}
+    terminalreporter.section("CPU kernels tested")
+    for family, names in sorted(ran.items()):
+        every, here = listing[family](True), listing[family](False)
+        line = f"{family}: ran {', '.join(k for k in every if k in names) or 'none'}"
+        lacking = [k for k in every if k not in here]
+        if lacking:
+            line += f"; not on this CPU: {', '.join(lacking)}"
+        not_run = [k for k in here if k not in names]
+        if not_run:
+            line += f"; runnable here but not run by these tests: {', '.join(not_run)}"
+        terminalreporter.write_line(line)

@@ -1,6 +1,8 @@
 """plait::crc32c and plait.ops.checksum: standard check values, chaining, a pure-Python
-bitwise reference, unaligned and threaded inputs, the three CPU paths (PCLMULQDQ folding,
-SSE4.2 crc32 streams, portable tables) against each other, and argument checks."""
+bitwise reference, unaligned and threaded inputs, every CPU kernel (VPCLMULQDQ folding on
+zmm and ymm, PCLMULQDQ folding, SSE4.2 crc32 streams, portable tables) against the
+reference on every length to 4096 and on large buffers, the folding constants, and
+argument checks."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from plait.ops import checksum
+import numpy as np
+
+from plait.ops import checksum, crc32c_kernels
 
 OP = torch.ops.plait.crc32c
 
@@ -153,33 +156,175 @@ def test_bad_inputs_raise_naming_the_argument(case):
         checksum(data, crc)
 
 
-# ---------------------------------------------------------------- the paths, 64 MiB
+# ------------------------------------------------------------------------- the kernels
+#
+# Every kernel of the build, those this CPU lacks skipped with the reason; the terminal
+# summary (tests/conftest.py) lists which ran.
 
-_PATH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, numpy, torch
-    import plait  # noqa: F401  (registers torch.ops.plait.*)
-    torch.set_num_threads(2)
-    big = torch.frombuffer(bytearray(numpy.random.default_rng(4).bytes(64 << 20)), dtype=torch.uint8)
-    values = [torch.ops.plait.crc32c(big), torch.ops.plait.crc32c(big[5:], 0x1234)]
-    for n in (0, 1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 1000, 6143, 6144, 6145, 20_000, (1 << 20) + 3):
-        for start in (0, 1, 9):
-            values.append(torch.ops.plait.crc32c(big[start : start + n], n))
-    print(json.dumps(values))
-    """
-)
+ALL_KERNELS = crc32c_kernels(all=True)
+HERE = set(crc32c_kernels())
 
 
-def test_hardware_paths_match_the_portable_tables():
-    runs = {}
-    for name, env_var in (("default", None), ("sse42", "PLAIT_CRC32C_NO_PCLMUL"), ("portable", "PLAIT_CRC32C_NO_HW")):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_CRC32C_")}
-        if env_var:
-            env[env_var] = "1"
-        runs[name] = subprocess.Popen([sys.executable, "-c", _PATH_SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    values = {}
-    for name, proc in runs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name} path failed:\n{err}"
-        values[name] = out
-    assert values["default"] == values["sse42"] == values["portable"]
+@pytest.fixture(params=ALL_KERNELS)
+def kernel(request, kernel_ran) -> str:
+    name = request.param
+    if name not in HERE:
+        pytest.skip(f"this CPU lacks the instructions of crc32c kernel {name!r}")
+    kernel_ran("crc32c", name)
+    return name
+
+
+def _prefix_crcs(data: bytes, crc: int) -> list[int]:
+    """CRC-32C of every prefix of data (lengths 0..len), from the byte-table reference."""
+    out, c = [crc], crc ^ 0xFFFFFFFF
+    for byte in data:
+        c = (c >> 8) ^ _BYTE_TABLE[(c ^ byte) & 0xFF]
+        out.append(c ^ 0xFFFFFFFF)
+    return out
+
+
+def test_kernel_list():
+    here = crc32c_kernels()
+    assert set(ALL_KERNELS) in ({"vpclmul_avx512", "vpclmul_avx2", "pclmul", "sse42", "portable"}, {"portable"})
+    assert "portable" in here and set(here) <= set(ALL_KERNELS) and len(set(here)) == len(here)
+    if not any(k.startswith("PLAIT_CRC32C_") for k in os.environ):
+        assert here[0] == next(k for k in ALL_KERNELS if k in set(here))
+    with pytest.raises(RuntimeError, match=r"kernel 'crc64' is not a crc32c kernel; pick one of: .*portable"):
+        OP(_t(b"x"), 0, "crc64")
+    for name in set(ALL_KERNELS) - HERE:
+        with pytest.raises(RuntimeError, match=rf"kernel '{name}' needs .*, which this CPU lacks"):
+            checksum(_t(b"x"), kernel=name)
+
+
+def test_standard_vectors_on_every_kernel(kernel):
+    for data, expected in VECTORS:
+        assert checksum(_t(data), kernel=kernel) == expected
+    assert checksum(_t(b"56789"), checksum(_t(b"1234"), kernel=kernel), kernel=kernel) == 0xE3069283
+
+
+def test_every_length_to_4096_at_random_alignments(kernel):
+    rng = random.Random(5)
+    buf = rng.randbytes(4096 + 64)
+    big = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    for start in (0, 1, rng.randrange(2, 64), rng.randrange(2, 64)):
+        seed = rng.getrandbits(32)
+        expected = _prefix_crcs(buf[start : start + 4096], seed)
+        got = [OP(big[start : start + n], seed, kernel) for n in range(4097)]
+        bad = [n for n in range(4097) if got[n] != expected[n]]
+        assert not bad, (kernel, start, bad[:10])
+
+
+def test_large_buffers_and_threads(kernel):
+    rng = np.random.default_rng(6)
+    n = (24 << 20) + 13
+    data = torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8))
+    expected = OP(data, 0x1234, "portable")
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert OP(data, 0x1234, kernel) == expected, (kernel, threads)
+            assert OP(data[7:], 0, kernel) == OP(data[7:], 0, "portable"), (kernel, threads)
+    finally:
+        torch.set_num_threads(before)
+    # the portable tables against the bitwise definition, on a piece
+    piece = data[: 1 << 16].numpy().tobytes()
+    assert OP(data[: 1 << 16], 0x1234, "portable") == crc32c_bytewise(piece, 0x1234)
+
+
+# --------------------------------------------------------------- folding constants
+
+REFLECTED_POLY = 0x82F63B78
+
+
+def _reflect32(v: int) -> int:
+    return int(f"{v:032b}"[::-1], 2)
+
+
+def _x_pow_mod(e: int) -> int:
+    """x^e mod P in plain bit order (bit i = x^i), P = x^32 + reflect(0x82F63B78)."""
+    poly = (1 << 32) | _reflect32(REFLECTED_POLY)
+    result, base = 1, 2
+    while e:
+        if e & 1:
+            result = _clmul_mod(result, base, poly)
+        base = _clmul_mod(base, base, poly)
+        e >>= 1
+    return result
+
+
+def _clmul_mod(a: int, b: int, poly: int) -> int:
+    product = 0
+    while b:
+        if b & 1:
+            product ^= a
+        b >>= 1
+        a <<= 1
+        if a >> 32:
+            a ^= poly
+    return product
+
+
+def test_folding_constants_are_the_powers_of_x_they_claim():
+    # crc32c_kernels.h: for a fold by D bytes, kH = x^(63 + 8D) mod P and kL = x^(8D - 1)
+    # mod P, reflected, in the upper half of a 64-bit lane.
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "checksum" / "crc32c_kernels.h").read_text()
+    found = re.findall(r"kFold(\d+)\{0x([0-9a-f]+)ull, 0x([0-9a-f]+)ull\}", header)
+    assert sorted(int(d) for d, _, _ in found) == [16, 32, 64, 128, 256]
+    for d, h, l in found:
+        distance = int(d)
+        assert int(h, 16) == _reflect32(_x_pow_mod(63 + 8 * distance)) << 32, distance
+        assert int(l, 16) == _reflect32(_x_pow_mod(8 * distance - 1)) << 32, distance
+
+
+def test_folding_identity_in_python():
+    """The identity the kernels rest on, checked with Python integers: the CRC of a
+    16-byte chunk followed by D zero bytes equals the CRC of the 16 bytes of the fold
+    (H * kH) ^ (L * kL), with the multiplies carry-less on reflected operands."""
+    rng = random.Random(7)
+
+    def clmul(a: int, b: int) -> int:
+        r = 0
+        while b:
+            if b & 1:
+                r ^= a
+            b >>= 1
+            a <<= 1
+        return r
+
+    def reflect(v: int, bits: int) -> int:
+        return int(f"{v:0{bits}b}"[::-1], 2)
+
+    def raw_crc(data: bytes) -> int:  # no inversions, from 0
+        return crc32c_bytewise(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+    for distance in (16, 32, 64, 128, 256):
+        kh = reflect(_x_pow_mod(63 + 8 * distance), 32) << 32
+        kl = reflect(_x_pow_mod(8 * distance - 1), 32) << 32
+        for _ in range(5):
+            chunk = rng.randbytes(16)
+            lo, hi = int.from_bytes(chunk[:8], "little"), int.from_bytes(chunk[8:], "little")
+            # pclmulqdq of two reflected 64-bit values: the 127-bit product, reflected, times x
+            def pclmul(a: int, b: int) -> int:
+                return reflect(clmul(reflect(a, 64), reflect(b, 64)), 128) >> 1
+
+            folded = pclmul(lo, kh) ^ pclmul(hi, kl)
+            assert raw_crc(folded.to_bytes(16, "little")) == raw_crc(chunk + bytes(distance)), distance
+
+
+def test_the_environment_chooses_the_default():
+    code = "import torch, plait; print(torch.ops.plait.crc32c_kernels()[0])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_CRC32C_")}
+    runs = {"PLAIT_CRC32C_NO_HW": "portable", "PLAIT_CRC32C_NO_PCLMUL": "sse42" if "sse42" in HERE else "portable", "PLAIT_CRC32C_KERNEL": "portable"}
+    procs = {
+        var: subprocess.Popen([sys.executable, "-c", code], env=env | {var: "portable" if var.endswith("KERNEL") else "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for var in runs
+    }
+    for var, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == runs[var], var

@@ -1,7 +1,8 @@
-// plait::crc32c(data, crc=0) -> int: CRC-32C (Castagnoli) of a uint8 CPU tensor's bytes,
-// the checksum of snapshot shards. Standard parameters (reflected polynomial 0x82F63B78,
-// initial value and final XOR 0xFFFFFFFF, so crc32c(b"123456789") == 0xE3069283), and
-// chaining like zlib.crc32: crc32c(b, crc32c(a)) == crc32c(a + b).
+// plait::crc32c(data, crc=0, kernel=None) -> int: CRC-32C (Castagnoli) of a uint8 CPU
+// tensor's bytes, the checksum of snapshot shards. Standard parameters (reflected
+// polynomial 0x82F63B78, initial value and final XOR 0xFFFFFFFF, so
+// crc32c(b"123456789") == 0xE3069283), and chaining like zlib.crc32:
+// crc32c(b, crc32c(a)) == crc32c(a + b).
 //
 // Inside, the 32-bit state is the "raw" CRC register (no initial or final inversion),
 // which is linear in the data: the state after A || B is the state after A shifted by
@@ -12,20 +13,28 @@
 // reflected bit order (bit 31 = x^0, ..., bit 0 = x^31), is a polynomial of degree < 32;
 // mul_mod multiplies two such, and x^(8n) comes from x^(2^i) by square-and-multiply.
 //
-// Paths, picked once per process:
-//  - PCLMUL folding (x86 with SSE4.2 and PCLMULQDQ): four 128-bit accumulators each
-//    absorb 16 bytes per step by carry-less multiplication with x^(8 * 64) mod P, and are
-//    reduced to 32 bits at the end by the crc32 instruction. This is the fast path: the
-//    crc32 instruction alone is limited by its throughput (about 6 GB/s on the 2-core
-//    EPYC machines here, even with 3 streams), PCLMULQDQ reaches about 10 GB/s.
-//  - SSE4.2 crc32 instruction, three independent streams over consecutive 2 KiB pieces
-//    (the instruction has a 3-cycle latency and can start one per cycle), combined with
-//    a table of the shift by 2 KiB. Used where PCLMULQDQ is missing, or when
-//    PLAIT_CRC32C_NO_PCLMUL is set (not "" or "0"), so tests can compare it.
-//  - portable: slicing-by-8 tables (8 KiB, built by the compiler), 8 bytes per step.
-//    Used off x86, on CPUs without SSE4.2, or when PLAIT_CRC32C_NO_HW is set.
+// Kernels, best first; a call uses the first this CPU runs, or the one its `kernel`
+// argument names (crc32c_kernels() lists them), so tests can compare every one:
+//  - vpclmul_avx512, vpclmul_avx2 (crc32c_vpclmul_*.cpp, own translation units): the
+//    PCLMUL folding below on zmm / ymm registers, four or two 16-byte chunks per
+//    carry-less multiply instruction.
+//  - pclmul (x86 with SSE4.2 and PCLMULQDQ): four 128-bit accumulators each absorb 16
+//    bytes per step by carry-less multiplication with x^(8 * 64) mod P, and are reduced
+//    to 32 bits at the end by the crc32 instruction. The crc32 instruction alone is
+//    limited by its throughput (about 6 GB/s on the 2-core EPYC machines here, even with
+//    3 streams), PCLMULQDQ reaches about 10 GB/s.
+//  - sse42: the crc32 instruction, three independent streams over consecutive 2 KiB
+//    pieces (the instruction has a 3-cycle latency and can start one per cycle),
+//    combined with a table of the shift by 2 KiB.
+//  - portable: slicing-by-8 tables (8 KiB, built by the compiler), 8 bytes per step;
+//    off x86 and on CPUs without SSE4.2.
+// PLAIT_CRC32C_KERNEL names the default; PLAIT_CRC32C_NO_PCLMUL (not "" or "0") skips
+// the folding kernels, PLAIT_CRC32C_NO_HW every hardware one. Read once.
 // Above kParallelMinBytes the buffer is cut into one piece per thread (at::parallel_for),
 // each piece's raw state computed from 0, and the pieces combined in order.
+#include "checksum/crc32c_kernels.h"
+#include "cpu/features.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -37,6 +46,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -218,16 +230,19 @@ __attribute__((target("sse4.2"))) uint32_t update_sse42(uint32_t state, const ui
 
 constexpr uint64_t fold_constant(uint64_t exponent) { return uint64_t{x_pow_mod(exponent)} << 32; }
 
-struct FoldConstants {
-  uint64_t h, l;
-};
-
 constexpr FoldConstants fold_by(uint64_t bytes) {
   return {fold_constant(63 + 8 * bytes), fold_constant(8 * bytes - 1)};
 }
 
-constexpr FoldConstants kFold64 = fold_by(64);  // across the four accumulators
-constexpr FoldConstants kFold16 = fold_by(16);  // one chunk onto the next
+constexpr bool same(FoldConstants a, FoldConstants b) { return a.h == b.h && a.l == b.l; }
+
+// The literals of crc32c_kernels.h (used by the VPCLMULQDQ files, which share no code
+// with this one), checked against the derivation here. kFold64 moves a chunk across the
+// four accumulators below, kFold16 onto the next chunk.
+static_assert(same(kFold16, fold_by(16)) && same(kFold32, fold_by(32)) &&
+                  same(kFold64, fold_by(64)) && same(kFold128, fold_by(128)) &&
+                  same(kFold256, fold_by(256)),
+              "crc32c_kernels.h's folding constants are x^(63 + 8D) and x^(8D - 1) mod P");
 
 __attribute__((target("sse4.2,pclmul"))) inline __m128i fold(__m128i acc, __m128i k,
                                                              __m128i data) {
@@ -281,32 +296,141 @@ __attribute__((target("sse4.2,pclmul"))) uint32_t update_pclmul(uint32_t state, 
   return update_sse42_serial(static_cast<uint32_t>(c), p, n);
 }
 
+// The VPCLMULQDQ kernels take inputs from their minimum length up; shorter ones go the
+// way of the next kernel down.
+__attribute__((target("sse4.2,pclmul"))) uint32_t update_vpclmul_avx2(uint32_t state,
+                                                                      const uint8_t* p,
+                                                                      size_t n) {
+  if (n < kVpclmulAvx2MinBytes) return update_pclmul(state, p, n);
+  return crc32c_update_vpclmul_avx2(state, p, n);
+}
+
+__attribute__((target("sse4.2,pclmul"))) uint32_t update_vpclmul_avx512(uint32_t state,
+                                                                        const uint8_t* p,
+                                                                        size_t n) {
+  if (n < kVpclmulAvx512MinBytes) return update_vpclmul_avx2(state, p, n);
+  return crc32c_update_vpclmul_avx512(state, p, n);
+}
+
 #endif  // PLAIT_CRC32C_HAVE_X86_PATHS
 
 // ---------------------------------------------------------------------------- dispatch
 
 using UpdateFn = uint32_t (*)(uint32_t, const uint8_t*, size_t);
 
+struct Crc32cKernel {
+  const char* name;
+  const char* needs;  // in words, for error messages
+  bool (*runs_here)();
+  UpdateFn update;
+};
+
+bool always() { return true; }
+
+#if PLAIT_CRC32C_HAVE_X86_PATHS
+bool has_sse42() { return cpu::features().sse42; }
+bool has_pclmul() { return has_sse42() && cpu::features().pclmulqdq; }
+bool has_vpclmul_avx2() { return has_pclmul() && cpu::features().vpclmulqdq && cpu::features().avx2; }
+bool has_vpclmul_avx512() { return has_vpclmul_avx2() && cpu::features().avx512f; }
+#endif
+
+// In the order of preference of the default.
+constexpr Crc32cKernel kKernels[] = {
+#if PLAIT_CRC32C_HAVE_X86_PATHS
+    {"vpclmul_avx512", "VPCLMULQDQ, AVX-512 F, AVX2, PCLMULQDQ and SSE4.2", has_vpclmul_avx512,
+     update_vpclmul_avx512},
+    {"vpclmul_avx2", "VPCLMULQDQ, AVX2, PCLMULQDQ and SSE4.2", has_vpclmul_avx2,
+     update_vpclmul_avx2},
+    {"pclmul", "PCLMULQDQ and SSE4.2", has_pclmul, update_pclmul},
+    {"sse42", "SSE4.2", has_sse42, update_sse42},
+#endif
+    {"portable", "nothing", always, update_portable},
+};
+
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
-UpdateFn pick_update() {
-  static const UpdateFn fn = []() -> UpdateFn {
-    if (env_flag("PLAIT_CRC32C_NO_HW")) return update_portable;
-#if PLAIT_CRC32C_HAVE_X86_PATHS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("sse4.2")) {
-      if (__builtin_cpu_supports("pclmul") && !env_flag("PLAIT_CRC32C_NO_PCLMUL")) {
-        return update_pclmul;
-      }
-      return update_sse42;
+std::string kernel_names(bool runnable_only) {
+  std::string names;
+  for (const Crc32cKernel& k : kKernels) {
+    if (runnable_only && !k.runs_here()) continue;
+    if (!names.empty()) names += ", ";
+    names += k.name;
+  }
+  return names;
+}
+
+const Crc32cKernel* find(std::string_view name, std::string* error, const char* source) {
+  for (const Crc32cKernel& k : kKernels) {
+    if (name != k.name) continue;
+    if (k.runs_here()) return &k;
+    *error = std::string(source) + " '" + std::string(name) + "' needs " + k.needs +
+             ", which this CPU lacks; it runs: " + kernel_names(true);
+    return nullptr;
+  }
+  *error = std::string(source) + " '" + std::string(name) +
+           "' is not a crc32c kernel; pick one of: " + kernel_names(false) +
+           " (this CPU runs: " + kernel_names(true) + ")";
+  return nullptr;
+}
+
+struct DefaultKernel {
+  const Crc32cKernel* kernel = nullptr;
+  std::string error;  // why PLAIT_CRC32C_KERNEL could not be used
+};
+
+// PLAIT_CRC32C_KERNEL if set; else the first kernel this CPU runs, skipping the
+// carry-less multiply ones if PLAIT_CRC32C_NO_PCLMUL is set and every hardware one if
+// PLAIT_CRC32C_NO_HW is (each not "" or "0"). Read once.
+const DefaultKernel& default_kernel() {
+  static const DefaultKernel chosen = [] {
+    DefaultKernel d;
+    const char* forced = std::getenv("PLAIT_CRC32C_KERNEL");
+    if (forced != nullptr && forced[0] != '\0') {
+      d.kernel = find(forced, &d.error, "PLAIT_CRC32C_KERNEL");
+      return d;
     }
-#endif
-    return update_portable;
+    const bool no_hw = env_flag("PLAIT_CRC32C_NO_HW");
+    const bool no_pclmul = env_flag("PLAIT_CRC32C_NO_PCLMUL");
+    for (const Crc32cKernel& k : kKernels) {
+      if (!k.runs_here()) continue;
+      const std::string_view name = k.name;
+      if (no_hw && name != "portable") continue;
+      if (no_pclmul && name.find("pclmul") != std::string_view::npos) continue;
+      d.kernel = &k;
+      break;
+    }
+    return d;
   }();
-  return fn;
+  return chosen;
+}
+
+UpdateFn pick_update(std::optional<c10::string_view> name) {
+  if (name.has_value()) {
+    std::string error;
+    const Crc32cKernel* k = find(*name, &error, "crc32c: kernel");
+    TORCH_CHECK(k != nullptr, error);
+    return k->update;
+  }
+  const DefaultKernel& d = default_kernel();
+  TORCH_CHECK(d.kernel != nullptr, "crc32c: ", d.error,
+              "; unset PLAIT_CRC32C_KERNEL or name one of those");
+  return d.kernel->update;
+}
+
+// plait::crc32c_kernels(): the kernels this CPU runs, the default first, then the others
+// in order of preference; with all=True, every kernel of this build.
+std::vector<std::string> crc32c_kernels(bool all) {
+  std::vector<std::string> names;
+  const DefaultKernel& d = default_kernel();
+  if (!all && d.kernel != nullptr) names.emplace_back(d.kernel->name);
+  for (const Crc32cKernel& k : kKernels) {
+    if (!all && (&k == d.kernel || !k.runs_here())) continue;
+    names.emplace_back(k.name);
+  }
+  return names;
 }
 
 // Below 1 MiB (~100 us at one thread) a fork/join is not worth it; each thread gets at
@@ -314,8 +438,7 @@ UpdateFn pick_update() {
 constexpr int64_t kParallelMinBytes = int64_t{1} << 20;
 constexpr int64_t kPieceMinBytes = int64_t{256} << 10;
 
-uint32_t update(uint32_t state, const uint8_t* p, int64_t n) {
-  const UpdateFn fn = pick_update();
+uint32_t update(UpdateFn fn, uint32_t state, const uint8_t* p, int64_t n) {
   const int64_t threads = at::get_num_threads();
   if (n < kParallelMinBytes || threads < 2 || at::in_parallel_region()) {
     return fn(state, p, static_cast<size_t>(n));
@@ -338,7 +461,7 @@ uint32_t update(uint32_t state, const uint8_t* p, int64_t n) {
   return s;
 }
 
-int64_t crc32c(const at::Tensor& data, int64_t crc) {
+int64_t crc32c(const at::Tensor& data, int64_t crc, std::optional<c10::string_view> kernel) {
   TORCH_CHECK(data.scalar_type() == at::kByte, "crc32c: data must be uint8, got ",
               data.scalar_type(), "; checksum the bytes of a tensor x with x.view(torch.uint8)");
   TORCH_CHECK(data.is_contiguous(), "crc32c: data must be contiguous, got strides ",
@@ -348,10 +471,11 @@ int64_t crc32c(const at::Tensor& data, int64_t crc) {
   TORCH_CHECK(crc >= 0 && crc <= int64_t{0xFFFFFFFF},
               "crc32c: crc must be a CRC-32C value in [0, 2**32), got ", crc,
               "; pass 0 to start or the value a previous call returned to continue");
+  const UpdateFn fn = pick_update(kernel);
   const uint32_t state = ~static_cast<uint32_t>(crc);
   const int64_t n = data.numel();
   if (n == 0) return crc;
-  return static_cast<int64_t>(~update(state, data.const_data_ptr<uint8_t>(), n));
+  return static_cast<int64_t>(~update(fn, state, data.const_data_ptr<uint8_t>(), n));
 }
 
 }  // namespace
@@ -361,4 +485,5 @@ int64_t crc32c(const at::Tensor& data, int64_t crc) {
 // message (a CUDA or meta tensor reaches it too) rather than a missing-kernel error.
 TORCH_LIBRARY_IMPL(plait, CompositeExplicitAutograd, m) {
   m.impl("crc32c", &plait::checksum::crc32c);
+  m.impl("crc32c_kernels", &plait::checksum::crc32c_kernels);
 }

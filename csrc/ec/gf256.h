@@ -90,12 +90,46 @@ PLAIT_GF256_HD constexpr Gf256Row gf256_row(const Gf256NibbleTables& t) {
   return row;
 }
 
+// Multiplication by c as an 8x8 matrix over GF(2), in the layout of the GFNI
+// instruction gf2p8affineqb. Multiplying by a constant is linear over GF(2): bit i of
+// c * x is the parity of (row_i AND x), where bit j of row_i is bit i of c * x^j. The
+// instruction (Intel SDM, GF2P8AFFINEQB) computes bit i of each output byte as
+// parity(A.byte[7 - i] AND x) XOR imm8.bit[i], so row_i goes to byte 7 - i of the 64-bit
+// matrix A, and imm8 = 0. This works for any field polynomial, where gf2p8mulb multiplies
+// only in AES's field (0x11b), not in this one (0x11d).
+PLAIT_GF256_HD constexpr uint64_t gf256_affine_matrix(uint8_t c) {
+  uint64_t a = 0;
+  for (unsigned i = 0; i < 8; ++i) {
+    uint64_t row = 0;
+    for (unsigned j = 0; j < 8; ++j) {
+      row |= static_cast<uint64_t>((gf256_mul(c, static_cast<uint8_t>(1u << j)) >> i) & 1u) << j;
+    }
+    a |= row << (8 * (7 - i));
+  }
+  return a;
+}
+
+// The matrices of every coefficient (2 KiB), computed by the compiler.
+struct Gf256AllAffineMatrices {
+  uint64_t coef[256];
+};
+
+PLAIT_GF256_HD constexpr Gf256AllAffineMatrices gf256_all_affine_matrices() {
+  Gf256AllAffineMatrices all{};
+  for (unsigned c = 0; c < 256; ++c) all.coef[c] = gf256_affine_matrix(static_cast<uint8_t>(c));
+  return all;
+}
+
+inline constexpr Gf256AllAffineMatrices kGf256AffineMatrices = gf256_all_affine_matrices();
+
 // Sanity checks of the field, evaluated by the compiler.
 static_assert(gf256_mul(2, 0x80) == 0x1d, "x * x^7 reduces by 0x11d");
 static_assert(gf256_mul(0x53, 1) == 0x53 && gf256_mul(0, 0xff) == 0, "identity and zero");
 static_assert(gf256_mul(0x8e, 0x02) == 0x01, "0x8e is the inverse of 2 under 0x11d");
 static_assert(gf256_mul_nibbles(kGf256NibbleTables.coef[0xb7], 0x6d) == gf256_mul(0xb7, 0x6d),
               "nibble split agrees with direct multiplication");
+static_assert(gf256_affine_matrix(1) == 0x0102040810204080ull, "1 is the identity matrix");
+static_assert(gf256_affine_matrix(0) == 0, "0 is the zero matrix");
 
 // Argument checks of plait::gf256_mul_add_, the same for every backend so that the
 // messages do not drift apart; defined in gf256_cpu.cpp. Returns coef as a byte.

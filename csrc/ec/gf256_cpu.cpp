@@ -4,7 +4,7 @@
 // Paths, picked once per process:
 //  - AVX2: split-nibble lookups with vpshufb, 64 bytes per iteration (see gf256.h).
 //    The function carries __attribute__((target("avx2"))), so the file builds
-//    without -mavx2 and runs anywhere; __builtin_cpu_supports decides at run time.
+//    without -mavx2 and runs anywhere; cpu::features() decides at run time.
 //  - scalar: one lookup per byte in the 256-entry product row of coef. Used where
 //    AVX2 is missing, or everywhere when PLAIT_GF256_NO_SIMD is set to a value other
 //    than "" or "0" (read once, at the first call) so tests can compare the paths.
@@ -15,6 +15,8 @@
 // Note: with torch's OpenMP backend, at::parallel_for is inline header code that
 // only forks when this file is compiled with -fopenmp; without it, it runs serially.
 #include "ec/gf256.h"
+
+#include "cpu/features.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -75,8 +77,7 @@ Path cpu_path() {
     const char* env = std::getenv("PLAIT_GF256_NO_SIMD");
     if (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) return Path::kScalar;
 #if PLAIT_GF256_HAVE_AVX2_PATH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return Path::kAvx2;
+    if (cpu::features().avx2) return Path::kAvx2;
 #endif
     return Path::kScalar;
   }();

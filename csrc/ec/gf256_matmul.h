@@ -8,19 +8,14 @@
 // their errors the same way.
 #pragma once
 
+#include "ec/gf256_kernels.h"  // kMatmulMaxIns, kMatmulMaxOuts
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 
 namespace plait::ec {
-
-// The stripe geometry the snapshot code uses: at most 32 data shards (k) and 8 parity
-// shards (m), so an encode is one call. The fixed bounds keep the pointer arrays and the
-// coefficient tables of a call in small fixed-size arrays (stack, kernel parameters,
-// shared memory), and let the kernels keep one accumulator per output in registers.
-inline constexpr int64_t kMatmulMaxIns = 32;
-inline constexpr int64_t kMatmulMaxOuts = 8;
 
 // Argument checks of plait::gf256_matmul_, the same for every backend: counts, dtypes,
 // contiguity, equal lengths, one device, coefs' shape and place, and that no output

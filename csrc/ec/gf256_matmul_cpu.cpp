@@ -1,30 +1,26 @@
-// CPU kernel of plait::gf256_matmul_(outs, ins, coefs): outs[i] = XOR_j coefs[i, j] *
-// ins[j] in GF(2^8), written in place into each output's memory (no copies; outputs may
-// be views of shared memory).
+// CPU kernel of plait::gf256_matmul_(outs, ins, coefs, kernel=None): outs[i] = XOR_j
+// coefs[i, j] * ins[j] in GF(2^8), written in place into each output's memory (no copies;
+// outputs may be views of shared memory).
 //
-// The product is fused: for each 32- or 64-byte position the kernel loads every input
-// once, splits its bytes into nibbles, and adds c * x (two vpshufb lookups, see gf256.h)
-// into one register accumulator per output; after the last input it stores each
-// accumulator once. Memory traffic is thus the k inputs read once and the m outputs
-// written once, the least any encoder can do (k * m separate multiply-adds would read
-// and write every output k times). What remains is the arithmetic, two vpshufb and two
-// XORs per output and 32 input bytes, as in ISA-L's AVX2 kernels; on the 2-core EPYC
-// machines here the two run at the same speed (bench/ec.py measures both).
+// This file has the argument checks, the cutting into blocks and threads, the scalar
+// kernel and the tails; the vector kernels are in gf256_matmul_<isa>.cpp (their loops in
+// gf256_kernel_loops.h), one file per instruction set, and gf256_matmul_dispatch.cpp
+// picks one: the best this CPU runs (GFNI on zmm or ymm, AVX-512 or AVX2 nibble
+// lookups, scalar), or the one `kernel` names, so that tests can run every one.
 //
-// Paths, picked once per process (as in gf256_cpu.cpp):
-//  - AVX2 (__attribute__((target("avx2"))), chosen at run time by __builtin_cpu_supports).
-//    Templated on the number of outputs so the accumulators are registers: with at most
-//    4 outputs each step covers 64 bytes (two accumulators per output, each table load
-//    used twice); with 5 to 8 outputs, 32 bytes (8 accumulators, 2 tables, the nibbles,
-//    the mask and a temporary fill 14 of the 16 ymm registers).
-//  - scalar: one lookup per byte in the 256-entry product row of each coefficient; where
-//    AVX2 is missing, or everywhere when PLAIT_GF256_NO_SIMD is set (not "" or "0").
+// Memory traffic of every kernel is the k inputs read once and the m outputs written
+// once, the least any encoder can do (k * m separate multiply-adds would read and write
+// every output k times); what differs is the arithmetic per byte. bench/ec.py measures
+// each kernel against ISA-L's on the same matrix and buffers.
 //
 // Work is cut into blocks of the same byte range of every shard, sized so that a block's
 // inputs and outputs fit in L2 (kBlockTouchBytes), and blocks are split over threads
-// with at::parallel_for; calls touching less than kSerialTouchBytes stay serial.
+// with at::parallel_for; calls touching less than kSerialTouchBytes stay serial. A
+// vector kernel computes a block's whole vectors; the last block's tail of fewer bytes
+// than a vector is done here, byte by byte.
 #include "ec/gf256.h"
 #include "ec/gf256_matmul.h"
+#include "ec/gf256_matmul_dispatch.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,16 +31,9 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
+#include <cstdint>
+#include <optional>
 #include <vector>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define PLAIT_GF256_HAVE_AVX2_PATH 1
-#else
-#define PLAIT_GF256_HAVE_AVX2_PATH 0
-#endif
 
 namespace plait::ec {
 
@@ -126,56 +115,35 @@ namespace {
 // Target bytes of all shards touched by one block: half of a 512 KiB L2, so that the
 // block's inputs and outputs stay cached while the prefetchers run ahead on the next.
 constexpr int64_t kBlockTouchBytes = int64_t{256} << 10;
-// Per-shard block length bounds (multiples of 64, the widest step).
+// Per-shard block length bounds (multiples of 64, the widest vector).
 constexpr int64_t kMinBlockBytes = int64_t{4} << 10;
 constexpr int64_t kMaxBlockBytes = int64_t{64} << 10;
 // Below this many bytes touched in all (~40 us of work) a fork/join costs more than it saves.
 constexpr int64_t kSerialTouchBytes = int64_t{1} << 20;
 
-enum class Path { kScalar, kAvx2 };
-
-Path cpu_path() {
-  static const Path path = [] {
-    const char* env = std::getenv("PLAIT_GF256_NO_SIMD");
-    if (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) return Path::kScalar;
-#if PLAIT_GF256_HAVE_AVX2_PATH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return Path::kAvx2;
-#endif
-    return Path::kScalar;
-  }();
-  return path;
-}
-
-// The nibble tables of one coefficient, each 16-byte table repeated in both 128-bit
-// halves because vpshufb looks up within each lane. Aligned for single aligned loads.
-struct alignas(32) LaneTables {
-  uint8_t lo[32];
-  uint8_t hi[32];
+// The per-coefficient tables of one call, in the layout its kernel reads (see
+// gf256_kernels.h), entry j * m + i for coefs[i, j]. At most 64 KiB (the scalar rows).
+struct CallTables {
+  std::vector<Gf256Row> rows;
+  std::array<Gf256NibbleTables, kMatmulMaxIns * kMatmulMaxOuts> nibbles;
+  std::array<uint64_t, kMatmulMaxIns * kMatmulMaxOuts> matrices;
 };
 
-// Everything a block needs, prepared once per call. tables[j * m + i] belongs to
-// coefs[i, j]: the inner loop walks the outputs of one input, so tables are read in order.
-struct MatmulPlan {
-  int k = 0;
-  int m = 0;
-  std::array<const uint8_t*, kMatmulMaxIns> ins{};
-  std::array<uint8_t*, kMatmulMaxOuts> outs{};
-  std::array<uint8_t, kMatmulMaxIns * kMatmulMaxOuts> coefs{};  // [j * m + i]
-};
+static_assert(sizeof(Gf256NibbleTables) == 32, "nibble kernels read 32 bytes per coefficient");
 
 // ---------------------------------------------------------------------------- scalar
 
-// Block [begin, end) of every shard, one table lookup per input byte and output. Each
+// Bytes [begin, end) of every output, one table lookup per input byte and output. Each
 // output is built in place: the first input assigns, the rest accumulate; the block is
 // small enough to stay in cache across the k passes.
-void matmul_block_scalar(const MatmulPlan& plan, const Gf256Row* rows, int64_t begin, int64_t end) {
+void matmul_block_scalar(const MatmulStripe& s, const Gf256Row* rows, int64_t begin,
+                         int64_t end) {
   const int64_t n = end - begin;
-  for (int i = 0; i < plan.m; ++i) {
-    uint8_t* out = plan.outs[i] + begin;
-    for (int j = 0; j < plan.k; ++j) {
-      const uint8_t* in = plan.ins[j] + begin;
-      const uint8_t* row = rows[j * plan.m + i].v;
+  for (int i = 0; i < s.m; ++i) {
+    uint8_t* out = s.outs[i] + begin;
+    for (int j = 0; j < s.k; ++j) {
+      const uint8_t* in = s.ins[j] + begin;
+      const uint8_t* row = rows[j * s.m + i].v;
       if (j == 0) {
         for (int64_t p = 0; p < n; ++p) out[p] = row[in[p]];
       } else {
@@ -185,104 +153,19 @@ void matmul_block_scalar(const MatmulPlan& plan, const Gf256Row* rows, int64_t b
   }
 }
 
-// ------------------------------------------------------------------------------ AVX2
-
-#if PLAIT_GF256_HAVE_AVX2_PATH
-
-__attribute__((target("avx2"))) inline __m256i load32(const uint8_t* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
-__attribute__((target("avx2"))) inline void store32(uint8_t* p, __m256i v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
-}
-
-// Bytes [p, p + 32 * kVecs) of every output, kVecs = 1 or 2 ymm words per output. Per
-// input and 32 bytes: one load, the nibble split (shift, two ANDs); per output: two
-// table loads, two vpshufb, two XORs. Inlined into the block loop so that the mask and
-// the pointers stay in registers across steps.
-template <int M, int kVecs>
-__attribute__((target("avx2"), always_inline)) inline void matmul_step_avx2(
-    const MatmulPlan& plan, const LaneTables* tables, int64_t p) {
-  const __m256i mask = _mm256_set1_epi8(0x0f);
-  __m256i acc[kVecs][M];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) acc[v][i] = _mm256_setzero_si256();
-  }
-  const int k = plan.k;
-  for (int j = 0; j < k; ++j) {
-    const uint8_t* in = plan.ins[j] + p;
-    __m256i lo[kVecs], hi[kVecs];
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) {
-      const __m256i s = load32(in + 32 * v);
-      lo[v] = _mm256_and_si256(s, mask);
-      // No byte shift exists: shift 64-bit lanes, then drop the bits from the next byte.
-      hi[v] = _mm256_and_si256(_mm256_srli_epi64(s, 4), mask);
-    }
-    const LaneTables* t = tables + j * M;
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      __m256i tlo = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].lo));
-      __m256i thi = _mm256_load_si256(reinterpret_cast<const __m256i*>(t[i].hi));
-      // Pin the tables in registers: under register pressure the compiler would rather
-      // load them again for each use, and loads share the ports with the data's.
-      __asm__("" : "+x"(tlo), "+x"(thi));
-#pragma GCC unroll 4
-      for (int v = 0; v < kVecs; ++v) {
-        // One product at a time into the accumulator: one temporary register, not two.
-        acc[v][i] = _mm256_xor_si256(acc[v][i], _mm256_shuffle_epi8(tlo, lo[v]));
-        acc[v][i] = _mm256_xor_si256(acc[v][i], _mm256_shuffle_epi8(thi, hi[v]));
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i) {
-#pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) store32(plan.outs[i] + p + 32 * v, acc[v][i]);
-  }
-}
-
-template <int M>
-__attribute__((target("avx2"))) void matmul_block_avx2(const MatmulPlan& plan,
-                                                       const LaneTables* tables, int64_t begin,
-                                                       int64_t end) {
-  int64_t p = begin;
-  // 64 bytes per step where the registers allow (2M accumulators, 4 nibble vectors, the
-  // mask, 2 tables: 15 of 16 at M = 4); measured here, a 128-byte step at M <= 2 was
-  // slower (the compiler spills), and so were non-temporal stores and software
-  // prefetch on 64 MiB stripes (neither is used).
-  if constexpr (M <= 4) {
-    for (; p + 64 <= end; p += 64) matmul_step_avx2<M, 2>(plan, tables, p);
-  }
-  for (; p + 32 <= end; p += 32) matmul_step_avx2<M, 1>(plan, tables, p);
-  // Tail of fewer than 32 bytes (only in the last block): byte by byte, from the
-  // 16-byte halves of the same tables.
-  for (; p < end; ++p) {
-    for (int i = 0; i < M; ++i) {
+// The bytes [begin, end) after a vector kernel's last whole vector (fewer than its
+// width, only in the last block), from the nibble tables of the constexpr set.
+void matmul_tail(const MatmulStripe& s, const uint8_t* coefs, int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    for (int i = 0; i < s.m; ++i) {
       uint8_t v = 0;
-      for (int j = 0; j < plan.k; ++j) {
-        const uint8_t x = plan.ins[j][p];
-        const LaneTables& t = tables[j * M + i];
-        v ^= static_cast<uint8_t>(t.lo[x & 0x0f] ^ t.hi[x >> 4]);
+      for (int j = 0; j < s.k; ++j) {
+        v ^= gf256_mul_nibbles(kGf256NibbleTables.coef[coefs[j * s.m + i]], s.ins[j][p]);
       }
-      plan.outs[i][p] = v;
+      s.outs[i][p] = v;
     }
   }
 }
-
-using Avx2Block = void (*)(const MatmulPlan&, const LaneTables*, int64_t, int64_t);
-
-Avx2Block avx2_block_for(int m) {
-  static constexpr Avx2Block kBlocks[kMatmulMaxOuts] = {
-      matmul_block_avx2<1>, matmul_block_avx2<2>, matmul_block_avx2<3>, matmul_block_avx2<4>,
-      matmul_block_avx2<5>, matmul_block_avx2<6>, matmul_block_avx2<7>, matmul_block_avx2<8>};
-  return kBlocks[m - 1];
-}
-
-#endif  // PLAIT_GF256_HAVE_AVX2_PATH
 
 // Per-shard block length: (k + m) * block ~ kBlockTouchBytes, a multiple of 64 within
 // [kMinBlockBytes, kMaxBlockBytes].
@@ -302,59 +185,65 @@ void for_each_block(int64_t n, int k, int m, const BlockFn& fn) {
   });
 }
 
-void gf256_matmul_cpu(at::TensorList outs, at::TensorList ins, const at::Tensor& coefs) {
+void gf256_matmul_cpu(at::TensorList outs, at::TensorList ins, const at::Tensor& coefs,
+                      std::optional<c10::string_view> kernel_name) {
   gf256_matmul_check(outs, ins, coefs);
   TORCH_CHECK(ins[0].device().is_cpu(), "gf256_matmul_: expected CPU tensors, got ins[0] on ",
               ins[0].device());
+  const MatmulKernel& kernel = matmul_kernel(kernel_name);
   const int64_t n = ins[0].numel();
   if (n == 0) return;
 
-  MatmulPlan plan;
-  plan.k = static_cast<int>(ins.size());
-  plan.m = static_cast<int>(outs.size());
-  for (int j = 0; j < plan.k; ++j) plan.ins[j] = ins[j].const_data_ptr<uint8_t>();
-  for (int i = 0; i < plan.m; ++i) plan.outs[i] = outs[i].mutable_data_ptr<uint8_t>();
-  const auto c = coefs.accessor<uint8_t, 2>();
-  for (int i = 0; i < plan.m; ++i) {
-    for (int j = 0; j < plan.k; ++j) plan.coefs[j * plan.m + i] = c[i][j];
+  MatmulStripe stripe;
+  stripe.k = static_cast<int>(ins.size());
+  stripe.m = static_cast<int>(outs.size());
+  const int k = stripe.k, m = stripe.m;
+  for (int j = 0; j < k; ++j) stripe.ins[j] = ins[j].const_data_ptr<uint8_t>();
+  for (int i = 0; i < m; ++i) stripe.outs[i] = outs[i].mutable_data_ptr<uint8_t>();
+  std::array<uint8_t, kMatmulMaxIns * kMatmulMaxOuts> c{};  // [j * m + i]
+  const auto rows = coefs.accessor<uint8_t, 2>();
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < k; ++j) c[j * m + i] = rows[i][j];
   }
 
-#if PLAIT_GF256_HAVE_AVX2_PATH
-  if (cpu_path() == Path::kAvx2) {
-    // 64 bytes per coefficient, 16 KiB at most: prepared once, read by every thread.
-    std::array<LaneTables, kMatmulMaxIns * kMatmulMaxOuts> tables;
-    for (int e = 0; e < plan.k * plan.m; ++e) {
-      const Gf256NibbleTables& t = kGf256NibbleTables.coef[plan.coefs[e]];
-      std::memcpy(tables[e].lo, t.lo, 16);
-      std::memcpy(tables[e].lo + 16, t.lo, 16);
-      std::memcpy(tables[e].hi, t.hi, 16);
-      std::memcpy(tables[e].hi + 16, t.hi, 16);
-    }
-    const Avx2Block block_fn = avx2_block_for(plan.m);
-    for_each_block(n, plan.k, plan.m, [&](int64_t begin, int64_t end) {
-      block_fn(plan, tables.data(), begin, end);
-    });
-    return;
+  CallTables tables;
+  const void* kernel_tables = nullptr;
+  switch (kernel.tables) {
+    case MatmulTables::kRows:
+      tables.rows.resize(static_cast<size_t>(k * m));
+      for (int e = 0; e < k * m; ++e) tables.rows[e] = gf256_row(kGf256NibbleTables.coef[c[e]]);
+      for_each_block(n, k, m, [&](int64_t begin, int64_t end) {
+        matmul_block_scalar(stripe, tables.rows.data(), begin, end);
+      });
+      return;
+    case MatmulTables::kNibble:
+      for (int e = 0; e < k * m; ++e) tables.nibbles[e] = kGf256NibbleTables.coef[c[e]];
+      kernel_tables = tables.nibbles.data();
+      break;
+    case MatmulTables::kAffine:
+      for (int e = 0; e < k * m; ++e) tables.matrices[e] = kGf256AffineMatrices.coef[c[e]];
+      kernel_tables = tables.matrices.data();
+      break;
   }
-#endif
-  // 256 bytes per coefficient, 64 KiB at most, built only on this (fallback) path.
-  std::vector<Gf256Row> rows(static_cast<size_t>(plan.k * plan.m));
-  for (int e = 0; e < plan.k * plan.m; ++e) {
-    rows[e] = gf256_row(kGf256NibbleTables.coef[plan.coefs[e]]);
-  }
-  for_each_block(n, plan.k, plan.m, [&](int64_t begin, int64_t end) {
-    matmul_block_scalar(plan, rows.data(), begin, end);
+  const MatmulBlockFn block_fn = kernel.block_for(m);
+  const int64_t width = kernel.width;
+  for_each_block(n, k, m, [&](int64_t begin, int64_t end) {
+    const int64_t vector_end = begin + (end - begin) / width * width;
+    if (vector_end > begin) block_fn(stripe, kernel_tables, begin, vector_end);
+    if (vector_end < end) matmul_tail(stripe, c.data(), vector_end, end);
   });
 }
 
 void gf256_matmul_inplace_or_view(c10::DispatchKeySet keys, at::TensorList outs,
-                                  at::TensorList ins, const at::Tensor& coefs) {
+                                  at::TensorList ins, const at::Tensor& coefs,
+                                  std::optional<c10::string_view> kernel) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("plait::gf256_matmul_", "")
-                             .typed<void(at::TensorList, at::TensorList, const at::Tensor&)>();
+                             .typed<void(at::TensorList, at::TensorList, const at::Tensor&,
+                                         std::optional<c10::string_view>)>();
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, outs, ins, coefs);
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, outs, ins, coefs, kernel);
   }
   for (const at::Tensor& out : outs) out.unsafeGetTensorImpl()->bump_version();
 }

@@ -36,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 namespace plait::ec {
 namespace {
@@ -167,10 +168,14 @@ void launch(const MatmulArgs& args, unsigned blocks, cudaStream_t stream) {
   gf256_matmul_kernel<M><<<blocks, kThreads, 0, stream>>>(args);
 }
 
-void gf256_matmul_cuda(at::TensorList outs, at::TensorList ins, const at::Tensor& coefs) {
+void gf256_matmul_cuda(at::TensorList outs, at::TensorList ins, const at::Tensor& coefs,
+                       std::optional<c10::string_view> kernel) {
   gf256_matmul_check(outs, ins, coefs);
   TORCH_CHECK(ins[0].is_cuda(), "gf256_matmul_: expected CUDA tensors, got ins[0] on ",
               ins[0].device());
+  TORCH_CHECK(!kernel.has_value(), "gf256_matmul_: kernel='", *kernel,
+              "' names a CPU kernel, but the shards are on ", ins[0].device(),
+              ", which has one kernel; pass kernel=None");
   const int64_t n = ins[0].numel();
   if (n == 0) return;
 

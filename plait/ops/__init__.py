@@ -6,15 +6,24 @@ and ``FakeTensorMode`` need; the eager kernels come with ``plait._C``.
 
 from __future__ import annotations
 
-from plait.ops.checksum import checksum
-from plait.ops.gf256 import GF256_POLY, gf256_matmul_, gf256_mul, gf256_mul_add_, gf256_mul_add_reference
+from plait.ops.checksum import checksum, crc32c_kernels
+from plait.ops.gf256 import (
+    GF256_POLY,
+    gf256_matmul_,
+    gf256_matmul_kernels,
+    gf256_mul,
+    gf256_mul_add_,
+    gf256_mul_add_reference,
+)
 from plait.ops.rs import ReedSolomon
 
 __all__ = [
     "GF256_POLY",
     "ReedSolomon",
     "checksum",
+    "crc32c_kernels",
     "gf256_matmul_",
+    "gf256_matmul_kernels",
     "gf256_mul",
     "gf256_mul_add_",
     "gf256_mul_add_reference",

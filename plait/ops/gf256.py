@@ -11,7 +11,8 @@ and ``torch.ops.plait.gf256_matmul_`` (the fused product of a whole coefficient 
 one pass over the data: what Reed-Solomon encode and decode run); their argument checks
 are the source of truth. This module adds:
 
-* :func:`gf256_mul_add_` and :func:`gf256_matmul_`, the Python entry points;
+* :func:`gf256_mul_add_` and :func:`gf256_matmul_`, the Python entry points, and
+  :func:`gf256_matmul_kernels`, the CPU kernels of the latter that this CPU runs;
 * the fake (meta) kernels, so the ops trace under ``torch.compile`` and ``FakeTensorMode``;
 * :func:`gf256_mul_add_reference`, a slow pure-PyTorch implementation sharing no code
   with the kernels, and :func:`gf256_mul`, a scalar multiply, for tests.
@@ -27,7 +28,14 @@ import torch
 
 import plait  # noqa: F401  (loads plait._C, which defines torch.ops.plait.*)
 
-__all__ = ["GF256_POLY", "gf256_matmul_", "gf256_mul", "gf256_mul_add_", "gf256_mul_add_reference"]
+__all__ = [
+    "GF256_POLY",
+    "gf256_matmul_",
+    "gf256_matmul_kernels",
+    "gf256_mul",
+    "gf256_mul_add_",
+    "gf256_mul_add_reference",
+]
 
 #: The reduction polynomial x^8 + x^4 + x^3 + x^2 + 1.
 GF256_POLY = 0x11D
@@ -159,7 +167,11 @@ def _gf256_mul_add_fake(dst: torch.Tensor, src: torch.Tensor, coef: int) -> None
 
 
 def gf256_matmul_(
-    outs: Sequence[torch.Tensor], ins: Sequence[torch.Tensor], coefs: torch.Tensor | Sequence[Sequence[int]]
+    outs: Sequence[torch.Tensor],
+    ins: Sequence[torch.Tensor],
+    coefs: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    kernel: str | None = None,
 ) -> Sequence[torch.Tensor]:
     """``outs[i] = XOR_j coefs[i][j] * ins[j]`` in GF(2^8) (polynomial 0x11d); returns ``outs``.
 
@@ -171,9 +183,14 @@ def gf256_matmul_(
     another output. ``coefs`` is a uint8 CPU tensor of shape ``[len(outs), len(ins)]``,
     or a nested sequence of ints that is converted to one.
 
-    One call reads each input once and writes each output once (a fused kernel, AVX2 on
-    x86 CPUs, multi-threaded on large shards), where ``len(outs) * len(ins)`` calls of
+    One call reads each input once and writes each output once (a fused kernel,
+    multi-threaded on large shards), where ``len(outs) * len(ins)`` calls of
     :func:`gf256_mul_add_` would read and write each output ``len(ins)`` times.
+
+    On the CPU, ``kernel`` names the implementation (see :func:`gf256_matmul_kernels`);
+    ``None`` takes the best this CPU runs: GFNI on AVX-512 or AVX2 registers, AVX-512 or
+    AVX2 byte shuffles, or scalar code (``PLAIT_GF256_KERNEL`` overrides the choice for
+    the process). Every kernel gives the same bytes. CUDA tensors take ``None`` only.
 
     Raises RuntimeError (from the kernel's checks) naming the bad argument. Like
     :func:`gf256_mul_add_`, it bumps each output's version counter and has no autograd
@@ -181,12 +198,26 @@ def gf256_matmul_(
     """
     if not isinstance(coefs, torch.Tensor):
         coefs = torch.tensor(coefs, dtype=torch.uint8)
-    torch.ops.plait.gf256_matmul_(list(outs), list(ins), coefs)
+    torch.ops.plait.gf256_matmul_(list(outs), list(ins), coefs, kernel)
     return outs
 
 
+def gf256_matmul_kernels(*, all: bool = False) -> list[str]:  # noqa: A002  (the op's argument)
+    """The CPU kernels of :func:`gf256_matmul_` this CPU runs, the default first, then the
+    others best first; with ``all=True``, every kernel of this build, runnable or not.
+
+    Names: ``gfni_avx512``, ``avx512``, ``gfni_avx2``, ``avx2``, ``scalar`` and
+    ``gfni_emulated`` (the GFNI kernels' loop with the instruction computed in portable
+    code, which runs anywhere and is never the default: it tests the GFNI kernels' loop
+    and bit matrices on CPUs without GFNI).
+    """
+    return list(torch.ops.plait.gf256_matmul_kernels(all))
+
+
 @torch.library.register_fake("plait::gf256_matmul_")
-def _gf256_matmul_fake(outs: list[torch.Tensor], ins: list[torch.Tensor], coefs: torch.Tensor) -> None:
+def _gf256_matmul_fake(
+    outs: list[torch.Tensor], ins: list[torch.Tensor], coefs: torch.Tensor, kernel: str | None = None
+) -> None:
     # The same checks, in the same words, as gf256_matmul_check in
     # csrc/ec/gf256_matmul_cpu.cpp, but for the overlap one (it needs real addresses).
     torch._check(
