@@ -101,6 +101,12 @@ def _owned(state: dict | None) -> dict | None:
 
 def train_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, steps: int,
                  engine_extra: dict | None = None, bug: InjectedBug | None = None) -> dict:
+    """Train ``steps`` steps of one layout; returns what the checks compare.
+
+    Per step: loss, balancing loss, gradient norm, the reduced gradient and the full state
+    after it (``states`` starts with the state before the first step; both on rank 0 only),
+    and this rank's router records; plus the first step's ledger and the evaluation loss.
+    """
     torch.use_deterministic_algorithms(True)
     sizes = dict(sizes)
     vpp = sizes.pop("vpp", 1)
@@ -170,7 +176,7 @@ def run_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, steps:
         return {"ledger": run["ledger"]}
     run["routing"] = merge_routing(records, GLOBAL_BATCH * MODEL["seq_len"])
     follow = {s: {layer: t.indices for layer, t in layers.items()} for s, layers in run["routing"].items()}
-    run["replay"] = replay(rank, world, kind, run["micro_rows"], steps, dict(run, routing=follow))
+    run["replay"] = replay(kind, run["micro_rows"], steps, dict(run, routing=follow))
     return run
 
 
@@ -195,10 +201,10 @@ def plain_run(rank: int, world: int, kind: str, micro_rows: int, steps: int) -> 
         losses.append(loss)
         aux.append(balancing)
     return {"losses": losses, "aux": aux, "grads": [grads], "routing": trainer.routing.records,
-            "state": trainer.state(), "eval": trainer.evaluate(*data.next_batch())}
+            "eval": trainer.evaluate(*data.next_batch())}
 
 
-def replay(rank: int, world: int, kind: str, micro_rows: int, steps: int, layout: dict) -> dict:
+def replay(kind: str, micro_rows: int, steps: int, layout: dict) -> dict:
     """Redo each step of a layout with plain PyTorch, from the layout's own state before it.
 
     ``layout`` holds the layout's ``states`` (``steps + 1`` full states), ``grads`` (its reduced
