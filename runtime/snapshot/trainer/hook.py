@@ -203,18 +203,25 @@ class SnapshotHook:
         if copy is None:
             return
         start = time.perf_counter()
-        if not copy.started.wait(self._alloc_wait()):
-            with copy.lock:
-                cancelled = copy.state == "allocating"
-                if cancelled:
-                    copy.state = "cancelled"
-            if cancelled:
-                self._skip(copy.version, "the daemon was too slow to allocate before the next update",
-                           f"waited {self._alloc_wait():.2f} s")
-                self._stall += time.perf_counter() - start
-                return
-        copy.copied.wait()  # memory speed: the tensors are being copied, no daemon involved
+        self._wait_started(copy, "the daemon was too slow to allocate before the next update")
+        if copy.state not in ("cancelled", "failed"):
+            copy.copied.wait()  # memory speed: the tensors are being copied, no daemon involved
         self._stall += time.perf_counter() - start
+
+    def _wait_started(self, copy: _Copy, reason: str) -> None:
+        """Wait (at most the allocation bound) for the daemon's segment; cancel the copy if it has not come.
+
+        A copy already given up (cancelled by an earlier update, or failed) is not waited on
+        again: its thread may stay blocked on a hung daemon for the whole RPC timeout.
+        """
+        if copy.state in ("cancelled", "failed") or copy.started.wait(self._alloc_wait()):
+            return
+        with copy.lock:
+            cancelled = copy.state == "allocating"
+            if cancelled:
+                copy.state = "cancelled"
+        if cancelled:
+            self._skip(copy.version, reason, f"waited {self._alloc_wait():.2f} s")
 
     def summary(self) -> dict[str, Any]:
         out = {"taken": self.stats.taken, "skipped": self.stats.skipped, "skip_reasons": self.stats.skip_reasons,
