@@ -86,7 +86,7 @@ def test_cli_surface_is_frozen():
         "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
-        "daemon --max-memory",
+        "daemon --max-memory", "daemon --secret-file", "daemon --parent-pid",
         "daemon --ready-file", "daemon --log-file", "daemon --cleanup",
         "bench", "bench -h", "bench --help", "bench <name>", "bench --json", "bench --out", "bench --quick",
     }
@@ -97,7 +97,7 @@ def test_every_cli_flag_is_in_the_readme():
     for flag in ("--config", "--nproc", "--run-dir", "--set", "--dry-run", "--json", "--out", "--quick", "--nnodes",
                  "--nproc-per-node", "--fault", "--job", "--node", "--ec-k", "--ec-m", "--port", "--bulk-port", "--host",
                  "--peers",
-                 "--max-memory", "--ready-file", "--log-file", "--cleanup", "plait daemon"):
+                 "--max-memory", "--secret-file", "--parent-pid", "--ready-file", "--log-file", "--cleanup", "plait daemon"):
         assert flag in readme, flag
 
 
