@@ -39,6 +39,14 @@ class LaunchError(PlaitError):
     exit_code = 1
 
 
+class JobCannotContinue(PlaitError):
+    """A failure no restart can fix: its newest snapshot is lost and nothing older can stand in, or a fault could
+    not be carried out. The workers stop the job instead of letting the elastic agent restart them in vain; the
+    message says why and what would have prevented it."""
+
+    exit_code = 1
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """Return "did you mean 'x'?" for the closest of ``choices``, or None if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -101,10 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
     if config.snapshot.enabled:
         from plait.runtime.snapshot.trainer.hook import job_name
+        from plait.runtime.snapshot.trainer.lifecycle import published_record
         from plait.runtime.snapshot.launcher.spawn import job_secret_file
         from plait.runtime.snapshot.launcher.supervisor import DaemonSet
 
         job = job_name(run_dir)
+        published_record(run_dir).unlink(missing_ok=True)  # of an earlier job in this directory
         secret_file = job_secret_file(run_dir)
         daemons = DaemonSet(config.snapshot, job=job, nnodes=config.launch.nnodes,
                             nproc_per_node=config.launch.nproc_per_node, run_dir=run_dir, secret_file=secret_file)
@@ -125,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if daemons is not None:
             daemons.stop()
     summary = json.loads((run_dir / "summary.json").read_text())
+    if summary["status"] != "completed":  # the workers stopped the job: no restart could have helped
+        raise LaunchError(f"{summary['error']}; the steps done so far are in {run_dir / 'summary.json'}")
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
         f"plait: done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}, eval loss {eval_text}, "

@@ -24,7 +24,7 @@ Schema (version 1), every field always present:
 | ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
-| ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``) |
+| ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``; ``lost``: the published snapshot of ``step`` could not be restored and the job stopped) |
 | ``faults`` | list[str] | faults injected with ``--fault`` that fired, e.g. ``kill-node:node=2:step=7`` |
 | ``snapshot`` | {taken, skipped, skip_reasons, published, abandoned, bytes_per_rank, stall_s, copy_s, alloc_s, take_s, update_wait_s, publish_latency_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy and allocation times; published/abandoned/publish_latency_s come from rank 0's publisher (every node's versions) |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
@@ -145,3 +145,19 @@ class SummaryHook(BaseHook):
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.path)
         return summary
+
+    def stop(self, trainer: Trainer, error: str) -> None:
+        """The job cannot continue (no restart would help): mark the summary failed, keeping the history it holds.
+
+        A restarted attempt that stops before its first step has no history of its own;
+        the previous attempt's summary (written when it was stopped) has it.
+        """
+        if not self.path.exists() or self.losses:
+            self.write(trainer, status="failed", error=error)
+            return
+        summary = json.loads(self.path.read_text())
+        summary.update(status="failed", error=error, restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                       faults=fired_faults(self.path.parent), **recovery_totals(self.path.parent))
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.path)

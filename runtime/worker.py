@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import plait
-from plait.errors import LaunchError
+from plait.errors import JobCannotContinue, LaunchError
 from plait.runtime.config import JobConfig, load_config, model_spec
 from plait.runtime.data import SequenceLoader, eval_batches, load_corpus
 from plait.runtime.metrics import MetricsHook
@@ -34,7 +34,7 @@ from plait.runtime.snapshot.transport.client import DaemonClient
 from plait.runtime.snapshot.trainer.disk import DiskTier
 from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
 from plait.runtime.snapshot.trainer.hook import SnapshotHook
-from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
+from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle, published_record
 from plait.runtime.snapshot.layout import GroupLayout
 from plait.runtime.snapshot.trainer.restore import restore
 from plait.runtime.trainer import BaseHook, Hook, Trainer
@@ -124,7 +124,8 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, *, rank: int, world: int) 
     if snap.disk_every:
         disk = DiskTier(Path(snap.dir) if snap.dir else run_dir / "checkpoints", rank=rank, world=world,
                         keep=snap.keep_disk, secret=secret)
-    lifecycle = VersionLifecycle(clients, complete_timeout=snap.complete_timeout) if rank == 0 else None
+    lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir))
+                 if rank == 0 else None)
     hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,
                         secret=secret, disk=disk)
     args.update(clients=clients, disk=disk, secret=secret, lifecycle=lifecycle)
@@ -201,17 +202,24 @@ def run(run_dir: Path) -> None:
         trainer = Trainer(config=config.train, engine=engine, loader=loader, eval_set=eval_set, hooks=hooks)
         if summary is not None:
             summary.snapshots = snapshot_hook
-        outcome = restore(trainer, **restore_args)
-        if snapshot_hook is not None:
-            snapshot_hook.epoch = outcome.epoch
-        if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
-            print(outcome.line, flush=True)
         try:
-            trainer.fit()
-        except BaseException as err:
-            if summary is not None:  # nothing lost: the steps done so far are on disk
-                summary.write(trainer, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
+            outcome = restore(trainer, **restore_args)
+            if snapshot_hook is not None:
+                snapshot_hook.epoch = outcome.epoch
+            if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
+                print(outcome.line, flush=True)
+            try:
+                trainer.fit()
+            except BaseException as err:
+                if summary is not None:  # nothing lost: the steps done so far are on disk
+                    summary.write(trainer, status="failed", error=f"{type(err).__name__}: {err}")
+                raise
+        except JobCannotContinue as err:
+            # No restart can fix it: every rank returns normally, so that the elastic agent does not
+            # restart the workers in vain, and plait train reports the summary's error.
+            log.error("rank %d: the job cannot continue: %s", rank, err)
+            if summary is not None:
+                summary.stop(trainer, f"{type(err).__name__}: {err}")
     finally:
         if lifecycle is not None:
             lifecycle.close()

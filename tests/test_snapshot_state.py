@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,6 +15,7 @@ from plait.runtime.snapshot.config import SnapshotConfig, parse_size
 from plait.runtime.snapshot.trainer.disk import DiskTier, complete_steps
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.trainer.blob import BlobError, plan, read_blob
+from plait.runtime.snapshot.trainer.hook import ALLOC_WAIT_MAX_S, SnapshotHook
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -197,3 +202,33 @@ def test_the_disk_tier_round_trips_and_only_complete_checkpoints_count(tmp_path,
         for t in tiers:
             t.wait()
     assert complete_steps(tmp_path, 2) == [8, 12]
+
+
+class _HungDaemon:
+    """A client whose daemon never answers an allocation (SIGSTOPped) until ``wake`` is set."""
+
+    timeout = 30.0
+
+    def __init__(self):
+        self.wake = threading.Event()
+
+    def alloc(self, version, local_rank, size):
+        self.wake.wait(30)
+        raise TimeoutError("deadline exceeded")
+
+
+def test_a_daemon_that_hangs_between_snapshots_costs_one_bounded_wait(job_secret):
+    """Defect: the update after a cancelled copy waited for that copy's allocation RPC, up to its 30 s timeout."""
+    client = _HungDaemon()
+    hook = SnapshotHook(SnapshotConfig(every=2), client=client, lifecycle=None, rank=0, local_rank=0, secret=job_secret)
+    trainer = SimpleNamespace(engine=SimpleNamespace(local_tensors=_tensors), snapshot_objects=lambda: {"step": 2},
+                              config=SimpleNamespace(steps=10))
+    try:
+        hook.on_step_end(trainer, 2)
+        for _ in range(3):  # the next updates
+            start = time.monotonic()
+            hook._before_update()
+            assert time.monotonic() - start < ALLOC_WAIT_MAX_S + 0.5
+        assert hook.stats.skipped == 1
+    finally:
+        client.wake.set()

@@ -14,25 +14,32 @@ the version restored from, so no version a crashed run left half-written can eve
 completed by the replayed run. A daemon that does not answer the reset in time is
 retried by the thread until it does.
 
+Each publication is also recorded in ``<run dir>/published.json`` (:func:`published_record`),
+so that a restore that finds nothing to resume from knows whether a snapshot was lost
+(an error) or there never was one (a fresh start).
+
 A later job coordinator can grow from this class: it already is the one place that
 knows which versions exist, which are published and when the last restore was.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from plait.runtime.snapshot.records import version_text
+from plait.runtime.snapshot.records import epoch_of, step_of, version_text
 
 if TYPE_CHECKING:
     from plait.runtime.snapshot.transport.client import DaemonClient
 
-__all__ = ["LifecycleStats", "VersionLifecycle"]
+__all__ = ["LifecycleStats", "VersionLifecycle", "published_record", "last_published"]
 
 log = logging.getLogger("plait.snapshot.lifecycle")
 
@@ -40,6 +47,18 @@ T = TypeVar("T")
 
 POLL_MIN_S = 0.005  # first poll after a submit; doubles while nothing changes, up to POLL_MAX_S
 POLL_MAX_S = 0.1
+
+
+def published_record(run_dir: Path) -> Path:
+    return Path(run_dir) / "published.json"
+
+
+def last_published(run_dir: Path) -> dict[str, int] | None:
+    """``{version, step, epoch}`` of the newest version this job published, None if it never published one."""
+    try:
+        return json.loads(published_record(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -54,8 +73,10 @@ class LifecycleStats:
 class VersionLifecycle:
     """Publishes completed versions and resets daemons after restores (global rank 0 only)."""
 
-    def __init__(self, clients: list[DaemonClient], *, complete_timeout: float, rpc_timeout: float = 5.0):
+    def __init__(self, clients: list[DaemonClient], *, complete_timeout: float, rpc_timeout: float = 5.0,
+                 record: Path | None = None):
         self.clients = clients
+        self.record = record
         self.complete_timeout = complete_timeout
         self.rpc_timeout = rpc_timeout
         self.stats = LifecycleStats()
@@ -209,3 +230,7 @@ class VersionLifecycle:
             self.stats.published += 1
             self.stats.last_published = version
             self.stats.publish_latency_s.append(time.monotonic() - submitted)
+            if self.record is not None:
+                tmp = self.record.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"version": version, "step": step_of(version), "epoch": epoch_of(version)}))
+                os.replace(tmp, self.record)

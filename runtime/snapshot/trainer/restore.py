@@ -6,8 +6,12 @@ picks the newest version every rank can get, each rank from its own node's memor
 and parity ("rebuild"). Every rank then loads and checks checksums (the blob's, and for
 a rebuild every piece's before decoding); a rank that fails reports it, rank 0 rules
 that source out and plans again. Without a usable in-memory version, the newest
-complete disk checkpoint is taken; without one, training starts fresh. Each outcome is
-one line on rank 0's console and one record in ``<run dir>/recovery.jsonl``.
+complete disk checkpoint is taken; without one, training starts fresh, unless the job
+had published a snapshot (``published.json``): then a snapshot was lost, and starting
+over would silently throw away every step done, so every rank raises
+:class:`SnapshotLost` and the job stops with a message that says what would have
+prevented it. Each outcome is one line on rank 0's console and one record in
+``<run dir>/recovery.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from plait.errors import JobCannotContinue
 from plait.ops.checksum import checksum
 from plait.ops.gf256 import gf256_matmul_
 from plait.ops.rs_matrix import decode_matrix
@@ -30,6 +35,7 @@ from plait.runtime.snapshot.errors import SnapshotError
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.records import VersionInfo, epoch_of, step_of, version_id, version_text
 from plait.runtime.snapshot.trainer.blob import read_blob
+from plait.runtime.snapshot.trainer.lifecycle import last_published
 
 if TYPE_CHECKING:
     from plait.runtime.snapshot.auth import JobSecret
@@ -45,7 +51,7 @@ Listing = dict[int, dict[int, VersionInfo]]  # node -> version -> info
 
 @dataclass
 class Outcome:
-    source: str  # memory | disk | fresh
+    source: str  # memory | disk | fresh (lost raises SnapshotLost)
     step: int
     seconds: float
     line: str  # the one line printed on rank 0
@@ -55,6 +61,10 @@ class Outcome:
 
 class RestoreError(RuntimeError):
     pass
+
+
+class SnapshotLost(RestoreError, JobCannotContinue):
+    """The job published a snapshot, and neither it nor anything older (memory, disk) can be restored."""
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -271,7 +281,9 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
     Global rank 0 decides, every rank loads and reports, rank 0 rules out what failed
     and decides again (at most 8 plans, every call bounded). Once every rank loaded, rank
     0's ``lifecycle`` resets every daemon to the new restore epoch (keeping only the
-    version restored from), before any rank takes a snapshot again.
+    version restored from), before any rank takes a snapshot again. Raises
+    :class:`SnapshotLost` when a published snapshot cannot be restored and no disk
+    checkpoint stands in for it.
     """
     start = time.perf_counter()
     node, local_rank = divmod(rank, per_node)
@@ -292,10 +304,20 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                 from plait.runtime.snapshot.trainer.disk import complete_steps
 
                 steps = [s for s in complete_steps(disk.root, world) if s not in bad_disk] if (disk is not None and attempt > 0) else []
-                decision[0] = ("disk", steps[-1], None, None, None, epoch) if steps else ("fresh", 0, None, None, None, epoch)
+                published = last_published(run_dir) if attempt > 0 else None
+                if steps:
+                    decision[0] = ("disk", steps[-1], None, None, None, epoch)
+                elif published is not None:
+                    decision[0] = ("lost", published["version"], None, None, None, epoch)
+                else:
+                    decision[0] = ("fresh", 0, None, None, None, epoch)
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
         kind, version, sources, listing, bad, epoch = decision[0]
+        if kind == "lost":
+            if rank == 0:
+                _record(run_dir, attempt, kind, step_of(version), {}, time.perf_counter() - start, epoch)
+            raise SnapshotLost(_lost_message(version, layout, disk, notes))
         error = None
         how = kind
         rank_notes: list[str] = []
@@ -358,6 +380,17 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
     raise RestoreError("restore: no source passed its checks after 8 plans; see the workers' logs")
 
 
+def _lost_message(version: int, layout: GroupLayout, disk: DiskTier | None, notes: list[str]) -> str:
+    no_disk = ("there is no disk tier (snapshot.disk_every is 0)" if disk is None else
+               "no disk checkpoint is complete yet")
+    seen = f" (restore tried: {'; '.join(notes)})" if notes else ""
+    return (f"restore: the newest published snapshot, {version_text(version)}, cannot be recovered: more of its pieces "
+            f"are gone (nodes lost, shards corrupt) than the erasure-coding group's ec_m={layout.m} parity covers, and "
+            f"{no_disk}{seen}. Starting over from step 0 would silently lose every step done, so the job stops. To "
+            "survive this, write disk checkpoints (snapshot.disk_every, e.g. --set snapshot.disk_every=5) or raise "
+            "snapshot.ec_m")
+
+
 def _point(kind: str, version: int) -> str:
     return version_text(version) if kind == "memory" else f"step {version}"
 
@@ -392,7 +425,7 @@ def _record(run_dir: Path, attempt: int, kind: str, step: int, per_rank: dict[in
         except (OSError, ValueError):
             pass
     record = {"attempt": attempt, "epoch": epoch, "source": kind, "step": step, "progress": progress,
-              "replayed": max(0, progress - step) if attempt > 0 else 0, "seconds": round(seconds, 4),
+              "replayed": max(0, progress - step) if attempt > 0 and kind != "lost" else 0, "seconds": round(seconds, 4),
               "ranks": {h: sorted(r for r, x in per_rank.items() if x == h) for h in set(per_rank.values())}}
     with open(run_dir / "recovery.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
