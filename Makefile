@@ -10,9 +10,6 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS_STAMP := $(VENV)/.plait-deps
 BUILD_STAMP := $(VENV)/.plait-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
-# The editable install maps the modules it found: a package directory that gains or loses one
-# (its mtime changes) needs a reinstall, else the new module does not import.
-PACKAGE_DIRS := $(addsuffix /.,$(shell find plait runtime parallel scheduler bench -type d -not -name __pycache__ -not -path 'bench/results*' 2>/dev/null))
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: setup demo test test-parallel test-faults bench cuda-check clean
@@ -32,7 +29,7 @@ $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check "scikit-build-core>=0.10" ninja
 	touch $@
 
-$(BUILD_STAMP): $(DEPS_STAMP) CMakeLists.txt pyproject.toml $(CSRC) $(PACKAGE_DIRS)
+$(BUILD_STAMP): $(DEPS_STAMP) CMakeLists.txt pyproject.toml $(CSRC)
 	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
 	touch $@
 
