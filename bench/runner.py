@@ -74,6 +74,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
     available = list_benchmarks()
     if name not in available:
@@ -81,6 +88,7 @@ def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False
         raise CLIError(f"bench: no benchmark '{name}'; accepted: {', '.join(available)}" + (f" ({hint})" if hint else ""))
     module = importlib.import_module(f"plait.bench.{name}")
     started = time.time()
+    load_before = _load()
     result = module.run(quick=quick)
     record = {
         "benchmark": name,
@@ -88,6 +96,9 @@ def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "wall_s": round(time.time() - started, 1),
         "machine": machine_info(),
+        # Other work on the machine while it ran: the 1-minute load average before and after. Ratios are
+        # taken from interleaved runs, which shared the load alike; absolute times are only as good as this.
+        "load_1min": {"before": load_before, "after": _load(), "cores": os.cpu_count()},
         "result": result,
     }
     out_dir = out_dir or BENCH_DIR / "results"

@@ -49,6 +49,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     from plait.ops.checksum import checksum
     from plait.runtime.snapshot import shm
+    from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.transport.channel import tune_malloc
     from plait.runtime.snapshot.transport.client import DaemonClient
     from plait.runtime.snapshot.launcher.spawn import free_ports, start_daemon, stop_daemon, wait_daemon
@@ -62,21 +63,28 @@ def run(quick: bool = False) -> dict[str, Any]:
     clients: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="plait-bench-transport-") as tmp:
         try:
+            # The benchmark's own job secret (as plait train makes one per job), daemons and clients alike.
+            secret_file = Path(tmp) / "secret"
+            secret = JobSecret.create(secret_file)
+            # All four ports at once: picked pair by pair, the second pick could return a port of the first
+            # pair whose daemon has not bound it yet.
+            all_ports = free_ports(2 * len(TRANSPORTS))
             addresses: dict[str, list[str]] = {}
-            for transport in TRANSPORTS:  # two pairs of daemons: with the bulk plane, and without
-                ports = free_ports(2)
+            for i, transport in enumerate(TRANSPORTS):  # two pairs of daemons: with the bulk plane, and without
+                ports = all_ports[2 * i: 2 * i + 2]
                 addresses[transport] = [f"127.0.0.1:{p}" for p in ports]
                 procs += [start_daemon(jobs[transport], node, nnodes=2, nproc_per_node=1, ec_k=1, ec_m=1,
                                        port=ports[node], bulk_port=0 if transport == "tcp" else -1,
                                        peers=addresses[transport], max_memory=f"{8 * size // MiB}MiB",
-                                       run_dir=Path(tmp), wait=False)
+                                       run_dir=Path(tmp), secret_file=secret_file, wait=False)
                           for node in range(2)]
             for proc in procs:
                 wait_daemon(proc)
             # The client paths use the bulk-plane pair for both transports: same daemons, same state.
-            a = {t: DaemonClient(addresses["tcp"][0], transport=t) for t in TRANSPORTS}
-            b = {t: DaemonClient(addresses["tcp"][1], transport=t) for t in TRANSPORTS}
-            pair = {t: [DaemonClient(address, transport="grpc") for address in addresses[t]] for t in TRANSPORTS}
+            a = {t: DaemonClient(addresses["tcp"][0], transport=t, secret=secret) for t in TRANSPORTS}
+            b = {t: DaemonClient(addresses["tcp"][1], transport=t, secret=secret) for t in TRANSPORTS}
+            pair = {t: [DaemonClient(address, transport="grpc", secret=secret) for address in addresses[t]]
+                    for t in TRANSPORTS}
             clients += [*a.values(), *b.values(), *pair["tcp"], *pair["grpc"]]
             blob = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
             ck = checksum(blob)
