@@ -14,9 +14,9 @@ namespace {
 struct GfniZmm {
   using Reg = __m512i;
   static constexpr int kBytes = 64;
-  // 128 bytes per step: 2m accumulators, 2 input vectors and a matrix take at most 19 of
-  // the 32 zmm registers.
-  static constexpr int vecs(int) { return 2; }
+  // 256 bytes per step up to m = 5 (4m accumulators, 4 input vectors and a matrix: at
+  // most 25 of the 32 zmm registers), 128 beyond (2m + 3 <= 19).
+  static constexpr int vecs(int m) { return m <= 5 ? 4 : 2; }
 
   [[gnu::always_inline]] static Reg load(const uint8_t* p) { return _mm512_loadu_si512(p); }
   [[gnu::always_inline]] static void store(uint8_t* p, Reg v) { _mm512_storeu_si512(p, v); }
