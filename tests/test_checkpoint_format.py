@@ -94,10 +94,9 @@ torch.save({"model": state, "moments": moments}, sys.argv[2])
 
 
 @pytest.mark.parametrize("world, parallel", [
-    (2, {"tp": 2}),  # attention/MLP split over tp; ZeRO moments split over nothing (dp 1), experts whole
     (4, {"pp": 2, "ep": 2}),  # stages; experts split over ep; dense moments ZeRO-split over dp 2, across parameters
-    (4, {"tp": 2, "etp": 2}),  # experts' hidden size split over etp; replicated params written once
-], ids=["tp2", "pp2-ep2-dp2", "tp2-etp2-edp2"])
+    (4, {"tp": 2, "etp": 2}),  # attention split over tp, experts' hidden size over etp; replicas written once
+], ids=["pp2-ep2-dp2", "tp2-etp2-edp2"])
 def test_plain_dcp_load_fills_a_single_process_model_from_any_layout(tmp_path, world, parallel):
     full = run_distributed(_write_layout, world, args=(parallel, str(tmp_path)), timeout=180)[0]
     step_dir = tmp_path / "run-a" / "step-00000002"

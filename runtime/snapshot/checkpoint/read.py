@@ -89,7 +89,6 @@ def _boxes_plan(metadata: Any, wanted: list[tuple[Slice, torch.Tensor]], flag: s
 def _planner(items: list[Any], dests: dict):
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.utils import narrow_tensor_by_index
 
     class BoxLoadPlanner(DefaultLoadPlanner):
         """Reads given boxes of global tensors into given tensors, instead of whole state-dict entries."""
@@ -102,7 +101,9 @@ def _planner(items: list[Any], dests: dict):
 
         def resolve_tensor(self, read_item: Any) -> torch.Tensor:
             dest = dests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
-            return narrow_tensor_by_index(dest, read_item.dest_offsets, read_item.lengths)
+            for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, offset, length)
+            return dest
 
     return BoxLoadPlanner()
 
@@ -117,9 +118,10 @@ def read_boxes(checkpoint: Checkpoint, wanted: list[tuple[Slice, torch.Tensor]],
     items, dests = _boxes_plan(metadata, wanted, flag, checkpoint.path)
     files = sorted({metadata.storage_data[item.storage_index].relative_path for item in items})
     verify_files(checkpoint, files, flag=flag)
+    planner = _planner(items, dests)
     try:
-        dcp.load({}, storage_reader=reader, planner=_planner(items, dests), no_dist=True)
-    except (Exception, CheckpointException) as err:  # noqa: BLE001 - a damaged file: one clear error
+        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, EOFError) as err:  # a damaged file: one clear error
         raise CheckpointCorrupt(f"{flag} {checkpoint.path}: unreadable ({type(err).__name__}: {err}); give another "
                                 "checkpoint") from err
 
