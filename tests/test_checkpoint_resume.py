@@ -136,7 +136,7 @@ def test_resume_errors_name_the_flag_and_the_fix(setup, tmp_path):
         check_resume(str(partial), config, tmp_path / "y")
     # another model: the parameter is named
     wider = load_config(setup["config"], ["model.ffn_dim=128"], nproc=2)
-    with pytest.raises(CheckpointMismatch, match=r"parameter layers\.0\.mlp\.w1\.weight has shape \[64, 32\] in the "
+    with pytest.raises(CheckpointMismatch, match=r"parameter layers\.0\.ffn\.w1\.weight has shape \[64, 32\] in the "
                                                  r"checkpoint and \[128, 32\]"):
         check_resume(str(step2), wider, tmp_path / "y")
     # a damaged file fails its checksum before any worker starts
