@@ -142,7 +142,7 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
     if snap.disk_every:
         disk = CheckpointWriter(checkpoint_paths.checkpoint_base(snap.dir, run_dir), run=run, rank=rank, world=world,
                                 slices=local_slices(engine), layout=layout_of(engine), params=global_shapes(engine),
-                                keep=snap.keep_disk, secret=secret)
+                                keep=snap.keep_disk, secret=secret, attempt=attempt)
     lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir))
                  if rank == 0 else None)
     hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,

@@ -14,7 +14,7 @@ import torch
 
 from plait.errors import CLIError
 from plait.runtime.snapshot.checkpoint import paths
-from plait.runtime.snapshot.checkpoint.paths import Checkpoint
+from plait.runtime.snapshot.checkpoint.paths import Checkpoint, single_process
 from plait.runtime.snapshot.checkpoint.read import check_shapes, verify_files
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def model_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         for name, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata) and name in checkpoint.manifest["params"]
     }
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with single_process():
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return state
 
 

@@ -22,6 +22,9 @@ import os
 import re
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,3 +217,11 @@ def write_json(path: Path, value: Any) -> None:
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)
 
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """DCP with ``no_dist`` on purpose (one rank's files, or one process reading): without its warning that it assumes so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        yield

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from plait.errors import CheckpointCorrupt, CheckpointMismatch, IncompleteCheckpoint
-from plait.parallel.slices import OPTIM_STEP, Slice, global_shapes, local_slices
-from plait.runtime.snapshot.checkpoint.paths import STATE_FILE, Checkpoint
+from plait.parallel.slices import Slice, global_shapes, local_slices
+from plait.runtime.snapshot.checkpoint.paths import STATE_FILE, Checkpoint, single_process
 from plait.runtime.snapshot.checkpoint.write import file_checksum
 from plait.runtime.snapshot.trainer import objects as object_codec
 
@@ -120,7 +120,8 @@ def read_boxes(checkpoint: Checkpoint, wanted: list[tuple[Slice, torch.Tensor]],
     verify_files(checkpoint, files, flag=flag)
     planner = _planner(items, dests)
     try:
-        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        with single_process():
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
     except (CheckpointException, OSError, RuntimeError, EOFError) as err:  # a damaged file: one clear error
         raise CheckpointCorrupt(f"{flag} {checkpoint.path}: unreadable ({type(err).__name__}: {err}); give another "
                                 "checkpoint") from err
@@ -160,8 +161,6 @@ def load_checkpoint(trainer: Trainer, checkpoint: Checkpoint, *, rank: int, flag
     read_boxes(checkpoint, [(s, s.view(tensors[s.key])) for s in slices], flag=flag)
     for i in range(1, len(engine.optimizer.buckets)):
         tensors[f"optim.{i}.step"].copy_(tensors["optim.0.step"])
-    if not any(s.name == OPTIM_STEP for s in slices):
-        raise CheckpointMismatch(f"{flag} {checkpoint.path}: this layout holds no optimizer state to load")
     if same_layout(checkpoint, engine):
         objects = rank_objects(checkpoint, rank, flag=flag)
     else:

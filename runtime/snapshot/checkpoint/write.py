@@ -25,6 +25,7 @@ retried (3 tries, backoff), never raised: the in-memory snapshots go on regardle
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -42,7 +43,7 @@ from plait.ops.checksum import checksum
 from plait.parallel.slices import Slice
 from plait.runtime.snapshot.auth import JobSecret
 from plait.runtime.snapshot.checkpoint import paths
-from plait.runtime.snapshot.checkpoint.paths import FORMAT, MANIFEST, STATE_FILE, RunInfo
+from plait.runtime.snapshot.checkpoint.paths import FORMAT, MANIFEST, STATE_FILE, RunInfo, single_process
 from plait.runtime.snapshot.trainer import objects as object_codec
 from plait.runtime.snapshot.trainer.blob import read_blob
 
@@ -59,7 +60,7 @@ class CheckpointWriter:
     """One rank's writer of the disk tier (see the module docstring)."""
 
     def __init__(self, base: Path, *, run: RunInfo, rank: int, world: int, slices: list[Slice], layout: list[int],
-                 params: dict[str, list[int]], secret: JobSecret, keep: int = 2, tries: int = 3):
+                 params: dict[str, list[int]], secret: JobSecret, keep: int = 2, tries: int = 3, attempt: int = 0):
         self.base = Path(base)
         self.run = run
         self.rank = rank
@@ -70,6 +71,7 @@ class CheckpointWriter:
         self.secret = secret
         self.keep = keep
         self.tries = tries
+        self.attempt = attempt  # the elastic restart: markers left by an earlier attempt's workers never count
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.written: list[int] = []
@@ -119,28 +121,38 @@ class CheckpointWriter:
 
         tensors, objects = read_blob(blob, self.secret)
         step_dir = paths.step_dir(self.base, self.run.run_id, step)
+        if paths.read_manifest(step_dir) is not None:
+            return  # an earlier attempt of this run completed this step; training is deterministic: same bytes
         out = step_dir / f"rank-{self.rank}"
+        (step_dir / f"rank-{self.rank}.json").unlink(missing_ok=True)  # an earlier attempt's, about to be stale
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         state = {f"chunk.{k}": s.view(tensors[s.key]) for k, s in enumerate(self.chunks)}
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out)), no_dist=True)
+        with single_process():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(out)), no_dist=True)
         (out / STATE_FILE).write_bytes(object_codec.dumps(objects))
         marker = {
-            "run_id": self.run.run_id, "step": step, "rank": self.rank, "world": self.world, "layout": self.layout,
+            "run_id": self.run.run_id, "step": step, "rank": self.rank, "world": self.world, "attempt": self.attempt,
+            "layout": self.layout,
             "chunks": [[s.name, list(s.shape), list(s.offsets), list(s.sizes)] for s in self.chunks],
             "params": self.params,
             "files": {f.name: file_checksum(f) for f in sorted(out.iterdir()) if f.is_file()},
         }
         paths.write_json(step_dir / f"rank-{self.rank}.json", marker)
-        if all((step_dir / f"rank-{r}.json").exists() for r in range(self.world)):
+        if all(_marker_attempt(step_dir, r) == self.attempt for r in range(self.world)):
             finalize(step_dir, self.run, self.world)
             prune(self.root, self.run.run_id, self.keep)
 
 
-def _markers(step_dir: Path, world: int) -> list[dict[str, Any]]:
-    import json
+def _marker_attempt(step_dir: Path, rank: int) -> int | None:
+    try:
+        return int(json.loads((step_dir / f"rank-{rank}.json").read_text())["attempt"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
+
+def _markers(step_dir: Path, world: int) -> list[dict[str, Any]]:
     return [json.loads((step_dir / f"rank-{r}.json").read_text()) for r in range(world)]
 
 
@@ -156,7 +168,7 @@ def finalize(step_dir: Path, run: RunInfo, world: int) -> None:
     storage: dict[MetadataIndex, Any] = {}
     version = None
     for r, marker in enumerate(markers):
-        if marker["run_id"] != run.run_id or marker["world"] != world:
+        if marker["run_id"] != run.run_id or marker["world"] != world or marker["attempt"] != markers[0]["attempt"]:
             raise ValueError(f"{step_dir}: rank {r}'s marker is of run {marker['run_id']} with world {marker['world']}")
         local = FileSystemReader(str(step_dir / f"rank-{r}")).read_metadata()
         version = local.version
