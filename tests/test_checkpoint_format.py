@@ -43,23 +43,43 @@ def test_a_flat_range_is_tiled_exactly_by_its_boxes():
         assert len(flat_range_boxes(shape, lo, hi)) <= max(1, 2 * len(shape) - 1)
 
 
-def _write_layout(rank: int, world: int, parallel: dict, base: str) -> dict | None:
+def _engine(rank: int, world: int, parallel: dict, base: str):
     import yaml
 
-    from plait.parallel.slices import global_shapes, local_slices
     from plait.runtime.build import build_engine
     from plait.runtime.config import load_config
+
+    cfg = Path(base) / f"layout-{rank}.yaml"
+    cfg.write_text(yaml.safe_dump({"model": MODEL, "parallel": parallel,
+                                   "train": {"global_batch": 8, "micro_batch": 2, "seed": 3}}))
+    return build_engine(load_config(cfg, nproc=world), world, torch.device("cpu"))
+
+
+def _write_then_read(rank: int, world: int, parallel: dict, read_as: dict, base: str) -> tuple:
+    """Train 2 steps in layout ``parallel``, write its checkpoint, read it into layout ``read_as``: both full states."""
+    import torch.distributed as dist
+
+    from plait.runtime.snapshot.checkpoint.paths import complete_checkpoints
+    from plait.runtime.snapshot.checkpoint.read import read_local_tensors
+
+    written = _write_layout(rank, world, parallel, base)
+    dist.barrier()  # every rank's marker is there: the last one to write finished the step
+    engine = _engine(rank, world, read_as, base)
+    (checkpoint,) = complete_checkpoints(Path(base), "run-a")
+    engine.load_local_tensors(read_local_tensors(engine, checkpoint))
+    return written, engine.full_state_dict()
+
+
+def _write_layout(rank: int, world: int, parallel: dict, base: str) -> dict | None:
+
+    from plait.parallel.slices import global_shapes, local_slices
     from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.checkpoint.paths import RunInfo
     from plait.runtime.snapshot.checkpoint.read import layout_of
     from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
     from plait.runtime.snapshot.trainer.blob import plan
 
-    cfg = Path(base) / f"layout-{rank}.yaml"
-    cfg.write_text(yaml.safe_dump({"model": MODEL, "parallel": parallel,
-                                   "train": {"global_batch": 8, "micro_batch": 2, "seed": 3}}))
-    config = load_config(cfg, nproc=world)
-    engine = build_engine(config, world, torch.device("cpu"))
+    engine = _engine(rank, world, parallel, base)
     g = torch.Generator().manual_seed(5)
     for step in range(2):
         batch = torch.randint(0, MODEL["vocab"], (8, MODEL["seq_len"] + 1), generator=g)
@@ -93,12 +113,17 @@ torch.save({"model": state, "moments": moments}, sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("world, parallel", [
-    (4, {"pp": 2, "ep": 2}),  # stages; experts split over ep; dense moments ZeRO-split over dp 2, across parameters
-    (4, {"tp": 2, "etp": 2}),  # attention split over tp, experts' hidden size over etp; replicas written once
-], ids=["pp2-ep2-dp2", "tp2-etp2-edp2"])
-def test_plain_dcp_load_fills_a_single_process_model_from_any_layout(tmp_path, world, parallel):
-    full = run_distributed(_write_layout, world, args=(parallel, str(tmp_path)), timeout=180)[0]
+PP_EP = {"pp": 2, "ep": 2}  # stages; experts split over ep; dense moments ZeRO-split over dp 2, across parameters
+TP_ETP = {"tp": 2, "etp": 2}  # attention split over tp, experts' hidden size over etp; replicas written once
+
+
+@pytest.mark.parametrize("world, parallel, read_as", [(4, PP_EP, TP_ETP), (4, TP_ETP, PP_EP)],
+                         ids=["pp2-ep2-dp2", "tp2-etp2-edp2"])
+def test_plain_dcp_load_fills_a_single_process_model_from_any_layout(tmp_path, world, parallel, read_as):
+    """Also: the other layout reads it (each rank its own boxes, no collective) into the same full state, bitwise."""
+    full, read_back = run_distributed(_write_then_read, world, args=(parallel, read_as, str(tmp_path)), timeout=180)[0]
+    for part in ("model", "optimizer"):
+        assert _same_tensors(read_back[part], full[part]), part
     step_dir = tmp_path / "run-a" / "step-00000002"
     assert (step_dir / "checkpoint.json").exists() and (step_dir / ".metadata").exists()
     out = tmp_path / "plain.pt"
@@ -112,3 +137,11 @@ def test_plain_dcp_load_fills_a_single_process_model_from_any_layout(tmp_path, w
         assert torch.equal(plain["moments"][f"optim.exp_avg.{name}"], full["optimizer"]["exp_avg"][name]), name
         assert torch.equal(plain["moments"][f"optim.exp_avg_sq.{name}"], full["optimizer"]["exp_avg_sq"][name]), name
     assert float(plain["moments"]["optim.step"]) == full["optimizer"]["step"] == 2.0
+
+
+def _same_tensors(a, b) -> bool:
+    if isinstance(a, dict):
+        return sorted(a) == sorted(b) and all(_same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b

@@ -152,15 +152,23 @@ def layout_of(engine: ParallelEngine) -> list[int]:
     return [d.pp, d.dp, d.cp, d.tp, d.edp, d.ep, d.etp]
 
 
+def read_local_tensors(engine: ParallelEngine, checkpoint: Checkpoint, *, flag: str = "--resume") -> dict[str, torch.Tensor]:
+    """This rank's parameters and optimizer state from the checkpoint, as ``engine.local_tensors()`` names them.
+
+    No collective: each rank reads its own boxes; ``engine.load_local_tensors`` takes the result.
+    """
+    check_shapes(checkpoint, global_shapes(engine), flag=flag)
+    tensors = _local_templates(engine)
+    read_boxes(checkpoint, [(s, s.view(tensors[s.key])) for s in local_slices(engine)], flag=flag)
+    for i in range(1, len(engine.optimizer.buckets)):
+        tensors[f"optim.{i}.step"].copy_(tensors["optim.0.step"])
+    return tensors
+
+
 def load_checkpoint(trainer: Trainer, checkpoint: Checkpoint, *, rank: int, flag: str = "--resume") -> None:
     """Bring this rank of ``trainer`` to the checkpoint's state, in this rank's layout (any layout wrote it)."""
     engine = trainer.engine
-    check_shapes(checkpoint, global_shapes(engine), flag=flag)
-    tensors = _local_templates(engine)
-    slices = local_slices(engine)
-    read_boxes(checkpoint, [(s, s.view(tensors[s.key])) for s in slices], flag=flag)
-    for i in range(1, len(engine.optimizer.buckets)):
-        tensors[f"optim.{i}.step"].copy_(tensors["optim.0.step"])
+    tensors = read_local_tensors(engine, checkpoint, flag=flag)
     if same_layout(checkpoint, engine):
         objects = rank_objects(checkpoint, rank, flag=flag)
     else:
