@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a model from a YAML config",
         description="Train a model: launches --nproc local workers through torchrun's elastic agent "
-        "(gloo on CPU, NCCL on GPU) and writes config.yaml and summary.json to the run directory.",
+        "(gloo on CPU, NCCL on GPU) and writes config.yaml, run.json and summary.json to the run directory.",
     )
     train.add_argument("--config", type=Path, required=True, metavar="FILE", help="YAML config (see configs/)")
     train.add_argument("--nproc", type=int, metavar="N", help="worker processes (sets launch.nproc)")

@@ -124,7 +124,8 @@ def complete_checkpoints(base: Path, run_id: str) -> list[Checkpoint]:
 def _incomplete(path: Path, flag: str) -> IncompleteCheckpoint:
     markers = sorted(p.name for p in path.glob("rank-*.json"))
     return IncompleteCheckpoint(
-        f"{flag} {path}: this checkpoint is incomplete (no {MANIFEST}; rank markers present: {', '.join(markers) or 'none'}): "
+        f"{flag} {path}: this checkpoint is incomplete (no {MANIFEST}; rank markers present: "
+        f"{', '.join(markers) or 'none'}): "
         "its run stopped while writing it. Give an older step directory, or the run directory to take its newest "
         "complete checkpoint")
 
@@ -223,5 +224,6 @@ def write_json(path: Path, value: Any) -> None:
 def single_process() -> Iterator[None]:
     """DCP with ``no_dist`` on purpose (one rank's files, or one process reading): without its warning that it assumes so."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, message=r"torch\.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"torch\.distributed is disabled, unavailable or uninitialized")
         yield

@@ -179,7 +179,8 @@ def finalize(step_dir: Path, run: RunInfo, world: int) -> None:
                                                                    torch.Size(shape), []))
             entry.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
             info = where[key]
-            storage[MetadataIndex(name, torch.Size(offsets))] = dataclasses.replace(info, relative_path=f"rank-{r}/{info.relative_path}")
+            where_written = dataclasses.replace(info, relative_path=f"rank-{r}/{info.relative_path}")
+            storage[MetadataIndex(name, torch.Size(offsets))] = where_written
     for name, entry in tensors.items():
         covered = sum(math.prod(c.sizes) for c in entry.chunks)
         if covered != math.prod(entry.size):
