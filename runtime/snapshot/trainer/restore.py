@@ -12,8 +12,8 @@ from (``plait train --resume``), else fresh, unless the job had published a snap
 (``published.json``): then a snapshot was lost, and starting over would silently throw
 away every step done, so every rank raises :class:`SnapshotLost` and the job stops with
 a message that says what would have prevented it. Disk checkpoints load into any
-layout (:mod:`plait.runtime.snapshot.checkpoint.read`). Each outcome is one line on rank 0's console and one record in
-``<run dir>/recovery.jsonl``.
+layout (:mod:`plait.runtime.snapshot.checkpoint.read`). Each outcome is one line on
+rank 0's console and one record in ``<run dir>/recovery.jsonl``.
 """
 
 from __future__ import annotations
