@@ -47,6 +47,26 @@ class JobCannotContinue(PlaitError):
     exit_code = 1
 
 
+class CheckpointError(PlaitError):
+    """A disk checkpoint given to resume or export from cannot be used; the message names the flag and the fix."""
+
+
+class NoCheckpoint(CheckpointError):
+    """Nothing at the given place is a complete disk checkpoint of a run."""
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint's step directory lacks some rank's files: it was being written when the run stopped."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint holds a model of another shape than the configured one (the message names the parameter)."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint file does not match the checksum its rank recorded when it wrote it."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """Return "did you mean 'x'?" for the closest of ``choices``, or None if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

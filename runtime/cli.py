@@ -1,4 +1,4 @@
-"""The ``plait`` command line: ``plait train``, ``plait daemon`` and ``plait bench``."""
+"""The ``plait`` command line: ``plait train``, ``plait export``, ``plait daemon`` and ``plait bench``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a model from a YAML config",
         description="Train a model: launches --nproc local workers through torchrun's elastic agent "
-        "(gloo on CPU, NCCL on GPU) and writes config.yaml and summary.json to the run directory.",
+        "(gloo on CPU, NCCL on GPU) and writes config.yaml, run.json and summary.json to the run directory.",
     )
     train.add_argument("--config", type=Path, required=True, metavar="FILE", help="YAML config (see configs/)")
     train.add_argument("--nproc", type=int, metavar="N", help="worker processes (sets launch.nproc)")
@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, dotted (train.steps=50); repeatable")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, "
                        "parameter count and memory estimate, then exit")
+    train.add_argument("--resume", metavar="DIR|latest", help="start from a disk checkpoint, in any layout: a run "
+                       "directory (its newest complete checkpoint), a checkpoint's step directory, or latest (the "
+                       "most recently started run with one, under snapshot.dir and beside --run-dir)")
+
+    export = commands.add_parser(
+        "export", help="write a run's disk checkpoint as one single-process state dict",
+        description="Write the model of a run's disk checkpoint as one state dict in the single-process layout "
+        "({name: tensor}, loadable by model.load_state_dict): torch.save, or safetensors when --out ends in "
+        ".safetensors (needs the safetensors package).",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or a checkpoint's step directory)")
+    export.add_argument("--step", type=int, metavar="S", help="the step to export (default: the newest complete one)")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .safetensors, else torch.save")
 
     from plait.runtime.snapshot.daemon.main import add_daemon_parser
 
@@ -84,8 +97,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "summary.json").exists():
         raise CLIError(f"--run-dir: {run_dir} already holds a finished run (summary.json); choose another directory")
+    resume = None
+    if args.resume is not None:
+        from plait.runtime.snapshot.checkpoint.export import check_resume
+
+        resume = check_resume(args.resume, config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
+    from plait.runtime.snapshot.checkpoint.paths import new_run
+
+    new_run(run_dir, resume.path if resume is not None else None)
+    if resume is not None:
+        print(f"plait: resuming from step {resume.step} of run {resume.run_id} ({resume.path})", flush=True)
     env = {}
     if not config.metrics.peak_flops:
         import torch
@@ -138,6 +161,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from plait.runtime.snapshot.checkpoint.export import export
+
+    if args.step is not None and args.step < 1:
+        raise CLIError(f"--step: got {args.step}; accepted: a step number of the run (1 or more)")
+    checkpoint, count = export(args.run_dir, step=args.step, out=args.out)
+    print(f"plait: exported step {checkpoint.step} of run {checkpoint.run_id} ({count} tensors) to {args.out}", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from plait.bench.runner import list_benchmarks, run_benchmark
 
@@ -157,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "export":
+            return cmd_export(args)
         if args.command == "daemon":
             from plait.runtime.snapshot.daemon.main import cmd_daemon
 

@@ -29,9 +29,13 @@ from plait.runtime.metrics import MetricsHook
 from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.build import build_engine
+from plait.parallel.engine import ParallelEngine
+from plait.parallel.slices import global_shapes, local_slices
 from plait.runtime.faults import FaultHook, parse_fault
 from plait.runtime.snapshot.transport.client import DaemonClient
-from plait.runtime.snapshot.trainer.disk import DiskTier
+from plait.runtime.snapshot.checkpoint import paths as checkpoint_paths
+from plait.runtime.snapshot.checkpoint.read import layout_of
+from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
 from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
 from plait.runtime.snapshot.trainer.hook import SnapshotHook
 from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle, published_record
@@ -102,15 +106,29 @@ class ProgressMarker(BaseHook):
         os.replace(tmp, self.path)
 
 
-def _snapshot_parts(config: JobConfig, run_dir: Path, *, rank: int, world: int) -> tuple[SnapshotHook | None, dict]:
+def _resume_point(run_dir: Path, run: checkpoint_paths.RunInfo) -> checkpoint_paths.Checkpoint | None:
+    """The checkpoint ``plait train --resume`` chose (checked there), recorded in run.json."""
+    if not run.resume_from:
+        return None
+    manifest = checkpoint_paths.read_manifest(Path(run.resume_from))
+    if manifest is None:
+        raise LaunchError(f"--resume {run.resume_from}: the checkpoint is gone or incomplete since plait train checked "
+                          "it; give another checkpoint")
+    return checkpoint_paths.Checkpoint(Path(run.resume_from), manifest)
+
+
+def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *, rank: int,
+                    world: int) -> tuple[SnapshotHook | None, dict]:
     """The snapshot hook of this rank (None without snapshots) and the arguments of :func:`restore`."""
     per_node = config.launch.nproc_per_node
     nnodes = config.launch.nnodes
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     snap = config.snapshot
     layout = GroupLayout(*snap.code(nnodes))
+    run = checkpoint_paths.run_of(run_dir)
     args: dict = {"rank": rank, "world": world, "per_node": per_node, "layout": layout, "clients": None, "disk": None,
-                  "run_dir": run_dir, "attempt": attempt, "secret": None, "lifecycle": None}
+                  "run_dir": run_dir, "attempt": attempt, "secret": None, "lifecycle": None,
+                  "resume": _resume_point(run_dir, run)}
     if not snap.enabled:
         return None, args
     node, local_rank = divmod(rank, per_node)
@@ -122,8 +140,9 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, *, rank: int, world: int) 
     clients = [DaemonClient(a, secret=secret) for a in addresses]
     disk = None
     if snap.disk_every:
-        disk = DiskTier(Path(snap.dir) if snap.dir else run_dir / "checkpoints", rank=rank, world=world,
-                        keep=snap.keep_disk, secret=secret)
+        disk = CheckpointWriter(checkpoint_paths.checkpoint_base(snap.dir, run_dir), run=run, rank=rank, world=world,
+                                slices=local_slices(engine), layout=layout_of(engine), params=global_shapes(engine),
+                                keep=snap.keep_disk, secret=secret, attempt=attempt)
     lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir))
                  if rank == 0 else None)
     hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,
@@ -189,7 +208,7 @@ def run(run_dir: Path) -> None:
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
-        snapshot_hook, restore_args = _snapshot_parts(config, run_dir, rank=rank, world=world)
+        snapshot_hook, restore_args = _snapshot_parts(config, run_dir, engine, rank=rank, world=world)
         lifecycle = restore_args["lifecycle"]
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)

@@ -58,7 +58,8 @@ def test_scheduler_does_not_use_torch_distributed():
 def test_the_daemon_and_trainer_sides_of_snapshots_never_import_each_other():
     """They share records, errors, config, layout, shm, auth and transport; each side stays whole without the other."""
     snap = REPO / "runtime" / "snapshot"
-    for side, other in (("daemon", "trainer"), ("trainer", "daemon"), ("transport", "daemon"), ("transport", "trainer")):
+    for side, other in (("daemon", "trainer"), ("trainer", "daemon"), ("transport", "daemon"), ("transport", "trainer"),
+                        ("daemon", "checkpoint"), ("checkpoint", "daemon")):
         for path in (snap / side).rglob("*.py"):
             assert f"plait.runtime.snapshot.{other}" not in path.read_text(), (path, other)
     for path in snap.rglob("*.py"):
@@ -94,7 +95,8 @@ def test_cli_surface_is_frozen():
     assert _surface(build_parser()) == {
         "-h", "--help", "--version",
         "train", "train -h", "train --help", "train --config", "train --nproc", "train --run-dir",
-        "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault",
+        "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault", "train --resume",
+        "export", "export -h", "export --help", "export <run_dir>", "export --step", "export --out",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
         "daemon --max-memory", "daemon --secret-file", "daemon --parent-pid",
@@ -108,7 +110,8 @@ def test_every_cli_flag_is_in_the_readme():
     for flag in ("--config", "--nproc", "--run-dir", "--set", "--dry-run", "--json", "--out", "--quick", "--nnodes",
                  "--nproc-per-node", "--fault", "--job", "--node", "--ec-k", "--ec-m", "--port", "--bulk-port", "--host",
                  "--peers",
-                 "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon"):
+                 "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
+                 "--resume", "plait export", "--step"):
         assert flag in readme, flag
 
 

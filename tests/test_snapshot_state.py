@@ -12,7 +12,6 @@ import torch
 from plait.errors import CLIError, ConfigError
 from plait.runtime.faults import Fault, check_faults, parse_fault, random_faults
 from plait.runtime.snapshot.config import SnapshotConfig, parse_size
-from plait.runtime.snapshot.trainer.disk import DiskTier, complete_steps
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.trainer.blob import BlobError, plan, read_blob
 from plait.runtime.snapshot.trainer.hook import ALLOC_WAIT_MAX_S, SnapshotHook
@@ -163,45 +162,54 @@ def test_faults_parse_and_refuse_what_cannot_happen():
     assert len({f.step for f in a}) == 4 and all(2 < f.step < 20 for f in a)
 
 
-def test_the_disk_tier_round_trips_and_only_complete_checkpoints_count(tmp_path, job_secret):
-    tensors = _tensors()
-    objects = {"step": 4, "loader": {"cursor": 24}}
-    p = plan(tensors, objects)
-    blob = torch.empty(p.size, dtype=torch.uint8)
-    p.write(blob, job_secret)
-    tiers = [DiskTier(tmp_path, rank=r, world=2, keep=2, secret=job_secret) for r in range(2)]
-    tiers[0].save(4, blob)
-    assert complete_steps(tmp_path, 2) == []  # rank 1 has not written step 4 yet
-    tiers[1].save(4, blob)
-    assert complete_steps(tmp_path, 2) == [4]
-    got, got_objects = tiers[1].load(4)
-    assert got_objects == objects
-    for name, t in tensors.items():
-        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
-    # a damaged file fails its checksum (or cannot be read) instead of loading silently
-    import json
+def _two_rank_writers(base, run_id: str, secret, keep: int = 2):
+    """Two ranks that each hold half the rows of a global [5, 7] weight "w" (rows 0-2 and 3-4) and a whole "b"."""
+    from plait.parallel.slices import Slice
+    from plait.runtime.snapshot.checkpoint.paths import RunInfo
+    from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
 
-    marker = tmp_path / "step-00000004" / "rank-0.json"
-    m = json.loads(marker.read_text())
-    m["tensors"]["param.w"][2] ^= 1
-    marker.write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="checksum mismatch in param.w"):
-        tiers[0].load(4)
-    for f in (tmp_path / "step-00000004" / "rank-1").iterdir():
-        if f.suffix == ".distcp":
-            data = bytearray(f.read_bytes())
-            for i in range(len(data) // 4, 3 * len(data) // 4):
-                data[i] ^= 0x5A
-            f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="disk checkpoint step 4, rank 1: (unreadable|checksum mismatch)"):
-        tiers[1].load(4)
-    # background writes with retries; the two newest complete checkpoints are kept
-    for step in (8, 12):
-        for t in tiers:
-            t.save_async(step, blob, 0)
-        for t in tiers:
-            t.wait()
-    assert complete_steps(tmp_path, 2) == [8, 12]
+    run = RunInfo(run_id, 1.0)
+    writers = []
+    for rank, (rows, lo) in enumerate(((3, 0), (2, 3))):
+        slices = [Slice("param.w", 0, "w", (5, 7), (lo, 0), (rows, 7), True),
+                  Slice("param.b", 0, "b", (3,), (0,), (3,), rank == 0)]  # replicated: rank 0 writes it
+        writers.append(CheckpointWriter(base, run=run, rank=rank, world=2, slices=slices, layout=[1, 1, 1, 2, 1, 1, 1],
+                                        params={"w": [5, 7], "b": [3]}, secret=secret, keep=keep))
+    return writers
+
+
+def test_the_disk_tier_is_complete_only_with_every_rank_and_prunes_only_its_own_run(tmp_path, job_secret):
+    import torch.distributed.checkpoint as dcp
+
+    from plait.runtime.snapshot.checkpoint.paths import complete_checkpoints
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 7, generator=g), torch.randn(3, generator=g)
+
+    def blob(rank: int) -> torch.Tensor:
+        part = w[:3] if rank == 0 else w[3:]
+        p = plan({"param.w": part.clone(), "param.b": b}, {"step": 4, "rank": rank})
+        out = torch.empty(p.size, dtype=torch.uint8)
+        p.write(out, job_secret)
+        return out
+
+    mine, other = _two_rank_writers(tmp_path, "run-1", job_secret), _two_rank_writers(tmp_path, "run-2", job_secret)
+    mine[0].save(4, blob(0))
+    assert complete_checkpoints(tmp_path, "run-1") == []  # rank 1 has not written step 4 yet
+    mine[1].save(4, blob(1))
+    (done,) = complete_checkpoints(tmp_path, "run-1")
+    assert done.step == 4 and done.run_id == "run-1"
+    state = {"w": torch.zeros(5, 7), "b": torch.zeros(3)}
+    dcp.load(state, checkpoint_id=str(done.path), no_dist=True)  # the global tensors, from both ranks' chunks
+    assert torch.equal(state["w"], w) and torch.equal(state["b"], b)
+    # another run in the same directory: its steps are its own; pruning (keep 2) never touches run-1's
+    for step in (8, 12, 16):
+        for writer in other:
+            writer.save_async(step, blob(writer.rank))
+        for writer in other:
+            writer.wait()
+    assert [c.step for c in complete_checkpoints(tmp_path, "run-2")] == [12, 16]
+    assert [c.step for c in complete_checkpoints(tmp_path, "run-1")] == [4]
 
 
 class _HungDaemon:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from plait.ops.checksum import checksum
 from plait.runtime.snapshot.config import SnapshotConfig
 from plait.runtime.snapshot.records import step_of, version_id, version_text
@@ -41,7 +43,7 @@ from plait.runtime.snapshot.trainer import blob as blob_state
 
 if TYPE_CHECKING:
     from plait.runtime.snapshot.auth import JobSecret
-    from plait.runtime.snapshot.trainer.disk import DiskTier
+    from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
     from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
     from plait.runtime.snapshot.transport.client import DaemonClient
     from plait.runtime.trainer import StepResult, Trainer
@@ -85,7 +87,7 @@ class SnapshotHook:
     """Takes this rank's snapshots (see the module docstring). One per worker."""
 
     def __init__(self, config: SnapshotConfig, *, client: DaemonClient, lifecycle: VersionLifecycle | None, rank: int,
-                 local_rank: int, secret: JobSecret, disk: DiskTier | None = None):
+                 local_rank: int, secret: JobSecret, disk: CheckpointWriter | None = None):
         self.config = config
         self.client = client
         self.lifecycle = lifecycle  # global rank 0 only: it publishes
@@ -114,6 +116,8 @@ class SnapshotHook:
         if step % self.config.every == 0 and step < trainer.config.steps:
             self._take(trainer, step)
             self.stats.take_s.append(time.perf_counter() - start)
+        if step == trainer.config.steps and self.disk is not None:
+            self._last_to_disk(trainer, step)
         self.stats.update_wait_s.append(self._stall)
         # This step's stall: its optimizer update's wait for the copy, plus this call.
         self.stats.stall_s.append(self._stall + time.perf_counter() - start)
@@ -129,6 +133,17 @@ class SnapshotHook:
             self.disk.wait()
 
     # ------------------------------------------------------------------ snapshot
+
+    def _last_to_disk(self, trainer: Trainer, step: int) -> None:
+        """A finished run always leaves a disk checkpoint of its last step, on the disk_every grid or not.
+
+        No snapshot is taken at the last step (nothing would restore it), so the blob is
+        written here into private memory, on the training thread: once per run.
+        """
+        plan = blob_state.plan(trainer.engine.local_tensors(), trainer.snapshot_objects())
+        blob = torch.empty(plan.size, dtype=torch.uint8)
+        plan.write(blob, self.secret)
+        self.disk.save_async(step, blob)
 
     def _skip(self, version: int, reason: str, detail: str = "") -> None:
         self.stats.skipped += 1

@@ -6,12 +6,14 @@ picks the newest version every rank can get, each rank from its own node's memor
 and parity ("rebuild"). Every rank then loads and checks checksums (the blob's, and for
 a rebuild every piece's before decoding); a rank that fails reports it, rank 0 rules
 that source out and plans again. Without a usable in-memory version, the newest
-complete disk checkpoint is taken; without one, training starts fresh, unless the job
-had published a snapshot (``published.json``): then a snapshot was lost, and starting
-over would silently throw away every step done, so every rank raises
-:class:`SnapshotLost` and the job stops with a message that says what would have
-prevented it. Each outcome is one line on rank 0's console and one record in
-``<run dir>/recovery.jsonl``.
+complete disk checkpoint of this run is taken (never another run's, even in a shared
+``snapshot.dir``); without one, training starts from the checkpoint the run was started
+from (``plait train --resume``), else fresh, unless the job had published a snapshot
+(``published.json``): then a snapshot was lost, and starting over would silently throw
+away every step done, so every rank raises :class:`SnapshotLost` and the job stops with
+a message that says what would have prevented it. Disk checkpoints load into any
+layout (:mod:`plait.runtime.snapshot.checkpoint.read`). Each outcome is one line on
+rank 0's console and one record in ``<run dir>/recovery.jsonl``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from plait.runtime.snapshot.trainer.lifecycle import last_published
 
 if TYPE_CHECKING:
     from plait.runtime.snapshot.auth import JobSecret
-    from plait.runtime.snapshot.trainer.disk import DiskTier
+    from plait.runtime.snapshot.checkpoint.paths import Checkpoint
+    from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
     from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
     from plait.runtime.snapshot.transport.client import DaemonClient
     from plait.runtime.trainer import Trainer
@@ -51,11 +54,11 @@ Listing = dict[int, dict[int, VersionInfo]]  # node -> version -> info
 
 @dataclass
 class Outcome:
-    source: str  # memory | disk | fresh (lost raises SnapshotLost)
+    source: str  # memory | disk | resume | fresh (lost raises SnapshotLost)
     step: int
     seconds: float
     line: str  # the one line printed on rank 0
-    per_rank: dict[int, str]  # rank -> local | rebuild | disk | fresh
+    per_rank: dict[int, str]  # rank -> local | rebuild | disk | resume | fresh
     epoch: int = 0  # the restore generation this run writes its versions in
 
 
@@ -65,6 +68,10 @@ class RestoreError(RuntimeError):
 
 class SnapshotLost(RestoreError, JobCannotContinue):
     """The job published a snapshot, and neither it nor anything older (memory, disk) can be restored."""
+
+
+class ResumeFailed(RestoreError, JobCannotContinue):
+    """The checkpoint given to ``plait train --resume`` failed to load on some rank (its files changed since the check)."""
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -274,8 +281,9 @@ def _list_all(clients: list[DaemonClient], timeout: float = LIST_TIMEOUT_S) -> t
 
 
 def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: GroupLayout,
-            clients: list[DaemonClient] | None, disk: DiskTier | None, run_dir: Path, attempt: int, secret: JobSecret,
-            lifecycle: VersionLifecycle | None = None) -> Outcome:
+            clients: list[DaemonClient] | None, disk: CheckpointWriter | None, run_dir: Path, attempt: int,
+            secret: JobSecret | None, lifecycle: VersionLifecycle | None = None,
+            resume: Checkpoint | None = None) -> Outcome:
     """Bring ``trainer`` to the newest recoverable state (a collective over all ranks).
 
     Global rank 0 decides, every rank loads and reports, rank 0 rules out what failed
@@ -301,19 +309,27 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
             if choice is not None:
                 decision[0] = ("memory", choice[0], choice[1], planner.listing, planner.bad_data, epoch)
             else:
-                from plait.runtime.snapshot.trainer.disk import complete_steps
+                from plait.runtime.snapshot.checkpoint.paths import complete_checkpoints
 
-                steps = [s for s in complete_steps(disk.root, world) if s not in bad_disk] if (disk is not None and attempt > 0) else []
+                own = ([c for c in complete_checkpoints(disk.base, disk.run.run_id) if str(c.path) not in bad_disk]
+                       if (disk is not None and attempt > 0) else [])
                 published = last_published(run_dir) if attempt > 0 else None
-                if steps:
-                    decision[0] = ("disk", steps[-1], None, None, None, epoch)
+                if own:
+                    decision[0] = ("disk", own[-1].step, str(own[-1].path), None, None, epoch)
                 elif published is not None:
                     decision[0] = ("lost", published["version"], None, None, None, epoch)
+                elif resume is not None and str(resume.path) not in bad_disk:
+                    decision[0] = ("resume", resume.step, str(resume.path), None, None, epoch)
+                elif resume is not None:
+                    decision[0] = ("unusable", resume.step, str(resume.path), "; ".join(notes), None, epoch)
                 else:
                     decision[0] = ("fresh", 0, None, None, None, epoch)
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
         kind, version, sources, listing, bad, epoch = decision[0]
+        if kind == "unusable":
+            raise ResumeFailed(f"--resume {sources}: the checkpoint could not be loaded ({listing}); give another "
+                               "checkpoint (an older step directory)")
         if kind == "lost":
             if rank == 0:
                 _record(run_dir, attempt, kind, step_of(version), {}, time.perf_counter() - start, epoch)
@@ -338,10 +354,14 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                     blob = rebuild_blob(p, version, node, local_rank, clients, rank_notes)
                 tensors, objects = read_blob(blob, secret)
                 trainer.load_snapshot(tensors, objects)
-            elif kind == "disk":
-                assert disk is not None
-                tensors, objects = disk.load(version)
-                trainer.load_snapshot(tensors, objects)
+            elif kind in ("disk", "resume"):
+                from plait.runtime.snapshot.checkpoint.paths import Checkpoint, read_manifest
+                from plait.runtime.snapshot.checkpoint.read import load_checkpoint
+
+                manifest = read_manifest(Path(sources))
+                if manifest is None:
+                    raise RestoreError(f"disk checkpoint {sources} is gone or incomplete")
+                load_checkpoint(trainer, Checkpoint(Path(sources), manifest), rank=rank)
         except Exception as err:  # noqa: BLE001 - reported to rank 0, which plans around it
             error = f"{type(err).__name__}: {err}"
             log.warning("restore: rank %d could not use %s (%s): %s", rank, how, _point(kind, version), error)
@@ -375,12 +395,12 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                         planner.bad_data.add((version, n, lr))
                     else:
                         planner.bad_versions.add(version)
-                elif kind == "disk":
-                    bad_disk.add(version)
+                elif kind in ("disk", "resume"):
+                    bad_disk.add(sources)
     raise RestoreError("restore: no source passed its checks after 8 plans; see the workers' logs")
 
 
-def _lost_message(version: int, layout: GroupLayout, disk: DiskTier | None, notes: list[str]) -> str:
+def _lost_message(version: int, layout: GroupLayout, disk: CheckpointWriter | None, notes: list[str]) -> str:
     no_disk = ("there is no disk tier (snapshot.disk_every is 0)" if disk is None else
                "no disk checkpoint is complete yet")
     seen = f" (restore tried: {'; '.join(notes)})" if notes else ""
@@ -400,6 +420,8 @@ def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: 
         text = "fresh start (no snapshot to restore)"
     elif kind == "disk":
         text = f"step {step} from the disk tier (no complete in-memory snapshot could be recovered)"
+    elif kind == "resume":
+        text = f"step {step} from the checkpoint given to --resume"
     else:
         local = [r for r, h in per_rank.items() if h == "local"]
         rebuilt = [r for r, h in per_rank.items() if h == "rebuild"]
