@@ -266,7 +266,7 @@ def _random_trial(config: Path, baseline: dict, run_dir: Path, seed: int, report
     faults = random_faults(seed, world=NODES, nnodes=NODES, steps=STEPS, every=EVERY)
     texts = [str(f) for f in faults]
     # Half the trials that lose more nodes of the group at once than ec_m covers have no disk tier to fall back on.
-    no_disk = lost_at_once(faults, nnodes=NODES, group=NODES, parity=1) and seed % 2 == 0
+    no_disk = lost_at_once(faults, group=NODES, parity=1) and seed % 2 == 0
     extra = ("--set", "snapshot.disk_every=0") if no_disk else ()
     code, output = run_train(config, run_dir, *texts, extra=extra)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -281,7 +281,7 @@ def _random_trial(config: Path, baseline: dict, run_dir: Path, seed: int, report
     _same(summary, baseline)
     for rec in summary["recoveries"]:
         assert rec["source"] in ("memory", "disk") and rec["replayed"] <= REPLAY_BOUND, (texts, rec)
-    if lost_at_once(faults, nnodes=NODES, group=NODES, parity=1):
+    if lost_at_once(faults, group=NODES, parity=1):
         assert summary["recoveries"][0]["source"] == "disk", summary["recoveries"]
 
 

@@ -190,7 +190,7 @@ def test_random_faults_cover_every_kind_and_shape_and_are_seeded():
     assert any(len(t) == 2 and t[0].step == t[1].step for t in trials)  # two at once
     assert any(len(t) == 2 and None not in (t[0].step, t[1].step) and t[0].step != t[1].step for t in trials)
     assert any(t[-1].restore == 1 for t in trials)  # a fault during restore
-    assert any(lost_at_once(t, nnodes=3, group=3, parity=1) for t in trials)
+    assert any(lost_at_once(t, group=3, parity=1) for t in trials)
     for t in trials:
         check_faults(t, world=3, nnodes=3, steps=12, snapshots=True, parity=1)
         for f in t:

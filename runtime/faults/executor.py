@@ -287,7 +287,7 @@ class FaultExecutor:
                 raise FaultFailed(f"the daemon of node {node} holds no complete parity piece to corrupt")
             newest = max(held, key=lambda v: v.version)
             piece = min((p for p in newest.parity if p.local_rank == 0 and p.complete and p.members),
-                        key=lambda p: (p.stripe, p.index))
+                        key=lambda p: (p.index, p.stripe))  # parity 0 first: a rebuild reads it before any spare
             effect = _flip(Path(piece.path), piece.size, piece.checksum)
         protected = sorted({m.node for m in piece.members} - {node})
         return {"version": newest.version, "stripe": piece.stripe, "index": piece.index, "protects": protected,

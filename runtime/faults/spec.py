@@ -125,13 +125,13 @@ def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, sn
 
 
 def random_faults(seed: int, *, world: int, nnodes: int, steps: int, every: int) -> list[Fault]:
-    """The faults of one seeded random trial, in one of four shapes.
+    """The faults of one seeded random trial, in one of five shapes.
 
     ``single``: one fault of any kind. ``apart``: two faults at steps far enough apart
     (2·every + 1) that a snapshot taken after the first restore is complete when the
-    second fires. ``together``: two faults at one step (two kill-node of one group lose
-    more nodes than ec_m = 1 covers). ``restore``: a fault, then another during the
-    restore it causes. Faults that may need the disk tier or an older version
+    second fires. ``together``: two faults at one step. ``lost``: two kill-node at one
+    step (in a group of ec_k + 1 nodes, more than its parity covers; see
+    :func:`lost_at_once`). ``restore``: a fault, then another during the restore it causes. Faults that may need the disk tier or an older version
     (corrupt-parity, two at once, one during restore) fire at step >= 3·every + 1, once a
     disk checkpoint of the 2·every snapshot can be complete.
     """
@@ -151,7 +151,7 @@ def random_faults(seed: int, *, world: int, nnodes: int, steps: int, every: int)
     def node_of(f: Fault) -> int:
         return f.target // (world // nnodes) if f.kind == "kill-worker" else f.target
 
-    shape = rng.choices(("single", "apart", "together", "restore"), weights=(35, 20, 25, 20))[0]
+    shape = rng.choices(("single", "apart", "together", "lost", "restore"), weights=(35, 20, 15, 10, 20))[0]
     if shape == "single":
         kind = rng.choice(KINDS)
         step = rng.randrange(late if kind == "corrupt-parity" else early, steps)
@@ -161,9 +161,13 @@ def random_faults(seed: int, *, world: int, nnodes: int, steps: int, every: int)
         kinds = ("kill-worker", "kill-node", "kill-daemon", "corrupt-shard")
         first = rng.randrange(early, steps - gap)
         second = rng.randrange(first + gap, steps)
-        k1, k2 = rng.choice(kinds), rng.choice((*kinds, "corrupt-parity") if second >= late else kinds)
+        # A hung daemon only second: a restore while it is still stopped would wait on it.
+        k1, k2 = rng.choice(kinds), rng.choice((*kinds, "hang-daemon", *(("corrupt-parity",) if second >= late else ())))
         return [Fault(k1, target(k1), first), Fault(k2, target(k2), second)]
     step = rng.randrange(late, steps)
+    if shape == "lost":
+        a = Fault("kill-node", target("kill-node"), step)
+        return [a, Fault("kill-node", target("kill-node", avoid={a.target}), step)]
     if shape == "together":
         kinds = ("kill-worker", "kill-node", "kill-daemon", "corrupt-shard")
         k1, k2 = rng.choice(kinds), rng.choice(kinds)
@@ -176,7 +180,7 @@ def random_faults(seed: int, *, world: int, nnodes: int, steps: int, every: int)
     return [a, Fault(k2, target(k2, avoid={node_of(a)} if k2 != "kill-worker" else set()), restore=1)]
 
 
-def lost_at_once(faults: list[Fault], *, nnodes: int, group: int, parity: int) -> bool:
+def lost_at_once(faults: list[Fault], *, group: int, parity: int) -> bool:
     """Whether more than ``parity`` nodes of one erasure-coding group (of ``group`` nodes) are lost at one point."""
     lost: dict[tuple[str, int], set[int]] = {}
     for f in faults:
