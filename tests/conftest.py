@@ -66,7 +66,8 @@ def _fault_trials_summary(terminalreporter, config) -> None:
     terminalreporter.section(f"fault trials: where {len(trials)} trial(s) restored from")
     for name, faults, outcome in trials:
         terminalreporter.write_line(f"{name}: {faults} -> {outcome}")
-    counts = Counter(outcome for _, _, outcome in trials)
+    # Per trial, the tier of its last restore (memory, disk), "lost" when it stopped, or "no restore".
+    counts = Counter(outcome.rsplit(", ", 1)[-1].split("@")[0].split(":")[0] for _, _, outcome in trials)
     terminalreporter.write_line("totals: " + ", ".join(f"{n} {o}" for o, n in counts.most_common()))
 
 

@@ -227,7 +227,7 @@ def test_a_corrupt_parity_piece_is_ruled_out(config, baseline, tmp_path):
 def test_a_corrupt_parity_piece_is_replaced_by_a_spare_with_two_parity_nodes(tmp_path):
     """ec_m = 2: the bad piece is ruled out and the spare used; the newest version still restores."""
     config = tmp_path / "m2.yaml"
-    config.write_text(CONFIG.replace("ec_m: 1", "ec_m: 2"))
+    config.write_text(CONFIG.replace("ec_m: 1", "ec_m: 2").replace("global_batch: 6", "global_batch: 8"))  # 4 ranks
     base, _ = train(config, tmp_path / "base", nodes=4)
     fault = "corrupt-parity:node=0:step=8"
     summary, output = train(config, tmp_path / "run", fault, nodes=4)
