@@ -52,13 +52,18 @@ class FaultHook(BaseHook):
         self.wait_s = wait_s
 
     def settle(self) -> None:
-        """Before restoring: wait until the launcher finished the faults it is carrying out (all of one point)."""
+        """Before restoring: wait until the launcher finished the faults it is carrying out (all of one point).
+
+        A fault an earlier attempt could not carry out stops this one too: the workers
+        that heard of it may have been killed by another fault before they could stop the job.
+        """
         deadline = time.monotonic() + self.wait_s
         while records.executing_path(self.run_dir).exists():
             if time.monotonic() > deadline:
                 raise FaultNotCarriedOut(f"the launcher was still carrying out faults after {self.wait_s:.0f} s "
                                          f"({records.executing_path(self.run_dir)} exists); is plait train running?")
             time.sleep(0.01)
+        _raise_failed(records.fault_records(self.run_dir))
 
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         self.reach(f"s{step}", drain=True)
@@ -86,6 +91,10 @@ class FaultHook(BaseHook):
                 raise FaultNotCarriedOut(f"fault(s) {missing} not carried out within {self.wait_s:.0f} s of rank "
                                          f"{self.rank} asking; plait train carries faults out: is it running?")
             time.sleep(0.01)
-        failed = [r for r in done if not r["ok"]]
-        if failed:
-            raise FaultNotCarriedOut("; ".join(f"fault {r['fault']} could not be carried out: {r['error']}" for r in failed))
+        _raise_failed(done)
+
+
+def _raise_failed(done: list[dict]) -> None:
+    failed = [r for r in done if not r["ok"]]
+    if failed:
+        raise FaultNotCarriedOut("; ".join(f"fault {r['fault']} could not be carried out: {r['error']}" for r in failed))
