@@ -194,7 +194,7 @@ class FaultExecutor:
         return self.daemons.procs[node]
 
     def _kill_daemon(self, node: int) -> dict[str, Any]:
-        assert self.daemons is not None
+        self._daemon(node)
         with self.daemons.replacements_held():
             proc = self._daemon(node)
             _sigkill(proc.pid)
@@ -207,7 +207,7 @@ class FaultExecutor:
         """Stop the daemon (it can create no segment then), delete its memory, SIGKILL it and the node's workers."""
         from plait.runtime.snapshot import shm
 
-        assert self.daemons is not None
+        self._daemon(node)
         with self.daemons.replacements_held():
             proc = self._daemon(node)
             try:
@@ -260,7 +260,9 @@ class FaultExecutor:
         from plait.runtime.snapshot.auth import JobSecret
         from plait.runtime.snapshot.transport.client import DaemonClient
 
-        assert self.daemons is not None and self.secret_file is not None
+        self._daemon(node)
+        if self.secret_file is None:
+            raise FaultFailed("no job secret to reach the daemons with")
         return DaemonClient(self.daemons.addresses[node], secret=JobSecret.load(self.secret_file))
 
     def _corrupt_shard(self, node: int) -> dict[str, Any]:
