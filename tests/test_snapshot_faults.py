@@ -279,8 +279,12 @@ def _random_trial(config: Path, baseline: dict, run_dir: Path, seed: int, report
         return
     assert code == 0, output[-6000:]
     _same(summary, baseline)
+    # A killed daemon's replacement takes seconds to serve (a hung one, seconds to resume), many steps of this
+    # small model: the snapshots in between are skipped (and reported), so a restore after it may replay more.
+    daemon_away = any(f.kind in ("kill-daemon", "hang-daemon") and f.step is not None for f in faults[:-1])
     for rec in summary["recoveries"]:
-        assert rec["source"] in ("memory", "disk") and rec["replayed"] <= REPLAY_BOUND, (texts, rec)
+        assert rec["source"] in ("memory", "disk"), (texts, rec)
+        assert daemon_away or rec["replayed"] <= REPLAY_BOUND, (texts, rec)
     if lost_at_once(faults, group=NODES, parity=1):
         assert summary["recoveries"][0]["source"] == "disk", summary["recoveries"]
 
