@@ -43,7 +43,8 @@ test: setup
 test-parallel: setup
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_parallel_parity.py
 
-# Many seeded random faults (kind, node, step) against real processes; make test runs a few.
+# 100 seeded random fault trials (every kind, two faults apart or at once, a fault during restore) against
+# real processes, each listed with where it restored from; make test runs three.
 test-faults: setup
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_snapshot_faults.py
 

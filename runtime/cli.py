@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc-per-node", type=int, metavar="P", help="worker processes per node (with --nnodes)")
     train.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
                        help="inject a fault, repeatable: kill-worker:rank=R:step=S, kill-node:node=N:step=S, "
-                       "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S")
+                       "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S, corrupt-parity:node=N:step=S, "
+                       "hang-daemon:node=N:step=S[:seconds=D]; kill-* also at restore=N (during the N-th restart's "
+                       "restore)")
     train.add_argument("--run-dir", type=Path, metavar="DIR", help="where config.yaml, summary.json and logs go "
                        "(default: runs/<config name>-<time>)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -90,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
     faults = [parse_fault(f) for f in args.faults]
     check_faults(faults, world=config.launch.nproc, nnodes=config.launch.nnodes, steps=config.train.steps,
-                 snapshots=config.snapshot.enabled)
+                 snapshots=config.snapshot.enabled,
+                 parity=config.snapshot.code(config.launch.nnodes)[1] if config.snapshot.enabled else 0)
     if args.dry_run:
         print(dry_run_report(config))
         return 0
@@ -120,6 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     nodes = f" on {config.launch.nnodes} nodes" if config.launch.nnodes > 1 else ""
     print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s){nodes}; run directory {run_dir}", flush=True)
     daemons = None
+    secret_file = None
     if faults:
         env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
     if config.snapshot.enabled:
@@ -140,6 +144,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"plait: snapshots every {snap.every} steps to {config.launch.nnodes} node daemon(s) "
               f"({', '.join(daemons.addresses)})" + (", erasure-coded k={} m={}".format(*daemons.code) if daemons.code[1] else ", no parity")
               + (f", disk every {snap.disk_every} snapshots" if snap.disk_every else ""), flush=True)
+    executor = None
+    if faults:
+        from plait.runtime.faults.executor import FaultExecutor
+
+        # In this process, which no fault kills; the workers only ask for their faults.
+        executor = FaultExecutor(faults, run_dir=run_dir, world=config.launch.nproc,
+                                 per_node=config.launch.nproc_per_node, daemons=daemons, secret_file=secret_file)
+        executor.start()
     try:
         launch_workers(config.launch, run_dir, env=env, max_restarts=config.launch.restarts(config.snapshot.enabled))
     except LaunchError as err:
@@ -147,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise LaunchError(f"{err}; the steps done so far are in {run_dir / 'summary.json'}") from None
         raise
     finally:
+        if executor is not None:
+            executor.stop()  # before the daemons: it wakes a daemon it hung
         if daemons is not None:
             daemons.stop()
     summary = json.loads((run_dir / "summary.json").read_text())

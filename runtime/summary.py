@@ -25,7 +25,8 @@ Schema (version 1), every field always present:
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
 | ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``; ``lost``: the published snapshot of ``step`` could not be restored and the job stopped) |
-| ``faults`` | list[str] | faults injected with ``--fault`` that fired, e.g. ``kill-node:node=2:step=7`` |
+| ``faults`` | list[str] | faults injected with ``--fault`` that took effect (verified by plait train), e.g. ``kill-node:node=2:step=7`` |
+| ``fault_effects`` | list[{fault, ok, attempt, effect}] | every fault carried out, with what was verified (pids gone, memory removed, checksums no longer matching, a daemon in state T); ``ok`` false with ``error`` when it could not be |
 | ``snapshot`` | {taken, skipped, skip_reasons, published, abandoned, bytes_per_rank, stall_s, copy_s, alloc_s, take_s, update_wait_s, publish_latency_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy and allocation times; published/abandoned/publish_latency_s come from rank 0's publisher (every node's versions) |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import plait
 from plait.runtime.progress import Pace
-from plait.runtime.faults import fired_faults
+from plait.runtime.faults import fault_records, fired_faults
 from plait.runtime.snapshot.trainer.restore import recovery_totals
 from plait.runtime.trainer import BaseHook, StepResult
 
@@ -130,6 +131,7 @@ class SummaryHook(BaseHook):
             "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             **recovery_totals(self.path.parent),
             "faults": fired_faults(self.path.parent),
+            "fault_effects": fault_records(self.path.parent),
             "snapshot": self.snapshots.summary() if self.snapshots is not None else None,
             "wall_s": time.time() - self.started,
             "params": {"total": int(params.total), "active": int(params.active)},
@@ -157,7 +159,8 @@ class SummaryHook(BaseHook):
             return
         summary = json.loads(self.path.read_text())
         summary.update(status="failed", error=error, restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                       faults=fired_faults(self.path.parent), **recovery_totals(self.path.parent))
+                       faults=fired_faults(self.path.parent), fault_effects=fault_records(self.path.parent),
+                       **recovery_totals(self.path.parent))
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.path)

@@ -214,15 +214,18 @@ def run(run_dir: Path) -> None:
             hooks.append(snapshot_hook)
         hooks.append(ProgressMarker(run_dir, rank))
         faults = [parse_fault(f) for f in json.loads(os.environ.get("PLAIT_FAULTS", "[]"))]
+        fault_hook = None
         if faults:
-            daemons = os.environ.get("PLAIT_SNAPSHOT_DAEMONS", "")
-            hooks.append(FaultHook(faults, run_dir=run_dir, rank=rank, nproc_per_node=config.launch.nproc_per_node,
-                                   job=os.environ.get("PLAIT_JOB", ""), daemons=daemons.split(",") if daemons else []))
+            fault_hook = FaultHook(faults, run_dir=run_dir, rank=rank, attempt=restore_args["attempt"],
+                                   drain=snapshot_hook.drain if snapshot_hook is not None else None)
+            hooks.append(fault_hook)
         trainer = Trainer(config=config.train, engine=engine, loader=loader, eval_set=eval_set, hooks=hooks)
         if summary is not None:
             summary.snapshots = snapshot_hook
         try:
-            outcome = restore(trainer, **restore_args)
+            if fault_hook is not None:
+                fault_hook.settle()  # a restore sees every fault of a point, never some of them
+            outcome = restore(trainer, **restore_args, on_plan=fault_hook.at_restore if fault_hook else None)
             if snapshot_hook is not None:
                 snapshot_hook.epoch = outcome.epoch
             if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):

@@ -42,7 +42,37 @@ def kernel_ran(request):
     return record
 
 
+_FAULT_TRIALS = pytest.StashKey[list[tuple[str, str, str]]]()
+
+
+@pytest.fixture
+def fault_trial(request):
+    """``fault_trial(faults, outcome)``: note where a fault trial restored from (listed after the run)."""
+    trials = request.config.stash.setdefault(_FAULT_TRIALS, [])
+
+    def record(faults: str, outcome: str) -> None:
+        trials.append((request.node.name, faults, outcome))
+        request.node.user_properties.append(("restored_from", outcome))
+
+    return record
+
+
+def _fault_trials_summary(terminalreporter, config) -> None:
+    trials = config.stash.get(_FAULT_TRIALS, None)
+    if not trials:
+        return
+    from collections import Counter
+
+    terminalreporter.section(f"fault trials: where {len(trials)} trial(s) restored from")
+    for name, faults, outcome in trials:
+        terminalreporter.write_line(f"{name}: {faults} -> {outcome}")
+    # Per trial, the tier of its last restore (memory, disk), "lost" when it stopped, or "no restore".
+    counts = Counter(outcome.rsplit(", ", 1)[-1].split("@")[0].split(":")[0] for _, _, outcome in trials)
+    terminalreporter.write_line("totals: " + ", ".join(f"{n} {o}" for o, n in counts.most_common()))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _fault_trials_summary(terminalreporter, config)
     ran = config.stash.get(_KERNELS_RAN, None)
     if not ran:
         return

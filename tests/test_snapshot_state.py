@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from plait.errors import CLIError, ConfigError
-from plait.runtime.faults import Fault, check_faults, parse_fault, random_faults
+from plait.runtime.faults import KINDS, Fault, check_faults, lost_at_once, parse_fault, random_faults
 from plait.runtime.snapshot.config import SnapshotConfig, parse_size
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.trainer.blob import BlobError, plan, read_blob
@@ -146,10 +147,22 @@ def test_faults_parse_and_refuse_what_cannot_happen():
     assert parse_fault("kill-worker:rank=1:step=5") == Fault("kill-worker", 1, 5)
     assert parse_fault("kill-node:node=2:step=7") == Fault("kill-node", 2, 7)
     assert str(parse_fault("corrupt-shard:step=3:node=0")) == "corrupt-shard:node=0:step=3"
+    assert parse_fault("kill-worker:rank=2:restore=1") == Fault("kill-worker", 2, restore=1)
+    assert parse_fault("hang-daemon:node=1:step=4:seconds=1.5") == Fault("hang-daemon", 1, 4, seconds=1.5)
+    for text in ("corrupt-parity:node=1:step=6", "hang-daemon:node=0:step=3", "kill-daemon:node=2:restore=2",
+                 "hang-daemon:node=0:step=3:seconds=0.5"):
+        assert str(parse_fault(text)) == text
     for bad, message in (("explode:node=1:step=2", "unknown kind"), ("kill-node:rank=1:step=2", "expected kill-node:node=N"),
                          ("kill-worker:rank=x:step=2", "must be an integer"), ("kill-daemon:node=1", "missing step"),
-                         ("kill-worker:rank=1:step=0", "step >= 1")):
-        with pytest.raises(CLIError, match=message):
+                         ("kill-worker:rank=1:step=0", "step must be >= 1"),
+                         ("corrupt-shard:node=1:restore=1", "expected corrupt-shard:node=N:step=S, got the part 'restore=1'"),
+                         ("kill-node:node=1:step=2:restore=1", "step or restore, not both"),
+                         ("kill-node:node=1:restore=0", "restore must be >= 1"),
+                         ("kill-node:node=1:step=2:seconds=3", "got the part 'seconds=3'"),
+                         ("hang-daemon:node=1:step=2:seconds=-1", "seconds must be > 0"),
+                         ("hang-daemon:node=1:step=2:seconds=x", "must be a number of seconds"),
+                         ("kill-node:node=1:node=2:step=2", "node is given twice")):
+        with pytest.raises(CLIError, match=re.escape(message)):
             parse_fault(bad)
     with pytest.raises(CLIError, match="node 3 does not exist"):
         check_faults([Fault("kill-node", 3, 2)], world=3, nnodes=3, steps=10, snapshots=True)
@@ -157,9 +170,31 @@ def test_faults_parse_and_refuse_what_cannot_happen():
         check_faults([Fault("kill-worker", 0, 10)], world=3, nnodes=3, steps=10, snapshots=True)
     with pytest.raises(CLIError, match="needs snapshots"):
         check_faults([Fault("kill-daemon", 0, 2)], world=3, nnodes=3, steps=10, snapshots=False)
-    a = random_faults(5, count=4, world=6, nnodes=3, steps=20, every=2)
-    assert a == random_faults(5, count=4, world=6, nnodes=3, steps=20, every=2)  # seeded
-    assert len({f.step for f in a}) == 4 and all(2 < f.step < 20 for f in a)
+    with pytest.raises(CLIError, match="set snapshot.ec_m >= 1"):
+        check_faults([Fault("corrupt-parity", 0, 2)], world=3, nnodes=3, steps=10, snapshots=True, parity=0)
+    with pytest.raises(CLIError, match="restore 1 never happens: only 0"):
+        check_faults([Fault("kill-daemon", 0, 2), Fault("kill-worker", 1, restore=1)], world=3, nnodes=3, steps=10,
+                     snapshots=True)
+    with pytest.raises(CLIError, match="given twice"):
+        check_faults([Fault("kill-worker", 1, 2), Fault("kill-worker", 1, 2)], world=3, nnodes=3, steps=10, snapshots=True)
+    check_faults([Fault("kill-node", 0, 2), Fault("kill-worker", 1, restore=1), Fault("corrupt-parity", 2, 4)],
+                 world=3, nnodes=3, steps=10, snapshots=True, parity=1)
+
+
+def test_random_faults_cover_every_kind_and_shape_and_are_seeded():
+    trials = [random_faults(seed, world=3, nnodes=3, steps=12, every=2) for seed in range(300)]
+    assert trials[:20] == [random_faults(seed, world=3, nnodes=3, steps=12, every=2) for seed in range(20)]
+    kinds = {f.kind for t in trials for f in t}
+    assert kinds == set(KINDS)
+    assert any(len(t) == 2 and t[0].step == t[1].step for t in trials)  # two at once
+    assert any(len(t) == 2 and None not in (t[0].step, t[1].step) and t[0].step != t[1].step for t in trials)
+    assert any(t[-1].restore == 1 for t in trials)  # a fault during restore
+    assert any(lost_at_once(t, group=3, parity=1) for t in trials)
+    for t in trials:
+        check_faults(t, world=3, nnodes=3, steps=12, snapshots=True, parity=1)
+        for f in t:
+            if f.kind == "corrupt-parity" or len(t) == 2 and (f.restore or t[0].step == t[1].step):
+                assert f.restore or f.step >= 7, t  # a disk checkpoint of step 4 may be needed, and is complete
 
 
 def _two_rank_writers(base, run_id: str, secret, keep: int = 2):

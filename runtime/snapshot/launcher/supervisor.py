@@ -15,6 +15,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from plait.runtime.snapshot.config import SnapshotConfig
@@ -77,6 +79,12 @@ class DaemonSet:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+
+    @contextmanager
+    def replacements_held(self) -> Iterator[None]:
+        """No dead daemon is replaced inside: a fault kills one and verifies its effect before a fresh one starts."""
+        with self._lock:
+            yield
 
     def _start(self, node: int) -> subprocess.Popen:
         from plait.runtime.snapshot.launcher.spawn import start_daemon

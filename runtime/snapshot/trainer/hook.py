@@ -124,6 +124,10 @@ class SnapshotHook:
         self._stall = 0.0
 
     def on_end(self, trainer: Trainer) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait (bounded) until this rank's snapshots are done: copied and committed, published (rank 0), on disk."""
         copy = self._copy
         if copy is not None and copy.thread is not None:
             copy.thread.join(timeout=self.client.timeout + 5)

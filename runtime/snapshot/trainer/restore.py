@@ -40,6 +40,8 @@ from plait.runtime.snapshot.trainer.blob import read_blob
 from plait.runtime.snapshot.trainer.lifecycle import last_published
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.checkpoint.paths import Checkpoint
     from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
@@ -283,7 +285,7 @@ def _list_all(clients: list[DaemonClient], timeout: float = LIST_TIMEOUT_S) -> t
 def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: GroupLayout,
             clients: list[DaemonClient] | None, disk: CheckpointWriter | None, run_dir: Path, attempt: int,
             secret: JobSecret | None, lifecycle: VersionLifecycle | None = None,
-            resume: Checkpoint | None = None) -> Outcome:
+            resume: Checkpoint | None = None, on_plan: Callable[[str], None] | None = None) -> Outcome:
     """Bring ``trainer`` to the newest recoverable state (a collective over all ranks).
 
     Global rank 0 decides, every rank loads and reports, rank 0 rules out what failed
@@ -291,7 +293,8 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
     0's ``lifecycle`` resets every daemon to the new restore epoch (keeping only the
     version restored from), before any rank takes a snapshot again. Raises
     :class:`SnapshotLost` when a published snapshot cannot be restored and no disk
-    checkpoint stands in for it.
+    checkpoint stands in for it. ``on_plan`` is called with the first plan's kind on every
+    rank before any loads (fault injection fires faults "during restore" there).
     """
     start = time.perf_counter()
     node, local_rank = divmod(rank, per_node)
@@ -302,7 +305,7 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
         planner = Planner(listing, layout=layout, world=world, per_node=per_node)
     bad_disk: set[int] = set()
     notes: list[str] = []
-    for _ in range(8):
+    for plan in range(8):
         decision: list[Any] = [None]
         if rank == 0:
             choice = planner.choose() if planner is not None else None
@@ -327,6 +330,8 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
         if world > 1:
             dist.broadcast_object_list(decision, src=0)
         kind, version, sources, listing, bad, epoch = decision[0]
+        if plan == 0 and on_plan is not None:
+            on_plan(kind)
         if kind == "unusable":
             raise ResumeFailed(f"--resume {sources}: the checkpoint could not be loaded ({listing}); give another "
                                "checkpoint (an older step directory)")
