@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,6 +43,10 @@ def test_a_point_fires_once_every_rank_asked_in_order_and_verified(tmp_path, exe
             victims[1].wait(timeout=0.5)
         records.write_atomic(records.request_path(tmp_path, attempt=0, point="s3", rank=0), {"rank": 0, "pid": victims[0].pid})
         assert victims[0].wait(timeout=10) == -9 and victims[1].wait(timeout=10) == -9
+        # The executor records a fault once it has verified it, a moment after the victims are gone.
+        deadline = time.monotonic() + 10
+        while len(fault_records(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         hook = FaultHook(faults, run_dir=tmp_path, rank=0, attempt=1, wait_s=10)
         hook.reach("s3")  # done in attempt 0: a replayed step 3 asks for nothing and returns at once
         assert not list(tmp_path.glob("faults/request-a1-*"))
