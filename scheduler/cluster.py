@@ -368,10 +368,17 @@ def check_rates(spec: ClusterSpec, scale: Scale) -> None:
     origin = "from the cluster file" if scale.source == "file" else "auto"
     raise ClusterError(
         key, gbit,
-        f"at scale {scale.value:.3g} ({origin}) it shapes to {rate:.4g} bit/s; "
-        f"accepted: {MIN_RATE_BIT_S:g} to {MAX_RATE_BIT_S:g} bit/s after scaling",
+        f"at scale {scale.value:.3g} ({origin}) it shapes to {_rate_text(rate)}; "
+        f"accepted: {_rate_text(MIN_RATE_BIT_S)} to {_rate_text(MAX_RATE_BIT_S)} after scaling",
         hint, source=spec.source,
     )
+
+
+def _rate_text(bit_s: float) -> str:
+    for unit, size in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bit_s >= size:
+            return f"{bit_s / size:.4g} {unit}"
+    return f"{bit_s:.4g} bit/s"
 
 
 def node_table(spec: ClusterSpec, scale: Scale, addresses: list[str] | None = None, *,
@@ -385,7 +392,8 @@ def node_table(spec: ClusterSpec, scale: Scale, addresses: list[str] | None = No
             return "-"
         return f"{value:g} µs" + ("" if latency_emulated else " (not emulated)")
 
-    header = ("node", "name", "group", "address", "device", "NIC class", "Gbit/s", "shaped Mbit/s", "latency")
+    header = ("node", "name", "group", "address", "device", "NIC class", "described Gbit/s", "shaped Mbit/s",
+              "latency")
     rows = [
         (str(node.rank), node.name, node.group or "-", addresses[node.rank] if addresses else "-", node.device.name,
          node.nic.name, f"{node.nic.gbit:g}", f"{shaped_rate_bit_s(node.nic.gbit, scale.value) / 1e6:.4g}",
