@@ -4,7 +4,8 @@ A YAML file names device kinds, NIC classes (bandwidth per direction), the nodes
 with a NIC class, a device kind and optionally a group) and the uplinks between groups.
 The rehearsal shapes every link to its described rate times a scale, so that one CPU
 worker's compute against its shaped link keeps the described device's ratio of compute
-to communication. No torch here: the planner loads a cluster on a laptop.
+to communication. ``configs/cluster-mixed.yaml`` shows every field. No torch here: the
+planner loads a cluster on a laptop.
 """
 
 from __future__ import annotations
