@@ -7,6 +7,7 @@ from typing import Literal
 
 from plait.errors import ConfigError
 from plait.parallel.dims import ParallelDims
+from plait.parallel.placement import Placement
 
 
 @dataclass(kw_only=True)
@@ -24,6 +25,8 @@ class ParallelConfig:
     vpp: int = 1  # virtual stages per pipeline rank (interleaved schedule)
     pp_layers: list[int] | None = None  # layers per (virtual) stage, e.g. [3, 1]; None: as even as possible
     capacity_factor: float = 0.0  # MoE token dropping: each expert takes ≤ factor·fair share per source rank; 0: dropless
+    # The node of each rank, e.g. [0, 1, 0, 1]; None: ranks R·P … R·P+P-1 on node R (P workers per node).
+    placement: list[int] | None = None
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -44,6 +47,10 @@ class ParallelConfig:
             if len(self.pp_layers) != stages or any(not isinstance(n, int) or n < 1 for n in self.pp_layers):
                 raise ConfigError("parallel.pp_layers", self.pp_layers,
                                   f"accepted: a list of pp × vpp = {stages} positive layer counts, e.g. {[1] * stages}")
+
+    def placement_of(self, world: int, nnodes: int) -> Placement:
+        """Which node each rank runs on (raises ConfigError naming what is wrong with ``parallel.placement``)."""
+        return Placement.resolve(self.placement, world=world, nnodes=nnodes)
 
     def dims(self, world: int) -> ParallelDims:
         """The resolved sizes for ``world`` ranks (raises ConfigError naming the constraint)."""

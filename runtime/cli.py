@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nnodes", type=int, metavar="N", help="nodes to emulate on this machine, each with its own "
                        "snapshot daemon and shared memory (sets launch.nnodes); workers = N × --nproc-per-node")
     train.add_argument("--nproc-per-node", type=int, metavar="P", help="worker processes per node (with --nnodes)")
+    train.add_argument("--node-rank", type=int, metavar="R", help="this node's number, 0 .. N-1 (with --rdzv): run one "
+                       "node of a multi-node job, started once on every node")
+    train.add_argument("--rdzv", metavar="HOST:PORT", help="the job's rendezvous endpoint (with --nnodes and "
+                       "--node-rank): the node that owns HOST hosts the store, the others join it")
+    train.add_argument("--node-addr", metavar="ADDR", help="this node's address as its peers reach it (default: the "
+                       "address this machine reaches the --rdzv host from)")
     train.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
                        help="inject a fault, repeatable: kill-worker:rank=R:step=S, kill-node:node=N:step=S, "
                        "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S, corrupt-parity:node=N:step=S, "
@@ -89,6 +95,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         nproc = args.nproc_per_node * (args.nnodes or 1)
     elif args.nnodes is not None and args.nproc is None:
         raise CLIError(f"--nnodes {args.nnodes}: also give --nproc-per-node (workers per node)")
+    multinode = args.rdzv is not None or args.node_rank is not None
+    if multinode:
+        if args.rdzv is None or args.node_rank is None or args.nnodes is None or args.nproc_per_node is None:
+            raise CLIError("a node of a multi-node job needs all of --nnodes N --node-rank R --rdzv HOST:PORT "
+                           "--nproc-per-node P")
+        if args.faults:
+            raise CLIError("--fault: faults are injected into jobs whose nodes all run on this machine: rehearse the "
+                           "cluster (--cluster FILE), or emulate its nodes (--nnodes without --rdzv)")
     config = load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
     faults = [parse_fault(f) for f in args.faults]
     check_faults(faults, world=config.launch.nproc, nnodes=config.launch.nnodes, steps=config.train.steps,
@@ -97,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run_report(config))
         return 0
+    if multinode:
+        return _train_node(args, config)
     run_dir = args.run_dir or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "summary.json").exists():
         raise CLIError(f"--run-dir: {run_dir} already holds a finished run (summary.json); choose another directory")
@@ -112,14 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     new_run(run_dir, resume.path if resume is not None else None)
     if resume is not None:
         print(f"plait: resuming from step {resume.step} of run {resume.run_id} ({resume.path})", flush=True)
-    env = {}
-    if not config.metrics.peak_flops:
-        import torch
-
-        from plait.runtime.peak import cpu_peak_flops, cuda_peak_flops
-
-        peak = cuda_peak_flops() if torch.cuda.is_available() else cpu_peak_flops(config.launch.nproc)
-        env["PLAIT_PEAK_FLOPS"] = repr(peak)
+    env = _peak_env(config, config.launch.nproc)
     nodes = f" on {config.launch.nnodes} nodes" if config.launch.nnodes > 1 else ""
     print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s){nodes}; run directory {run_dir}", flush=True)
     daemons = None
@@ -163,16 +172,55 @@ def cmd_train(args: argparse.Namespace) -> int:
             executor.stop()  # before the daemons: it wakes a daemon it hung
         if daemons is not None:
             daemons.stop()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    _report(run_dir)
+    return 0
+
+
+def _peak_env(config, local_workers: int) -> dict[str, str]:
+    if config.metrics.peak_flops:
+        return {}
+    import torch
+
+    from plait.runtime.peak import cpu_peak_flops, cuda_peak_flops
+
+    peak = cuda_peak_flops() if torch.cuda.is_available() else cpu_peak_flops(local_workers)
+    return {"PLAIT_PEAK_FLOPS": repr(peak)}
+
+
+def _train_node(args: argparse.Namespace, config) -> int:
+    from plait.runtime.agent.node import NodeArgs, train_node
+    from plait.runtime.agent.rendezvous import Endpoint
+
+    node = NodeArgs(nnodes=args.nnodes, node_rank=args.node_rank, endpoint=Endpoint.parse(args.rdzv),
+                    address=args.node_addr)
+    node.check()
+    resume = None
+    if args.resume is not None:
+        from plait.runtime.snapshot.checkpoint.export import check_resume
+
+        resume = check_resume(args.resume, config, args.run_dir or Path("runs"))
+    default = Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = train_node(config, node, run_dir=args.run_dir, default_run_dir=default,
+                         env=_peak_env(config, config.launch.nproc_per_node),
+                         resume_path=resume.path if resume is not None else None)
+    _report(run_dir, node=args.node_rank)
+    return 0
+
+
+def _report(run_dir: Path, node: int | None = None) -> None:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        print(f"plait: node {node}: its workers finished; rank 0's summary is on the node that ran it", flush=True)
+        return
+    summary = json.loads(path.read_text())
     if summary["status"] != "completed":  # the workers stopped the job: no restart could have helped
-        raise LaunchError(f"{summary['error']}; the steps done so far are in {run_dir / 'summary.json'}")
+        raise LaunchError(f"{summary['error']}; the steps done so far are in {path}")
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
         f"plait: done: {summary['steps']} steps, final loss {summary['losses'][-1]:.4f}, eval loss {eval_text}, "
-        f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_s']:.1f} s; summary at {run_dir / 'summary.json'}",
+        f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_s']:.1f} s; summary at {path}",
         flush=True,
     )
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

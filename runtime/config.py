@@ -46,6 +46,7 @@ class JobConfig:
             getattr(self, section.name).validate()
         world = self.launch.nproc
         self.snapshot.check_nodes(self.launch.nnodes)
+        self.parallel.placement_of(world, self.launch.nnodes)
         dims = self.parallel.dims(world)
         dims.check_model(model_spec(self.model), global_batch=self.train.global_batch,
                          micro_batch=self.train.micro_batch, vpp=self.parallel.vpp)

@@ -26,6 +26,7 @@ class LaunchConfig:
     # (a restart resumes from the newest snapshot), 0 without (it would begin from step 0).
     max_restarts: int | Literal["auto"] = "auto"
     monitor_interval: float = 0.1  # seconds between the agent's checks of its workers
+    join_timeout: float = 600.0  # seconds a node waits for the others at the rendezvous (multi-node)
 
     @property
     def nproc_per_node(self) -> int:
@@ -43,20 +44,38 @@ class LaunchConfig:
             )
         if self.max_restarts != "auto" and self.max_restarts < 0:
             raise ConfigError("launch.max_restarts", self.max_restarts, "accepted: auto, 0 or a positive integer")
+        for key in ("monitor_interval", "join_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"launch.{key}", getattr(self, key), "accepted: a positive number of seconds")
 
     def restarts(self, snapshots: bool) -> int:
         if self.max_restarts == "auto":
             return 3 if snapshots else 0
         return self.max_restarts
-        if self.monitor_interval <= 0:
-            raise ConfigError("launch.monitor_interval", self.monitor_interval, "accepted: a positive number of seconds")
 
 
-def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | None = None, max_restarts: int | None = None) -> None:
-    """Run ``plait.runtime.worker`` on ``config.nproc`` local processes and wait for them.
+@dataclass(frozen=True)
+class NodeLaunch:
+    """This node's part of a multi-node job: its elastic agent joins the others at ``endpoint``."""
 
-    Rank 0 keeps the terminal (so its progress line renders); the other ranks' output
-    goes to ``run_dir/logs``. A failed worker raises :class:`LaunchError` naming the
+    nnodes: int
+    node_rank: int
+    endpoint: str  # HOST:PORT of the rendezvous store
+    hosts_store: bool  # this process hosts it (torch's rendezvous then shares the server)
+    local_addr: str  # this node's address, the one its peers reach it at
+    run_id: str  # the same on every node
+    terminal: int | None  # the local worker that keeps the terminal (the one running rank 0), None: all to logs
+
+
+def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | None = None, max_restarts: int | None = None,
+                   node: NodeLaunch | None = None) -> None:
+    """Run ``plait.runtime.worker`` on this node's processes and wait for them.
+
+    Without ``node``: ``config.nproc`` workers under one agent on loopback. With it, this
+    node's ``config.nproc_per_node`` workers under an agent that rendezvouses with the
+    other nodes' (elastic, min = max = ``node.nnodes``). Rank 0 keeps the terminal (so its
+    progress line renders); the other workers' output goes to ``run_dir/logs``
+    (``logs/node<R>`` on a node). A failed worker raises :class:`LaunchError` naming the
     rank, its exit code and its log.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
@@ -66,22 +85,26 @@ def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | No
 
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    log_dir = run_dir / "logs"
+    log_dir = run_dir / "logs" / (f"node{node.node_rank}" if node else "")
     log_dir.mkdir(parents=True, exist_ok=True)
-    quiet_ranks = {rank: Std.ALL for rank in range(1, config.nproc)}
-    logs = DefaultLogsSpecs(log_dir=str(log_dir), redirects={0: Std.NONE, **quiet_ranks}, tee={0: Std.NONE})
-    elastic = ElasticLaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=config.nproc,
-        logs_specs=logs,
-        run_id=f"plait-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=config.restarts(False) if max_restarts is None else max_restarts,
-        monitor_interval=config.monitor_interval,
-        start_method="spawn",
-    )
+    local = config.nproc_per_node if node else config.nproc
+    terminal = node.terminal if node else 0
+    redirects = {r: (Std.NONE if r == terminal else Std.ALL) for r in range(local)}
+    logs = DefaultLogsSpecs(log_dir=str(log_dir), redirects=redirects, tee={r: Std.NONE for r in range(local)})
+    restarts = config.restarts(False) if max_restarts is None else max_restarts
+    if node is None:
+        elastic = ElasticLaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=local, logs_specs=logs, run_id=f"plait-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=restarts,
+            monitor_interval=config.monitor_interval, start_method="spawn",
+        )
+    else:
+        elastic = ElasticLaunchConfig(
+            min_nodes=node.nnodes, max_nodes=node.nnodes, nproc_per_node=local, logs_specs=logs, run_id=node.run_id,
+            rdzv_backend="c10d", rdzv_endpoint=node.endpoint, rdzv_configs={"is_host": node.hosts_store},
+            local_addr=node.local_addr, max_restarts=restarts, monitor_interval=config.monitor_interval,
+            start_method="spawn",
+        )
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
@@ -90,7 +113,8 @@ def launch_workers(config: LaunchConfig, run_dir: Path, env: dict[str, str] | No
         rank, failure = err.get_first_failure()
         logs_of = sorted(str(p) for p in log_dir.rglob(f"{failure.local_rank}/std*.log"))
         where = f"; its log: {', '.join(logs_of)}" if logs_of else ""
-        raise LaunchError(f"worker rank {rank} failed with exit code {failure.exitcode}{where}") from None
+        who = f"local worker {failure.local_rank} of node {node.node_rank}" if node else f"worker rank {rank}"
+        raise LaunchError(f"{who} failed with exit code {failure.exitcode}{where}") from None
     finally:
         for key, value in saved.items():
             if value is None:

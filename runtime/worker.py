@@ -30,6 +30,7 @@ from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.build import build_engine
 from plait.parallel.engine import ParallelEngine
+from plait.parallel.placement import Placement
 from plait.parallel.slices import global_shapes, local_slices
 from plait.runtime.faults import FaultHook, parse_fault
 from plait.runtime.snapshot.transport.client import DaemonClient
@@ -69,20 +70,44 @@ def _threads(config: JobConfig) -> int:
     return max(1, (os.cpu_count() or 1) // local)
 
 
+def _layout_rank(config: JobConfig, world: int) -> tuple[int, Placement]:
+    """This worker's rank in the parallel layout, from its node and local index (``parallel.placement``).
+
+    Under plait's per-node agents the node is the agent's ``--node-rank``; otherwise the
+    elastic agent's numbering (``RANK = node·P + LOCAL_RANK``) names it.
+    """
+    if world != config.launch.nproc:
+        raise LaunchError(f"the launcher started {world} workers, but the config's launch.nproc is "
+                          f"{config.launch.nproc}: give plait (or torchrun) matching worker counts")
+    placement = config.parallel.placement_of(world, config.launch.nnodes)
+    if "PLAIT_NODE_RANK" in os.environ:
+        node, local = int(os.environ["PLAIT_NODE_RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    else:
+        node, local = divmod(int(os.environ.get("RANK", "0")), placement.per_node)
+    return placement.rank_of(node, local), placement
+
+
 def _init_process_group(backend: str, *, rank: int, world: int) -> None:
-    """Join the job's process group; keys namespaced per elastic attempt.
+    """Join the job's process group as layout rank ``rank``; keys namespaced per elastic attempt.
 
     The elastic agent's store outlives a restart of the worker group, and gloo finds
     its peers through keys in it: without a per-attempt prefix, the workers of a
-    restart read the dead workers' addresses and fail with "connection refused".
+    restart read the dead workers' addresses and fail with "connection refused". Each
+    worker claims its rank there first, so that two nodes started with the same
+    ``--node-rank`` fail with that said, rather than hang.
     """
     timeout = timedelta(minutes=5)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+        me = f"{os.environ.get('PLAIT_NODE_RANK', '-')}:{os.environ.get('LOCAL_RANK', '0')}:{os.getpid()}"
+        holder = store.compare_set(f"rank{rank}", "", me).decode()
+        if holder != me:
+            raise LaunchError(f"rank {rank} is claimed twice (node:local:pid {holder} and {me}): every node needs "
+                              "its own --node-rank")
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
 
 
 class Terminated(Exception):
@@ -117,8 +142,8 @@ def _resume_point(run_dir: Path, run: checkpoint_paths.RunInfo) -> checkpoint_pa
     return checkpoint_paths.Checkpoint(Path(run.resume_from), manifest)
 
 
-def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *, rank: int,
-                    world: int) -> tuple[SnapshotHook | None, dict]:
+def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *, rank: int, world: int,
+                    placement: Placement) -> tuple[SnapshotHook | None, dict]:
     """The snapshot hook of this rank (None without snapshots) and the arguments of :func:`restore`."""
     per_node = config.launch.nproc_per_node
     nnodes = config.launch.nnodes
@@ -128,10 +153,10 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
     run = checkpoint_paths.run_of(run_dir)
     args: dict = {"rank": rank, "world": world, "per_node": per_node, "layout": layout, "clients": None, "disk": None,
                   "run_dir": run_dir, "attempt": attempt, "secret": None, "lifecycle": None,
-                  "resume": _resume_point(run_dir, run)}
+                  "resume": _resume_point(run_dir, run), "placement": placement}
     if not snap.enabled:
         return None, args
-    node, local_rank = divmod(rank, per_node)
+    node, local_rank = placement.node_of(rank), placement.local_of(rank)
     secret = JobSecret.from_env()
     if secret is None:
         raise LaunchError(f"snapshots are on but {SECRET_ENV} is not set: start workers with plait train, or set it "
@@ -175,9 +200,9 @@ def run(run_dir: Path) -> None:
     # An exception rather than an exit, so the summary of the steps done gets written.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     config = load_config(run_dir / "config.yaml")
-    rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, placement = _layout_rank(config, world)
     device = _device(local_rank)
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     _init_process_group(backend, rank=rank, world=world)
@@ -208,7 +233,8 @@ def run(run_dir: Path) -> None:
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
-        snapshot_hook, restore_args = _snapshot_parts(config, run_dir, engine, rank=rank, world=world)
+        snapshot_hook, restore_args = _snapshot_parts(config, run_dir, engine, rank=rank, world=world,
+                                                      placement=placement)
         lifecycle = restore_args["lifecycle"]
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)

@@ -96,6 +96,7 @@ def test_cli_surface_is_frozen():
         "-h", "--help", "--version",
         "train", "train -h", "train --help", "train --config", "train --nproc", "train --run-dir",
         "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault", "train --resume",
+        "train --node-rank", "train --rdzv", "train --node-addr",
         "export", "export -h", "export --help", "export <run_dir>", "export --step", "export --out",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
@@ -111,7 +112,7 @@ def test_every_cli_flag_is_in_the_readme():
                  "--nproc-per-node", "--fault", "--job", "--node", "--ec-k", "--ec-m", "--port", "--bulk-port", "--host",
                  "--peers",
                  "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
-                 "--resume", "plait export", "--step"):
+                 "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr"):
         assert flag in readme, flag
 
 

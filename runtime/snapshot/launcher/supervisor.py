@@ -56,7 +56,13 @@ class DaemonSet:
     """Start, watch and stop the daemons of a job on this machine."""
 
     def __init__(self, config: SnapshotConfig, *, job: str, nnodes: int, nproc_per_node: int, run_dir: Path,
-                 secret_file: Path):
+                 secret_file: Path, endpoints: list[tuple[str, int, int]] | None = None,
+                 local_nodes: list[int] | None = None, machine_nodes: int | None = None):
+        """``endpoints``: (host, port, bulk port) of every node's daemon; None: loopback, free ports, all nodes here.
+
+        ``local_nodes``: the nodes whose daemons this process runs (default: all); ``machine_nodes``: how
+        many nodes' daemons share this machine's /dev/shm (default: the local ones).
+        """
         from plait.runtime.snapshot.launcher.spawn import free_ports
 
         self.config = config
@@ -68,12 +74,15 @@ class DaemonSet:
         self.secret_file = secret_file
         from plait.runtime.snapshot.daemon.config import default_cap
 
-        # Every emulated node's daemon shares this machine's /dev/shm: split it between them.
-        self.max_memory = config.max_memory_bytes or default_cap(nnodes)
-        ports = free_ports(2 * nnodes)
+        if endpoints is None:
+            ports = free_ports(2 * nnodes)
+            endpoints = [("127.0.0.1", ports[n], ports[nnodes + n]) for n in range(nnodes)]
         # Fixed ports, gRPC and bulk: a replacement daemon comes back where its peers look for it.
-        self.ports, self.bulk_ports = ports[:nnodes], ports[nnodes:]
-        self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
+        self.endpoints = endpoints
+        self.addresses = [f"{host}:{port}" for host, port, _ in endpoints]
+        self.local_nodes = list(range(nnodes)) if local_nodes is None else list(local_nodes)
+        # Every node's daemon on this machine shares its /dev/shm: split it between them.
+        self.max_memory = config.max_memory_bytes or default_cap(machine_nodes or len(self.local_nodes))
         self.procs: list[subprocess.Popen | None] = [None] * nnodes
         self.replaced = [0] * nnodes
         self._stop = threading.Event()
@@ -91,7 +100,7 @@ class DaemonSet:
 
         proc = start_daemon(
             self.job, node, nnodes=self.nnodes, nproc_per_node=self.per_node, ec_k=self.code[0], ec_m=self.code[1],
-            port=self.ports[node], bulk_port=self.bulk_ports[node],
+            host=self.endpoints[node][0], port=self.endpoints[node][1], bulk_port=self.endpoints[node][2],
             peers=self.addresses,
             max_memory=self.max_memory, run_dir=self.run_dir, secret_file=self.secret_file, parent_pid=os.getpid(),
         )
@@ -105,9 +114,9 @@ class DaemonSet:
     def start(self) -> None:
         from plait.runtime.snapshot import shm
 
-        for node in range(self.nnodes):
+        for node in self.local_nodes:
             shm.remove_namespace(self.job, node)  # a stale namespace of an earlier run in this directory
-        for node in range(self.nnodes):
+        for node in self.local_nodes:
             self.procs[node] = self._start(node)
         self._watcher = threading.Thread(target=self._watch, name="daemon-watch", daemon=True)
         self._watcher.start()
@@ -145,5 +154,5 @@ class DaemonSet:
                         proc.kill()
                         proc.wait()
         if remove_memory:  # every daemon has exited: nobody holds the locks any more
-            for node in range(self.nnodes):
+            for node in self.local_nodes:
                 shm.remove_namespace(self.job, node, lock_too=True)

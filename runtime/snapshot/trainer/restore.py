@@ -33,6 +33,7 @@ from plait.errors import JobCannotContinue
 from plait.ops.checksum import checksum
 from plait.ops.gf256 import gf256_matmul_
 from plait.ops.rs_matrix import decode_matrix
+from plait.parallel.placement import Placement
 from plait.runtime.snapshot.errors import SnapshotError
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.records import VersionInfo, epoch_of, step_of, version_id, version_text
@@ -91,11 +92,13 @@ def _ranks_text(ranks: list[int]) -> str:
 class Planner:
     """Rank 0's view of what the daemons hold, and which version each rank can get how."""
 
-    def __init__(self, listing: Listing, *, layout: GroupLayout, world: int, per_node: int):
+    def __init__(self, listing: Listing, *, layout: GroupLayout, world: int, per_node: int,
+                 placement: Placement | None = None):
         self.listing = listing
         self.layout = layout
         self.world = world
         self.per_node = per_node
+        self.placement = placement or Placement.contiguous(world, per_node)
         self.bad_data: set[tuple[int, int, int]] = set()  # (version, node, local rank) that failed a check
         self.bad_versions: set[int] = set()
 
@@ -154,7 +157,7 @@ class Planner:
         for v in versions:
             sources: dict[int, str] = {}
             for rank in range(self.world):
-                node, r = divmod(rank, self.per_node)
+                node, r = self.placement.node_of(rank), self.placement.local_of(rank)
                 if self.data(v, node, r) is not None:
                     sources[rank] = "local"
                 elif self.rebuild_pieces(v, node, r) is not None and self.member_meta(v, node, r) is not None:
@@ -285,7 +288,8 @@ def _list_all(clients: list[DaemonClient], timeout: float = LIST_TIMEOUT_S) -> t
 def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: GroupLayout,
             clients: list[DaemonClient] | None, disk: CheckpointWriter | None, run_dir: Path, attempt: int,
             secret: JobSecret | None, lifecycle: VersionLifecycle | None = None,
-            resume: Checkpoint | None = None, on_plan: Callable[[str], None] | None = None) -> Outcome:
+            resume: Checkpoint | None = None, on_plan: Callable[[str], None] | None = None,
+            placement: Placement | None = None) -> Outcome:
     """Bring ``trainer`` to the newest recoverable state (a collective over all ranks).
 
     Global rank 0 decides, every rank loads and reports, rank 0 rules out what failed
@@ -297,12 +301,13 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
     rank before any loads (fault injection fires faults "during restore" there).
     """
     start = time.perf_counter()
-    node, local_rank = divmod(rank, per_node)
+    placement = placement or Placement.contiguous(world, per_node)
+    node, local_rank = placement.node_of(rank), placement.local_of(rank)
     planner: Planner | None = None
     epoch = 0
     if rank == 0 and clients is not None:
         listing, epoch = _list_all(clients)
-        planner = Planner(listing, layout=layout, world=world, per_node=per_node)
+        planner = Planner(listing, layout=layout, world=world, per_node=per_node, placement=placement)
     bad_disk: set[int] = set()
     notes: list[str] = []
     for plan in range(8):
@@ -354,7 +359,7 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                         raise RestoreError(f"local shard of {version_text(version)} failed its checksum")
                 else:
                     assert clients is not None
-                    p = Planner(listing, layout=layout, world=world, per_node=per_node)
+                    p = Planner(listing, layout=layout, world=world, per_node=per_node, placement=placement)
                     p.bad_data = bad
                     blob = rebuild_blob(p, version, node, local_rank, clients, rank_notes)
                 tensors, objects = read_blob(blob, secret)
@@ -386,13 +391,13 @@ def restore(trainer: Trainer, *, rank: int, world: int, per_node: int, layout: G
                 dist.barrier()  # nobody snapshots before every daemon is in the new epoch
             seconds = time.perf_counter() - start
             step = step_of(version) if kind == "memory" else version
-            line = _line(kind, step, per_rank, per_node, notes, seconds)
+            line = _line(kind, step, per_rank, placement, notes, seconds)
             if rank == 0:
                 _record(run_dir, attempt, kind, step, per_rank, seconds, epoch)
             return Outcome(source=kind, step=step, seconds=seconds, line=line, per_rank=per_rank, epoch=epoch)
         if rank == 0:
             for r, e in failed.items():
-                n, lr = divmod(r, per_node)
+                n, lr = placement.node_of(r), placement.local_of(r)
                 how_r = reports[r][0]
                 notes.append(f"rank {r} {how_r} failed ({e})")
                 if kind == "memory" and planner is not None:
@@ -420,7 +425,7 @@ def _point(kind: str, version: int) -> str:
     return version_text(version) if kind == "memory" else f"step {version}"
 
 
-def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: list[str], seconds: float) -> str:
+def _line(kind: str, step: int, per_rank: dict[int, str], placement: Placement, notes: list[str], seconds: float) -> str:
     if kind == "fresh":
         text = "fresh start (no snapshot to restore)"
     elif kind == "disk":
@@ -434,7 +439,7 @@ def _line(kind: str, step: int, per_rank: dict[int, str], per_node: int, notes: 
         if local:
             parts.append(f"local daemon memory for ranks {_ranks_text(local)}")
         if rebuilt:
-            nodes = sorted({r // per_node for r in rebuilt})
+            nodes = sorted({placement.node_of(r) for r in rebuilt})
             parts.append(f"rebuilt from the group's data and parity for ranks {_ranks_text(rebuilt)} (node{'s' if len(nodes) > 1 else ''} "
                          f"{', '.join(map(str, nodes))})")
         text = f"step {step} from " + " and ".join(parts)

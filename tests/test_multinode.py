@@ -1,0 +1,142 @@
+"""One agent per node: `plait train --nnodes N --node-rank R --rdzv HOST:PORT`, and `parallel.placement`.
+
+The nodes here are processes on loopback (the rehearsal in network namespaces is in
+test_rehearsal.py); what is tested is the per-node code path: the rendezvous store, the
+leader's job record, daemons found through the store, ranks from the placement.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plait.errors import ConfigError
+from plait.parallel.placement import Placement
+from plait.runtime.snapshot.launcher.spawn import free_ports
+
+TINY = """
+model: {kind: moe, layers: 2, dim: 64, heads: 4, ffn_dim: 128, vocab: 256, seq_len: 64, experts: 4, top_k: 2}
+train: {steps: 6, global_batch: 8, micro_batch: 2, lr: 3.0e-3, warmup_steps: 2, seed: 7, eval_every: 0, eval_batches: 1}
+data: {max_bytes: 3000000}
+parallel: {ep: 2}
+launch: {nproc: 4, join_timeout: 120}
+"""
+
+
+def plait(*args: str) -> list[str]:
+    return [sys.executable, "-m", "plait.runtime.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2, sets: list[list[str]] | None = None,
+              timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start every node's `plait train` (node nnodes-1 first: the host need not be node 0) and wait for all."""
+    port = free_ports(1)[0]
+    procs = {}
+    for node in reversed(range(nnodes)):
+        extra = ["--set", *sets[node]] if sets and sets[node] else []
+        procs[node] = subprocess.Popen(
+            plait("train", "--config", str(config), "--nnodes", str(nnodes), "--node-rank", str(node),
+                  "--nproc-per-node", str(per_node), "--rdzv", f"127.0.0.1:{port}", "--run-dir", str(run_dir), *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = []
+    for node in range(nnodes):
+        out, _ = procs[node].communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(procs[node].args, procs[node].returncode, out, ""))
+    return done
+
+
+def losses(run_dir: Path) -> list[float]:
+    return json.loads((run_dir / "summary.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def one_agent(config, tmp_path_factory) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(run_dir)), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return losses(run_dir)
+
+
+def test_two_agents_train_bitwise_like_one(config, one_agent, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_nodes(config, run_dir)
+    for node, proc in enumerate(done):
+        assert proc.returncode == 0, f"node {node}:\n{proc.stdout}"
+        assert f"plait: node {node} of 2 at 127.0.0.1" in proc.stdout
+    assert sum("hosting the rendezvous" in p.stdout for p in done) == 1
+    assert losses(run_dir) == one_agent  # the same layout, so the same bits
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["node0", "node1"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["run_id"].startswith("run-")
+
+
+def test_placement_moves_ranks_not_results(config, one_agent, tmp_path):
+    """Ranks 0 and 3 on node 1, 1 and 2 on node 0: the same layout, so the same losses; snapshots follow the placement."""
+    run_dir = tmp_path / "run"
+    sets = ["parallel.placement=[1,0,0,1]", "snapshot.every=2", "snapshot.ec_k=1", "snapshot.ec_m=1"]
+    done = run_nodes(config, run_dir, sets=[sets, sets])
+    for node, proc in enumerate(done):
+        assert proc.returncode == 0, f"node {node}:\n{proc.stdout}"
+    assert "plait: done" in done[1].stdout  # node 1 runs rank 0: its terminal shows the progress
+    assert "its workers finished" not in done[1].stdout
+    assert losses(run_dir) == one_agent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["snapshot"]["taken"] == 2 and summary["snapshot"]["published"] >= 1  # steps 2 and 4
+
+
+def test_a_node_with_another_config_is_refused(config, tmp_path):
+    done = run_nodes(config, tmp_path / "run", sets=[[], ["train.lr=1e-3"]], timeout=120)
+    assert done[1].returncode != 0
+    assert "differs from the leader's" in done[1].stdout and "lr" in done[1].stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2"], "needs all of"),
+    (["--nnodes", "2", "--node-rank", "2", "--nproc-per-node", "2", "--rdzv", "127.0.0.1:1"], "--node-rank: got 2"),
+    (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2", "--rdzv", "nohost"], "--rdzv: got 'nohost'"),
+    (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2", "--rdzv", "127.0.0.1:1",
+      "--fault", "kill-worker:rank=0:step=2"], "--fault"),
+])
+def test_node_flags_are_checked(config, args, message):
+    done = subprocess.run(plait("train", "--config", str(config), *args), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_placement_maps_ranks():
+    p = Placement.resolve([1, 0, 0, 1], world=4, nnodes=2)
+    assert p.ranks_on(0) == [1, 2] and p.ranks_on(1) == [0, 3]
+    assert [p.rank_of(1, 0), p.rank_of(1, 1), p.rank_of(0, 0)] == [0, 3, 1]
+    assert [p.local_of(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [p.slot(r) for r in range(4)] == [2, 0, 1, 3]
+    assert not p.is_contiguous
+    default = Placement.resolve(None, world=6, nnodes=3)
+    assert default.nodes == (0, 0, 1, 1, 2, 2) and default.is_contiguous
+    with pytest.raises(ValueError):
+        p.rank_of(0, 2)
+
+
+@pytest.mark.parametrize("value, words", [
+    ([0, 0, 1], "one node per rank: 4 entries"),
+    ([0, 0, 1, 2], "names node(s) [2]"),
+    ([0, 0, 0, 1], "exactly 2 ranks (node 0: 3, node 1: 1)"),
+    ([0, "a", 1, 1], "a list of node numbers"),
+    ("0011", "a list of node numbers"),
+])
+def test_bad_placements_are_named(value, words):
+    with pytest.raises(ConfigError) as err:
+        Placement.resolve(value, world=4, nnodes=2)
+    assert err.value.key == "parallel.placement"
+    assert words in str(err.value)
