@@ -26,7 +26,12 @@ _PREFIX = 15
 # Queueing time each shaper allows before it drops: enough for TCP to keep the link full (a veth's round
 # trip is microseconds), short enough that a collective's latency is not dominated by the queue.
 _QUEUE_S = 0.05
-_MIN_BURST = 64 * 1024
+# A millisecond at the link's rate, and at least two full frames: with less, htb's class waits on its
+# timer between frames and falls short of its rate at 1 Gbit/s; with much more, a link idle for a while
+# sends its stored burst at once and a short measurement overshoots (64 KiB is half a second at 1 Mbit/s).
+_BURST_S = 1e-3
+_MIN_BURST = 2 * 1514
+_MIN_QUEUE = 16
 
 
 @dataclass(frozen=True)
@@ -100,19 +105,21 @@ def _netem_exists(hub: str) -> bool:
     return True
 
 
-def _shape(namespace: str, dev: str, rate_bit_s: float, latency_s: float | None) -> None:
+def _shape(namespace: str, dev: str, rate_bit_s: float, latency_s: float | None, *, new: bool) -> None:
     """Limit ``dev``'s egress to ``rate_bit_s`` with one htb class (rate = ceil).
 
-    htb, not tbf: tbf cuts a veth's 64 KiB GSO packets down to its burst, htb lends them credit. The
-    burst is a millisecond at the rate, at least one GSO packet, so the class refills between timer ticks
-    and meets its rate from 1 Mbit/s to 1 Gbit/s. ``replace`` makes this serve both setup and set_rate.
+    htb, not tbf: tbf must cut a veth's GSO packets (up to 64 KiB) down to its burst, htb lets a packet
+    larger than the burst through on credit and makes the class wait it off. The rate counts whole frames,
+    headers included, like a NIC's line rate: TCP moves 1448 of every 1514 bytes, 95.6 % of the rate.
+    ``new`` adds the root qdisc; htb cannot be changed in place, but its class and leaf can (set_rate).
     """
     rate = f"{int(rate_bit_s)}bit"
-    burst = str(max(_MIN_BURST, int(rate_bit_s / 8 * 1e-3)))
-    tc(namespace, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
+    burst = str(max(_MIN_BURST, int(rate_bit_s / 8 * _BURST_S)))
+    if new:
+        tc(namespace, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
     tc(namespace, "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
-       "ceil", rate, "burst", burst, "cburst", burst, "quantum", str(_MIN_BURST))
-    limit = str(max(64, int(rate_bit_s / 8 * _QUEUE_S / 1500)))
+       "ceil", rate, "burst", burst, "cburst", burst, "quantum", "65536")
+    limit = str(max(_MIN_QUEUE, int(rate_bit_s / 8 * _QUEUE_S / 1514)))
     if latency_s:
         tc(namespace, "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
            "delay", f"{latency_s * 1e6:.0f}us", "limit", limit)
@@ -170,14 +177,14 @@ class Network:
             ip(node_ns, "link", "set", "lo", "up")
             ip(node_ns, "addr", "add", f"{self.address(link.node)}/{_PREFIX}", "dev", self.ifname)
             ip(node_ns, "link", "set", self.ifname, "up")
-            self._shape_node(link.node, link.rate_bit_s)
+            self._shape_node(link.node, link.rate_bit_s, new=True)
         for uplink in self.plan.uplinks:
             a_end, b_end = f"u{uplink.a}x{uplink.b}", f"u{uplink.b}x{uplink.a}"
             ip(hub, "link", "add", a_end, "type", "veth", "peer", "name", b_end)
             ip(hub, "link", "set", a_end, "master", f"br{uplink.a}", "up")
             ip(hub, "link", "set", b_end, "master", f"br{uplink.b}", "up")
-            _shape(hub, a_end, uplink.rate_bit_s, None)
-            _shape(hub, b_end, uplink.rate_bit_s, None)
+            _shape(hub, a_end, uplink.rate_bit_s, None, new=True)
+            _shape(hub, b_end, uplink.rate_bit_s, None, new=True)
 
     def down(self) -> None:
         """Kill every process in the network's namespaces, delete them and the record; safe to repeat."""
@@ -209,12 +216,12 @@ class Network:
     def set_rate(self, node: int, rate_bit_s: float) -> None:
         """Shape the node's link to a new rate in both directions (a slow-link fault)."""
         _check_rate("rate_bit_s", rate_bit_s)
-        self._shape_node(node, rate_bit_s)
+        self._shape_node(node, rate_bit_s, new=False)
 
-    def _shape_node(self, node: int, rate_bit_s: float) -> None:
+    def _shape_node(self, node: int, rate_bit_s: float, *, new: bool) -> None:
         latency_s = self._link(node).latency_s if self.latency_emulated else None
-        _shape(self.namespace(node), self.ifname, rate_bit_s, latency_s)
-        _shape(self.hub, f"n{node}", rate_bit_s, latency_s)
+        _shape(self.namespace(node), self.ifname, rate_bit_s, latency_s, new=new)
+        _shape(self.hub, f"n{node}", rate_bit_s, latency_s, new=new)
 
     def _link(self, node: int) -> NodeLink:
         if node not in self._links:
