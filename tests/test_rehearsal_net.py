@@ -18,7 +18,8 @@ import time
 import pytest
 
 from plait.errors import ConfigError
-from plait.runtime.rehearsal import NetPlan, Network, NodeLink, UplinkLink, list_networks, new_tag, reap_stale
+from plait.runtime.rehearsal import (NetPlan, Network, NetworkError, NodeLink, UplinkLink, list_networks, new_tag,
+                                     reap_stale, start_watchdog)
 from plait.runtime.rehearsal.namespaces import existing
 from plait.runtime.rehearsal.owners import record_path
 
@@ -205,7 +206,7 @@ def start_owner(tag: str, watchdog: bool) -> subprocess.Popen:
     """A process that builds a network, runs a sleep in node 0 and sleeps itself, as ``plait`` would."""
     code = textwrap.dedent(f"""
         import subprocess, time
-        from plait.runtime.rehearsal import NetPlan, Network, NodeLink, start_watchdog
+        from plait.runtime.rehearsal import NetPlan, Network, NetworkError, NodeLink, start_watchdog
         net = Network(NetPlan({tag!r}, (NodeLink(0, 100e6), NodeLink(1, 100e6))))
         net.up()
         if {watchdog}:
@@ -269,3 +270,24 @@ def test_plan_rejects_bad_tags_and_looping_uplinks():
         NetPlan("t", nodes, (UplinkLink(0, 1, 1e8), UplinkLink(1, 2, 1e8), UplinkLink(2, 0, 1e8)))
     with pytest.raises(ConfigError, match="distinct"):
         NetPlan("t", (NodeLink(0, 1e8), NodeLink(0, 1e8)))
+
+
+@needs_root
+def test_a_taken_tag_is_refused_and_the_network_left_alone():
+    with Network(two_nodes()) as net:
+        with pytest.raises(NetworkError, match="exists already"):
+            Network(net.plan).up()
+        assert set(net.namespaces()) <= existing() and record_path(net.plan.tag).exists()
+
+
+@needs_root
+def test_watchdog_of_a_clean_exit_finds_nothing_and_leaves():
+    net = Network(two_nodes())
+    with net:
+        watchdog = start_watchdog(net)
+        assert os.path.exists(f"/proc/{watchdog.pid}")
+    watchdog.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{watchdog.pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{watchdog.pid}")

@@ -153,7 +153,7 @@ class Network:
         """Build the network; on any failure remove what was made and raise :class:`NetworkError`."""
         namespaces.require_root()
         # The record first, naming every namespace to come: whatever dies midway, reap_stale finds it all.
-        owners.write(self.plan.tag, self.namespaces())
+        owners.claim(self.plan.tag, self.namespaces())
         try:
             self._build()
         except BaseException:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from plait.runtime.rehearsal import namespaces
+from plait.runtime.rehearsal.namespaces import NetworkError
 
 RECORDS = Path("/run/plait/net")
 # A namespace without a record is only reaped once this old: the record is written before the namespace
@@ -38,14 +39,27 @@ def start_time(pid: int) -> int | None:
         return None
 
 
-def write(tag: str, names: list[str]) -> None:
+def claim(tag: str, names: list[str]) -> None:
+    """Write the record of a network about to be built, or raise :class:`NetworkError` if ``tag`` is taken.
+
+    Written whole under a temporary name, then hard-linked into place: atomic like a rename, but it fails
+    instead of replacing another owner's record, whose namespaces a failed build would then remove.
+    """
+    taken = set(names) & namespaces.existing()
+    if taken:
+        raise NetworkError(f"network {tag} exists already (namespaces {sorted(taken)}): choose another tag")
     RECORDS.mkdir(parents=True, exist_ok=True)
     record = {"tag": tag, "pid": os.getpid(), "start_time": start_time(os.getpid()),
               "namespaces": names, "created": time.time()}
     path = record_path(tag)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise NetworkError(f"network {tag} exists already (record {path}): choose another tag") from None
+    finally:
+        tmp.unlink()
 
 
 def remove_record(tag: str) -> None:
