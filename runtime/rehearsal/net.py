@@ -32,6 +32,7 @@ _QUEUE_S = 0.05
 _BURST_S = 1e-3
 _MIN_BURST = 2 * 1514
 _MIN_QUEUE = 16
+_MAX_GROUPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class NetPlan:
                 raise ConfigError("net.nodes.node", link.node, "accepted: distinct ranks from 0 to 131069")
             seen.add(link.node)
             _check_rate("net.nodes.rate_bit_s", link.rate_bit_s)
+            # Groups name interfaces (br<G>, u<A>x<B>), and Linux allows 15 characters.
+            if not 0 <= link.group < _MAX_GROUPS:
+                raise ConfigError("net.nodes.group", link.group, f"accepted: 0 to {_MAX_GROUPS - 1}")
             if link.latency_s is not None and link.latency_s < 0:
                 raise ConfigError("net.nodes.latency_s", link.latency_s, "accepted: seconds >= 0, or None")
         groups = {link.group for link in self.nodes}
@@ -119,7 +123,8 @@ def _shape(namespace: str, dev: str, rate_bit_s: float, latency_s: float | None,
         tc(namespace, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
     tc(namespace, "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate,
        "ceil", rate, "burst", burst, "cburst", burst, "quantum", "65536")
-    limit = str(max(_MIN_QUEUE, int(rate_bit_s / 8 * _QUEUE_S / 1514)))
+    # netem holds each packet for the delay before the queue drains, so its limit covers both.
+    limit = str(max(_MIN_QUEUE, int(rate_bit_s / 8 * (_QUEUE_S + (latency_s or 0)) / 1514)))
     if latency_s:
         tc(namespace, "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
            "delay", f"{latency_s * 1e6:.0f}us", "limit", limit)
@@ -128,7 +133,11 @@ def _shape(namespace: str, dev: str, rate_bit_s: float, latency_s: float | None,
 
 
 class Network:
-    """One emulated cluster's network; ``with Network(plan):`` builds it and removes it again."""
+    """One emulated cluster's network; ``with Network(plan):`` builds it and removes it again.
+
+    ``latency_emulated`` is True once ``up()`` applied the plan's latencies, which needs netem in the
+    kernel; without it a latency is only recorded in the plan.
+    """
 
     ifname: str = "plait0"
 
