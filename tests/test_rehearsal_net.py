@@ -291,3 +291,22 @@ def test_watchdog_of_a_clean_exit_finds_nothing_and_leaves():
     while os.path.exists(f"/proc/{watchdog.pid}") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not os.path.exists(f"/proc/{watchdog.pid}")
+
+
+@needs_root
+def test_a_failed_build_removes_what_it_made(monkeypatch):
+    import plait.runtime.rehearsal.net as net_module
+
+    real_ip = net_module.ip
+
+    def ip_failing_at_node_1(namespace, *args):
+        if args[:3] == ("link", "add", "n1"):
+            raise NetworkError("'ip link add n1' failed: injected")
+        return real_ip(namespace, *args)
+
+    monkeypatch.setattr(net_module, "ip", ip_failing_at_node_1)
+    net = Network(two_nodes())
+    with pytest.raises(NetworkError, match="injected"):
+        net.up()
+    assert not set(net.namespaces()) & existing()
+    assert not record_path(net.plan.tag).exists()
