@@ -31,7 +31,7 @@ _QUEUE_S = 0.05
 # 1 Mbit/s: an idle link then sends that much at once, and a 1.5 s measurement overshot by 24 %.
 _BURST_S = 1e-3
 _MIN_BURST = 2 * 1514
-# At least 16 frames (0.2 s at 1 Mbit/s), so that a slow link still queues a few TCP windows' worth of frames.
+# At least 16 frames of queue (0.2 s at 1 Mbit/s): on a slow link, 50 ms is only a few frames.
 _MIN_QUEUE = 16
 _MAX_GROUPS = 100_000
 
