@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "node of a multi-node job, started once on every node")
     train.add_argument("--rdzv", metavar="HOST:PORT", help="the job's rendezvous endpoint (with --nnodes and "
                        "--node-rank): the node that owns HOST hosts the store, the others join it")
+    train.add_argument("--cluster", type=Path, metavar="FILE", help="rehearse the cluster FILE describes on this "
+                       "machine: a network namespace and shaped link per node, each node its own agent (needs root)")
     train.add_argument("--node-addr", metavar="ADDR", help="this node's address as its peers reach it (default: the "
                        "address this machine reaches the --rdzv host from)")
     train.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
@@ -95,6 +98,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         nproc = args.nproc_per_node * (args.nnodes or 1)
     elif args.nnodes is not None and args.nproc is None:
         raise CLIError(f"--nnodes {args.nnodes}: also give --nproc-per-node (workers per node)")
+    spec = None
+    if args.cluster is not None:
+        from plait.scheduler.cluster import load_cluster
+
+        if args.rdzv is not None or args.node_rank is not None or args.nnodes is not None or args.nproc is not None \
+                or args.nproc_per_node is not None:
+            raise CLIError("--cluster: the cluster file gives the nodes and workers per node; drop --nnodes, "
+                           "--node-rank, --rdzv, --nproc and --nproc-per-node")
+        spec = load_cluster(args.cluster)
+        args.nnodes, nproc = spec.nnodes, spec.world
     multinode = args.rdzv is not None or args.node_rank is not None
     if multinode:
         if args.rdzv is None or args.node_rank is None or args.nnodes is None or args.nproc_per_node is None:
@@ -107,12 +120,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     faults = [parse_fault(f) for f in args.faults]
     check_faults(faults, world=config.launch.nproc, nnodes=config.launch.nnodes, steps=config.train.steps,
                  snapshots=config.snapshot.enabled,
-                 parity=config.snapshot.code(config.launch.nnodes)[1] if config.snapshot.enabled else 0)
+                 parity=config.snapshot.code(config.launch.nnodes)[1] if config.snapshot.enabled else 0,
+                 rehearsal=spec is not None)
+    rehearsal = None
+    if spec is not None:
+        from plait.runtime.rehearsal.run import prepare
+
+        rehearsal = prepare(spec)
     if args.dry_run:
         print(dry_run_report(config))
+        if rehearsal is not None:
+            from plait.scheduler.cluster import node_table
+            from plait.runtime.rehearsal.net import Network
+
+            net = Network(rehearsal.plan)
+            print(node_table(spec, rehearsal.scale, [net.address(n) for n in range(spec.nnodes)]))
         return 0
     if multinode:
         return _train_node(args, config)
+    if rehearsal is not None:
+        return _train_cluster(args, config, rehearsal, faults)
     run_dir = args.run_dir or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "summary.json").exists():
         raise CLIError(f"--run-dir: {run_dir} already holds a finished run (summary.json); choose another directory")
@@ -159,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         # In this process, which no fault kills; the workers only ask for their faults.
         executor = FaultExecutor(faults, run_dir=run_dir, world=config.launch.nproc,
-                                 per_node=config.launch.nproc_per_node, daemons=daemons, secret_file=secret_file)
+                                 per_node=config.launch.nproc_per_node, daemons=daemons, secret_file=secret_file,
+                                 placement=config.parallel.placement_of(config.launch.nproc, config.launch.nnodes))
         executor.start()
     try:
         launch_workers(config.launch, run_dir, env=env, max_restarts=config.launch.restarts(config.snapshot.enabled))
@@ -192,7 +220,7 @@ def _train_node(args: argparse.Namespace, config) -> int:
     from plait.runtime.agent.rendezvous import Endpoint
 
     node = NodeArgs(nnodes=args.nnodes, node_rank=args.node_rank, endpoint=Endpoint.parse(args.rdzv),
-                    address=args.node_addr)
+                    address=args.node_addr, machine_nodes=int(os.environ.get("PLAIT_MACHINE_NODES", "1")))
     node.check()
     resume = None
     if args.resume is not None:
@@ -203,7 +231,24 @@ def _train_node(args: argparse.Namespace, config) -> int:
     run_dir = train_node(config, node, run_dir=args.run_dir, default_run_dir=default,
                          env=_peak_env(config, config.launch.nproc_per_node),
                          resume_path=resume.path if resume is not None else None)
-    _report(run_dir, node=args.node_rank)
+    if "PLAIT_REHEARSAL" not in os.environ:  # a rehearsal's own process reports once for all nodes
+        _report(run_dir, node=args.node_rank)
+    return 0
+
+
+def _train_cluster(args: argparse.Namespace, config, rehearsal, faults) -> int:
+    from plait.runtime.rehearsal.run import train_cluster
+
+    run_dir = args.run_dir or Path("runs") / f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "summary.json").exists():
+        raise CLIError(f"--run-dir: {run_dir} already holds a finished run (summary.json); choose another directory")
+    extra = ["--resume", args.resume] if args.resume is not None else []
+    spec = rehearsal.spec
+    print(f"plait: rehearsing cluster {spec.name} ({spec.nnodes} nodes × {spec.workers_per_node} workers) on this "
+          f"machine; links scaled by {rehearsal.scale.value:.3g} ({rehearsal.scale.source}); run directory {run_dir}",
+          flush=True)
+    train_cluster(config, rehearsal, run_dir=run_dir, faults=faults, extra=extra)
+    _report(run_dir)
     return 0
 
 

@@ -128,7 +128,7 @@ class SummaryHook(BaseHook):
             },
             "ledger": trainer.ledger or {"steps": trainer.ledger_steps, "last_step": trainer.ledger_last, "total": trainer.ledger_total, "ranks": "rank 0 only"},
             "tokens_per_expert": tpe.tolist() if (tpe := trainer.engine.tokens_per_expert()) is not None else None,
-            "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "restarts": int(os.environ.get("PLAIT_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))),
             **recovery_totals(self.path.parent),
             "faults": fired_faults(self.path.parent),
             "fault_effects": fault_records(self.path.parent),
@@ -158,7 +158,7 @@ class SummaryHook(BaseHook):
             self.write(trainer, status="failed", error=error)
             return
         summary = json.loads(self.path.read_text())
-        summary.update(status="failed", error=error, restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        summary.update(status="failed", error=error, restarts=int(os.environ.get("PLAIT_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))),
                        faults=fired_faults(self.path.parent), fault_effects=fault_records(self.path.parent),
                        **recovery_totals(self.path.parent))
         tmp = self.path.with_suffix(".json.tmp")

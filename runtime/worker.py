@@ -87,27 +87,47 @@ def _layout_rank(config: JobConfig, world: int) -> tuple[int, Placement]:
     return placement.rank_of(node, local), placement
 
 
-def _init_process_group(backend: str, *, rank: int, world: int) -> None:
-    """Join the job's process group as layout rank ``rank``; keys namespaced per elastic attempt.
+def _init_process_group(backend: str, *, rank: int, world: int) -> int:
+    """Join the job's process group as layout rank ``rank``; return the job's attempt (0, then 1 per restart).
 
-    The elastic agent's store outlives a restart of the worker group, and gloo finds
-    its peers through keys in it: without a per-attempt prefix, the workers of a
-    restart read the dead workers' addresses and fail with "connection refused". Each
-    worker claims its rank there first, so that two nodes started with the same
-    ``--node-rank`` fail with that said, rather than hang.
+    gloo finds its peers through keys in a store. Under one agent (``plait train`` on one
+    machine, torchrun) that is the agent's store, which outlives a restart of the worker
+    group: without a per-attempt prefix, the workers of a restart would read the dead
+    workers' addresses and fail with "connection refused". Under plait's per-node agents
+    each attempt's workers get a fresh store instead, hosted by the worker the elastic
+    agent numbered 0 (torch's shared store breaks when a node is replaced: the new agent
+    waits for an address the old ones never write again).
+
+    The attempt is counted per rank in a store that lives as long as the job (the
+    rendezvous store under per-node agents), rather than taken from the agent's restart
+    count: a node that replaced a lost one starts counting at 0 while the others are at 1,
+    yet every rank starts once per attempt. Each worker claims its rank first, so that two
+    nodes started with the same ``--node-rank`` fail with that said, rather than hang.
     """
     timeout = timedelta(minutes=5)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"plait/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
-        me = f"{os.environ.get('PLAIT_NODE_RANK', '-')}:{os.environ.get('LOCAL_RANK', '0')}:{os.getpid()}"
-        holder = store.compare_set(f"rank{rank}", "", me).decode()
-        if holder != me:
-            raise LaunchError(f"rank {rank} is claimed twice (node:local:pid {holder} and {me}): every node needs "
-                              "its own --node-rank")
-        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    else:
+    if "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
+        return 0
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = not shared and int(os.environ.get("RANK", "0")) == 0
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=hosts,
+                         timeout=timeout, wait_for_workers=False)
+    if os.environ.get("PLAIT_RDZV"):
+        host, _, port = os.environ["PLAIT_RDZV"].rpartition(":")
+        counter = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        attempt = int(counter.add(f"plait/starts/rank{rank}", 1)) - 1
+    elif shared:
+        attempt = int(base.add(f"plait/starts/rank{rank}", 1)) - 1
+    else:
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.PrefixStore(f"plait/attempt{attempt}", base)
+    me = f"{os.environ.get('PLAIT_NODE_RANK', '-')}:{os.environ.get('LOCAL_RANK', '0')}:{os.getpid()}"
+    holder = store.compare_set(f"rank{rank}", "", me).decode()
+    if holder != me:
+        raise LaunchError(f"rank {rank} is claimed twice (node:local:pid {holder} and {me}): every node needs "
+                          "its own --node-rank")
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    return attempt
 
 
 class Terminated(Exception):
@@ -143,11 +163,10 @@ def _resume_point(run_dir: Path, run: checkpoint_paths.RunInfo) -> checkpoint_pa
 
 
 def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *, rank: int, world: int,
-                    placement: Placement) -> tuple[SnapshotHook | None, dict]:
+                    placement: Placement, attempt: int) -> tuple[SnapshotHook | None, dict]:
     """The snapshot hook of this rank (None without snapshots) and the arguments of :func:`restore`."""
     per_node = config.launch.nproc_per_node
     nnodes = config.launch.nnodes
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     snap = config.snapshot
     layout = GroupLayout(*snap.code(nnodes))
     run = checkpoint_paths.run_of(run_dir)
@@ -205,7 +224,8 @@ def run(run_dir: Path) -> None:
     rank, placement = _layout_rank(config, world)
     device = _device(local_rank)
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    _init_process_group(backend, rank=rank, world=world)
+    attempt = _init_process_group(backend, rank=rank, world=world)
+    os.environ["PLAIT_ATTEMPT"] = str(attempt)  # the summary's restart count
     lifecycle = None
     try:
         torch.set_num_threads(_threads(config))
@@ -234,7 +254,7 @@ def run(run_dir: Path) -> None:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
         snapshot_hook, restore_args = _snapshot_parts(config, run_dir, engine, rank=rank, world=world,
-                                                      placement=placement)
+                                                      placement=placement, attempt=attempt)
         lifecycle = restore_args["lifecycle"]
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)

@@ -38,9 +38,9 @@ def config(tmp_path_factory) -> Path:
     return path
 
 
-def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2, sets: list[list[str]] | None = None,
-              timeout: float = 300) -> list[subprocess.CompletedProcess]:
-    """Start every node's `plait train` (node nnodes-1 first: the host need not be node 0) and wait for all."""
+def start_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2,
+                sets: list[list[str]] | None = None) -> dict[int, subprocess.Popen]:
+    """Start every node's `plait train` (node nnodes-1 first: the host need not be node 0)."""
     port = free_ports(1)[0]
     procs = {}
     for node in reversed(range(nnodes)):
@@ -49,6 +49,13 @@ def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2, s
             plait("train", "--config", str(config), "--nnodes", str(nnodes), "--node-rank", str(node),
                   "--nproc-per-node", str(per_node), "--rdzv", f"127.0.0.1:{port}", "--run-dir", str(run_dir), *extra),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return procs
+
+
+def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2, sets: list[list[str]] | None = None,
+              timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start every node's `plait train` and wait for all."""
+    procs = start_nodes(config, run_dir, nnodes, per_node, sets)
     done = []
     for node in range(nnodes):
         out, _ = procs[node].communicate(timeout=timeout)
@@ -97,9 +104,14 @@ def test_placement_moves_ranks_not_results(config, one_agent, tmp_path):
 
 
 def test_a_node_with_another_config_is_refused(config, tmp_path):
-    done = run_nodes(config, tmp_path / "run", sets=[[], ["train.lr=1e-3"]], timeout=120)
-    assert done[1].returncode != 0
-    assert "differs from the leader's" in done[1].stdout and "lr" in done[1].stdout
+    procs = start_nodes(config, tmp_path / "run", sets=[[], ["train.lr=1e-3"]])
+    try:
+        out, _ = procs[1].communicate(timeout=120)
+    finally:
+        procs[0].kill()  # it would wait for node 1 at the rendezvous until launch.join_timeout
+        procs[0].communicate()
+    assert procs[1].returncode == 1
+    assert "differs from the leader's" in out and "lr" in out
 
 
 @pytest.mark.parametrize("args, message", [

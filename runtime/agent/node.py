@@ -105,7 +105,10 @@ def train_node(config: JobConfig, args: NodeArgs, *, run_dir: Path | None, defau
           f"{'hosting' if leader else 'joined'} the rendezvous at {args.endpoint}; run directory {run_dir}", flush=True)
 
     placement = config.parallel.placement_of(config.launch.nproc, args.nnodes)
-    node_env = dict(env, PLAIT_NODE_RANK=str(args.node_rank))
+    # The workers count the job's attempts in the rendezvous store, and get a fresh store per attempt (see
+    # worker._init_process_group): torch's shared store cannot take a replaced node.
+    node_env = dict(env, PLAIT_NODE_RANK=str(args.node_rank), PLAIT_RDZV=str(args.endpoint),
+                    TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     ifname = interface_of(address)
     if ifname and "GLOO_SOCKET_IFNAME" not in os.environ:
         node_env["GLOO_SOCKET_IFNAME"] = ifname  # gloo would bind the hostname's address, which a peer may not reach

@@ -39,13 +39,30 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
+def owns(host: str) -> bool:
+    """Whether one of this machine's interfaces holds ``host``'s address.
+
+    A TCPStore server listens on every address of its port, so that it could bind says
+    nothing of whether its clients will reach it there: in a network namespace of its own
+    every node could bind the port, and each would host a store of one.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except socket.gaierror:
+        return False
+    return any(interface_of(info[4][0]) is not None for info in infos)
+
+
 def connect_store(endpoint: Endpoint, *, timeout: timedelta, host_store: bool | None = None):
-    """(store, hosts_it): host the store when this machine can bind the endpoint, else join it as a client.
+    """(store, hosts_it): host the store when this machine holds the endpoint's address and its port is free (the
+    first of several nodes on one machine takes it), else join it as a client.
 
     ``host_store`` forces the choice. A client waits up to ``timeout`` for the host to come up.
     """
     from torch.distributed import TCPStore
 
+    if host_store is None and not owns(endpoint.host):
+        host_store = False
     if host_store is not False:
         try:
             return TCPStore(endpoint.host, endpoint.port, is_master=True, multi_tenant=True, wait_for_workers=False,

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plait.parallel.placement import Placement
 from plait.runtime.faults import records
 from plait.runtime.faults.spec import Fault
 
@@ -82,11 +83,12 @@ class FaultExecutor:
     """Carries out the faults of a ``plait train`` job when its workers reach them (a thread of the launcher)."""
 
     def __init__(self, faults: list[Fault], *, run_dir: Path, world: int, per_node: int, daemons: DaemonSet | None,
-                 secret_file: Path | None):
+                 secret_file: Path | None, placement: Placement | None = None):
         self.faults = faults
         self.run_dir = Path(run_dir)
         self.world = world
         self.per_node = per_node
+        self.placement = placement or Placement.contiguous(world, per_node)
         self.daemons = daemons
         self.secret_file = secret_file
         self._stop = threading.Event()
@@ -171,7 +173,7 @@ class FaultExecutor:
             return self._kill_daemon(f.target)
         if f.kind == "corrupt-shard":
             effect = self._corrupt_shard(f.target)
-            effect["killed_workers"] = self._kill_workers([f.target * self.per_node], pids)
+            effect["killed_workers"] = self._kill_workers([self.placement.rank_of(f.target, 0)], pids)
             return effect
         if f.kind == "corrupt-parity":
             effect = self._corrupt_parity(f.target)
@@ -216,7 +218,7 @@ class FaultExecutor:
                 pass
             removed = shm.remove_namespace(self.daemons.job, node)
             _sigkill(proc.pid)
-            workers = self._kill_workers(list(range(node * self.per_node, (node + 1) * self.per_node)), pids)
+            workers = self._kill_workers(self.placement.ranks_on(node), pids)
             code = proc.wait(timeout=GONE_TIMEOUT_S)
             left = [p.name for p in shm.list_namespace(self.daemons.job, node) if p.name != shm.lock_name(self.daemons.job, node)]
         if code != -signal.SIGKILL:
@@ -266,34 +268,47 @@ class FaultExecutor:
         return DaemonClient(self.daemons.addresses[node], secret=JobSecret.load(self.secret_file))
 
     def _corrupt_shard(self, node: int) -> dict[str, Any]:
-        """Flip 8 bytes of node's newest complete data shard of local rank 0 (the one a restore would pick)."""
         with self._client(node) as client:
-            held = [v for v in _settled(client) if any(d.local_rank == 0 and d.committed for d in v.data)]
-            if not held:
-                raise FaultFailed(f"the daemon of node {node} holds no complete data shard of local rank 0 to corrupt")
-            newest = max(held, key=lambda v: v.version)
-            shard = next(d for d in newest.data if d.local_rank == 0 and d.committed)
-            effect = _flip(Path(shard.path), shard.size, shard.checksum)
-        return {"version": newest.version, "local_rank": 0, **effect}
+            return corrupt_shard(client, node)
 
     def _corrupt_parity(self, node: int) -> dict[str, Any]:
-        """Flip 8 bytes of a parity piece node holds for its newest complete version; name the node it protects.
-
-        The caller then kills that node (its memory too), so its rebuild needs this
-        piece: with ec_m = 1 the restore must rule it out (and with it the version, as
-        no spare piece exists), with ec_m >= 2 use a spare piece instead.
-        """
         with self._client(node) as client:
-            held = [v for v in _settled(client) if any(p.local_rank == 0 and p.complete and p.members for p in v.parity)]
-            if not held:
-                raise FaultFailed(f"the daemon of node {node} holds no complete parity piece to corrupt")
-            newest = max(held, key=lambda v: v.version)
-            piece = min((p for p in newest.parity if p.local_rank == 0 and p.complete and p.members),
-                        key=lambda p: (p.index, p.stripe))  # parity 0 first: a rebuild reads it before any spare
-            effect = _flip(Path(piece.path), piece.size, piece.checksum)
-        protected = sorted({m.node for m in piece.members} - {node})
-        return {"version": newest.version, "stripe": piece.stripe, "index": piece.index, "protects": protected,
-                "killed_node": protected[0], **effect}
+            return corrupt_parity(client, node)
+
+
+def corrupt_shard(client: DaemonClient, node: int) -> dict[str, Any]:
+    """Flip 8 bytes of node's newest complete data shard of local rank 0 (the one a restore would pick)."""
+    held = [v for v in _settled(client) if any(d.local_rank == 0 and d.committed for d in v.data)]
+    if not held:
+        raise FaultFailed(f"the daemon of node {node} holds no complete data shard of local rank 0 to corrupt")
+    newest = max(held, key=lambda v: v.version)
+    shard = next(d for d in newest.data if d.local_rank == 0 and d.committed)
+    effect = _flip(Path(shard.path), shard.size, shard.checksum)
+    return {"version": newest.version, "local_rank": 0, **effect}
+
+
+def corrupt_parity(client: DaemonClient, node: int, spare: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """Flip 8 bytes of a parity piece node holds for its newest complete version; name the node it protects.
+
+    The caller then kills that node (its memory too), so its rebuild needs this
+    piece: with ec_m = 1 the restore must rule it out (and with it the version, as
+    no spare piece exists), with ec_m >= 2 use a spare piece instead. Nodes in ``spare``
+    are never the one named (a rehearsal cannot lose the node hosting its rendezvous).
+    """
+    held = [v for v in _settled(client) if any(p.local_rank == 0 and p.complete and p.members for p in v.parity)]
+    if not held:
+        raise FaultFailed(f"the daemon of node {node} holds no complete parity piece to corrupt")
+    newest = max(held, key=lambda v: v.version)
+    pieces = sorted((p for p in newest.parity if p.local_rank == 0 and p.complete and p.members
+                     and {m.node for m in p.members} - {node} - spare),
+                    key=lambda p: (p.index, p.stripe))  # parity 0 first: a rebuild reads it before any spare
+    if not pieces:
+        raise FaultFailed(f"node {node} holds parity only for nodes that must not be lost ({sorted(spare)})")
+    piece = pieces[0]
+    effect = _flip(Path(piece.path), piece.size, piece.checksum)
+    protected = sorted({m.node for m in piece.members} - {node} - spare)
+    return {"version": newest.version, "stripe": piece.stripe, "index": piece.index, "protects": protected,
+            "killed_node": protected[0], **effect}
 
 
 def _settled(client: DaemonClient, timeout: float = COMPLETE_TIMEOUT_S) -> list[VersionInfo]:

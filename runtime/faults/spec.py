@@ -14,13 +14,17 @@ from typing import Literal
 
 from plait.errors import CLIError
 
-FaultKind = Literal["kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon"]
+FaultKind = Literal["kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon",
+                    "link-down", "slow-link"]
 KINDS: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon")
+# A rehearsed cluster's links (plait train --cluster): a node's link goes down for a while, or runs slower.
+LINK_KINDS: tuple[FaultKind, ...] = ("link-down", "slow-link")
 # Kinds after which the elastic agent restarts the workers (and so restores them).
 RESTARTING: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "corrupt-shard", "corrupt-parity")
 # Kinds that may fire during a restore: those that act at once, without a snapshot to find.
 AT_RESTORE: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "kill-daemon")
 HANG_SECONDS = 2.0  # hang-daemon's default: long enough to cost several snapshots of a short run
+LINK_DOWN_SECONDS = 5.0  # link-down's default: collectives stall, TCP retransmits, then they recover
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class Fault:
     target: int  # a rank for kill-worker, a node otherwise
     step: int | None = None  # fires after this step ...
     restore: int | None = None  # ... or during the restore of this restart (1: the first)
-    seconds: float | None = None  # hang-daemon: how long the daemon stays stopped (None: HANG_SECONDS)
+    seconds: float | None = None  # hang-daemon, link-down: for how long (None: HANG_SECONDS, LINK_DOWN_SECONDS)
+    factor: float | None = None  # slow-link: the link's rate is divided by it
 
     @property
     def key(self) -> str:
@@ -37,23 +42,33 @@ class Fault:
 
     @property
     def point(self) -> str:
-        """Where it fires, as workers name it in their requests: ``s7`` or ``restore1``."""
-        return f"s{self.step}" if self.step is not None else f"restore{self.restore}"
+        """Where it fires, as workers name it in their requests: ``s7``, ``restore1``, or ``start`` (a slow link from
+        the beginning, set before any worker starts)."""
+        if self.step is not None:
+            return f"s{self.step}"
+        return f"restore{self.restore}" if self.restore is not None else "start"
 
     @property
     def hang_seconds(self) -> float:
         return HANG_SECONDS if self.seconds is None else self.seconds
 
+    @property
+    def down_seconds(self) -> float:
+        return LINK_DOWN_SECONDS if self.seconds is None else self.seconds
+
     def __str__(self) -> str:
-        at = f"step={self.step}" if self.step is not None else f"restore={self.restore}"
+        at = f":step={self.step}" if self.step is not None else (f":restore={self.restore}" if self.restore else "")
         tail = f":seconds={self.seconds:g}" if self.seconds is not None else ""
-        return f"{self.kind}:{self.key}={self.target}:{at}{tail}"
+        tail += f":factor={self.factor:g}" if self.factor is not None else ""
+        return f"{self.kind}:{self.key}={self.target}{at}{tail}"
 
 
 def _usage(kind: str) -> str:
     key = "rank=R" if kind == "kill-worker" else "node=N"
-    if kind == "hang-daemon":
+    if kind in ("hang-daemon", "link-down"):
         return f"{kind}:{key}:step=S[:seconds=D]"
+    if kind == "slow-link":
+        return f"{kind}:{key}:factor=F[:step=S] (from the start without step)"
     if kind in AT_RESTORE:
         return f"{kind}:{key}:step=S or {kind}:{key}:restore=N"
     return f"{kind}:{key}:step=S"
@@ -62,10 +77,12 @@ def _usage(kind: str) -> str:
 def parse_fault(text: str) -> Fault:
     """``kill-worker:rank=1:step=5`` → Fault; a CLIError naming the part that is wrong and the accepted form otherwise."""
     kind, *parts = text.strip().split(":")
-    if kind not in KINDS:
-        raise CLIError(f"--fault {text!r}: unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
+    if kind not in KINDS + LINK_KINDS:
+        raise CLIError(f"--fault {text!r}: unknown kind {kind!r}; accepted: {', '.join(KINDS + LINK_KINDS)}")
     want = "rank" if kind == "kill-worker" else "node"
-    allowed = {want, "step"} | ({"restore"} if kind in AT_RESTORE else set()) | ({"seconds"} if kind == "hang-daemon" else set())
+    allowed = ({want, "step"} | ({"restore"} if kind in AT_RESTORE else set())
+               | ({"seconds"} if kind in ("hang-daemon", "link-down") else set())
+               | ({"factor"} if kind == "slow-link" else set()))
     values: dict[str, float] = {}
     for part in parts:
         key, sep, value = part.partition("=")
@@ -74,12 +91,12 @@ def parse_fault(text: str) -> Fault:
         if key in values:
             raise CLIError(f"--fault {text!r}: {key} is given twice; expected {_usage(kind)}")
         try:
-            values[key] = float(value) if key == "seconds" else int(value)
+            values[key] = float(value) if key in ("seconds", "factor") else int(value)
         except ValueError:
-            what = "a number of seconds" if key == "seconds" else "an integer"
+            what = {"seconds": "a number of seconds", "factor": "a number"}.get(key, "an integer")
             raise CLIError(f"--fault {text!r}: {key} must be {what}, got {value!r}") from None
-    missing = [k for k in (want,) if k not in values]
-    if "step" not in values and "restore" not in values:
+    missing = [k for k in (want, *(("factor",) if kind == "slow-link" else ())) if k not in values]
+    if "step" not in values and "restore" not in values and kind != "slow-link":
         missing.append("step" if kind not in AT_RESTORE else "step (or restore)")
     if missing:
         raise CLIError(f"--fault {text!r}: missing {' and '.join(missing)}; expected {_usage(kind)}")
@@ -92,14 +109,19 @@ def parse_fault(text: str) -> Fault:
     if values.get("restore", 1) < 1:
         raise CLIError(f"--fault {text!r}: restore must be >= 1 (1: the restore of the first restart)")
     if values.get("seconds", 1.0) <= 0:
-        raise CLIError(f"--fault {text!r}: seconds must be > 0 (how long the daemon stays stopped)")
+        raise CLIError(f"--fault {text!r}: seconds must be > 0 (how long the {'link stays down' if kind == 'link-down' else 'daemon stays stopped'})")
+    if values.get("factor", 2.0) <= 1:
+        raise CLIError(f"--fault {text!r}: factor must be > 1 (the link's rate is divided by it)")
     step, restore = values.get("step"), values.get("restore")
     return Fault(kind=kind, target=int(values[want]), step=None if step is None else int(step),  # type: ignore[arg-type]
-                 restore=None if restore is None else int(restore), seconds=values.get("seconds"))
+                 restore=None if restore is None else int(restore), seconds=values.get("seconds"),
+                 factor=values.get("factor"))
 
 
-def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, snapshots: bool, parity: int = 0) -> None:
-    """Refuse faults this job cannot carry out (``parity``: the erasure-coding group's ec_m)."""
+def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, snapshots: bool, parity: int = 0,
+                 rehearsal: bool = False) -> None:
+    """Refuse faults this job cannot carry out (``parity``: the erasure-coding group's ec_m; ``rehearsal``: the
+    nodes run in network namespaces, ``plait train --cluster``)."""
     restarts = sum(1 for f in faults if f.kind in RESTARTING and f.step is not None)
     seen: set[tuple[str, int, str]] = set()
     for f in faults:
@@ -108,6 +130,16 @@ def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, sn
             raise CLIError(f"--fault {f}: {what} {f.target} does not exist; this job has {limit} {what}s (0..{limit - 1})")
         if f.step is not None and f.step >= steps:
             raise CLIError(f"--fault {f}: step {f.step} is not before the last step {steps}; pick a step in 1..{steps - 1}")
+        if f.kind in LINK_KINDS:
+            if not rehearsal:
+                raise CLIError(f"--fault {f}: links exist only in a rehearsed cluster; add --cluster FILE")
+            if (f.kind, f.target, f.point) in seen:
+                raise CLIError(f"--fault {f}: given twice; each fault fires once, so give it once")
+            seen.add((f.kind, f.target, f.point))
+            continue
+        if rehearsal and f.kind == "kill-node" and f.target == 0:
+            raise CLIError(f"--fault {f}: node 0 hosts the rendezvous store, and losing it ends the job as it would on "
+                           "a real cluster; kill another node")
         if f.kind != "kill-worker" and not snapshots:
             raise CLIError(f"--fault {f}: needs snapshots; set snapshot.every (e.g. --set snapshot.every=5)")
         if f.kind == "corrupt-parity" and parity < 1:

@@ -14,6 +14,7 @@ until it exits too; exec'd children do not (the pipe is close-on-exec).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from plait.runtime.rehearsal.net import Network
 
@@ -30,7 +31,9 @@ class WatchdogHandle:
             self._write_fd = None
 
 
-def start_watchdog(network: Network) -> WatchdogHandle:
+def start_watchdog(network: Network, after: Callable[[], None] | None = None) -> WatchdogHandle:
+    """``after`` runs in the watchdog once the network is down (e.g. removing what the killed processes left in
+    shared memory)."""
     read_fd, write_fd = os.pipe()
     pid_read, pid_write = os.pipe()
     middle = os.fork()
@@ -39,7 +42,7 @@ def start_watchdog(network: Network) -> WatchdogHandle:
             os.setsid()
             watchdog = os.fork()
             if watchdog == 0:
-                _watch(network, read_fd)
+                _watch(network, read_fd, after)
             os.write(pid_write, str(watchdog).encode())
         finally:
             os._exit(0)
@@ -51,7 +54,7 @@ def start_watchdog(network: Network) -> WatchdogHandle:
     return WatchdogHandle(pid, write_fd)
 
 
-def _watch(network: Network, read_fd: int) -> None:
+def _watch(network: Network, read_fd: int, after: Callable[[], None] | None) -> None:
     """Runs in the watchdog; never returns."""
     status = 1
     try:
@@ -66,6 +69,8 @@ def _watch(network: Network, read_fd: int) -> None:
         while os.read(read_fd, 4096):
             pass
         network.down()
+        if after is not None:
+            after()
         status = 0
     finally:
         os._exit(status)
