@@ -56,9 +56,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def _up(path: Path) -> int:
     namespaces.require_root()
     spec = load_cluster(path)
+    # The whole plan first: a file whose links cannot be shaped is refused before anything is touched.
+    rehearsal = rehearse(spec, cluster_tag(spec.name))
     for name in owners.reap_stale():
         print(f"plait cluster: removed stale namespace {name}")
-    rehearsal = rehearse(spec, cluster_tag(spec.name))
     tag = rehearsal.plan.tag
     net = Network(rehearsal.plan, persistent=True)
     CLUSTERS.mkdir(parents=True, exist_ok=True)
