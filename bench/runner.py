@@ -1,7 +1,8 @@
 """``plait bench NAME``: run a benchmark module of ``plait.bench`` and keep its result.
 
 A benchmark is a module in ``bench/`` with a docstring (its first line is the
-description), ``NAME`` and ``run(quick: bool) -> dict``. The runner adds the machine
+description), ``NAME`` and ``run(quick: bool) -> dict``; a benchmark that takes a cluster
+file also has a ``cluster`` keyword (``--cluster FILE``). The runner adds the machine
 and versions and writes ``bench/results/NAME.json``.
 """
 
