@@ -1,13 +1,15 @@
 """``plait bench NAME``: run a benchmark module of ``plait.bench`` and keep its result.
 
 A benchmark is a module in ``bench/`` with a docstring (its first line is the
-description), ``NAME`` and ``run(quick: bool) -> dict``. The runner adds the machine
+description), ``NAME`` and ``run(quick: bool) -> dict``; a benchmark that takes a cluster
+file also has a ``cluster`` keyword (``--cluster FILE``). The runner adds the machine
 and versions and writes ``bench/results/NAME.json``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -81,15 +83,22 @@ def _load() -> float | None:
         return None
 
 
-def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
+def run_benchmark(name: str, *, out_dir: Path | None = None, quick: bool = False,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run benchmark ``name`` and write its record; ``options`` (e.g. ``{"cluster": path}``) go to its ``run``
+    as keywords, and one its ``run`` does not take is refused."""
     available = list_benchmarks()
     if name not in available:
         hint = did_you_mean(name, available)
         raise CLIError(f"bench: no benchmark '{name}'; accepted: {', '.join(available)}" + (f" ({hint})" if hint else ""))
     module = importlib.import_module(f"plait.bench.{name}")
+    options = options or {}
+    unknown = sorted(set(options) - set(inspect.signature(module.run).parameters))
+    if unknown:
+        raise CLIError(f"bench {name}: it takes no --{unknown[0]}; accepted: --quick, --json, --out")
     started = time.time()
     load_before = _load()
-    result = module.run(quick=quick)
+    result = module.run(quick=quick, **options)
     record = {
         "benchmark": name,
         "quick": quick,

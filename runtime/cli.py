@@ -1,4 +1,5 @@
-"""The ``plait`` command line: ``plait train``, ``plait export``, ``plait daemon`` and ``plait bench``."""
+"""The ``plait`` command line: ``plait train``, ``plait export``, ``plait daemon``, ``plait cluster`` and
+``plait bench``."""
 
 from __future__ import annotations
 
@@ -70,12 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_daemon_parser(commands)
 
+    from plait.runtime.rehearsal.cli import add_cluster_parser
+
+    add_cluster_parser(commands)
+
     bench = commands.add_parser("bench", help="run a benchmark from bench/",
                                 description="Run a benchmark; results go to bench/results/NAME.json.")
     bench.add_argument("name", nargs="?", metavar="NAME", help="benchmark name; omit to list them")
     bench.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     bench.add_argument("--out", type=Path, metavar="DIR", help="results directory (default: bench/results)")
     bench.add_argument("--quick", action="store_true", help="a short run for smoke tests, not for reporting")
+    bench.add_argument("--cluster", type=Path, metavar="FILE", help="cluster file of a benchmark that takes one (links)")
     return parser
 
 
@@ -285,7 +291,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name, doc in list_benchmarks().items():
             print(f"{name:12s} {doc}")
         return 0
-    result = run_benchmark(args.name, out_dir=args.out, quick=args.quick)
+    options = {"cluster": args.cluster} if args.cluster is not None else {}
+    result = run_benchmark(args.name, out_dir=args.out, quick=args.quick, options=options)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -303,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             from plait.runtime.snapshot.daemon.main import cmd_daemon
 
             return cmd_daemon(args)
+        if args.command == "cluster":
+            from plait.runtime.rehearsal.cli import cmd_cluster
+
+            return cmd_cluster(args)
         return cmd_bench(args)
     except PlaitError as err:
         print(f"plait: error: {err}", file=sys.stderr)

@@ -102,7 +102,12 @@ def test_cli_surface_is_frozen():
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
         "daemon --max-memory", "daemon --secret-file", "daemon --parent-pid",
         "daemon --ready-file", "daemon --log-file", "daemon --cleanup",
+        "cluster", "cluster -h", "cluster --help",
+        "cluster up", "cluster up -h", "cluster up --help", "cluster up <file>",
+        "cluster down", "cluster down -h", "cluster down --help", "cluster down <file>", "cluster down --all",
+        "cluster status", "cluster status -h", "cluster status --help", "cluster status <file>",
         "bench", "bench -h", "bench --help", "bench <name>", "bench --json", "bench --out", "bench --quick",
+        "bench --cluster",
     }
 
 
@@ -112,7 +117,8 @@ def test_every_cli_flag_is_in_the_readme():
                  "--nproc-per-node", "--fault", "--job", "--node", "--ec-k", "--ec-m", "--port", "--bulk-port", "--host",
                  "--peers",
                  "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
-                 "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr"):
+                 "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr",
+                 "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster"):
         assert flag in readme, flag
 
 

@@ -1,5 +1,5 @@
-"""Rehearsing a cluster on one machine: its network (:mod:`.net`), owned and cleaned up (:mod:`.owners`,
-:mod:`.watchdog`)."""
+"""Rehearsing a cluster on one machine: its network (:mod:`.net`), planned from a cluster file (:mod:`.plan`),
+owned and cleaned up (:mod:`.owners`, :mod:`.watchdog`), and left up by ``plait cluster`` (:mod:`.cli`)."""
 
 from plait.runtime.rehearsal.namespaces import NeedsRoot, NetworkError, require_root
 from plait.runtime.rehearsal.net import NetPlan, Network, NodeLink, UplinkLink, new_tag

@@ -137,13 +137,15 @@ class Network:
     """One emulated cluster's network; ``with Network(plan):`` builds it and removes it again.
 
     ``latency_emulated`` is True once ``up()`` applied the plan's latencies, which needs netem in the
-    kernel; without it a latency is only recorded in the plan.
+    kernel; without it a latency is only recorded in the plan. A ``persistent`` network is meant to outlive
+    the process that builds it: no reaper removes it, only ``down()``.
     """
 
     ifname: str = "plait0"
 
-    def __init__(self, plan: NetPlan):
+    def __init__(self, plan: NetPlan, *, persistent: bool = False):
         self.plan = plan
+        self.persistent = persistent
         self.hub = f"plait-{plan.tag}-hub"
         self._links = {link.node: link for link in plan.nodes}
         self.latency_emulated = False
@@ -163,7 +165,7 @@ class Network:
         """Build the network; on any failure remove what was made and raise :class:`NetworkError`."""
         namespaces.require_root()
         # The record first, naming every namespace to come: whatever dies midway, reap_stale finds it all.
-        owners.claim(self.plan.tag, self.namespaces())
+        owners.claim(self.plan.tag, self.namespaces(), persistent=self.persistent)
         try:
             self._build()
         except BaseException:

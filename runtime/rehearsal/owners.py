@@ -1,9 +1,10 @@
 """Owner records of emulated networks, so that a network whose owner died is found and removed.
 
-``/run/plait/net/<tag>.json`` holds ``{tag, pid, start_time, namespaces, created}``: the owner's pid
+``/run/plait/net/<tag>.json`` holds ``{tag, pid, start_time, namespaces, created, persistent}``: the owner's pid
 and its start time (``/proc/<pid>/stat`` field 22, so a reused pid is not mistaken for the owner), and
 every namespace the network will have, written before the first is made. A crash between making two
-namespaces thus leaves nothing that no record names.
+namespaces thus leaves nothing that no record names. A persistent network (``plait cluster up``) outlives
+its owner on purpose: it stays until ``plait cluster down`` removes it, and :func:`reap_stale` leaves it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def start_time(pid: int) -> int | None:
         return None
 
 
-def claim(tag: str, names: list[str]) -> None:
+def claim(tag: str, names: list[str], *, persistent: bool = False) -> None:
     """Write the record of a network about to be built, or raise :class:`NetworkError` if ``tag`` is taken.
 
     Written whole under a temporary name, then hard-linked into place: atomic like a rename, but it fails
@@ -50,7 +51,7 @@ def claim(tag: str, names: list[str]) -> None:
         raise NetworkError(f"network {tag} exists already (namespaces {sorted(taken)}): choose another tag")
     RECORDS.mkdir(parents=True, exist_ok=True)
     record = {"tag": tag, "pid": os.getpid(), "start_time": start_time(os.getpid()),
-              "namespaces": names, "created": time.time()}
+              "namespaces": names, "created": time.time(), "persistent": persistent}
     path = record_path(tag)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -83,22 +84,23 @@ def owner_alive(record: dict) -> bool:
 
 
 def list_networks() -> list[dict]:
-    """Every recorded network (for ``plait cluster status``): tag, owner pid, alive, namespaces, created."""
+    """Every recorded network (for ``plait cluster status``): tag, owner pid, alive, persistent, namespaces
+    (those that exist), created."""
     present = namespaces.existing()
-    return [{"tag": r["tag"], "pid": r["pid"], "alive": owner_alive(r),
+    return [{"tag": r["tag"], "pid": r["pid"], "alive": owner_alive(r), "persistent": r.get("persistent", False),
              "namespaces": [n for n in r["namespaces"] if n in present], "created": r["created"]}
             for r in _records()]
 
 
 def reap_stale() -> list[str]:
     """Remove every network whose owner process is gone, and plait namespaces that no record names (older
-    than ``ORPHAN_AGE``); never a network whose owner lives. Return the namespaces removed."""
+    than ``ORPHAN_AGE``); never a network whose owner lives, nor a persistent one. Return the namespaces removed."""
     present = namespaces.existing()
     removed: list[str] = []
     recorded: set[str] = set()
     for record in _records():
         recorded.update(record["namespaces"])
-        if owner_alive(record):
+        if owner_alive(record) or record.get("persistent", False):
             continue
         names = [n for n in record["namespaces"] if n in present]
         namespaces.remove(names)

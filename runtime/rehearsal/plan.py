@@ -8,10 +8,21 @@ measured here), or the cluster file's number.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 
 from plait.runtime.rehearsal.net import NetPlan, NodeLink, UplinkLink
 from plait.scheduler.cluster import ClusterSpec, Scale, check_rates, resolve_scale, shaped_rate_bit_s
+
+
+# A tag is at most 12 of [a-z0-9]: 8 from the cluster's name, so `ip netns` lists say whose network it
+# is, and 4 random ones, so the same cluster can be up twice.
+_NAME_CHARS = 8
+
+
+def cluster_tag(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())[:_NAME_CHARS] + secrets.token_hex(2)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from plait.errors import LaunchError
 from plait.runtime.config import JobConfig, dump_config
-from plait.runtime.rehearsal.net import Network, new_tag
-from plait.runtime.rehearsal.plan import Rehearsal, rehearse
+from plait.runtime.rehearsal.net import Network
+from plait.runtime.rehearsal.plan import Rehearsal, cluster_tag, rehearse
 from plait.scheduler.cluster import ClusterSpec, node_table
 
 RDZV_PORT = 29400  # free in a namespace made for this job
@@ -102,7 +102,7 @@ class NodeAgents:
 
 
 def prepare(spec: ClusterSpec, *, measured_flops: float | None = None) -> Rehearsal:
-    return rehearse(spec, new_tag(), measured_flops=measured_flops)
+    return rehearse(spec, cluster_tag(spec.name), measured_flops=measured_flops)
 
 
 def train_cluster(config: JobConfig, rehearsal: Rehearsal, *, run_dir: Path, faults: list, extra: list[str]) -> None:
