@@ -92,6 +92,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from plait.runtime.faults import check_faults, parse_fault
 
+    spec = None
+    if args.cluster is not None:
+        from plait.scheduler.cluster import load_cluster
+
+        if args.rdzv is not None or args.node_rank is not None or args.nnodes is not None or args.nproc is not None \
+                or args.nproc_per_node is not None:
+            raise CLIError("--cluster: the cluster file gives the nodes and workers per node; drop --nnodes, "
+                           "--node-rank, --rdzv, --nproc and --nproc-per-node")
+        spec = load_cluster(args.cluster)
     if args.nproc is not None and args.nproc < 1:
         raise CLIError(f"--nproc: got {args.nproc}; accepted: a positive number of processes")
     nproc = args.nproc
@@ -104,15 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         nproc = args.nproc_per_node * (args.nnodes or 1)
     elif args.nnodes is not None and args.nproc is None:
         raise CLIError(f"--nnodes {args.nnodes}: also give --nproc-per-node (workers per node)")
-    spec = None
-    if args.cluster is not None:
-        from plait.scheduler.cluster import load_cluster
-
-        if args.rdzv is not None or args.node_rank is not None or args.nnodes is not None or args.nproc is not None \
-                or args.nproc_per_node is not None:
-            raise CLIError("--cluster: the cluster file gives the nodes and workers per node; drop --nnodes, "
-                           "--node-rank, --rdzv, --nproc and --nproc-per-node")
-        spec = load_cluster(args.cluster)
+    if spec is not None:
         args.nnodes, nproc = spec.nnodes, spec.world
     multinode = args.rdzv is not None or args.node_rank is not None
     if multinode:

@@ -1,7 +1,9 @@
 """One training worker, started by the elastic agent: ``python -m plait.runtime.worker --run-dir DIR``.
 
 It reads the resolved ``DIR/config.yaml`` that ``plait train`` wrote, so every worker
-trains from exactly the same configuration.
+trains from exactly the same configuration. Started by the user's own torchrun, it takes
+``--config FILE [--set KEY=VALUE ...] [--run-dir DIR]`` instead and resolves the config
+itself, with the world and node counts torchrun gives.
 """
 
 from __future__ import annotations
@@ -176,6 +178,11 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
     if not snap.enabled:
         return None, args
     node, local_rank = placement.node_of(rank), placement.local_of(rank)
+    if not os.environ.get("PLAIT_SNAPSHOT_DAEMONS"):
+        raise LaunchError("snapshot.every is set, but nothing started this node's snapshot daemon (torchrun starts "
+                          "only workers): start every node with plait train --nnodes N --node-rank R --rdzv HOST:PORT "
+                          "--nproc-per-node P (it runs the daemon and torchrun's elastic agent), or train without "
+                          "snapshots (--set snapshot.every=0)")
     secret = JobSecret.from_env()
     if secret is None:
         raise LaunchError(f"snapshots are on but {SECRET_ENV} is not set: start workers with plait train, or set it "
@@ -213,12 +220,12 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="plait-parent-watch", daemon=True).start()
 
 
-def run(run_dir: Path) -> None:
+def run(run_dir: Path, config: JobConfig | None = None) -> None:
     started = time.time()
     _die_with_parent()
     # An exception rather than an exit, so the summary of the steps done gets written.
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    config = load_config(run_dir / "config.yaml")
+    config = config or load_config(run_dir / "config.yaml")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     rank, placement = _layout_rank(config, world)
@@ -306,11 +313,36 @@ def _quiet_known_warnings() -> None:
 def main() -> None:
     _quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="python -m plait.runtime.worker")
-    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, help="the run directory (with plait train: holds config.yaml)")
+    parser.add_argument("--config", type=Path, help="under your own torchrun: the YAML job config")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.config is None and args.run_dir is None:
+        parser.error("give --run-dir DIR (started by plait train) or --config FILE (started by your own torchrun)")
     logging.basicConfig(level=logging.WARNING, format=f"[rank{os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s")
     log.debug("plait %s worker starting", plait.__version__)
-    run(args.run_dir)
+    if args.config is None:
+        run(args.run_dir)
+        return
+    config, run_dir = _torchrun_job(args.config, args.overrides, args.run_dir)
+    run(run_dir, config)
+
+
+def _torchrun_job(path: Path, overrides: list[str], run_dir: Path | None) -> tuple[JobConfig, Path]:
+    """The config with torchrun's world (``WORLD_SIZE``) and nodes (``WORLD_SIZE / LOCAL_WORLD_SIZE``); the run
+    directory (default ``runs/<config name>-<torchrun's run id>``, the same on every node) with config.yaml."""
+    from plait.runtime.config import dump_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    config = load_config(path, overrides, nproc=world, nnodes=max(1, world // local))
+    run_dir = run_dir or Path("runs") / f"{path.stem}-{os.environ.get('TORCHELASTIC_RUN_ID', 'torchrun')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        tmp = run_dir / f"config.yaml.{os.getpid()}.tmp"
+        tmp.write_text(dump_config(config))
+        os.replace(tmp, run_dir / "config.yaml")
+    return config, run_dir
 
 
 if __name__ == "__main__":

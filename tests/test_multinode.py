@@ -114,6 +114,33 @@ def test_a_node_with_another_config_is_refused(config, tmp_path):
     assert "differs from the leader's" in out and "lr" in out
 
 
+def torchrun(node: int, port: int, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "plaittest",
+         "-m", "plait.runtime.worker", "--config", str(config), "--run-dir", str(run_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_users_own_torchrun_trains(config, one_agent, tmp_path):
+    """The README's command: torchrun on each node, plait's worker as the module; no plait train anywhere."""
+    port = free_ports(1)[0]
+    procs = [torchrun(node, port, config, tmp_path / "run") for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for node, (proc, out) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0, f"torchrun node {node}:\n{out}"
+    assert losses(tmp_path / "run") == one_agent
+    assert "launch:\n  nproc: 4\n  nnodes: 2" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_torchrun_says_what_snapshots_miss(config, tmp_path):
+    port = free_ports(1)[0]
+    procs = [torchrun(node, port, config, tmp_path / "run", "--set", "snapshot.every=2") for node in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert "nothing started this node's snapshot daemon" in "".join(outs)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2"], "needs all of"),
     (["--nnodes", "2", "--node-rank", "2", "--nproc-per-node", "2", "--rdzv", "127.0.0.1:1"], "--node-rank: got 2"),

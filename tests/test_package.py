@@ -96,7 +96,7 @@ def test_cli_surface_is_frozen():
         "-h", "--help", "--version",
         "train", "train -h", "train --help", "train --config", "train --nproc", "train --run-dir",
         "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault", "train --resume",
-        "train --node-rank", "train --rdzv", "train --node-addr",
+        "train --node-rank", "train --rdzv", "train --node-addr", "train --cluster",
         "export", "export -h", "export --help", "export <run_dir>", "export --step", "export --out",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
         "daemon --ec-k", "daemon --ec-m", "daemon --port", "daemon --bulk-port", "daemon --host", "daemon --peers",
