@@ -36,7 +36,11 @@ $(BUILD_STAMP): $(DEPS_STAMP) CMakeLists.txt pyproject.toml $(CSRC)
 demo: setup
 	$(BIN)/plait train --config configs/demo.yaml --nproc 4
 
+# The rehearsal tests build network namespaces with iproute2's ip and tc (as root; they skip otherwise).
 test: setup
+	@command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq iproute2) || \
+	    echo "test: iproute2 (ip, tc) is missing; the rehearsal tests need it and root"; }
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # The whole parallel parity matrix: every layout, dense and MoE, 2/4/8 ranks (fast subset included).

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inject a fault, repeatable: kill-worker:rank=R:step=S, kill-node:node=N:step=S, "
                        "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S, corrupt-parity:node=N:step=S, "
                        "hang-daemon:node=N:step=S[:seconds=D]; kill-* also at restore=N (during the N-th restart's "
-                       "restore)")
+                       "restore); with --cluster also link-down:node=N:step=S[:seconds=T], slow-link:node=N:factor=F[:step=S]")
     train.add_argument("--run-dir", type=Path, metavar="DIR", help="where config.yaml, summary.json and logs go "
                        "(default: runs/<config name>-<time>)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",

@@ -114,22 +114,45 @@ def _init_process_group(backend: str, *, rank: int, world: int) -> int:
     hosts = not shared and int(os.environ.get("RANK", "0")) == 0
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=hosts,
                          timeout=timeout, wait_for_workers=False)
-    if os.environ.get("PLAIT_RDZV"):
-        host, _, port = os.environ["PLAIT_RDZV"].rpartition(":")
-        counter = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-        attempt = int(counter.add(f"plait/starts/rank{rank}", 1)) - 1
-    elif shared:
+    # The claim goes where each attempt starts afresh: the attempt's own store, or its prefix of the shared one
+    # (where, under one agent, no rank can be claimed twice, and so the attempt count cannot be split by one).
+    if shared:
         attempt = int(base.add(f"plait/starts/rank{rank}", 1)) - 1
+        _claim(dist.PrefixStore(f"plait/attempt{attempt}", base), rank, world)
     else:
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        _claim(base, rank, world)
+        if os.environ.get("PLAIT_RDZV"):
+            host, _, port = os.environ["PLAIT_RDZV"].rpartition(":")
+            counter = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+            attempt = int(counter.add(f"plait/starts/rank{rank}", 1)) - 1
+        else:
+            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     store = dist.PrefixStore(f"plait/attempt{attempt}", base)
-    me = f"{os.environ.get('PLAIT_NODE_RANK', '-')}:{os.environ.get('LOCAL_RANK', '0')}:{os.getpid()}"
-    holder = store.compare_set(f"rank{rank}", "", me).decode()
-    if holder != me:
-        raise LaunchError(f"rank {rank} is claimed twice (node:local:pid {holder} and {me}): every node needs "
-                          "its own --node-rank")
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return attempt
+
+
+def _claim(store, rank: int, world: int, timeout: float = 60.0) -> None:
+    """Claim ``rank`` and wait until every rank is claimed; raise if any was claimed twice (by us or another).
+
+    The wait matters: a worker that won its claim would otherwise wait in the process group for peers that
+    will never come, long after the losers stopped.
+    """
+    me = f"{os.environ.get('PLAIT_NODE_RANK', '-')}:{os.environ.get('LOCAL_RANK', '0')}:{os.getpid()}"
+    holder = store.compare_set(f"plait/claim/rank{rank}", "", me).decode()
+    if holder != me:
+        message = (f"rank {rank} is claimed twice (node:local:pid {holder} and {me}): every node needs its own "
+                   "--node-rank")
+        store.set("plait/claim/failed", message)
+        raise LaunchError(message)
+    store.add("plait/claim/count", 1)
+    deadline = time.monotonic() + timeout
+    while int(store.add("plait/claim/count", 0)) < world and time.monotonic() < deadline:
+        if store.check(["plait/claim/failed"]):
+            raise LaunchError(store.get("plait/claim/failed").decode())
+        time.sleep(0.05)
+    if store.check(["plait/claim/failed"]):
+        raise LaunchError(store.get("plait/claim/failed").decode())
 
 
 class Terminated(Exception):

@@ -114,6 +114,18 @@ def test_a_node_with_another_config_is_refused(config, tmp_path):
     assert "differs from the leader's" in out and "lr" in out
 
 
+def test_two_nodes_with_one_node_rank_fail_saying_so(config, tmp_path):
+    port = free_ports(1)[0]
+    procs = [subprocess.Popen(plait("train", "--config", str(config), "--nnodes", "2", "--node-rank", "0",
+                                    "--nproc-per-node", "2", "--rdzv", f"127.0.0.1:{port}", "--run-dir",
+                                    str(tmp_path / f"run{i}")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 1 for p in procs), outs
+    logs = "".join(f.read_text(errors="replace") for f in tmp_path.rglob("*.log")) + "".join(outs)
+    assert "is claimed twice" in logs and "every node needs its own --node-rank" in logs
+
+
 def torchrun(node: int, port: int, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
