@@ -135,6 +135,23 @@ def test_snapshot_faults_restore_bitwise_with_per_node_agents(files, one_agent, 
     assert leftovers(run_dir) == NOTHING
 
 
+def test_daemon_faults_reach_the_daemons_the_node_agents_run(files, one_agent, tmp_path):
+    """The daemons are the nodes' agents' children here, not plait train's: found through their pid files."""
+    run_dir = tmp_path / "run"
+    done = rehearse(files, run_dir, "--set", *SNAPSHOTS, "--fault", "kill-daemon:node=1:step=3",
+                    "--fault", "hang-daemon:node=1:step=7:seconds=1")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert losses(run_dir) == one_agent
+    effects = json.loads((run_dir / "summary.json").read_text())["fault_effects"]
+    assert [f["ok"] for f in effects] == [True, True]
+    killed, hung = effects[0]["effect"]["daemon_pid"], effects[1]["effect"]["daemon_pid"]
+    assert killed != hung  # the node's agent replaced the killed daemon, and the fault found the new one
+    assert "snapshot daemon of node 1 exited with -9; starting a fresh one" in (
+        run_dir / "logs" / "agent-node1.log").read_text()
+    assert f"the hung daemon (pid {hung}) was resumed" in out
+
+
 def test_link_faults_stall_and_recover(files, one_agent, tmp_path):
     run_dir = tmp_path / "run"
     done = rehearse(files, run_dir, "--fault", "link-down:node=1:step=4:seconds=3", "--fault",
