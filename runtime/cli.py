@@ -111,15 +111,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc is not None:
             raise CLIError("--nproc and --nproc-per-node: give one; --nproc counts all workers, --nproc-per-node those of one node")
         nproc = args.nproc_per_node * (args.nnodes or 1)
-    elif args.nnodes is not None and args.nproc is None:
+    elif args.nnodes is not None and args.nproc is None and args.rdzv is None:
         raise CLIError(f"--nnodes {args.nnodes}: also give --nproc-per-node (workers per node)")
     if spec is not None:
         args.nnodes, nproc = spec.nnodes, spec.world
     multinode = args.rdzv is not None or args.node_rank is not None
     if multinode:
-        if args.rdzv is None or args.node_rank is None or args.nnodes is None or args.nproc_per_node is None:
+        if args.rdzv is None or args.node_rank is None or args.nnodes is None:
             raise CLIError("a node of a multi-node job needs all of --nnodes N --node-rank R --rdzv HOST:PORT "
-                           "--nproc-per-node P")
+                           "(and --nproc-per-node P, or launch.nproc in the config counting every node's workers)")
         if args.faults:
             raise CLIError("--fault: faults are injected into jobs whose nodes all run on this machine: rehearse the "
                            "cluster (--cluster FILE), or emulate its nodes (--nnodes without --rdzv)")

@@ -38,21 +38,24 @@ def config(tmp_path_factory) -> Path:
     return path
 
 
-def start_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2,
+def start_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int | None = 2,
                 sets: list[list[str]] | None = None) -> dict[int, subprocess.Popen]:
-    """Start every node's `plait train` (node nnodes-1 first: the host need not be node 0)."""
+    """Start every node's `plait train` (node nnodes-1 first: the host need not be node 0); ``per_node`` None:
+    no --nproc-per-node (the config's launch.nproc counts every node's workers)."""
     port = free_ports(1)[0]
     procs = {}
     for node in reversed(range(nnodes)):
         extra = ["--set", *sets[node]] if sets and sets[node] else []
+        if per_node is not None:
+            extra += ["--nproc-per-node", str(per_node)]
         procs[node] = subprocess.Popen(
             plait("train", "--config", str(config), "--nnodes", str(nnodes), "--node-rank", str(node),
-                  "--nproc-per-node", str(per_node), "--rdzv", f"127.0.0.1:{port}", "--run-dir", str(run_dir), *extra),
+                  "--rdzv", f"127.0.0.1:{port}", "--run-dir", str(run_dir), *extra),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return procs
 
 
-def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int = 2, sets: list[list[str]] | None = None,
+def run_nodes(config: Path, run_dir: Path, nnodes: int = 2, per_node: int | None = 2, sets: list[list[str]] | None = None,
               timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """Start every node's `plait train` and wait for all."""
     procs = start_nodes(config, run_dir, nnodes, per_node, sets)
@@ -78,7 +81,7 @@ def one_agent(config, tmp_path_factory) -> list[float]:
 
 def test_two_agents_train_bitwise_like_one(config, one_agent, tmp_path):
     run_dir = tmp_path / "run"
-    done = run_nodes(config, run_dir)
+    done = run_nodes(config, run_dir, per_node=None)  # launch.nproc: 4 over 2 nodes
     for node, proc in enumerate(done):
         assert proc.returncode == 0, f"node {node}:\n{proc.stdout}"
         assert f"plait: node {node} of 2 at 127.0.0.1" in proc.stdout
@@ -155,6 +158,7 @@ def test_torchrun_says_what_snapshots_miss(config, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2"], "needs all of"),
+    (["--nnodes", "3", "--node-rank", "0", "--rdzv", "127.0.0.1:1"], "must be a multiple of launch.nnodes=3"),
     (["--nnodes", "2", "--node-rank", "2", "--nproc-per-node", "2", "--rdzv", "127.0.0.1:1"], "--node-rank: got 2"),
     (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2", "--rdzv", "nohost"], "--rdzv: got 'nohost'"),
     (["--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "2", "--rdzv", "127.0.0.1:1",
