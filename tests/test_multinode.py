@@ -195,3 +195,11 @@ def test_bad_placements_are_named(value, words):
         Placement.resolve(value, world=4, nnodes=2)
     assert err.value.key == "parallel.placement"
     assert words in str(err.value)
+
+
+def test_the_store_host_is_the_machine_holding_the_address():
+    from plait.runtime.agent.rendezvous import Endpoint, node_address, owns
+
+    assert owns("127.0.0.1") and owns("localhost")
+    assert not owns("198.18.255.254")  # a benchmarking-range address no interface here holds
+    assert node_address(Endpoint.parse("127.0.0.1:29400")) == "127.0.0.1"

@@ -46,11 +46,13 @@ def owns(host: str) -> bool:
     nothing of whether its clients will reach it there: in a network namespace of its own
     every node could bind the port, and each would host a store of one.
     """
+    if host in (socket.gethostname(), socket.getfqdn()):
+        return True  # a distribution may map its own name to 127.0.1.1, which no interface lists
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET)
     except socket.gaierror:
         return False
-    return any(interface_of(info[4][0]) is not None for info in infos)
+    return any(ipaddress.IPv4Address(info[4][0]).is_loopback or interface_of(info[4][0]) is not None for info in infos)
 
 
 def connect_store(endpoint: Endpoint, *, timeout: timedelta, host_store: bool | None = None):
