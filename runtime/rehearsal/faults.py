@@ -35,6 +35,9 @@ from plait.runtime.faults.executor import FaultExecutor, FaultFailed
 from plait.runtime.faults.spec import Fault
 
 
+REPLACEMENT_WAIT_S = 60.0  # a replacement daemon is serving within seconds; a minute is an agent that gave up
+
+
 class NodeDaemon:
     """A node's daemon as this process sees it: a pid, no child of ours."""
 
@@ -114,6 +117,18 @@ class RehearsalFaults(FaultExecutor):
         for timer in self._timers:
             timer.cancel()
         super().stop()
+
+    def _daemon(self, node: int) -> NodeDaemon:
+        """The node's live daemon; one its agent is replacing right now is waited for (bounded), not signalled dead."""
+        deadline = time.monotonic() + REPLACEMENT_WAIT_S
+        while True:
+            daemon = self.daemons.procs[node]
+            if daemon is not None and not base._gone(base.process_state(daemon.pid)):
+                return daemon
+            if time.monotonic() > deadline:
+                raise FaultFailed(f"node {node} has no live snapshot daemon (its agent did not replace it within "
+                                  f"{REPLACEMENT_WAIT_S:.0f} s)")
+            time.sleep(0.05)
 
     def _carry_out(self, f: Fault, pids: dict[int, int]) -> dict[str, Any]:
         if f.kind == "link-down":
