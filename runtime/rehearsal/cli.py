@@ -125,12 +125,4 @@ def _cluster_record(tag: str) -> Path:
 
 
 def _cluster_records() -> list[dict]:
-    if not CLUSTERS.is_dir():
-        return []
-    found = []
-    for path in sorted(CLUSTERS.glob("*.json")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except (FileNotFoundError, ValueError):
-            continue
-    return found
+    return owners.read_records(CLUSTERS)

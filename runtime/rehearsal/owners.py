@@ -68,10 +68,15 @@ def remove_record(tag: str) -> None:
 
 
 def _records() -> list[dict]:
-    if not RECORDS.is_dir():
+    return read_records(RECORDS)
+
+
+def read_records(folder: Path) -> list[dict]:
+    """Every JSON record in ``folder``; one removed or half-written meanwhile is skipped."""
+    if not folder.is_dir():
         return []
     found = []
-    for path in sorted(RECORDS.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         try:
             found.append(json.loads(path.read_text()))
         except (FileNotFoundError, ValueError):
