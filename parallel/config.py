@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from plait.errors import ConfigError
-from plait.parallel.dims import ParallelDims
-from plait.parallel.placement import Placement
+from plait.scheduler.dims import ParallelDims
+from plait.scheduler.placement import Placement
 
 
 @dataclass(kw_only=True)

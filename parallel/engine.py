@@ -34,7 +34,7 @@ from torch import nn
 
 from plait.parallel import comm
 from plait.parallel.cp import apply_cp, zigzag_positions
-from plait.parallel.dims import MeshAxis, ParallelDims
+from plait.scheduler.dims import MeshAxis, ParallelDims
 from plait.parallel.dp import AdamWSettings, ShardedAdamW
 from plait.parallel.mesh import ParallelMeshes
 from plait.parallel.pp import apply_pp, schedule

@@ -1,7 +1,7 @@
 """Expert parallelism (EP × ETP × EDP, MoE Parallel Folding), applied in place to MoE layers.
 
 Folding. The ranks of one pipeline stage are ``dp × cp × tp`` for attention and
-``edp × ep × etp`` for the experts (same ranks, see :mod:`plait.parallel.dims`). Every
+``edp × ep × etp`` for the experts (same ranks, see :mod:`plait.scheduler.dims`). Every
 rank holds distinct tokens. Experts ``[ep_rank·E/ep, (ep_rank+1)·E/ep)`` live on an ep
 rank; ``etp`` splits each expert's hidden size ``F`` (w1/w3 rows, w2 columns); ranks that
 differ only in their ``edp`` coordinate hold the same expert shard and see different

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from plait.parallel.comm import Group
-from plait.parallel.dims import DENSE_AXES, EXPERT_AXES, MeshAxis, ParallelDims
+from plait.scheduler.dims import DENSE_AXES, EXPERT_AXES, MeshAxis, ParallelDims
 
 # Groups over several axes at once, by ledger label: data-parallel gradient reduction of
 # dense weights (dp+cp) and of weights replicated over a whole stage (dp+cp+tp).

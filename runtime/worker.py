@@ -32,7 +32,7 @@ from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
 from plait.runtime.build import build_engine
 from plait.parallel.engine import ParallelEngine
-from plait.parallel.placement import Placement
+from plait.scheduler.placement import Placement
 from plait.parallel.slices import global_shapes, local_slices
 from plait.runtime.faults import FaultHook, parse_fault
 from plait.runtime.snapshot.transport.client import DaemonClient

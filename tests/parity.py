@@ -19,7 +19,7 @@ from plain_reference import PlainTrainer
 from routing_log import RoutingLog, merge_routing
 
 from plait.parallel import comm
-from plait.parallel.dims import ParallelDims
+from plait.scheduler.dims import ParallelDims
 from plait.parallel.dp import AdamWSettings
 from plait.parallel.engine import EngineConfig, ParallelEngine
 from plait.parallel.mesh import ParallelMeshes

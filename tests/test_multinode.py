@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from plait.errors import ConfigError
-from plait.parallel.placement import Placement
+from plait.scheduler.placement import Placement
 from plait.runtime.snapshot.launcher.spawn import free_ports
 
 TINY = """

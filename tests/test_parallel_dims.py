@@ -10,7 +10,7 @@ import torch.distributed as dist
 from harness import run_distributed
 
 from plait.errors import ConfigError
-from plait.parallel.dims import DENSE_AXES, EXPERT_AXES, MeshAxis, ParallelDims
+from plait.scheduler.dims import DENSE_AXES, EXPERT_AXES, MeshAxis, ParallelDims
 from plait.scheduler.spec import ModelSpec
 
 MOE = ModelSpec(kind="moe", layers=4, dim=64, heads=4, ffn_dim=128, vocab=256, seq_len=72, experts=4, top_k=2)

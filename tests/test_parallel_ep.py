@@ -20,7 +20,7 @@ from harness import run_distributed
 from plait.errors import ConfigError
 from plait.parallel import comm
 from plait.parallel.comm import Group
-from plait.parallel.dims import MeshAxis, ParallelDims
+from plait.scheduler.dims import MeshAxis, ParallelDims
 from plait.parallel.ep import apply_ep
 from plait.parallel.mesh import ParallelMeshes
 from plait.runtime.models import ModelConfig, build_model

@@ -48,7 +48,7 @@ from parity_checks import Report, compare_free_running, compare_replay
 from routing_log import merge_routing
 
 from plait.parallel.comm import merge_snapshots
-from plait.parallel.dims import ParallelDims
+from plait.scheduler.dims import ParallelDims
 from plait.runtime.config import model_spec
 from plait.runtime.models import ModelConfig
 from plait.scheduler.comm_volume import Layout, step_volume

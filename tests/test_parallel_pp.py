@@ -11,7 +11,7 @@ from harness import run_distributed
 
 from plait.errors import ConfigError
 from plait.parallel import comm
-from plait.parallel.dims import ParallelDims
+from plait.scheduler.dims import ParallelDims
 from plait.parallel.pp import (
     Action,
     ScheduleError,

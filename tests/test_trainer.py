@@ -22,7 +22,7 @@ def corpus() -> torch.Tensor:
 
 
 def make_trainer(kind: str, world: int = 1, hooks=(), sizes: dict | None = None) -> Trainer:
-    from plait.parallel.dims import ParallelDims
+    from plait.scheduler.dims import ParallelDims
     from plait.parallel.mesh import ParallelMeshes
 
     dims = ParallelDims.resolve(world, **(sizes or {}))

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plait.parallel.placement import Placement
+from plait.scheduler.placement import Placement
 from plait.runtime.faults import records
 from plait.runtime.faults.spec import Fault
 

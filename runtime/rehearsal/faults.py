@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plait.parallel.placement import Placement
+from plait.scheduler.placement import Placement
 from plait.runtime.faults import executor as base
 from plait.runtime.faults.executor import FaultExecutor, FaultFailed
 from plait.runtime.faults.spec import Fault

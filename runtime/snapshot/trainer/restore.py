@@ -33,7 +33,7 @@ from plait.errors import JobCannotContinue
 from plait.ops.checksum import checksum
 from plait.ops.gf256 import gf256_matmul_
 from plait.ops.rs_matrix import decode_matrix
-from plait.parallel.placement import Placement
+from plait.scheduler.placement import Placement
 from plait.runtime.snapshot.errors import SnapshotError
 from plait.runtime.snapshot.layout import GroupLayout, chunk_len, chunk_range
 from plait.runtime.snapshot.records import VersionInfo, epoch_of, step_of, version_id, version_text

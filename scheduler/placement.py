@@ -1,6 +1,6 @@
 """Which node each rank runs on: ``parallel.placement``.
 
-A rank is a position in the parallel layout (:class:`~plait.parallel.dims.ParallelDims`
+A rank is a position in the parallel layout (:class:`~plait.scheduler.dims.ParallelDims`
 numbers tp fastest, so neighbouring ranks share the fastest links). A node runs
 ``per_node`` workers; which layout ranks they hold is the placement, a list with one node
 per rank. The default puts ranks ``R·P … R·P+P-1`` on node R; a planner that sees slow
