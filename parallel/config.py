@@ -27,6 +27,7 @@ class ParallelConfig:
     capacity_factor: float = 0.0  # MoE token dropping: each expert takes ≤ factor·fair share per source rank; 0: dropless
     # The node of each rank, e.g. [0, 1, 0, 1]; None: ranks R·P … R·P+P-1 on node R (P workers per node).
     placement: list[int] | None = None
+    auto: bool = False  # plait train plans the sizes, schedule, stage split and placement (plait plan's best)
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):

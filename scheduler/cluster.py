@@ -29,7 +29,7 @@ MAX_RATE_BIT_S = 20e9
 _MAX_NODES = 1000
 
 _TOP_KEYS = ("name", "workers_per_node", "devices", "nics", "nodes", "uplinks", "emulate")
-_DEVICE_KEYS = ("peak_tflops", "memory_gib")
+_DEVICE_KEYS = ("peak_tflops", "memory_gib", "link_gbit")
 _NIC_KEYS = ("gbit", "latency_us")
 _NODE_KEYS = ("name", "nic", "device", "group")
 _UPLINK_KEYS = ("between", "gbit", "latency_us")
@@ -62,6 +62,7 @@ class DeviceKind:
     name: str
     peak_tflops: float  # dense bf16 peak
     memory_gib: float
+    link_gbit: float | None = None  # between two devices of one node, per direction (NVLink); None: not described
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +146,8 @@ def parse_cluster(data: dict, source: Path | None = None) -> ClusterSpec:
     top = read.mapping(data, "<root>", _TOP_KEYS)
     devices = {
         name: DeviceKind(name=name, peak_tflops=read.positive(entry.get("peak_tflops"), f"devices.{name}.peak_tflops"),
-                         memory_gib=read.positive(entry.get("memory_gib"), f"devices.{name}.memory_gib"))
+                         memory_gib=read.positive(entry.get("memory_gib"), f"devices.{name}.memory_gib"),
+                         link_gbit=read.optional_positive(entry.get("link_gbit"), f"devices.{name}.link_gbit"))
         for name, entry in read.named_entries(top.get("devices"), "devices", _DEVICE_KEYS, "device kind")
     }
     nics = {

@@ -60,15 +60,18 @@ def uniform_stage_layers(layers: int, stages: int) -> list[int]:
     return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
 
 
-def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[tuple[str, int, int]]:
-    """(group label, parameters per rank, ranks holding such a bucket) of every data-parallel bucket in the job."""
+def rank_buckets(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[list[tuple[str, int, int]]]:
+    """Per pp rank: (group label, parameters per rank, group size) of each data-parallel bucket a rank holds.
+
+    Every rank of a pipeline stage holds the same buckets (sizes are per rank: split over tp, ep, etp).
+    """
     d, F, V = spec.dim, spec.ffn_dim, spec.vocab
     stage_ranks = lay.world // lay.pp
-    out = []
     per_rank_layers = [0] * lay.pp
     for v, count in enumerate(stage_counts):
         per_rank_layers[v % lay.pp] += count
     first, last = 0, (len(stage_counts) - 1) % lay.pp
+    out = []
     for p in range(lay.pp):
         layers = per_rank_layers[p]
         sharded_tp = 0  # decay, split over tp
@@ -89,15 +92,18 @@ def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list
         if p == last:
             replicated_decay += V * d
             replicated_vec += d
-        for label, size, group in (
+        out.append([(label, size, group) for label, size, group in (
             ("dp+cp", sharded_tp, lay.dp * lay.cp),
             ("dp+cp+tp", replicated_decay, stage_ranks),
             ("dp+cp+tp", replicated_vec, stage_ranks),
             ("edp", experts, lay.edp),
-        ):
-            if size:
-                out.append((label, size, group))
+        ) if size])
     return out
+
+
+def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[tuple[str, int, int]]:
+    """(group label, parameters per rank, ranks holding such a bucket) of every data-parallel bucket in the job."""
+    return [bucket for buckets in rank_buckets(spec, lay, stage_counts) for bucket in buckets]
 
 
 def _moe_layer(spec: ModelSpec, lay: Layout, n: int) -> dict[tuple[str, str], int]:

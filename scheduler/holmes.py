@@ -1,0 +1,142 @@
+"""Placement on heterogeneous NICs (after Holmes): which node runs which block of ranks.
+
+plait numbers ranks with pp outermost and tp fastest, so with ``P`` workers per node the
+heaviest axes (tp, then cp, etp, ep) already fall inside a node when they fit in ``P``
+ranks, and each pipeline stage is a run of consecutive blocks of ``P`` ranks. What a
+placement decides is the order of the nodes: which nodes make up each stage. Holmes'
+rule: keep the data-parallel groups of a stage inside one NIC class and one node group,
+and let the pipeline, whose traffic is light, cross the slow links and the uplinks
+between node groups. Here that is a sort of the nodes by (node group, NIC speed, device
+speed); ``auto`` costs the file's order and the sorted orders with the step-time model
+and keeps the fastest, so a placement is never predicted slower than the default.
+
+When the stages then run on devices of different speeds, layers are split in proportion
+to each stage's speed (the self-adapting partition), with the head counted on the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.scheduler.cluster import ClusterSpec
+from plait.scheduler.comm_volume import Layout
+from plait.scheduler.spec import ModelSpec
+from plait.scheduler.timing import DeviceRate, NodeView, Topology, forward_flops
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A node order, the rank→node list it gives, and the stage split that goes with it."""
+
+    order: tuple[int, ...]  # order[i]: the cluster node that runs rank block i
+    nodes: tuple[int, ...]  # nodes[r]: the cluster node of layout rank r
+    topology: Topology
+    stage_layers: list[int] | None  # None: the runtime's uniform split
+    strategy: str
+
+    @property
+    def is_default(self) -> bool:
+        return self.order == tuple(range(len(self.order)))
+
+    @classmethod
+    def default(cls, cluster: ClusterSpec, lay: Layout) -> Placed:
+        return _placed(cluster, tuple(range(cluster.nnodes)), None, "default")
+
+    def describe(self, cluster: ClusterSpec) -> str:
+        P = cluster.workers_per_node
+        blocks = [f"{cluster.nodes[n].name}({cluster.nodes[n].nic.name})={i * P}-{i * P + P - 1}"
+                  for i, n in enumerate(self.order)]
+        if len(blocks) > 8:
+            blocks = blocks[:4] + [f"… {len(blocks) - 6} more …"] + blocks[-2:]
+        return ("default rank order" if self.is_default else "ranks " + ", ".join(blocks))
+
+
+def topology(cluster: ClusterSpec, order: tuple[int, ...]) -> Topology:
+    groups = {name: i for i, name in enumerate(cluster.groups)}
+    views = []
+    for n in order:
+        node = cluster.nodes[n]
+        views.append(NodeView(nic_bit_s=node.nic.gbit * 1e9, nic_latency_s=(node.nic.latency_us or 0.0) * 1e-6,
+                              link_bit_s=node.device.link_gbit * 1e9 if node.device.link_gbit else None,
+                              device=node.device.name, group=cluster.group_index(n)))
+    uplinks = {}
+    latency = 0.0
+    for up in cluster.uplinks:
+        a, b = groups[up.groups[0]], groups[up.groups[1]]
+        uplinks[(min(a, b), max(a, b))] = up.gbit * 1e9
+        latency = max(latency, (up.latency_us or 0.0) * 1e-6)
+    return Topology(nodes=tuple(views), per_node=cluster.workers_per_node, uplink_bit_s=uplinks,
+                    uplink_latency_s=latency)
+
+
+def _placed(cluster: ClusterSpec, order: tuple[int, ...], layers: list[int] | None, strategy: str) -> Placed:
+    P = cluster.workers_per_node
+    nodes = tuple(order[r // P] for r in range(cluster.world))
+    return Placed(order=order, nodes=nodes, topology=topology(cluster, order), stage_layers=layers, strategy=strategy)
+
+
+def speed_split(spec: ModelSpec, lay: Layout, stage_rates: list[float]) -> list[int] | None:
+    """Layers per virtual stage in proportion to the speed of the pp rank running it; None when all are alike."""
+    if lay.pp == 1 or len(set(stage_rates)) == 1:
+        return None
+    stages = lay.pp * lay.vpp
+    layer_f, head_f = forward_flops(spec, lay, 1)
+    counts = [1] * stages
+    work = [layer_f / stage_rates[v % lay.pp] for v in range(stages)]
+    work[-1] += head_f / stage_rates[(stages - 1) % lay.pp]
+    for _ in range(spec.layers - stages):
+        per_rank = [sum(work[v] for v in range(stages) if v % lay.pp == p) for p in range(lay.pp)]
+        # the virtual stage whose pp rank would finish soonest after one more layer
+        v = min(range(stages), key=lambda s: per_rank[s % lay.pp] + layer_f / stage_rates[s % lay.pp])
+        counts[v] += 1
+        work[v] += layer_f / stage_rates[v % lay.pp]
+    return counts
+
+
+def candidate_orders(cluster: ClusterSpec) -> dict[str, tuple[int, ...]]:
+    """The node orders a placement considers: the file's, and sorts by node group / NIC / device speed."""
+    nodes = cluster.nodes
+
+    def key_group_first(n: int):
+        return (cluster.group_index(n), -nodes[n].nic.gbit, -nodes[n].device.peak_tflops, n)
+
+    def key_nic_first(n: int):
+        return (-nodes[n].nic.gbit, cluster.group_index(n), -nodes[n].device.peak_tflops, n)
+
+    orders = {"default": tuple(range(cluster.nnodes)),
+              "holmes": tuple(sorted(range(cluster.nnodes), key=key_group_first)),
+              "holmes-nic": tuple(sorted(range(cluster.nnodes), key=key_nic_first))}
+    unique: dict[tuple[int, ...], str] = {}
+    for name, order in orders.items():
+        unique.setdefault(order, name)
+    return {name: order for order, name in unique.items()}
+
+
+def place(cluster: ClusterSpec, lay: Layout, spec: ModelSpec, rates: dict[str, DeviceRate], *,
+          strategy: str = "auto", global_batch: int | None = None, micro_batch: int | None = None) -> Placed:
+    """The placement ``strategy`` names: ``default``, ``holmes``, or ``auto`` (the fastest of the orders)."""
+    from plait.scheduler.timing import step_time
+
+    orders = candidate_orders(cluster)
+    if strategy != "auto":
+        names = [strategy if strategy in orders else "default"]
+    else:
+        names = list(orders)
+    best, best_time = None, None
+    for name in names:
+        order = orders[name]
+        topo = topology(cluster, order)
+        stage_rates = []
+        for p in range(lay.pp):
+            stage = lay.world // lay.pp
+            first, last = p * stage // cluster.workers_per_node, ((p + 1) * stage - 1) // cluster.workers_per_node
+            stage_rates.append(min(rates[v.device].flops for v in topo.nodes[first:last + 1]))
+        placed = _placed(cluster, order, speed_split(spec, lay, stage_rates), name)
+        if len(names) == 1:
+            return placed
+        gb = global_batch or lay.dp * (micro_batch or 1)
+        t = step_time(spec, lay, placed.topology, rates, global_batch=gb, micro_batch=micro_batch or 1,
+                      stage_layers=placed.stage_layers).total
+        if best_time is None or t < best_time * 0.999:
+            best, best_time = placed, t
+    return best

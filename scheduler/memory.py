@@ -1,0 +1,133 @@
+"""Memory per rank of a layout: what plait's runtime keeps alive, term by term.
+
+The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`):
+
+* **parameters** and their **gradients**, fp32, as each rank holds them (split over tp for
+  attention and dense MLPs, over ep and etp for experts; the embedding on the first
+  pipeline stage, the head on the last);
+* **optimizer**: per data-parallel bucket, the owned fp32 slice of the parameters plus
+  AdamW's two moments, ``3 · ⌈b/g⌉`` elements (ZeRO-1: state sharded over the bucket's
+  group g);
+* **activations**: what autograd saves for backward, per token and layer, times the
+  micro-batches a rank keeps in flight under its pipeline schedule (1 without a
+  pipeline; ``pp − r`` on pp rank r under 1F1B; the interleaved schedule's warm-up + 1
+  chunks);
+* **buffers**: during the optimizer step, the largest bucket's flat gradient and its
+  reduce-scattered slice, and the all-gathered parameters on the way back.
+
+Activations per token and layer, in elements, were read off autograd's saved tensors of
+plait's own blocks (``tests/test_plan_memory.py`` holds the formula to them exactly on one
+rank); :func:`layer_activation_elements` writes them out. On more ranks the sequence-parallel chunk ``n = micro·T/(cp·tp)`` holds the norms; the
+column-parallel inputs are gathered over tp (``tp·n`` tokens); K and V are gathered over
+cp; expert rows are gathered over etp.
+
+The peak is the larger of "backward of the fullest pipeline moment" (static + gradients +
+activations) and "optimizer step" (static + gradients + buffers). Allocator slack and
+autograd's short-lived temporaries are not counted: the planner keeps a headroom
+(``Limits.headroom``) for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from plait.scheduler.comm_volume import Layout, rank_buckets, uniform_stage_layers
+from plait.scheduler.spec import ModelSpec
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one pipeline rank (every rank of a stage holds the same)."""
+
+    pp_rank: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # all micro-batches in flight at the fullest moment
+    buffers: int  # optimizer-step transients
+    in_flight: float  # micro-batches (whole stages' worth) of activations alive at once
+
+    @property
+    def peak(self) -> int:
+        static = self.params + self.grads + self.optimizer
+        return static + max(self.activations, self.buffers)
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {"pp_rank": self.pp_rank, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "buffers": self.buffers, "in_flight": self.in_flight,
+                "peak": self.peak}
+
+
+def layer_activation_elements(spec: ModelSpec, lay: Layout, n: int) -> float:
+    """Elements autograd saves for one layer and one micro-batch on one rank (n = micro·T/(cp·tp) tokens).
+
+    One rank, plain model: dense ``11·d + 4·F + H + 2`` per token, MoE ``11·d + H + E + k·(4·F + 3·d + 8) + 3``.
+    The attention half is ``8·d + H + 1``: the norm's input, normalised value and scale
+    (``2·d + 1``, on the sequence-parallel chunk), its output as the q/k/v input (``d``,
+    gathered over tp), and q, k, v, rotated q and k, the attention output and its
+    reshape (``5·d`` split over tp heads, ``H`` log-sum-exp values). The dense MLP half is
+    ``3·d + 4·F + 1``: norm (``2·d + 1``), the gathered input (``d``) and the four
+    F-wide tensors of SwiGLU split over tp. The MoE half keeps the norm and its output on
+    the chunk (``3·d + 1``), the router's logits (``E``) and per routed copy
+    ``4·F + 3·d + 8`` (gathered over etp, F split over etp), and one more per token.
+    """
+    d, F, H = spec.dim, spec.ffn_dim, spec.heads
+    tp, cp, etp = lay.tp, lay.cp, lay.etp
+    attention = (2 * d + 1) * n + d * tp * n + (5 * d + H) * n
+    if cp > 1:  # K and V of the whole sequence kept for backward (this rank's heads)
+        attention += 2 * d * n * (cp - 1)
+    if spec.is_moe:
+        k, E = spec.top_k, spec.experts
+        ffn = (3 * d + 2) * n + E * n + k * n * (4 * F + 3 * d * etp + 8)
+    else:
+        ffn = (2 * d + 1) * n + d * tp * n + 4 * F * n
+    return attention + ffn
+
+
+def head_activation_elements(spec: ModelSpec, n: int) -> float:
+    """The last stage's final norm and logits: ``V + d + 3`` per token (read off autograd like the layers)."""
+    return (spec.vocab + spec.dim + 3) * n
+
+
+def in_flight(pp: int, vpp: int, micros: int, pp_rank: int) -> float:
+    """Most micro-batches of activations pp rank ``pp_rank`` holds at once, in whole stages (vpp chunks = 1)."""
+    if pp == 1:
+        return 1.0
+    if vpp == 1:
+        return float(min(pp - pp_rank, micros))
+    total = micros * vpp
+    warm = min(2 * (pp - pp_rank - 1) + (vpp - 1) * pp, total)
+    return min(warm + 1, total) / vpp
+
+
+def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int,
+                stage_layers: list[int] | None = None, act_bytes: int = FP32) -> list[RankMemory]:
+    """:class:`RankMemory` of every pp rank."""
+    stages = lay.pp * lay.vpp
+    counts = stage_layers or uniform_stage_layers(spec.layers, stages)
+    micros = global_batch // (micro_batch * lay.dp)
+    n = micro_batch * spec.seq_len // (lay.cp * lay.tp)
+    per_layer = layer_activation_elements(spec, lay, n)
+    out = []
+    for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
+        params = sum(size for _, size, _ in buckets)
+        shards = sum(math.ceil(size / g) for _, size, g in buckets)
+        largest = max((math.ceil(size / g) * g for _, size, g in buckets), default=0)
+        layers = sum(c for v, c in enumerate(counts) if v % lay.pp == p)
+        stage_elems = per_layer * layers
+        if p == (stages - 1) % lay.pp:
+            stage_elems += head_activation_elements(spec, n)
+        flight = in_flight(lay.pp, lay.vpp, micros, p)
+        out.append(RankMemory(
+            pp_rank=p,
+            params=params * FP32,
+            grads=params * FP32,
+            optimizer=3 * shards * FP32,
+            activations=int(stage_elems * flight * act_bytes),
+            buffers=(largest + 2 * math.ceil(largest / max(1, lay.world))) * FP32 + shards * FP32,
+            in_flight=flight,
+        ))
+    return out

@@ -1,0 +1,237 @@
+"""The planner: every valid layout of a model on a cluster, costed, placed, and ranked.
+
+A candidate is a layout (pp with vpp and the stage split, dp, cp, tp; for MoE the folded
+ep, etp, edp), a micro-batch size and a rank→node placement. Validity is decided by the
+runtime's own rules (:class:`~plait.scheduler.dims.ParallelDims`, the interleaved
+schedule's micro-batch rule in :mod:`plait.scheduler.pipeline`): the planner never
+proposes what ``plait train`` would refuse. Memory comes from
+:mod:`plait.scheduler.memory`, time from :mod:`plait.scheduler.timing`, placement from
+:mod:`plait.scheduler.holmes`.
+
+Pruning keeps a 10,000-device search to seconds: tp and etp stay within a node's workers
+(past a node they cross the NIC on every layer, which no ranking would keep), vpp is 1
+or 2, micro-batch sizes are powers of two, and memory (cheap) is checked before time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from plait.errors import ConfigError, PlaitError
+from plait.scheduler.cluster import ClusterSpec
+from plait.scheduler.comm_volume import Layout, step_volume, uniform_stage_layers
+from plait.scheduler.dims import ParallelDims
+from plait.scheduler.estimate import train_flops_per_token
+from plait.scheduler.holmes import Placed, place
+from plait.scheduler.memory import RankMemory, rank_memory
+from plait.scheduler.spec import ModelSpec
+from plait.scheduler.timing import DeviceRate, StepTime, Transport, step_time
+
+GiB = 2**30
+
+
+class NoPlanError(PlaitError):
+    """No layout fits: the message names the shortfall and the nearest change that would fit."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    spec: ModelSpec
+    cluster: ClusterSpec
+    global_batch: int
+    micro_batch: int | None = None  # None: search powers of two up to the per-replica batch
+    act_bytes: int = 4  # 4 for float32 compute, 2 for bfloat16
+    efficiency: float = 0.5  # achieved share of a device's peak FLOP/s, until calibrated
+    op_overhead_s: float = 5e-6
+    rates: dict[str, DeviceRate] | None = None  # per device kind; None: peak × efficiency
+    transport: Transport = field(default_factory=Transport)
+    headroom: float = 0.1  # memory kept free for allocator slack and temporaries
+    max_vpp: int = 2
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    micro_batch: int
+    stage_layers: list[int] | None
+    placed: Placed
+    memory: list[RankMemory]
+    time: StepTime | None
+    fits: bool
+    memory_limit: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(m.peak for m in self.memory)
+
+    @property
+    def schedule(self) -> str:
+        return "interleaved" if self.layout.vpp > 1 else "1f1b"
+
+    def name(self) -> str:
+        lay = self.layout
+        dense = " ".join(f"{a}{getattr(lay, a)}" for a in ("pp", "dp", "cp", "tp") if getattr(lay, a) > 1) or "dp1"
+        expert = " ".join(f"{a}{getattr(lay, a)}" for a in ("ep", "etp") if getattr(lay, a) > 1)
+        vpp = f" vpp{lay.vpp}" if lay.vpp > 1 else ""
+        return f"{dense}{vpp}" + (f" / {expert}" if expert else "") + f" mb{self.micro_batch}"
+
+    def sets(self) -> list[str]:
+        """``--set`` overrides that make ``plait train`` run this plan."""
+        lay = self.layout
+        out = [f"parallel.{a}={getattr(lay, a)}" for a in ("pp", "dp", "cp", "tp", "ep", "etp", "edp", "vpp")]
+        out.append(f"parallel.pp_schedule={self.schedule}")
+        out.append(f"train.micro_batch={self.micro_batch}")
+        if self.stage_layers is not None:
+            out.append(f"parallel.pp_layers=[{','.join(map(str, self.stage_layers))}]")
+        if not self.placed.is_default:
+            out.append(f"parallel.placement=[{','.join(map(str, self.placed.nodes))}]")
+        return out
+
+
+@dataclass
+class PlanResult:
+    request: PlanRequest
+    ranked: list[Candidate]  # feasible, fastest first
+    rejected: list[Candidate]  # out of memory
+    invalid: dict[str, int]  # rule → layouts it excluded
+    searched: int
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked[0]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, v = [], 1
+    while v <= limit:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def rates_for(req: PlanRequest) -> dict[str, DeviceRate]:
+    if req.rates is not None:
+        return req.rates
+    return {name: DeviceRate(flops=kind.peak_tflops * 1e12 * req.efficiency, op_overhead_s=req.op_overhead_s)
+            for name, kind in req.cluster.devices.items()}
+
+
+def layouts(req: PlanRequest) -> tuple[list[tuple[Layout, int]], dict[str, int]]:
+    """Every (layout, micro-batch) the runtime accepts for this model, batch and world, within the pruning."""
+    spec, world, P = req.spec, req.cluster.world, req.cluster.workers_per_node
+    invalid: dict[str, int] = {}
+    out = []
+    node_sizes = [d for d in _divisors(world) if d <= P]
+    experts = _divisors(spec.experts) if spec.is_moe else [1]
+    for pp in _divisors(world):
+        if pp > spec.layers:
+            break
+        for tp in node_sizes:
+            for cp in _divisors(world // (pp * tp)):
+                dp = world // (pp * tp * cp)
+                for ep in experts:
+                    for etp in (node_sizes if spec.is_moe else [1]):
+                        if (world // pp) % (ep * etp):
+                            continue
+                        try:
+                            dims = ParallelDims.resolve(world, pp=pp, cp=cp, tp=tp, ep=ep, etp=etp)
+                        except ConfigError:
+                            invalid["sizes"] = invalid.get("sizes", 0) + 1
+                            continue
+                        per_replica = req.global_batch // dp if req.global_batch % dp == 0 else 0
+                        if not per_replica:
+                            invalid["train.global_batch"] = invalid.get("train.global_batch", 0) + 1
+                            continue
+                        micros = [req.micro_batch] if req.micro_batch else _powers_of_two(min(per_replica, 16))
+                        for mb in micros:
+                            for vpp in range(1, req.max_vpp + 1):
+                                if vpp > 1 and (pp == 1 or (per_replica // mb) % pp):
+                                    continue
+                                try:
+                                    dims.check_model(spec, global_batch=req.global_batch, micro_batch=mb, vpp=vpp)
+                                except ConfigError as err:
+                                    invalid[err.key] = invalid.get(err.key, 0) + 1
+                                    continue
+                                out.append((Layout(world=world, pp=pp, dp=dp, cp=cp, tp=tp, edp=dims.edp, ep=ep,
+                                                   etp=etp, vpp=vpp), mb))
+    return out, invalid
+
+
+def evaluate(req: PlanRequest, lay: Layout, mb: int, *, placement: str = "auto",
+             rates: dict[str, DeviceRate] | None = None) -> Candidate:
+    """Cost one layout: its memory, then (if it fits) its placement and time."""
+    rates = rates or rates_for(req)
+    placed = place(req.cluster, lay, req.spec, rates, strategy=placement, global_batch=req.global_batch, micro_batch=mb)
+    counts = placed.stage_layers
+    memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, stage_layers=counts,
+                         act_bytes=req.act_bytes)
+    limit = min(node.device.memory_gib for node in req.cluster.nodes) * GiB * (1 - req.headroom)
+    fits = max(m.peak for m in memory) <= limit
+    timing = step_time(req.spec, lay, placed.topology, rates, global_batch=req.global_batch, micro_batch=mb,
+                       stage_layers=counts, transport=req.transport)
+    return Candidate(layout=lay, micro_batch=mb, stage_layers=counts, placed=placed, memory=memory, time=timing,
+                     fits=fits, memory_limit=int(limit))
+
+
+def plan(req: PlanRequest) -> PlanResult:
+    """Search, cost and rank; raises :class:`NoPlanError` naming the shortfall when nothing fits."""
+    rates = rates_for(req)
+    found, invalid = layouts(req)
+    ranked, rejected = [], []
+    limit = min(node.device.memory_gib for node in req.cluster.nodes) * GiB * (1 - req.headroom)
+    for lay, mb in found:
+        # Memory first, with the default split: cheap, and it rules most of a large search out.
+        memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, act_bytes=req.act_bytes)
+        if max(m.peak for m in memory) > limit * 1.05:
+            rejected.append(Candidate(layout=lay, micro_batch=mb, stage_layers=None, placed=Placed.default(req.cluster, lay),
+                                      memory=memory, time=None, fits=False, memory_limit=int(limit)))
+            continue
+        cand = evaluate(req, lay, mb, rates=rates)
+        (ranked if cand.fits else rejected).append(cand)
+    if not ranked:
+        raise NoPlanError(_shortfall(req, rejected, invalid))
+    ranked.sort(key=lambda c: c.time.total)
+    return PlanResult(request=req, ranked=ranked, rejected=rejected, invalid=invalid, searched=len(found))
+
+
+def _shortfall(req: PlanRequest, rejected: list[Candidate], invalid: dict[str, int]) -> str:
+    if not rejected:
+        rules = ", ".join(f"{k} ({v})" for k, v in sorted(invalid.items(), key=lambda kv: -kv[1])) or "none"
+        return (f"no layout of {req.cluster.world} devices is valid for this model and batch; the rules that excluded "
+                f"them: {rules}; try a train.global_batch that is a multiple of the device count")
+    closest = min(rejected, key=lambda c: c.peak_bytes)
+    need, have = closest.peak_bytes, closest.memory_limit
+    worst = max(closest.memory, key=lambda m: m.peak)
+    parts = max((("activations", worst.activations), ("optimizer state", worst.optimizer),
+                 ("parameters + gradients", worst.params + worst.grads)), key=lambda kv: kv[1])
+    devices_needed = math.ceil(req.cluster.world * need / have)
+    return (f"nothing fits: the smallest layout ({closest.name()}) needs {need / GiB:.2f} GiB per device, "
+            f"{have / GiB:.2f} GiB is usable ({1 - req.headroom:.0%} of {have / (1 - req.headroom) / GiB:.0f} GiB); "
+            f"most of it is {parts[0]} ({parts[1] / GiB:.2f} GiB); nearest change: about {devices_needed} devices, "
+            f"or devices with {need / (1 - req.headroom) / GiB:.0f} GiB, or a smaller train.global_batch / model")
+
+
+def tokens_per_s(req: PlanRequest, cand: Candidate) -> float:
+    return req.global_batch * req.spec.seq_len / cand.time.total
+
+
+def mfu(req: PlanRequest, cand: Candidate) -> float:
+    peak = sum(node.device.peak_tflops * 1e12 for node in req.cluster.nodes) * req.cluster.workers_per_node
+    return train_flops_per_token(req.spec) * tokens_per_s(req, cand) / peak
+
+
+def ledger_bytes(req: PlanRequest, cand: Candidate) -> dict[str, dict[str, int]]:
+    """The ledger's expected bytes for this plan (the same closed form the parity tests hold to the ledger)."""
+    return step_volume(req.spec, cand.layout, global_batch=req.global_batch, micro_batch=cand.micro_batch,
+                       stage_layers=cand.stage_layers)
+
+
+def default_stage_layers(spec: ModelSpec, lay: Layout) -> list[int]:
+    return uniform_stage_layers(spec.layers, lay.pp * lay.vpp)
