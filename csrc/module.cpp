@@ -25,6 +25,14 @@ TORCH_LIBRARY(plait, m) {
   // The implementations of crc32c this CPU runs, the default first (all=True: every one
   // of this build).
   m.def("crc32c_kernels(bool all=False) -> str[]");
+  // Exact accounting of CPU tensor storage (csrc/memory/cpu_tracker.cpp, used by
+  // plait.runtime.memtrack): wrap the CPU allocator once; read [live bytes, peak bytes,
+  // allocations, installed]; restart the peak from the live bytes; ask whether a storage's
+  // data pointer was allocated through the wrapper.
+  m.def("memtrack_install() -> bool");
+  m.def("memtrack_stats() -> int[]");
+  m.def("memtrack_reset_peak() -> int");
+  m.def("memtrack_tracks(int ptr) -> bool");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -26,6 +26,7 @@ class MetricsConfig:
     port: int = 0  # 0: pick a free port (printed at start)
     log_every: int = 10  # steps between plain log lines when the console is not a terminal
     peak_flops: float = 0.0  # per-device peak for the MFU estimate; 0: measured GEMM rate (CPU) or the device's table value
+    memory: bool = False  # measure each rank's peak tensor memory per step (plait.runtime.memtrack) into summary.json
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -28,6 +28,7 @@ Schema (version 1), every field always present:
 | ``faults`` | list[str] | faults injected with ``--fault`` that took effect (verified by plait train), e.g. ``kill-node:node=2:step=7`` |
 | ``fault_effects`` | list[{fault, ok, attempt, effect}] | every fault carried out, with what was verified (pids gone, memory removed, checksums no longer matching, a daemon in state T); ``ok`` false with ``error`` when it could not be |
 | ``snapshot`` | {taken, skipped, skip_reasons, published, abandoned, bytes_per_rank, stall_s, copy_s, alloc_s, take_s, update_wait_s, publish_latency_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy and allocation times; published/abandoned/publish_latency_s come from rank 0's publisher (every node's versions) |
+| ``memory`` | {peak_bytes, steps, method} or null | with ``metrics.memory``: ``peak_bytes[r]`` is layout rank r's most tensor bytes alive at once during a training step (absolute, maximised over steps ``steps`` = [first, last], the attempt's first step left out as warm-up; null for a rank that measured no step), by ``method`` (see plait.runtime.memtrack); null when off or when the run stopped before the ranks' peaks were gathered at the end |
 | ``wall_s`` | float | seconds from the worker's start to the summary |
 | ``params`` | {total, active} | parameter counts |
 | ``data`` | {root, files, train_bytes, eval_bytes} | the corpus |
@@ -73,6 +74,7 @@ class SummaryHook(BaseHook):
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
         self.snapshots: Any = None  # the SnapshotHook of rank 0, when snapshots are on
+        self.memory: Any = None  # the MemoryHook of rank 0, with metrics.memory
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         self.losses.append(result.loss)
@@ -133,6 +135,7 @@ class SummaryHook(BaseHook):
             "faults": fired_faults(self.path.parent),
             "fault_effects": fault_records(self.path.parent),
             "snapshot": self.snapshots.summary() if self.snapshots is not None else None,
+            "memory": self.memory.summary() if self.memory is not None else None,
             "wall_s": time.time() - self.started,
             "params": {"total": int(params.total), "active": int(params.active)},
             "data": {

@@ -89,6 +89,7 @@ class Hook(Protocol):
     """Observes training. Every method is optional to override in :class:`BaseHook`."""
 
     def on_start(self, trainer: Trainer) -> None: ...
+    def on_step_begin(self, trainer: Trainer, step: int) -> None: ...
     def on_step(self, trainer: Trainer, result: StepResult) -> None: ...
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None: ...
     def on_step_end(self, trainer: Trainer, step: int) -> None: ...
@@ -98,6 +99,9 @@ class Hook(Protocol):
 class BaseHook:
     def on_start(self, trainer: Trainer) -> None:
         pass
+
+    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+        """Step ``step`` is about to take its batch (memory windows open here)."""
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
         pass
@@ -180,6 +184,9 @@ class Trainer:
             hook.on_start(self)
         every = self.config.eval_every
         while self.step < self.config.steps:
+            for hook in self.hooks:
+                if hasattr(hook, "on_step_begin"):
+                    hook.on_step_begin(self, self.step + 1)
             result = self.train_step()
             for hook in self.hooks:
                 hook.on_step(self, result)

@@ -27,6 +27,7 @@ import plait
 from plait.errors import JobCannotContinue, LaunchError
 from plait.runtime.config import JobConfig, load_config, model_spec
 from plait.runtime.data import SequenceLoader, eval_batches, load_corpus
+from plait.runtime.memtrack import MemoryHook, tracker_for
 from plait.runtime.metrics import MetricsHook
 from plait.runtime.progress import ConsoleHook
 from plait.runtime.summary import SummaryHook
@@ -253,6 +254,8 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     rank, placement = _layout_rank(config, world)
     device = _device(local_rank)
+    # Before anything is built, so that every tensor of the run is allocated through the tracker.
+    memory = MemoryHook(tracker_for(device)) if config.metrics.memory else None
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     attempt = _init_process_group(backend, rank=rank, world=world)
     os.environ["PLAIT_ATTEMPT"] = str(attempt)  # the summary's restart count
@@ -274,12 +277,14 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
             corpus.eval, seq_len=model_config.seq_len, batch=config.train.global_batch,
             batches=config.train.eval_batches, dp_rank=0, dp_size=1,
         )
-        hooks: list[Hook] = []
+        # First: its on_step closes the step's window before any other hook allocates.
+        hooks: list[Hook] = [memory] if memory is not None else []
         summary: SummaryHook | None = None
         if rank == 0:
             flops = train_flops_per_token(model_spec(config.model))
             peak = config.metrics.peak_flops or float(os.environ.get("PLAIT_PEAK_FLOPS", "0"))
             summary = SummaryHook(run_dir, config=config, corpus=corpus, started=started, world=world)
+            summary.memory = memory
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
