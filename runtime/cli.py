@@ -1,5 +1,5 @@
-"""The ``plait`` command line: ``plait train``, ``plait export``, ``plait daemon``, ``plait cluster`` and
-``plait bench``."""
+"""The ``plait`` command line: ``plait train``, ``plait plan``, ``plait export``, ``plait daemon``, ``plait cluster``
+and ``plait bench``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR|latest", help="start from a disk checkpoint, in any layout: a run "
                        "directory (its newest complete checkpoint), a checkpoint's step directory, or latest (the "
                        "most recently started run with one, under snapshot.dir and beside --run-dir)")
+
+    from plait.runtime.plan_cli import add_plan_parser
+
+    add_plan_parser(commands)
 
     export = commands.add_parser(
         "export", help="write a run's disk checkpoint as one single-process state dict",
@@ -124,6 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CLIError("--fault: faults are injected into jobs whose nodes all run on this machine: rehearse the "
                            "cluster (--cluster FILE), or emulate its nodes (--nnodes without --rdzv)")
     config = load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
+    if config.parallel.auto:
+        config = _auto_plan(args, config, spec, nproc, multinode)
     faults = [parse_fault(f) for f in args.faults]
     check_faults(faults, world=config.launch.nproc, nnodes=config.launch.nnodes, steps=config.train.steps,
                  snapshots=config.snapshot.enabled,
@@ -209,6 +215,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             daemons.stop()
     _report(run_dir)
     return 0
+
+
+def _auto_plan(args: argparse.Namespace, config, spec, nproc: int | None, multinode: bool):
+    """``parallel.auto``: plan on the rehearsed cluster's file, or on this machine, and train the best plan."""
+    from plait.runtime.config import load_config
+    from plait.runtime.plan_cli import apply_auto
+
+    if multinode:
+        raise CLIError("parallel.auto on a node of a multi-node job: every node would plan on its own; plan once with "
+                       "plait plan --config F --cluster CLUSTER.yaml --emit plait and pass those --set overrides to "
+                       "every node")
+    result = apply_auto(config, spec)
+    best = result.best
+    print(f"plait: parallel.auto: {best.name()}, placement {best.placed.strategy}, predicted "
+          f"{best.time.total * 1e3:.3g} ms/step, {best.peak_bytes / 2**20:,.1f} MiB per device "
+          f"(of {result.searched} layouts; plait plan --config {args.config} shows why)", flush=True)
+    return load_config(args.config, [*args.overrides, *best.sets()], nproc=nproc, nnodes=args.nnodes)
 
 
 def _peak_env(config, local_workers: int) -> dict[str, str]:
@@ -307,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "plan":
+            from plait.runtime.plan_cli import cmd_plan
+
+            return cmd_plan(args)
         if args.command == "daemon":
             from plait.runtime.snapshot.daemon.main import cmd_daemon
 

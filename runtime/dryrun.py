@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from plait.runtime.config import JobConfig, dump_config, model_spec
-from plait.scheduler.estimate import memory_per_rank, param_count, train_flops_per_token
+from plait.scheduler.comm_volume import Layout
+from plait.scheduler.estimate import param_count, train_flops_per_token
+from plait.scheduler.memory import rank_memory
 
 
 def _gib(n: int) -> str:
@@ -18,7 +20,11 @@ def dry_run_report(config: JobConfig) -> str:
     p = config.parallel
     t = config.train
     params = param_count(spec)
-    memory = memory_per_rank(spec, micro_batch=t.micro_batch, dtype=t.dtype)
+    layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep,
+                    etp=dims.etp, vpp=p.vpp)
+    per_pp = rank_memory(spec, layout, global_batch=t.global_batch, micro_batch=t.micro_batch,
+                         stage_layers=p.pp_layers, act_bytes=2 if t.dtype == "bfloat16" else 4)
+    memory = max(per_pp, key=lambda m: m.peak)
     tokens = t.global_batch * spec.seq_len
     lines = [
         "# resolved config",
@@ -34,9 +40,13 @@ def dry_run_report(config: JobConfig) -> str:
         f"parameters:       {params.total:,} total, {params.active:,} active per token"
         + (f" ({params.experts:,} in experts)" if spec.is_moe else ""),
         f"train FLOPs:      {train_flops_per_token(spec):,.0f} per token",
-        f"memory per rank:  {_gib(memory.total)} (params {_gib(memory.params)}, grads {_gib(memory.grads)}, "
-        f"AdamW {_gib(memory.optimizer)}, activations {_gib(memory.activations)} per micro-batch)",
+        f"memory per rank:  {_gib(memory.peak)} at most (pp rank {memory.pp_rank}: params {_gib(memory.params)}, "
+        f"grads {_gib(memory.grads)}, AdamW shard {_gib(memory.optimizer)}, activations {_gib(memory.activations)} "
+        f"for {memory.in_flight:g} micro-batch(es) in flight, step buffers {_gib(memory.buffers)}); "
+        f"tensors only: allocator slack not counted",
     ]
+    if len(per_pp) > 1:
+        lines.append("                  per pp rank: " + ", ".join(f"{m.pp_rank}: {_gib(m.peak)}" for m in per_pp))
     snap = config.snapshot
     if snap.enabled:
         nnodes, per_node = config.launch.nnodes, config.launch.nproc_per_node

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from plait.errors import CLIError, ConfigError
 from plait.scheduler.cluster import ClusterSpec, parse_cluster
+from plait.scheduler.memory import rank_memory
 from plait.scheduler.planner import Candidate, PlanRequest, PlanResult, ledger_bytes, mfu, plan, tokens_per_s
 
 GiB = 2**30
@@ -58,9 +59,12 @@ def local_cluster(nproc: int) -> ClusterSpec:
         peak = cpu_peak_flops(nproc)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / nproc
         name = "cpu"
+    # Workers of one machine talk through shared memory (NVLink on a GPU node); gloo over loopback moves
+    # about 10 Gbit/s per direction here (plait bench links, loopback_vs_veth).
+    link = 3600 if name != "cpu" else 10
     return parse_cluster({
         "name": "this-machine", "workers_per_node": nproc,
-        "devices": {name: {"peak_tflops": peak / 1e12, "memory_gib": memory}},
+        "devices": {name: {"peak_tflops": peak / 1e12, "memory_gib": memory, "link_gbit": link}},
         "nics": {"none": {"gbit": 1}}, "nodes": [{"name": "local", "nic": "none"}],
     })
 
@@ -99,8 +103,9 @@ def why(result: PlanResult) -> list[str]:
     alternatives = {
         "data parallel only": lambda c: c.layout.pp == c.layout.tp == c.layout.cp == c.layout.ep == c.layout.etp == 1,
         f"tp={P} (a node)": lambda c: c.layout.tp == P and c.layout.pp == 1 and c.layout.cp == 1,
-        "pipeline over every node": lambda c: c.layout.pp == req.cluster.nnodes and c.layout.tp == 1 and c.layout.cp == 1,
     }
+    if req.cluster.nnodes > 1:
+        alternatives["pipeline over every node"] = lambda c: c.layout.pp == req.cluster.nnodes and c.layout.tp == 1 and c.layout.cp == 1
     if req.spec.is_moe:
         alternatives[f"ep={min(P, req.spec.experts)}"] = lambda c: (c.layout.ep == min(P, req.spec.experts)
                                                                     and c.layout.pp == c.layout.tp == c.layout.cp == 1)
@@ -206,7 +211,10 @@ def as_json(result: PlanResult, top: int) -> dict:
         "plans": [{
             "layout": c.name(), "parallel": vars(c.layout), "micro_batch": c.micro_batch, "schedule": c.schedule,
             "stage_layers": c.stage_layers, "placement": c.placed.strategy, "nodes": list(c.placed.nodes),
-            "memory": [m.as_dict() for m in c.memory], "peak_bytes": c.peak_bytes,
+            "memory": [m.as_dict() for m in rank_memory(req.spec, c.layout, global_batch=req.global_batch,
+                                                        micro_batch=c.micro_batch, stage_layers=c.stage_layers,
+                                                        act_bytes=req.act_bytes)],
+            "peak_bytes": c.peak_bytes,
             "step_s": c.time.total, "compute_s": c.time.compute, "data_parallel_s": c.time.data_parallel,
             "bubble": c.time.bubble, "by_axis_s": c.time.by_axis, "link_bytes": c.time.link_bytes,
             "tokens_per_s": tokens_per_s(req, c), "mfu": mfu(req, c), "ledger_bytes": ledger_bytes(req, c),

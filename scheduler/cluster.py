@@ -25,8 +25,9 @@ MIN_RATE_BIT_S = 64_000
 # A veth pair on one machine moves a few Gbit/s at most; a rate above this would not be shaped at all.
 MAX_RATE_BIT_S = 20e9
 
-# Every node becomes a network namespace with an address of its own on the rehearsing machine.
-_MAX_NODES = 1000
+# A rehearsal makes every node a network namespace with an address of its own on one machine; the planner
+# reads any size.
+MAX_REHEARSED_NODES = 1000
 
 _TOP_KEYS = ("name", "workers_per_node", "devices", "nics", "nodes", "uplinks", "emulate")
 _DEVICE_KEYS = ("peak_tflops", "memory_gib", "link_gbit")
@@ -174,9 +175,6 @@ def _parse_nodes(read: _Reader, value: Any, nics: dict[str, NicClass],
                  devices: dict[str, DeviceKind]) -> tuple[ClusterNode, ...]:
     if not isinstance(value, list) or not value:
         raise read.error("nodes", value, "accepted: a non-empty list of nodes, e.g. - {name: a0, nic: ib400}")
-    if len(value) > _MAX_NODES:
-        raise read.error("nodes", f"a list of {len(value)} nodes",
-                         f"accepted: 1 to {_MAX_NODES} nodes, each rehearsed with an address of its own")
     nodes: list[ClusterNode] = []
     seen: dict[str, int] = {}
     for rank, raw in enumerate(value):
@@ -347,7 +345,12 @@ def shaped_rate_bit_s(gbit: float, scale: float) -> float:
 
 
 def check_rates(spec: ClusterSpec, scale: Scale) -> None:
-    """Raise :class:`ClusterError` if the slowest or fastest shaped link falls outside what tc shapes faithfully."""
+    """Raise :class:`ClusterError` if the cluster is too big to rehearse on one machine, or the slowest or fastest
+    shaped link falls outside what tc shapes faithfully."""
+    if spec.nnodes > MAX_REHEARSED_NODES:
+        raise ClusterError("nodes", f"a list of {spec.nnodes} nodes",
+                           f"a rehearsal gives every node a namespace and an address: accepted 1 to "
+                           f"{MAX_REHEARSED_NODES} nodes (plait plan takes any number)", source=spec.source)
     used = {node.nic.name: node.nic for node in spec.nodes}
     links = [(f"nics.{name}.gbit", nic.gbit) for name, nic in used.items()]
     links += [(f"uplinks[{i}].gbit", uplink.gbit) for i, uplink in enumerate(spec.uplinks)]

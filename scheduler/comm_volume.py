@@ -60,45 +60,52 @@ def uniform_stage_layers(layers: int, stages: int) -> list[int]:
     return [base + (1 if s >= stages - extra else 0) for s in range(stages)]
 
 
+def rank_layers(lay: Layout, stage_counts: list[int]) -> list[int]:
+    """Layers each pp rank holds (virtual stage v lives on pp rank v % pp)."""
+    out = [0] * lay.pp
+    for v, count in enumerate(stage_counts):
+        out[v % lay.pp] += count
+    return out
+
+
+def buckets_of(spec: ModelSpec, lay: Layout, layers: int, first: bool, last: bool) -> list[tuple[str, int, int]]:
+    """(group label, parameters per rank, group size) of the buckets of a rank with ``layers`` layers, the
+    embedding if ``first``, the final norm and head if ``last``."""
+    d, F, V = spec.dim, spec.ffn_dim, spec.vocab
+    sharded_tp = 0  # decay, split over tp
+    replicated_decay = 0  # whole on every rank of the stage
+    replicated_vec = 2 * d * layers  # norm weights (no decay)
+    experts = 0
+    attn = 4 * d * d
+    mlp = 0 if spec.is_moe else 3 * d * F
+    if lay.tp > 1:
+        sharded_tp += layers * (attn + mlp) // lay.tp
+    else:
+        replicated_decay += layers * (attn + mlp)
+    if spec.is_moe:
+        replicated_decay += layers * d * spec.experts
+        experts = layers * 3 * (spec.experts // lay.ep) * (F // lay.etp) * d
+    if first:
+        replicated_decay += V * d
+    if last:
+        replicated_decay += V * d
+        replicated_vec += d
+    stage_ranks = lay.world // lay.pp
+    return [(label, size, group) for label, size, group in (
+        ("dp+cp", sharded_tp, lay.dp * lay.cp),
+        ("dp+cp+tp", replicated_decay, stage_ranks),
+        ("dp+cp+tp", replicated_vec, stage_ranks),
+        ("edp", experts, lay.edp),
+    ) if size]
+
+
 def rank_buckets(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[list[tuple[str, int, int]]]:
     """Per pp rank: (group label, parameters per rank, group size) of each data-parallel bucket a rank holds.
 
     Every rank of a pipeline stage holds the same buckets (sizes are per rank: split over tp, ep, etp).
     """
-    d, F, V = spec.dim, spec.ffn_dim, spec.vocab
-    stage_ranks = lay.world // lay.pp
-    per_rank_layers = [0] * lay.pp
-    for v, count in enumerate(stage_counts):
-        per_rank_layers[v % lay.pp] += count
-    first, last = 0, (len(stage_counts) - 1) % lay.pp
-    out = []
-    for p in range(lay.pp):
-        layers = per_rank_layers[p]
-        sharded_tp = 0  # decay, split over tp
-        replicated_decay = 0  # whole on every rank of the stage
-        replicated_vec = 2 * d * layers  # norm weights (no decay)
-        experts = 0
-        attn = 4 * d * d
-        mlp = 0 if spec.is_moe else 3 * d * F
-        if lay.tp > 1:
-            sharded_tp += layers * (attn + mlp) // lay.tp
-        else:
-            replicated_decay += layers * (attn + mlp)
-        if spec.is_moe:
-            replicated_decay += layers * d * spec.experts
-            experts = layers * 3 * (spec.experts // lay.ep) * (F // lay.etp) * d
-        if p == first:
-            replicated_decay += V * d
-        if p == last:
-            replicated_decay += V * d
-            replicated_vec += d
-        out.append([(label, size, group) for label, size, group in (
-            ("dp+cp", sharded_tp, lay.dp * lay.cp),
-            ("dp+cp+tp", replicated_decay, stage_ranks),
-            ("dp+cp+tp", replicated_vec, stage_ranks),
-            ("edp", experts, lay.edp),
-        ) if size])
-    return out
+    last = (len(stage_counts) - 1) % lay.pp
+    return [buckets_of(spec, lay, layers, p == 0, p == last) for p, layers in enumerate(rank_layers(lay, stage_counts))]
 
 
 def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[tuple[str, int, int]]:

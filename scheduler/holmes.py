@@ -29,10 +29,15 @@ class Placed:
     """A node order, the rank→node list it gives, and the stage split that goes with it."""
 
     order: tuple[int, ...]  # order[i]: the cluster node that runs rank block i
-    nodes: tuple[int, ...]  # nodes[r]: the cluster node of layout rank r
     topology: Topology
     stage_layers: list[int] | None  # None: the runtime's uniform split
     strategy: str
+    per_node: int
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """``nodes[r]``: the cluster node of layout rank r (``parallel.placement``)."""
+        return tuple(self.order[r // self.per_node] for r in range(len(self.order) * self.per_node))
 
     @property
     def is_default(self) -> bool:
@@ -51,7 +56,23 @@ class Placed:
         return ("default rank order" if self.is_default else "ranks " + ", ".join(blocks))
 
 
+_TOPOLOGIES: dict[tuple[int, tuple[int, ...]], tuple[ClusterSpec, Topology]] = {}
+
+
 def topology(cluster: ClusterSpec, order: tuple[int, ...]) -> Topology:
+    """The cost model's view of ``cluster`` with its nodes in ``order`` (kept: a search asks for few orders often)."""
+    key = (id(cluster), order)
+    found = _TOPOLOGIES.get(key)
+    if found is not None and found[0] is cluster:
+        return found[1]
+    if len(_TOPOLOGIES) > 64:
+        _TOPOLOGIES.clear()
+    topo = _topology(cluster, order)
+    _TOPOLOGIES[key] = (cluster, topo)
+    return topo
+
+
+def _topology(cluster: ClusterSpec, order: tuple[int, ...]) -> Topology:
     groups = {name: i for i, name in enumerate(cluster.groups)}
     views = []
     for n in order:
@@ -70,9 +91,8 @@ def topology(cluster: ClusterSpec, order: tuple[int, ...]) -> Topology:
 
 
 def _placed(cluster: ClusterSpec, order: tuple[int, ...], layers: list[int] | None, strategy: str) -> Placed:
-    P = cluster.workers_per_node
-    nodes = tuple(order[r // P] for r in range(cluster.world))
-    return Placed(order=order, nodes=nodes, topology=topology(cluster, order), stage_layers=layers, strategy=strategy)
+    return Placed(order=order, topology=topology(cluster, order), stage_layers=layers, strategy=strategy,
+                  per_node=cluster.workers_per_node)
 
 
 def speed_split(spec: ModelSpec, lay: Layout, stage_rates: list[float]) -> list[int] | None:
@@ -93,8 +113,22 @@ def speed_split(spec: ModelSpec, lay: Layout, stage_rates: list[float]) -> list[
     return counts
 
 
+_ORDERS: dict[int, tuple[ClusterSpec, dict[str, tuple[int, ...]]]] = {}
+
+
 def candidate_orders(cluster: ClusterSpec) -> dict[str, tuple[int, ...]]:
     """The node orders a placement considers: the file's, and sorts by node group / NIC / device speed."""
+    found = _ORDERS.get(id(cluster))
+    if found is not None and found[0] is cluster:
+        return found[1]
+    if len(_ORDERS) > 16:
+        _ORDERS.clear()
+    orders = _candidate_orders(cluster)
+    _ORDERS[id(cluster)] = (cluster, orders)
+    return orders
+
+
+def _candidate_orders(cluster: ClusterSpec) -> dict[str, tuple[int, ...]]:
     nodes = cluster.nodes
 
     def key_group_first(n: int):
@@ -126,11 +160,8 @@ def place(cluster: ClusterSpec, lay: Layout, spec: ModelSpec, rates: dict[str, D
     for name in names:
         order = orders[name]
         topo = topology(cluster, order)
-        stage_rates = []
-        for p in range(lay.pp):
-            stage = lay.world // lay.pp
-            first, last = p * stage // cluster.workers_per_node, ((p + 1) * stage - 1) // cluster.workers_per_node
-            stage_rates.append(min(rates[v.device].flops for v in topo.nodes[first:last + 1]))
+        stage = lay.world // lay.pp
+        stage_rates = [min(rates[name].flops for name in topo.stage(stage, p).devices) for p in range(lay.pp)]
         placed = _placed(cluster, order, speed_split(spec, lay, stage_rates), name)
         if len(names) == 1:
             return placed

@@ -29,10 +29,9 @@ autograd's short-lived temporaries are not counted: the planner keeps a headroom
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from plait.scheduler.comm_volume import Layout, rank_buckets, uniform_stage_layers
+from plait.scheduler.comm_volume import Layout, buckets_of, rank_layers, uniform_stage_layers
 from plait.scheduler.spec import ModelSpec
 
 FP32 = 4
@@ -104,22 +103,32 @@ def in_flight(pp: int, vpp: int, micros: int, pp_rank: int) -> float:
 
 
 def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int,
-                stage_layers: list[int] | None = None, act_bytes: int = FP32) -> list[RankMemory]:
-    """:class:`RankMemory` of every pp rank."""
+                stage_layers: list[int] | None = None, act_bytes: int = FP32, peak_only: bool = False) -> list[RankMemory]:
+    """:class:`RankMemory` of every pp rank; ``peak_only``: only ranks that could hold the peak.
+
+    A rank's memory depends on its layer count, whether it holds the embedding or the head, and
+    its micro-batches in flight, which never grow with the pp rank: of ranks alike in the first
+    three, the first holds the most, so ``peak_only`` keeps the first rank of each kind.
+    """
     stages = lay.pp * lay.vpp
     counts = stage_layers or uniform_stage_layers(spec.layers, stages)
     micros = global_batch // (micro_batch * lay.dp)
     n = micro_batch * spec.seq_len // (lay.cp * lay.tp)
     per_layer = layer_activation_elements(spec, lay, n)
+    head = head_activation_elements(spec, n)
+    last = (stages - 1) % lay.pp
+    seen: set[tuple[int, bool, bool]] = set()
     out = []
-    for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
+    for p, layers in enumerate(rank_layers(lay, counts)):
+        kind = (layers, p == 0, p == last)
+        if peak_only and kind in seen:
+            continue
+        seen.add(kind)
+        buckets = buckets_of(spec, lay, layers, p == 0, p == last)
         params = sum(size for _, size, _ in buckets)
-        shards = sum(math.ceil(size / g) for _, size, g in buckets)
-        largest = max((math.ceil(size / g) * g for _, size, g in buckets), default=0)
-        layers = sum(c for v, c in enumerate(counts) if v % lay.pp == p)
-        stage_elems = per_layer * layers
-        if p == (stages - 1) % lay.pp:
-            stage_elems += head_activation_elements(spec, n)
+        shards = sum(-(-size // g) for _, size, g in buckets)
+        largest = max((-(-size // g) * g for _, size, g in buckets), default=0)
+        stage_elems = per_layer * layers + (head if p == last else 0)
         flight = in_flight(lay.pp, lay.vpp, micros, p)
         out.append(RankMemory(
             pp_rank=p,
@@ -127,7 +136,7 @@ def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch:
             grads=params * FP32,
             optimizer=3 * shards * FP32,
             activations=int(stage_elems * flight * act_bytes),
-            buffers=(largest + 2 * math.ceil(largest / max(1, lay.world))) * FP32 + shards * FP32,
+            buffers=(largest + 2 * -(-largest // max(1, lay.world))) * FP32 + shards * FP32,
             in_flight=flight,
         ))
     return out

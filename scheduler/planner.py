@@ -9,8 +9,10 @@ proposes what ``plait train`` would refuse. Memory comes from
 :mod:`plait.scheduler.holmes`.
 
 Pruning keeps a 10,000-device search to seconds: tp and etp stay within a node's workers
-(past a node they cross the NIC on every layer, which no ranking would keep), vpp is 1
-or 2, micro-batch sizes are powers of two, and memory (cheap) is checked before time.
+(past a node they cross the NIC on every layer, which no ranking would keep), cp and
+micro-batch sizes are powers of two, vpp is 1 or 2, memory (cheap) is checked before
+time, and every layout is first placed by the NIC-aware sort, the fastest
+:data:`REFINE` then by the best of all candidate orders.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from plait.scheduler.spec import ModelSpec
 from plait.scheduler.timing import DeviceRate, StepTime, Transport, step_time
 
 GiB = 2**30
+MAX_CP = 32  # context parallel sizes searched: powers of two up to this
+REFINE = 24  # plans whose placement is chosen among every candidate order (the rest use the NIC-aware sort)
 
 
 class NoPlanError(PlaitError):
@@ -134,7 +138,7 @@ def layouts(req: PlanRequest) -> tuple[list[tuple[Layout, int]], dict[str, int]]
         if pp > spec.layers:
             break
         for tp in node_sizes:
-            for cp in _divisors(world // (pp * tp)):
+            for cp in [c for c in _powers_of_two(MAX_CP) if (world // (pp * tp)) % c == 0]:
                 dp = world // (pp * tp * cp)
                 for ep in experts:
                     for etp in (node_sizes if spec.is_moe else [1]):
@@ -164,15 +168,23 @@ def layouts(req: PlanRequest) -> tuple[list[tuple[Layout, int]], dict[str, int]]
     return out, invalid
 
 
+def memory_limit(req: PlanRequest) -> int:
+    """Usable bytes per device: the smallest device's memory less the headroom."""
+    return int(min(kind.memory_gib for kind in {node.device.name: node.device for node in req.cluster.nodes}.values())
+               * GiB * (1 - req.headroom))
+
+
 def evaluate(req: PlanRequest, lay: Layout, mb: int, *, placement: str = "auto",
-             rates: dict[str, DeviceRate] | None = None) -> Candidate:
-    """Cost one layout: its memory, then (if it fits) its placement and time."""
+             rates: dict[str, DeviceRate] | None = None, memory: list[RankMemory] | None = None,
+             limit: int | None = None) -> Candidate:
+    """Cost one layout: its memory, its placement and its time (``memory``: already known for the uniform split)."""
     rates = rates or rates_for(req)
     placed = place(req.cluster, lay, req.spec, rates, strategy=placement, global_batch=req.global_batch, micro_batch=mb)
     counts = placed.stage_layers
-    memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, stage_layers=counts,
-                         act_bytes=req.act_bytes)
-    limit = min(node.device.memory_gib for node in req.cluster.nodes) * GiB * (1 - req.headroom)
+    if memory is None or counts is not None:
+        memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, stage_layers=counts,
+                             act_bytes=req.act_bytes, peak_only=True)
+    limit = limit or memory_limit(req)
     fits = max(m.peak for m in memory) <= limit
     timing = step_time(req.spec, lay, placed.topology, rates, global_batch=req.global_batch, micro_batch=mb,
                        stage_layers=counts, transport=req.transport)
@@ -185,19 +197,29 @@ def plan(req: PlanRequest) -> PlanResult:
     rates = rates_for(req)
     found, invalid = layouts(req)
     ranked, rejected = [], []
-    limit = min(node.device.memory_gib for node in req.cluster.nodes) * GiB * (1 - req.headroom)
+    limit = memory_limit(req)
+    too_big: set[tuple[int, ...]] = set()  # layouts out of memory at a smaller micro-batch: larger ones are too
     for lay, mb in found:
+        family = (lay.pp, lay.dp, lay.cp, lay.tp, lay.ep, lay.etp, lay.vpp)
+        if family in too_big:
+            continue
         # Memory first, with the default split: cheap, and it rules most of a large search out.
-        memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, act_bytes=req.act_bytes)
+        memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, act_bytes=req.act_bytes,
+                             peak_only=True)
         if max(m.peak for m in memory) > limit * 1.05:
+            too_big.add(family)
             rejected.append(Candidate(layout=lay, micro_batch=mb, stage_layers=None, placed=Placed.default(req.cluster, lay),
                                       memory=memory, time=None, fits=False, memory_limit=int(limit)))
             continue
-        cand = evaluate(req, lay, mb, rates=rates)
+        cand = evaluate(req, lay, mb, rates=rates, placement="holmes", memory=memory, limit=limit)
         (ranked if cand.fits else rejected).append(cand)
     if not ranked:
         raise NoPlanError(_shortfall(req, rejected, invalid))
     ranked.sort(key=lambda c: c.time.total)
+    # The fastest few: every candidate order (the file's too), so a placement is never worse than the default.
+    refined = [evaluate(req, c.layout, c.micro_batch, rates=rates, placement="auto", limit=limit)
+               for c in ranked[:REFINE]]
+    ranked = sorted([c for c in refined if c.fits], key=lambda c: c.time.total) + ranked[REFINE:]
     return PlanResult(request=req, ranked=ranked, rejected=rejected, invalid=invalid, searched=len(found))
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from plait.scheduler.comm_volume import Layout, rank_buckets, uniform_stage_layers
+from plait.scheduler.comm_volume import Layout, buckets_of, rank_layers, uniform_stage_layers
 from plait.scheduler.spec import ModelSpec
 
 FP32 = 4
@@ -76,9 +76,67 @@ class Topology:
     per_node: int
     uplink_bit_s: dict[tuple[int, int], float]  # (group a, group b), a < b
     uplink_latency_s: float = 0.0
+    _stages: dict = field(default_factory=dict, compare=False, repr=False)  # (stage size, p) → (_Stage, span)
+    _kinds: dict = field(default_factory=dict, compare=False, repr=False)  # a kind's fields → its one _Stage
+    _ops: dict = field(default_factory=dict, compare=False, repr=False)  # group_op's results, per kind of stage
+    _groups: dict = field(default_factory=dict, compare=False, repr=False)  # step_time's pp ranks grouped by kind
 
     def uplink(self, a: int, b: int) -> float:
         return self.uplink_bit_s.get((min(a, b), max(a, b)), math.inf)
+
+    def stage(self, size: int, p: int) -> _Stage:
+        """What the cost model needs of the nodes that run pp rank ``p`` (ranks ``p·size … (p+1)·size − 1``).
+
+        Stages on alike nodes share one :class:`_Stage` object, so costs are kept per kind of stage.
+        """
+        return self._stage(size, p)[0]
+
+    def span(self, size: int, p: int) -> tuple[int, int]:
+        """First and last node index of pp rank ``p``'s stage."""
+        return self._stage(size, p)[1]
+
+    def _stage(self, size: int, p: int) -> tuple[_Stage, tuple[int, int]]:
+        key = (size, p)
+        found = self._stages.get(key)
+        if found is None:
+            P = self.per_node
+            first, last = p * size // P, ((p + 1) * size - 1) // P
+            nodes = self.nodes[first:last + 1]
+            nics = {n.nic_bit_s for n in nodes}
+            fields = (len(nodes), nodes[0].link_bit_s, min(nics), max(n.nic_latency_s for n in nodes),
+                      frozenset(n.group for n in nodes), frozenset(nics), frozenset(n.device for n in nodes))
+            kind = self._kinds.get(fields)
+            if kind is None:
+                kind = self._kinds[fields] = _Stage(*fields)
+            found = self._stages[key] = (kind, (first, last))
+        return found
+
+
+@dataclass(frozen=True, eq=False)
+class _Stage:
+    """The nodes of a stage as costs see them; one object per kind (compared by identity)."""
+
+    count: int
+    link: float | None
+    nic: float  # the slowest NIC
+    latency: float
+    groups: frozenset[int]
+    nics: frozenset[float]
+    devices: frozenset[str]
+
+    def label(self, other: _Stage | None = None) -> str:
+        nics = self.nics | (other.nics if other else frozenset())
+        return _nic_label(nics)
+
+
+_LABELS: dict[frozenset[float], str] = {}
+
+
+def _nic_label(nics: frozenset[float]) -> str:
+    found = _LABELS.get(nics)
+    if found is None:
+        found = _LABELS[nics] = "nic:" + "/".join(f"{n / 1e9:g}G" for n in sorted(nics))
+    return found
 
 
 @dataclass
@@ -125,75 +183,90 @@ class _Costs:
     def __init__(self, topo: Topology, lay: Layout, transport: Transport):
         self.topo, self.lay, self.transport = topo, lay, transport
         self.stage = lay.world // lay.pp
+        self.transport_key = (tuple(sorted(transport.efficiency.items())), transport.intra_latency_s)
         self.link_bytes: dict[str, float] = {}
         self.link_seconds: dict[str, float] = {}
 
-    def stage_nodes(self, p: int) -> list[NodeView]:
-        P = self.topo.per_node
-        first, last = p * self.stage // P, ((p + 1) * self.stage - 1) // P
-        return list(self.topo.nodes[first:last + 1])
+    def stage_of(self, p: int) -> _Stage:
+        return self.topo.stage(self.stage, p)
 
     def _count(self, link: str, nbytes: float, seconds: float, calls: float) -> None:
         self.link_bytes[link] = self.link_bytes.get(link, 0.0) + nbytes * calls
         self.link_seconds[link] = self.link_seconds.get(link, 0.0) + seconds * calls
 
     def group_op(self, p: int, op: str, size: int, stride: int, nbytes: float, calls: float = 1.0) -> float:
-        """Seconds of ``calls`` collectives ``op`` of ``nbytes`` (per rank, ledger convention) over groups of ``size``."""
+        """Seconds of ``calls`` collectives ``op`` of ``nbytes`` (per rank, ledger convention) over groups of ``size``.
+
+        Kept per topology: a search asks for the same collective on the same kind of stage many times.
+        """
         if size <= 1 or calls == 0:
             return 0.0
+        st = self.stage_of(p)
+        key = (st, self.stage, op, size, stride, nbytes, self.transport_key)
+        found = self.topo._ops.get(key)
+        if found is None:
+            saved = self.link_bytes, self.link_seconds
+            self.link_bytes, self.link_seconds = {}, {}
+            seconds = self._group_op(st, op, size, stride, nbytes)
+            found = (seconds, tuple((k, self.link_bytes[k], self.link_seconds[k]) for k in self.link_bytes))
+            self.link_bytes, self.link_seconds = saved
+            self.topo._ops[key] = found  # bounded by step_time, which empties it between layouts when large
+        seconds, tallies = found
+        for link, nb, sec in tallies:
+            self.link_bytes[link] = self.link_bytes.get(link, 0.0) + nb * calls
+            self.link_seconds[link] = self.link_seconds.get(link, 0.0) + sec * calls
+        return seconds * calls
+
+    def _group_op(self, st: _Stage, op: str, size: int, stride: int, nbytes: float) -> float:
+        calls = 1.0
         P, eff = self.topo.per_node, self.transport.eff(op)
         wire = _wire(op, size, nbytes)
         m = _span(size, stride, P)
-        nodes = self.stage_nodes(p)
         if m == size:  # inside one node
-            link = nodes[0].link_bit_s
-            seconds = (wire * 8 / link / eff if link else 0.0) + self.transport.intra_latency_s
+            seconds = (wire * 8 / st.link / eff if st.link else 0.0) + self.transport.intra_latency_s
             self._count("intra-node", wire * self.stage, seconds, calls)
             return seconds * calls
-        # Across nodes: the node's share of every group of this axis goes through its NIC.
+        # Across nodes: the node's share of every group of this axis goes through its NIC; the slowest NIC
+        # of the stage sets the pace of the rings that cross it.
         if op == "all_to_all":
             per_node_bytes = P * (size - m) / size * nbytes
         else:
             per_node_bytes = (P / m) * wire  # P/m groups meet on a node; each ring leaves it once
-        seconds = max(per_node_bytes * 8 / node.nic_bit_s for node in nodes) / eff
-        latency = max(node.nic_latency_s for node in nodes)
-        groups = {node.group for node in nodes}
-        label = "nic:" + "/".join(sorted({f"{node.nic_bit_s / 1e9:g}G" for node in nodes}))
-        if len(groups) > 1:
+        seconds = per_node_bytes * 8 / st.nic / eff
+        latency = st.latency
+        if len(st.groups) > 1:
             # every group of the axis in this stage crosses between node groups: they share the uplink
-            crossing = (self.stage / size) * (wire if op != "all_to_all" else nbytes * (size // 2) / size * (size // 2))
-            up = min(self.topo.uplink(a, b) for a in groups for b in groups if a < b)
+            if op == "all_to_all":
+                crossing = (self.stage / size) * (size / 2) ** 2 * nbytes / size
+            else:
+                crossing = (self.stage / size) * wire
+            up = min(self.topo.uplink(a, b) for a in st.groups for b in st.groups if a < b)
             if up < math.inf:
                 seconds = max(seconds, crossing * 8 / up / eff)
                 latency += self.topo.uplink_latency_s
                 self._count("uplink", crossing, crossing * 8 / up / eff, calls)
         seconds += latency
-        self._count(label, per_node_bytes * len(nodes), seconds, calls)
+        self._count(st.label(), per_node_bytes * st.count, seconds, calls)
         return seconds * calls
 
     def boundary(self, p: int, q: int, nbytes: float, calls: float) -> float:
         """Seconds of ``calls`` transfers of ``nbytes`` from every rank of pp rank p to its peer on pp rank q."""
         if calls == 0:
             return 0.0
-        a, b = self.stage_nodes(p), self.stage_nodes(q)
+        a, b = self.stage_of(p), self.stage_of(q)
         eff = self.transport.eff("send")
-        if a == b and len(a) == 1:
-            link = a[0].link_bit_s
-            seconds = (nbytes * 8 / link / eff if link else 0.0) + self.transport.intra_latency_s
+        if self.topo.span(self.stage, p) == self.topo.span(self.stage, q) and a.count == 1:
+            seconds = (nbytes * 8 / a.link / eff if a.link else 0.0) + self.transport.intra_latency_s
             self._count("intra-node", nbytes * self.stage, seconds, calls)
             return seconds * calls
-        P = self.topo.per_node
-        per_node = min(P, self.stage) * nbytes
-        rate = min(n.nic_bit_s for n in a + b)
-        seconds = per_node * 8 / rate / eff + max(n.nic_latency_s for n in a + b)
-        ga, gb = {n.group for n in a}, {n.group for n in b}
-        if ga != gb or len(ga) > 1:
-            up = min((self.topo.uplink(x, y) for x in ga for y in gb if x != y), default=math.inf)
+        per_node = min(self.topo.per_node, self.stage) * nbytes
+        seconds = per_node * 8 / min(a.nic, b.nic) / eff + max(a.latency, b.latency)
+        if a.groups != b.groups or len(a.groups) > 1:
+            up = min((self.topo.uplink(x, y) for x in a.groups for y in b.groups if x != y), default=math.inf)
             if up < math.inf:
                 seconds = max(seconds, self.stage * nbytes * 8 / up / eff) + self.topo.uplink_latency_s
                 self._count("uplink", self.stage * nbytes, seconds, calls)
-        self._count("nic:" + "/".join(sorted({f"{n.nic_bit_s / 1e9:g}G" for n in a + b})), self.stage * nbytes, seconds,
-                    calls)
+        self._count(a.label(b), self.stage * nbytes, seconds, calls)
         return seconds * calls
 
 
@@ -217,78 +290,141 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     """Predicted :class:`StepTime` of one training step."""
     transport = transport or Transport()
     costs = _Costs(topo, lay, transport)
-    stages = lay.pp * lay.vpp
+    pp, stages = lay.pp, lay.pp * lay.vpp
     counts = stage_layers or uniform_stage_layers(spec.layers, stages)
     A = global_batch // (micro_batch * lay.dp)
     n = micro_batch * spec.seq_len // (lay.cp * lay.tp)
-    d = spec.dim
     layer_f, head_f = forward_flops(spec, lay, n)
-    by_axis: dict[str, float] = {}
-
-    def add(axis: str, seconds: float) -> float:
-        by_axis[axis] = by_axis.get(axis, 0.0) + seconds
-        return seconds
-
-    # Per micro-batch and layer: the in-layer collectives, forward + backward (comm_volume's counts).
-    chunk_time: list[float] = []
-    compute_per_rank = [0.0] * lay.pp
-    for v, layers in enumerate(counts):
-        p = v % lay.pp
-        rate = min((rates[node.device] for node in costs.stage_nodes(p)), key=lambda r: r.flops)
-        flops = layers * layer_f + (head_f if v == stages - 1 else 0.0)
-        compute = 3 * flops / rate.flops + 3 * OPS_PER_LAYER * layers * rate.op_overhead_s
-        comm = 0.0
-        regions = 1 if spec.is_moe else 2
-        T_rank = costs.stage
-        if lay.tp > 1:
-            comm += add("tp", costs.group_op(p, "all_gather", lay.tp, 1, n * d * FP32, 2 * regions * layers))
-            comm += add("tp", costs.group_op(p, "reduce_scatter", lay.tp, 1, lay.tp * n * d * FP32, 2 * regions * layers))
-        if lay.cp > 1:
-            comm += add("cp", costs.group_op(p, "all_gather", lay.cp, lay.tp, n * d * FP32, 2 * layers))
-            comm += add("cp", costs.group_op(p, "reduce_scatter", lay.cp, lay.tp, lay.cp * n * d * FP32, 2 * layers))
-        if spec.is_moe:
-            k = spec.top_k
-            if lay.ep > 1:
-                # dispatch and combine, forward and backward: 4 exchanges of n·k rows, and the counts
-                comm += add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, n * k * d * FP32, 4 * layers))
-                comm += add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, 8 * spec.experts, layers))
-            if lay.etp > 1:
-                comm += add("etp", costs.group_op(p, "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32, 4 * layers))
-            if T_rank > 1:
-                comm += add("dp+cp+tp", costs.group_op(p, "all_reduce", T_rank, 1, 8 * (spec.experts + 2), layers))
-        if v < stages - 1:
-            comm += add("pp", costs.boundary(p, (v + 1) % lay.pp, n * d * FP32, 2))
-        compute_per_rank[p] += compute
-        chunk_time.append(compute + comm)
-    per_rank = [sum(t for v, t in enumerate(chunk_time) if v % lay.pp == p) for p in range(lay.pp)]
-    # Collectives above were counted once per micro-batch: scale by A.
-    for axis in by_axis:
-        by_axis[axis] *= A
-    for key in costs.link_bytes:
-        costs.link_bytes[key] *= A
-        costs.link_seconds[key] *= A
-    mean_chunk = sum(chunk_time) / len(chunk_time)
-    pipeline = A * max(per_rank) + (lay.pp - 1) * mean_chunk
-    busy = A * sum(per_rank)
-    bubble = 1.0 - busy / (lay.pp * pipeline) if pipeline > 0 else 0.0
-    # Data parallel: every bucket's reduce-scatter and all-gather, all pp ranks at once.
-    dp_seconds = []
+    # Costs depend only on the kind of nodes a stage runs on: each kind (and pair, for boundaries) once, kept
+    # with the topology for the next layout that asks.
+    if len(topo._ops) > 200_000:
+        topo._ops.clear()
+    per_layer = topo._ops
+    per_boundary = topo._ops
+    per_dp = topo._ops
+    tkey = costs.transport_key
     strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
-    for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
-        seconds = 0.0
-        for label, size, g in buckets:
-            if g > 1:
-                padded = math.ceil(size / g) * g
-                seconds += costs.group_op(p, "reduce_scatter", g, strides[label], padded * FP32)
-                seconds += costs.group_op(p, "all_gather", g, strides[label], padded // g * FP32)
-        if lay.world > 1:
-            seconds += 2 * max(node.nic_latency_s for node in topo.nodes) if topo.per_node < lay.world else 0.0
-        dp_seconds.append(seconds)
-    data_parallel = max(dp_seconds)
-    add("dp", data_parallel)
-    slowest = max(costs.link_seconds, key=costs.link_seconds.get, default="-")
+    weights: dict[tuple[str, object], float] = {}  # (kind of cost, its key) → times it is paid per step
+
+    def weigh(kind: str, key, times: float) -> None:
+        weights[(kind, key)] = weights.get((kind, key), 0.0) + times
+
+    def measured(run) -> tuple[float, dict[str, float], dict[str, float]]:
+        costs.link_bytes, costs.link_seconds = {}, {}
+        seconds = run()
+        return seconds, costs.link_bytes, costs.link_seconds
+
+    layers_of = rank_layers(lay, counts)
+    chunks_of = [len(range(p, stages, pp)) for p in range(pp)]
+    last_rank = (stages - 1) % pp
+    # pp ranks alike in the nodes they run on (and send to), their layers, and first/last cost alike.
+    grouping = (costs.stage, pp, tuple(counts))
+    kinds = topo._groups.get(grouping)
+    if kinds is None:
+        kinds = {}
+        for p in range(pp):
+            q = (p + 1) % pp
+            key = (costs.stage_of(p), costs.stage_of(q), topo.span(costs.stage, p) == topo.span(costs.stage, q),
+                   layers_of[p], chunks_of[p], p == last_rank, p == 0)
+            kinds.setdefault(key, []).append(p)
+        if len(topo._groups) > 50_000:
+            topo._groups.clear()
+        topo._groups[grouping] = kinds
+    slowest_rank, busy, max_compute, data_parallel = 0.0, 0.0, 0.0, 0.0
+    for (st, nxt, same_node, layers, chunks, last, first), ranks in kinds.items():
+        p, count = ranks[0], len(ranks)
+        rate = min((rates[name] for name in st.devices), key=lambda r: r.flops)
+        flops = layers * layer_f + (head_f if last else 0.0)
+        compute = 3 * flops / rate.flops + 3 * OPS_PER_LAYER * layers * rate.op_overhead_s
+        lkey = ("layer", st, spec, lay, n, tkey)
+        if lkey not in per_layer:
+            axes: dict[str, float] = {}
+            seconds, lb, ls = measured(lambda: sum(_layer_collectives(spec, lay, costs, p, n, axes).values()))
+            per_layer[lkey] = (seconds, axes, lb, ls)
+        seconds = layers * per_layer[lkey][0]
+        weigh("layer", lkey, layers * count)
+        sends = chunks - (1 if last else 0)  # one boundary per chunk, but after the last virtual stage
+        if sends:
+            pair = ("boundary", st, nxt, same_node, costs.stage, n * spec.dim, tkey)
+            if pair not in per_boundary:
+                q = (p + 1) % pp
+                per_boundary[pair] = measured(lambda: costs.boundary(p, q, n * spec.dim * FP32, 2))
+            seconds += sends * per_boundary[pair][0]
+            weigh("boundary", pair, sends * count)
+        slowest_rank = max(slowest_rank, compute + seconds)
+        busy += count * (compute + seconds)
+        max_compute = max(max_compute, compute)
+        # Data parallel: every bucket's reduce-scatter and all-gather, all pp ranks at once.
+        buckets = tuple(buckets_of(spec, lay, layers, first, last))
+        key = ("dp", st, buckets, costs.stage, lay.tp, lay.ep * lay.etp, tkey)
+        if key not in per_dp:
+            def run(p=p, buckets=buckets) -> float:
+                total = 0.0
+                for label, size, g in buckets:
+                    if g > 1:
+                        padded = -(-size // g) * g
+                        total += costs.group_op(p, "reduce_scatter", g, strides[label], padded * FP32)
+                        total += costs.group_op(p, "all_gather", g, strides[label], padded // g * FP32)
+                return total
+            per_dp[key] = measured(run)
+        data_parallel = max(data_parallel, per_dp[key][0])
+        weigh("dp", key, count / A)
+    pipeline = A * slowest_rank + (pp - 1) * busy / stages
+    bubble = 1.0 - A * busy / (pp * pipeline) if pipeline > 0 else 0.0
+    if lay.world > 1:  # the gradient norm's and the loss sums' all-reduces over the world
+        data_parallel += 2 * (topo.stage(lay.world, 0).latency if topo.per_node < lay.world else transport.intra_latency_s)
+    # Totals per axis (the critical rank's share is what the table shows) and per link class (all ranks).
+    by_axis: dict[str, float] = {}
+    link_bytes: dict[str, float] = {}
+    link_seconds: dict[str, float] = {}
+    for (kind, key), times in weights.items():
+        if kind == "layer":
+            _, axes, lb, ls = per_layer[key]
+            for axis, sec in axes.items():
+                by_axis[axis] = by_axis.get(axis, 0.0) + sec * times * A / pp
+        elif kind == "boundary":
+            sec, lb, ls = per_boundary[key]
+            by_axis["pp"] = by_axis.get("pp", 0.0) + sec * times * A / pp
+        else:
+            _, lb, ls = per_dp[key]
+        for link, value in lb.items():
+            link_bytes[link] = link_bytes.get(link, 0.0) + value * times * A
+        for link, value in ls.items():
+            link_seconds[link] = link_seconds.get(link, 0.0) + value * times * A
+    if data_parallel:
+        by_axis["dp"] = data_parallel
+    slowest = max(link_seconds, key=link_seconds.get, default="-")
     return StepTime(
-        total=pipeline + data_parallel, compute=A * max(compute_per_rank), pipeline=pipeline, bubble=bubble,
+        total=pipeline + data_parallel, compute=A * max_compute, pipeline=pipeline, bubble=bubble,
         data_parallel=data_parallel, by_axis={a: s for a, s in sorted(by_axis.items()) if s > 0},
-        link_bytes={k: int(v) for k, v in sorted(costs.link_bytes.items())}, slowest_link=slowest,
+        link_bytes={k: int(v) for k, v in sorted(link_bytes.items())}, slowest_link=slowest,
     )
+
+
+def _layer_collectives(spec: ModelSpec, lay: Layout, costs: _Costs, p: int, n: int,
+                       out: dict[str, float]) -> dict[str, float]:
+    """Seconds per axis of one layer's collectives for one micro-batch, forward and backward (comm_volume's counts)."""
+    d = spec.dim
+
+    def add(axis: str, seconds: float) -> None:
+        if seconds:
+            out[axis] = out.get(axis, 0.0) + seconds
+
+    regions = 1 if spec.is_moe else 2
+    if lay.tp > 1:
+        add("tp", costs.group_op(p, "all_gather", lay.tp, 1, n * d * FP32, 2 * regions))
+        add("tp", costs.group_op(p, "reduce_scatter", lay.tp, 1, lay.tp * n * d * FP32, 2 * regions))
+    if lay.cp > 1:
+        add("cp", costs.group_op(p, "all_gather", lay.cp, lay.tp, n * d * FP32, 2))
+        add("cp", costs.group_op(p, "reduce_scatter", lay.cp, lay.tp, lay.cp * n * d * FP32, 2))
+    if spec.is_moe:
+        k = spec.top_k
+        if lay.ep > 1:
+            # dispatch and combine, forward and backward: 4 exchanges of n·k rows, and the counts
+            add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, n * k * d * FP32, 4))
+            add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, 8 * spec.experts, 1))
+        if lay.etp > 1:
+            add("etp", costs.group_op(p, "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32, 4))
+        if costs.stage > 1:
+            add("dp+cp+tp", costs.group_op(p, "all_reduce", costs.stage, 1, 8 * (spec.experts + 2), 1))
+    return out

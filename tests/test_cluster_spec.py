@@ -11,6 +11,7 @@ import yaml
 from plait.errors import ConfigError
 from plait.scheduler.cluster import (
     MAX_RATE_BIT_S,
+    Scale,
     MIN_RATE_BIT_S,
     ClusterError,
     check_rates,
@@ -169,7 +170,6 @@ def _nodes(count: int):
         (_set("emulate.scale", 0), "emulate.scale", ["got 0", "positive number"]),
         (_set("emulate.scale", -0.5), "emulate.scale", ["got -0.5", "positive number"]),
         (_set("emulate", "auto"), "emulate", ["got 'auto'", "mapping"]),
-        (_nodes(1001), "nodes", ["1001 nodes", "1 to 1000 nodes"]),
     ],
 )
 def test_mistakes_name_the_key_the_value_and_the_file(mutate, key, fragments):
@@ -182,6 +182,15 @@ def test_mistakes_name_the_key_the_value_and_the_file(mutate, key, fragments):
     for fragment in fragments:
         assert fragment in message
     assert "\n" not in message
+
+
+def test_a_planner_reads_any_number_of_nodes_but_a_rehearsal_at_most_1000():
+    big = parse_cluster(_nodes(1001)(mixed()), source=MIXED)
+    assert big.nnodes == 1001
+    with pytest.raises(ClusterError) as info:
+        check_rates(big, Scale(value=1e-3, source="file", worker_flops=None, device_flops=1e15))
+    assert info.value.key == "nodes"
+    assert "1001 nodes" in str(info.value) and "1 to 1000 nodes" in str(info.value)
 
 
 def test_a_device_may_be_left_out_only_when_one_kind_exists():
