@@ -4,8 +4,9 @@ The cluster: 1,280 nodes of 8 H100s in three node groups: 640 on 400 Gbit/s Infi
 384 on 200 Gbit/s RoCE, 256 on 100 Gbit/s Ethernet, joined by 1.6 Tbit/s uplinks. The
 model: 48 layers, width 6144, 64 experts of hidden size 2048 (top-2), 4096-token
 sequences, 2560 sequences per step. ``search_s`` is the CPU time of the whole search
-(layouts, memory, placement, time, ranking) in this one Python thread; the target is
-≤ 5 s. The search is repeated and the median kept.
+(layouts, bounds, memory, placement, time, ranking) in this one Python thread; the target
+is ≤ 5 s. The search is repeated, each time on a freshly parsed cluster so no cache
+carries over, and the median kept.
 """
 
 from __future__ import annotations
@@ -47,23 +48,25 @@ def run(quick: bool = False) -> dict[str, Any]:
     from plait.scheduler.estimate import param_count
     from plait.scheduler.planner import PlanRequest, plan, tokens_per_s
 
-    cluster = parse_cluster(cluster_data())
     spec = model()
-    req = PlanRequest(spec=spec, cluster=cluster, global_batch=2560, act_bytes=2)
     times, result = [], None
     for _ in range(1 if quick else 3):
+        # A fresh cluster each time: the topology and cost caches start empty, as in one `plait plan` run.
+        cluster = parse_cluster(cluster_data())
+        req = PlanRequest(spec=spec, cluster=cluster, global_batch=2560, act_bytes=2)
         start = time.process_time()
         result = plan(req)
         times.append(time.process_time() - start)
     search_s = statistics.median(times)
     best = result.best
     print(f"plan: {cluster.world} devices, {param_count(spec).total / 1e9:.1f}B parameters: {result.searched} layouts, "
-          f"{len(result.ranked)} fit, search {search_s:.2f} s (target ≤ {TARGET_S:g} s); best {best.name()} "
+          f"{result.costed} costed, {len(result.pending)} ruled out by the bound, search {search_s:.2f} s (target ≤ {TARGET_S:g} s); best {best.name()} "
           f"{best.time.total:.2f} s/step, placement {best.placed.strategy}", flush=True)
     return {
         "world": cluster.world, "nodes": cluster.nnodes, "params": param_count(spec).total,
         "active_params": param_count(spec).active, "layouts_searched": result.searched,
-        "feasible": len(result.ranked), "out_of_memory": len(result.rejected),
+        "costed": result.costed, "feasible_costed": len(result.ranked), "out_of_memory": len(result.rejected),
+        "bounded_out": len(result.pending),
         "search_s": round(search_s, 3), "search_s_each": [round(t, 3) for t in times], "target_s": TARGET_S,
         "within_target": search_s <= TARGET_S,
         "best": {"layout": best.name(), "step_s": best.time.total, "tokens_per_s": tokens_per_s(req, best),

@@ -98,22 +98,21 @@ def why(result: PlanResult) -> list[str]:
     """Why the best plan wins, and why the alternatives users reach for first lose."""
     req, best = result.request, result.best
     lines = [f"best: {best.name()} — {best.time.total * 1e3:.3g} ms/step; {_dominant(best)}"]
-    everyone = result.ranked + result.rejected
     P = req.cluster.workers_per_node
     alternatives = {
-        "data parallel only": lambda c: c.layout.pp == c.layout.tp == c.layout.cp == c.layout.ep == c.layout.etp == 1,
-        f"tp={P} (a node)": lambda c: c.layout.tp == P and c.layout.pp == 1 and c.layout.cp == 1,
+        "data parallel only": lambda lay, mb: lay.pp == lay.tp == lay.cp == lay.ep == lay.etp == 1,
+        f"tp={P} (a node)": lambda lay, mb: lay.tp == P and lay.pp == 1 and lay.cp == 1,
     }
     if req.cluster.nnodes > 1:
-        alternatives["pipeline over every node"] = lambda c: c.layout.pp == req.cluster.nnodes and c.layout.tp == 1 and c.layout.cp == 1
+        alternatives["pipeline over every node"] = lambda lay, mb: (lay.pp == req.cluster.nnodes and lay.tp == 1
+                                                                    and lay.cp == 1)
     if req.spec.is_moe:
-        alternatives[f"ep={min(P, req.spec.experts)}"] = lambda c: (c.layout.ep == min(P, req.spec.experts)
-                                                                    and c.layout.pp == c.layout.tp == c.layout.cp == 1)
+        ep = min(P, req.spec.experts)
+        alternatives[f"ep={ep}"] = lambda lay, mb: lay.ep == ep and lay.pp == lay.tp == lay.cp == 1
     for label, match in alternatives.items():
-        found = [c for c in everyone if match(c) and c is not best]
-        if not found:
+        alt = result.find(lambda lay, mb: match(lay, mb) and (lay, mb) != (best.layout, best.micro_batch))
+        if alt is None:
             continue
-        alt = min(found, key=lambda c: (not c.fits, c.time.total if c.time else float("inf")))
         if not alt.fits:
             lines.append(f"{label} ({alt.name()}): out of memory, {_size(alt.peak_bytes)} per device "
                          f"> {_size(alt.memory_limit)} usable")
@@ -191,23 +190,22 @@ def megatron_args(result: PlanResult, config) -> str:
     return "\n".join(notes + [" \\\n  ".join(args)])
 
 
-def plan_config(config, cluster: ClusterSpec, *, placement: str = "auto", efficiency: float = 0.5) -> PlanResult:
-    req = request_for(config, cluster, efficiency=efficiency)
-    result = plan(req)
-    if placement != "auto":
-        from plait.scheduler.planner import evaluate
+def plan_config(config, cluster: ClusterSpec, *, placement: str = "auto", efficiency: float = 0.5,
+                top: int = 10) -> PlanResult:
+    return plan(request_for(config, cluster, efficiency=efficiency), keep=top, placement=placement)
 
-        result.ranked = sorted((evaluate(req, c.layout, c.micro_batch, placement=placement) for c in result.ranked),
-                               key=lambda c: c.time.total)
-        result.ranked = [c for c in result.ranked if c.fits]
-    return result
+
+def counts_line(result: PlanResult) -> str:
+    return (f"{result.searched:,} layouts searched: {result.costed:,} costed ({len(result.ranked):,} fit, "
+            f"{len(result.rejected):,} out of memory), {len(result.pending):,} ruled out by a lower bound on step time")
 
 
 def as_json(result: PlanResult, top: int) -> dict:
     req = result.request
     return {
         "cluster": req.cluster.name, "world": req.cluster.world, "searched": result.searched,
-        "feasible": len(result.ranked), "out_of_memory": len(result.rejected), "excluded_by_rule": result.invalid,
+        "costed": result.costed, "feasible": len(result.ranked), "out_of_memory": len(result.rejected),
+        "bounded_out": len(result.pending), "excluded_by_rule": result.invalid,
         "plans": [{
             "layout": c.name(), "parallel": vars(c.layout), "micro_batch": c.micro_batch, "schedule": c.schedule,
             "stage_layers": c.stage_layers, "placement": c.placed.strategy, "nodes": list(c.placed.nodes),
@@ -235,7 +233,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     nproc = cluster.world if cluster is not None else args.nproc
     config = _config_for_planning(args.config, list(args.overrides), nproc, cluster)
     cluster = cluster or local_cluster(config.launch.nproc)
-    result = plan_config(config, cluster, placement=args.placement, efficiency=args.efficiency)
+    result = plan_config(config, cluster, placement=args.placement, efficiency=args.efficiency, top=args.top)
     if args.json:
         print(json.dumps(as_json(result, args.top), indent=2))
         return 0
@@ -246,8 +244,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(" ".join(result.best.sets()))
         return 0
     print(f"plait plan: {config.model.kind} model on {cluster.name} ({cluster.nnodes} node(s) × "
-          f"{cluster.workers_per_node} = {cluster.world} devices), global batch {config.train.global_batch}: "
-          f"{result.searched} layouts searched, {len(result.ranked)} fit, {len(result.rejected)} out of memory")
+          f"{cluster.workers_per_node} = {cluster.world} devices), global batch {config.train.global_batch}; "
+          + counts_line(result))
     print(table(result, args.top))
     print()
     for line in why(result):

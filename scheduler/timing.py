@@ -303,7 +303,6 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     per_boundary = topo._ops
     per_dp = topo._ops
     tkey = costs.transport_key
-    strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
     weights: dict[tuple[str, object], float] = {}  # (kind of cost, its key) → times it is paid per step
 
     def weigh(kind: str, key, times: float) -> None:
@@ -339,7 +338,7 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         lkey = ("layer", st, spec, lay, n, tkey)
         if lkey not in per_layer:
             axes: dict[str, float] = {}
-            seconds, lb, ls = measured(lambda: sum(_layer_collectives(spec, lay, costs, p, n, axes).values()))
+            seconds, lb, ls = measured(lambda: sum(layer_collectives(spec, lay, costs, p, n, axes).values()))
             per_layer[lkey] = (seconds, axes, lb, ls)
         seconds = layers * per_layer[lkey][0]
         weigh("layer", lkey, layers * count)
@@ -358,15 +357,7 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         buckets = tuple(buckets_of(spec, lay, layers, first, last))
         key = ("dp", st, buckets, costs.stage, lay.tp, lay.ep * lay.etp, tkey)
         if key not in per_dp:
-            def run(p=p, buckets=buckets) -> float:
-                total = 0.0
-                for label, size, g in buckets:
-                    if g > 1:
-                        padded = -(-size // g) * g
-                        total += costs.group_op(p, "reduce_scatter", g, strides[label], padded * FP32)
-                        total += costs.group_op(p, "all_gather", g, strides[label], padded // g * FP32)
-                return total
-            per_dp[key] = measured(run)
+            per_dp[key] = measured(lambda p=p, buckets=buckets: dp_seconds(costs, p, buckets))
         data_parallel = max(data_parallel, per_dp[key][0])
         weigh("dp", key, count / A)
     pipeline = A * slowest_rank + (pp - 1) * busy / stages
@@ -401,7 +392,20 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     )
 
 
-def _layer_collectives(spec: ModelSpec, lay: Layout, costs: _Costs, p: int, n: int,
+def dp_seconds(costs: _Costs, p: int, buckets) -> float:
+    """Seconds of pp rank ``p``'s data-parallel step: each bucket's reduce-scatter and all-gather."""
+    lay = costs.lay
+    strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
+    total = 0.0
+    for label, size, g in buckets:
+        if g > 1:
+            padded = -(-size // g) * g
+            total += costs.group_op(p, "reduce_scatter", g, strides[label], padded * FP32)
+            total += costs.group_op(p, "all_gather", g, strides[label], padded // g * FP32)
+    return total
+
+
+def layer_collectives(spec: ModelSpec, lay: Layout, costs: _Costs, p: int, n: int,
                        out: dict[str, float]) -> dict[str, float]:
     """Seconds per axis of one layer's collectives for one micro-batch, forward and backward (comm_volume's counts)."""
     d = spec.dim
