@@ -18,7 +18,7 @@ S = W / pp ranks per pipeline stage.
 * **pp**: per micro-step, each rank of a sending stage sends its ``n·d`` activation
   forward and each rank of a receiving stage its gradient back, across each of the
   ``pp·vpp − 1`` boundaries between virtual stages.
-* **ep / etp / dp+cp+tp for MoE**: see :func:`_moe_layer` (dropless dispatch).
+* **ep / etp / dp+cp+tp for MoE**: see :func:`layer_ops` (dropless dispatch).
 * **data parallel** (:mod:`plait.parallel.dp`): each bucket of ``b`` parameters, padded
   to a multiple of its group size g, is reduce-scattered (``⌈b/g⌉·g``) and all-gathered
   (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes) and the step's
@@ -108,34 +108,65 @@ def rank_buckets(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[
     return [buckets_of(spec, lay, layers, p == 0, p == last) for p, layers in enumerate(rank_layers(lay, stage_counts))]
 
 
-def _bucket_sizes(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[tuple[str, int, int]]:
-    """(group label, parameters per rank, ranks holding such a bucket) of every data-parallel bucket in the job."""
-    return [bucket for buckets in rank_buckets(spec, lay, stage_counts) for bucket in buckets]
+@dataclass(frozen=True)
+class Op:
+    """One kind of collective a rank joins: ``calls`` of ``op`` on ``nbytes`` (ledger convention) over groups of
+    ``size`` ranks spaced ``stride`` apart in rank order."""
+
+    axis: str
+    op: str
+    size: int
+    stride: int
+    nbytes: int
+    calls: int = 1
 
 
-def _moe_layer(spec: ModelSpec, lay: Layout, n: int) -> dict[tuple[str, str], int]:
-    """Bytes per MoE layer per micro-step (forward + backward), dropless, averaged over the ranks of a stage.
+def layer_ops(spec: ModelSpec, lay: Layout, n: int) -> list[Op]:
+    """The collectives of one layer for one micro-step, forward and backward, per rank (``n`` tokens held).
 
-    A single rank's token bytes depend on the routing (how many copies its experts
-    receive), but summed over a stage they do not: every copy a rank sends is received by
-    exactly one rank, so the copies received over the stage equal the ``S·n·k`` sent.
-    Hence the ledger's sum over all ranks is exact, while one rank's share is an average.
+    The single list both this module's totals and the planner's step time are built from.
+    MoE token bytes are dropless and averaged over the ranks of a stage: a single rank's
+    depend on the routing (how many copies its experts receive), but summed over a stage
+    they do not, since every copy a rank sends is received by exactly one rank, so the
+    ledger's sum over all ranks is exact while one rank's share is an average.
     """
-    d, E, k = spec.dim, spec.experts, spec.top_k
-    out: dict[tuple[str, str], int] = defaultdict(int)
-    stage = lay.world // lay.pp
-    if stage > 1:
-        out[("dp+cp+tp", "all_reduce")] += 8 * (E + 2)  # global routing statistics (int64)
-    if lay.ep > 1:
-        out[("ep", "all_to_all")] += 8 * E  # per-expert counts to each expert's rank (int64)
-        # dispatch sends n·k rows, combine sends back the rows received (n·k on average); twice with backward
-        out[("ep", "all_to_all")] += 4 * n * k * d * FP32
-    if lay.etp > 1:
-        out[("etp", "all_gather")] += 8 * (E // lay.ep)  # received counts per local expert
-        # rows gathered to every etp peer (etp copies of what each received) and partial sums scattered
-        # back (etp peers' rows), forward and backward
-        out[("etp", "all_to_all")] += 4 * lay.etp * n * k * d * FP32
-    return out
+    d = spec.dim
+    ops = []
+    regions = 1 if spec.is_moe else 2  # sequence-parallel regions: attention; the dense MLP
+    if lay.tp > 1:
+        ops += [Op("tp", "all_gather", lay.tp, 1, n * d * FP32, 2 * regions),
+                Op("tp", "reduce_scatter", lay.tp, 1, lay.tp * n * d * FP32, 2 * regions)]
+    if lay.cp > 1:  # K and V gathered, their gradients reduce-scattered
+        ops += [Op("cp", "all_gather", lay.cp, lay.tp, n * d * FP32, 2),
+                Op("cp", "reduce_scatter", lay.cp, lay.tp, lay.cp * n * d * FP32, 2)]
+    if spec.is_moe:
+        E, k = spec.experts, spec.top_k
+        stage = lay.world // lay.pp
+        if stage > 1:  # global routing statistics (int64)
+            ops.append(Op("dp+cp+tp", "all_reduce", stage, 1, 8 * (E + 2)))
+        if lay.ep > 1:
+            # per-expert counts to each expert's rank (int64); dispatch sends n·k rows and combine sends back the
+            # rows received (n·k on average), forward and backward
+            ops += [Op("ep", "all_to_all", lay.ep, lay.etp, 8 * E),
+                    Op("ep", "all_to_all", lay.ep, lay.etp, n * k * d * FP32, 4)]
+        if lay.etp > 1:
+            # received counts per local expert; rows gathered to every etp peer (etp copies of what each received)
+            # and partial sums scattered back, forward and backward
+            ops += [Op("etp", "all_gather", lay.etp, 1, 8 * (E // lay.ep)),
+                    Op("etp", "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32, 4)]
+    return ops
+
+
+def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
+    """Each data-parallel bucket's reduce-scatter (padded to a multiple of its group) and all-gather, per rank."""
+    strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
+    ops = []
+    for label, size, g in buckets:
+        if g > 1:
+            padded = math.ceil(size / g) * g
+            ops += [Op(label, "reduce_scatter", g, strides[label], padded * FP32),
+                    Op(label, "all_gather", g, strides[label], padded // g * FP32)]
+    return ops
 
 
 def step_volume(
@@ -150,23 +181,13 @@ def step_volume(
     counts = stage_layers or uniform_stage_layers(spec.layers, stages)
     vol: dict[tuple[str, str], int] = defaultdict(int)
     S = lay.world // lay.pp
-    regions = spec.layers * (1 if spec.is_moe else 2)
-    if lay.tp > 1:
-        vol[("tp", "all_gather")] += S * regions * A * 2 * n * d * FP32
-        vol[("tp", "reduce_scatter")] += S * regions * A * 2 * lay.tp * n * d * FP32
-    if lay.cp > 1:
-        vol[("cp", "all_gather")] += S * spec.layers * A * 2 * n * d * FP32
-        vol[("cp", "reduce_scatter")] += S * spec.layers * A * 2 * lay.cp * n * d * FP32
+    for op in layer_ops(spec, lay, n):
+        vol[(op.axis, op.op)] += S * spec.layers * A * op.nbytes * op.calls
     if stages > 1:
         vol[("pp", "send")] += 2 * (stages - 1) * S * A * n * d * FP32
-    if spec.is_moe:
-        for key, b in _moe_layer(spec, lay, n).items():
-            vol[key] += S * spec.layers * A * b
-    for label, size, group in _bucket_sizes(spec, lay, counts):
-        if group > 1:
-            padded = math.ceil(size / group) * group
-            vol[(label, "reduce_scatter")] += S * padded * FP32
-            vol[(label, "all_gather")] += S * (padded // group) * FP32
+    for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
+        for op in bucket_ops(lay, buckets):
+            vol[(op.axis, op.op)] += S * op.nbytes * op.calls
     if lay.world > 1:
         vol[("world", "all_reduce")] += lay.world * (8 + 16)
     out: dict[str, dict[str, int]] = {}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from plait.scheduler.cluster import ClusterSpec
 from plait.scheduler.comm_volume import Layout
 from plait.scheduler.spec import ModelSpec
-from plait.scheduler.timing import DeviceRate, NodeView, Topology, forward_flops
+from plait.scheduler.timing import OPS_PER_LAYER, DeviceRate, NodeView, Topology, forward_flops
 
 
 @dataclass(frozen=True)
@@ -95,21 +95,31 @@ def _placed(cluster: ClusterSpec, order: tuple[int, ...], layers: list[int] | No
                   per_node=cluster.workers_per_node)
 
 
-def speed_split(spec: ModelSpec, lay: Layout, stage_rates: list[float]) -> list[int] | None:
-    """Layers per virtual stage in proportion to the speed of the pp rank running it; None when all are alike."""
+def speed_split(spec: ModelSpec, lay: Layout, stage_rates: list[DeviceRate], n: int = 1) -> list[int] | None:
+    """Layers per virtual stage in proportion to the speed of the pp rank running it; None when all are alike.
+
+    A layer's time on a rank is its FLOPs (on ``n`` tokens) over the rank's rate plus its
+    operations' fixed cost; the head counts on the last stage. Layers go one at a time to
+    the virtual stage whose rank would finish soonest with it.
+    """
     if lay.pp == 1 or len(set(stage_rates)) == 1:
         return None
     stages = lay.pp * lay.vpp
-    layer_f, head_f = forward_flops(spec, lay, 1)
+    layer_f, head_f = forward_flops(spec, lay, n)
+
+    def layer_time(v: int) -> float:
+        rate = stage_rates[v % lay.pp]
+        return layer_f / rate.flops + OPS_PER_LAYER * rate.op_overhead_s
+
     counts = [1] * stages
-    work = [layer_f / stage_rates[v % lay.pp] for v in range(stages)]
-    work[-1] += head_f / stage_rates[(stages - 1) % lay.pp]
+    per_rank = [0.0] * lay.pp
+    for v in range(stages):
+        per_rank[v % lay.pp] += layer_time(v)
+    per_rank[(stages - 1) % lay.pp] += head_f / stage_rates[(stages - 1) % lay.pp].flops
     for _ in range(spec.layers - stages):
-        per_rank = [sum(work[v] for v in range(stages) if v % lay.pp == p) for p in range(lay.pp)]
-        # the virtual stage whose pp rank would finish soonest after one more layer
-        v = min(range(stages), key=lambda s: per_rank[s % lay.pp] + layer_f / stage_rates[s % lay.pp])
+        v = min(range(stages), key=lambda s: per_rank[s % lay.pp] + layer_time(s))
         counts[v] += 1
-        work[v] += layer_f / stage_rates[v % lay.pp]
+        per_rank[v % lay.pp] += layer_time(v)
     return counts
 
 
@@ -147,7 +157,8 @@ def _candidate_orders(cluster: ClusterSpec) -> dict[str, tuple[int, ...]]:
 
 
 def place(cluster: ClusterSpec, lay: Layout, spec: ModelSpec, rates: dict[str, DeviceRate], *,
-          strategy: str = "auto", global_batch: int | None = None, micro_batch: int | None = None) -> Placed:
+          strategy: str = "auto", global_batch: int | None = None, micro_batch: int | None = None,
+          transport=None) -> Placed:
     """The placement ``strategy`` names: ``default``, ``holmes``, or ``auto`` (the fastest of the orders)."""
     from plait.scheduler.timing import step_time
 
@@ -161,13 +172,22 @@ def place(cluster: ClusterSpec, lay: Layout, spec: ModelSpec, rates: dict[str, D
         order = orders[name]
         topo = topology(cluster, order)
         stage = lay.world // lay.pp
-        stage_rates = [min(rates[name].flops for name in topo.stage(stage, p).devices) for p in range(lay.pp)]
-        placed = _placed(cluster, order, speed_split(spec, lay, stage_rates), name)
+        stage_rates = [min((rates[name] for name in topo.stage(stage, p).devices), key=lambda r: r.flops)
+                       for p in range(lay.pp)]
+        mb = micro_batch or 1
+        gb = global_batch or lay.dp * mb
+        split = speed_split(spec, lay, stage_rates, mb * spec.seq_len // (lay.cp * lay.tp))
+        t = None
+        if split is not None:  # kept only where it beats the uniform split (more layers also mean more gradients)
+            t = step_time(spec, lay, topo, rates, global_batch=gb, micro_batch=mb, stage_layers=split, transport=transport).total
+            uniform = step_time(spec, lay, topo, rates, global_batch=gb, micro_batch=mb, transport=transport).total
+            if uniform <= t:
+                split, t = None, uniform
+        placed = _placed(cluster, order, split, name)
         if len(names) == 1:
             return placed
-        gb = global_batch or lay.dp * (micro_batch or 1)
-        t = step_time(spec, lay, placed.topology, rates, global_batch=gb, micro_batch=micro_batch or 1,
-                      stage_layers=placed.stage_layers).total
+        if t is None:
+            t = step_time(spec, lay, topo, rates, global_batch=gb, micro_batch=mb, transport=transport).total
         if best_time is None or t < best_time * 0.999:
             best, best_time = placed, t
     return best

@@ -63,7 +63,8 @@ class RankMemory:
 def layer_activation_elements(spec: ModelSpec, lay: Layout, n: int) -> float:
     """Elements autograd saves for one layer and one micro-batch on one rank (n = micro·T/(cp·tp) tokens).
 
-    One rank, plain model: dense ``11·d + 4·F + H + 2`` per token, MoE ``11·d + H + E + k·(4·F + 3·d + 8) + 3``.
+    One rank, plain model: dense ``11·d + 4·F + H + 2`` per token, MoE ``11·d + H + E + k·(4·F + 3·d + 5) + 3`` and ``E`` more
+    per layer (the tokens each expert receives).
     The attention half is ``8·d + H + 1``: the norm's input, normalised value and scale
     (``2·d + 1``, on the sequence-parallel chunk), its output as the q/k/v input (``d``,
     gathered over tp), and q, k, v, rotated q and k, the attention output and its
@@ -71,7 +72,7 @@ def layer_activation_elements(spec: ModelSpec, lay: Layout, n: int) -> float:
     ``3·d + 4·F + 1``: norm (``2·d + 1``), the gathered input (``d``) and the four
     F-wide tensors of SwiGLU split over tp. The MoE half keeps the norm and its output on
     the chunk (``3·d + 1``), the router's logits (``E``) and per routed copy
-    ``4·F + 3·d + 8`` (gathered over etp, F split over etp), and one more per token.
+    ``4·F + 3·d + 5`` (gathered over etp, F split over etp), and one more per token.
     """
     d, F, H = spec.dim, spec.ffn_dim, spec.heads
     tp, cp, etp = lay.tp, lay.cp, lay.etp
@@ -80,15 +81,18 @@ def layer_activation_elements(spec: ModelSpec, lay: Layout, n: int) -> float:
         attention += 2 * d * n * (cp - 1)
     if spec.is_moe:
         k, E = spec.top_k, spec.experts
-        ffn = (3 * d + 2) * n + E * n + k * n * (4 * F + 3 * d * etp + 8)
+        ffn = (3 * d + 2) * n + E * n + k * n * (4 * F + 3 * d * etp + 5) + E
     else:
         ffn = (2 * d + 1) * n + d * tp * n + 4 * F * n
     return attention + ffn
 
 
 def head_activation_elements(spec: ModelSpec, n: int) -> float:
-    """The last stage's final norm and logits: ``V + d + 3`` per token (read off autograd like the layers)."""
-    return (spec.vocab + spec.dim + 3) * n
+    """The rest of a rank's saved tensors for one micro-batch, read off autograd like the layers:
+    ``(V + 3·d + 2)`` per token (the final norm, the head's input, the log-softmax of the
+    logits, the token ids of the embedding and the loss) and the rotary tables ``T·d/H + 1``,
+    which every layer shares."""
+    return (spec.vocab + 3 * spec.dim + 2) * n + spec.seq_len * spec.dim // spec.heads + 1
 
 
 def in_flight(pp: int, vpp: int, micros: int, pp_rank: int) -> float:

@@ -209,7 +209,8 @@ def evaluate(req: PlanRequest, lay: Layout, mb: int, *, placement: str = "auto",
              limit: int | None = None) -> Candidate:
     """Cost one layout: its memory, its placement and its time (``memory``: already known for the uniform split)."""
     rates = rates or rates_for(req)
-    placed = place(req.cluster, lay, req.spec, rates, strategy=placement, global_batch=req.global_batch, micro_batch=mb)
+    placed = place(req.cluster, lay, req.spec, rates, strategy=placement, global_batch=req.global_batch, micro_batch=mb,
+                   transport=req.transport)
     counts = placed.stage_layers
     if memory is None or counts is not None:
         memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, stage_layers=counts,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from plait.scheduler.comm_volume import Layout, buckets_of, rank_layers, uniform_stage_layers
+from plait.scheduler.comm_volume import Layout, Op, bucket_ops, buckets_of, layer_ops, rank_layers, uniform_stage_layers
 from plait.scheduler.spec import ModelSpec
 
 FP32 = 4
@@ -151,6 +151,7 @@ class StepTime:
     by_axis: dict[str, float]  # seconds of communication per axis on the critical rank
     link_bytes: dict[str, int]  # bytes per link class over the whole step, all ranks
     slowest_link: str  # the link class that carries the most seconds
+    ledger: dict[str, int] = field(default_factory=dict)  # bytes per axis charged, all ranks (the ledger's convention)
 
 
 def _span(size: int, stride: int, per_node: int) -> int:
@@ -368,7 +369,17 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     by_axis: dict[str, float] = {}
     link_bytes: dict[str, float] = {}
     link_seconds: dict[str, float] = {}
+    ledger: dict[str, int] = {"world": lay.world * 24} if lay.world > 1 else {}  # the norm and loss all-reduces
     for (kind, key), times in weights.items():
+        ranks = round(times * A) * costs.stage
+        if kind == "layer":
+            ops = layer_ops(spec, lay, key[4])
+        elif kind == "boundary":
+            ops = [Op("pp", "send", 2, 1, key[5] * FP32, 2)]
+        else:
+            ops = bucket_ops(lay, list(key[2]))
+        for op in ops:
+            ledger[op.axis] = ledger.get(op.axis, 0) + op.nbytes * op.calls * ranks
         if kind == "layer":
             _, axes, lb, ls = per_layer[key]
             for axis, sec in axes.items():
@@ -389,46 +400,20 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         total=pipeline + data_parallel, compute=A * max_compute, pipeline=pipeline, bubble=bubble,
         data_parallel=data_parallel, by_axis={a: s for a, s in sorted(by_axis.items()) if s > 0},
         link_bytes={k: int(v) for k, v in sorted(link_bytes.items())}, slowest_link=slowest,
+        ledger=dict(sorted(ledger.items())),
     )
 
 
 def dp_seconds(costs: _Costs, p: int, buckets) -> float:
     """Seconds of pp rank ``p``'s data-parallel step: each bucket's reduce-scatter and all-gather."""
-    lay = costs.lay
-    strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
-    total = 0.0
-    for label, size, g in buckets:
-        if g > 1:
-            padded = -(-size // g) * g
-            total += costs.group_op(p, "reduce_scatter", g, strides[label], padded * FP32)
-            total += costs.group_op(p, "all_gather", g, strides[label], padded // g * FP32)
-    return total
+    return sum(costs.group_op(p, op.op, op.size, op.stride, op.nbytes, op.calls) for op in bucket_ops(costs.lay, buckets))
 
 
 def layer_collectives(spec: ModelSpec, lay: Layout, costs: _Costs, p: int, n: int,
-                       out: dict[str, float]) -> dict[str, float]:
-    """Seconds per axis of one layer's collectives for one micro-batch, forward and backward (comm_volume's counts)."""
-    d = spec.dim
-
-    def add(axis: str, seconds: float) -> None:
+                      out: dict[str, float]) -> dict[str, float]:
+    """Seconds per axis of one layer's collectives for one micro-batch, forward and backward (comm_volume's ops)."""
+    for op in layer_ops(spec, lay, n):
+        seconds = costs.group_op(p, op.op, op.size, op.stride, op.nbytes, op.calls)
         if seconds:
-            out[axis] = out.get(axis, 0.0) + seconds
-
-    regions = 1 if spec.is_moe else 2
-    if lay.tp > 1:
-        add("tp", costs.group_op(p, "all_gather", lay.tp, 1, n * d * FP32, 2 * regions))
-        add("tp", costs.group_op(p, "reduce_scatter", lay.tp, 1, lay.tp * n * d * FP32, 2 * regions))
-    if lay.cp > 1:
-        add("cp", costs.group_op(p, "all_gather", lay.cp, lay.tp, n * d * FP32, 2))
-        add("cp", costs.group_op(p, "reduce_scatter", lay.cp, lay.tp, lay.cp * n * d * FP32, 2))
-    if spec.is_moe:
-        k = spec.top_k
-        if lay.ep > 1:
-            # dispatch and combine, forward and backward: 4 exchanges of n·k rows, and the counts
-            add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, n * k * d * FP32, 4))
-            add("ep", costs.group_op(p, "all_to_all", lay.ep, lay.etp, 8 * spec.experts, 1))
-        if lay.etp > 1:
-            add("etp", costs.group_op(p, "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32, 4))
-        if costs.stage > 1:
-            add("dp+cp+tp", costs.group_op(p, "all_reduce", costs.stage, 1, 8 * (spec.experts + 2), 1))
+            out[op.axis] = out.get(op.axis, 0.0) + seconds
     return out
