@@ -17,21 +17,20 @@ time, and every layout is first placed by the NIC-aware sort, the fastest
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from dataclasses import dataclass, field
 
 from plait.errors import ConfigError, PlaitError
 from plait.scheduler.cluster import ClusterSpec
-from plait.scheduler.comm_volume import Layout, buckets_of, rank_layers, step_volume, uniform_stage_layers
+from plait.scheduler.comm_volume import Layout, step_volume, uniform_stage_layers
 from plait.scheduler.dims import ParallelDims
 from plait.scheduler.estimate import train_flops_per_token
 from plait.scheduler.holmes import Placed, place
 from plait.scheduler.memory import RankMemory, rank_memory
 from plait.scheduler.spec import ModelSpec
-from plait.scheduler.timing import (FP32, OPS_PER_LAYER, DeviceRate, NodeView, StepTime, Topology, Transport, _Costs,
-                                    dp_seconds, forward_flops, layer_collectives, step_time)
+from plait.scheduler.bounds import Bounds
+from plait.scheduler.timing import DeviceRate, StepTime, Transport, step_time
 
 GiB = 2**30
 MAX_CP = 32  # context parallel sizes searched: powers of two up to this
@@ -288,123 +287,6 @@ def _cost(req: PlanRequest, lay: Layout, mb: int, rates, limit: int, placement: 
         return Candidate(layout=lay, micro_batch=mb, stage_layers=None, placed=Placed.default(req.cluster, lay),
                          memory=memory, time=None, fits=False, memory_limit=int(limit))
     return evaluate(req, lay, mb, rates=rates, placement=placement, memory=memory, limit=limit)
-
-
-class Bounds:
-    """Lower bounds on a layout's step time under any placement and stage split.
-
-    The bound is the step-time model on ideal clusters of the same shape, one node group
-    (no uplink), the fastest device everywhere, and every node with the fastest NIC (lowest
-    latency) or every node with the slowest. The model only grows as links or devices slow
-    down, so no placement on the real cluster does better:
-
-    - pipeline: A micro-batches of total work C (on the fastest cluster) spread over pp
-      ranks take at least ``(A/pp + (pp−1)/(pp·vpp))·C``: the busiest rank holds at least
-      the mean;
-    - data parallel: some rank holds at least ⌈layers/pp⌉ layers, and its gradient buckets
-      cost at least that many layers' buckets on the fastest NIC; and every node runs some
-      stage, so a stage whose slowest NIC is the cluster's slowest exists, and its ranks hold
-      at least the fewest layers a split gives a rank (``vpp·⌊layers/(pp·vpp)⌋`` when the
-      split is uniform, which it is unless device speeds differ; else one per chunk).
-    """
-
-    def __init__(self, req: PlanRequest, rates: dict[str, DeviceRate]):
-        self.req = req
-        nodes = req.cluster.nodes
-        links = [n.device.link_gbit for n in nodes]
-        link = None if any(v is None for v in links) else max(links) * 1e9
-
-        def ideal(gbit: float) -> Topology:
-            latency = min((n.nic.latency_us or 0.0) for n in nodes if n.nic.gbit == gbit) * 1e-6
-            view = NodeView(nic_bit_s=gbit * 1e9, nic_latency_s=latency, link_bit_s=link, device="ideal", group=0)
-            return Topology(nodes=(view,) * req.cluster.nnodes, per_node=req.cluster.workers_per_node,
-                            uplink_bit_s={})
-
-        fastest, slowest = max(n.nic.gbit for n in nodes), min(n.nic.gbit for n in nodes)
-        self.fast = ideal(fastest)
-        self.slow = self.fast if slowest == fastest else ideal(slowest)
-        self.slow_nodes = sum(n.nic.gbit == slowest for n in nodes)
-        self.uniform = len({rates[n.device.name].flops for n in nodes}) == 1
-        self.flops = max(r.flops for r in rates.values())
-        self.overhead = min(r.op_overhead_s for r in rates.values())
-        self._memo: dict = {}
-
-    def of(self, lay: Layout, mb: int) -> float:
-        spec, req = self.req.spec, self.req
-        pp, stages = lay.pp, lay.pp * lay.vpp
-        A = req.global_batch // (mb * lay.dp)
-        n = mb * spec.seq_len // (lay.cp * lay.tp)
-        layer_f, head_f = forward_flops(spec, lay, n)
-        compute = 3 * layer_f / self.flops + 3 * OPS_PER_LAYER * self.overhead
-        head = 3 * head_f / self.flops
-        fast, slow = self._costs(lay)
-        layer, send = compute + self._layer(fast, n), self._send(fast, n)
-        if self.uniform:  # the runtime's split, exactly: the busiest rank and the sum over ranks
-            held = rank_layers(lay, uniform_stage_layers(spec.layers, stages))
-            last = (stages - 1) % pp
-            sends = [lay.vpp - (p == last) for p in range(pp)]
-            work = [held[p] * layer + (head if p == last else 0.0) + sends[p] * send for p in range(pp)]
-            slowest, busy = max(work), sum(work)
-            stage = lay.world // pp
-            if self.slow is not self.fast and stage >= self.fast.per_node:
-                # ranks on the slowest NIC: at least `k` of them; the k-th least loaded bounds the busiest
-                layer_slow, send_slow = compute + self._layer(slow, n), self._send(slow, n)
-                k = min(pp, -(-self.slow_nodes * self.fast.per_node // stage))
-                on_slow = sorted(held[p] * layer_slow + (head if p == last else 0.0) + sends[p] * send_slow
-                                 for p in range(pp))
-                slowest = max(slowest, on_slow[k - 1])
-        else:
-            busy = spec.layers * layer + head + (stages - 1) * send
-            slowest = busy / pp
-        return A * slowest + (pp - 1) * busy / stages + self._data_parallel(lay, fast, slow)
-
-    def _costs(self, lay: Layout) -> tuple[_Costs, _Costs]:
-        return _Costs(self.fast, lay, self.req.transport), _Costs(self.slow, lay, self.req.transport)
-
-    def _layer(self, costs: _Costs, n: int) -> float:
-        """One layer's collectives for one micro-batch on an ideal cluster."""
-        lay = costs.lay
-        key = (costs.topo.nodes[0], costs.stage, lay.tp, lay.cp, lay.ep, lay.etp, n)
-        found = self._memo.get(key)
-        if found is None:
-            found = self._memo[key] = sum(layer_collectives(self.req.spec, lay, costs, 0, n, {}).values())
-        return found
-
-    def _send(self, costs: _Costs, n: int) -> float:
-        """The cheapest boundary transfer (forward and backward) between neighbouring pp ranks."""
-        lay = costs.lay
-        if lay.pp == 1:
-            return 0.0
-        key = ("send", costs.topo.nodes[0], costs.stage, n)
-        found = self._memo.get(key)
-        if found is None:
-            found = self._memo[key] = min(costs.boundary(p, p + 1, n * self.req.spec.dim * FP32, 2)
-                                          for p in range(min(lay.pp - 1, 2 * self.fast.per_node)))
-        return found
-
-    def _data_parallel(self, lay: Layout, fast: _Costs, slow: _Costs) -> float:
-        found = self._memo.get(lay)
-        if found is None:
-            spec = self.req.spec
-            if self.uniform:
-                stages = lay.pp * lay.vpp
-                last = (stages - 1) % lay.pp
-                held = rank_layers(lay, uniform_stage_layers(spec.layers, stages))
-                kinds = {tuple(buckets_of(spec, lay, layers, p == 0, p == last)): 0 for p, layers in enumerate(held)}
-                for p, layers in enumerate(held):
-                    kinds[tuple(buckets_of(spec, lay, layers, p == 0, p == last))] += 1
-                # the slowest NIC's stages: at least k of them, so the k-th cheapest rank bounds the slowest
-                stage = lay.world // lay.pp
-                k = min(lay.pp, -(-self.slow_nodes * self.fast.per_node // stage))
-                on_slow = sorted(t for b, count in kinds.items() for t in [dp_seconds(slow, 0, b)] * count)
-                found = max(max(dp_seconds(fast, 0, b) for b in kinds), on_slow[k - 1])
-            else:
-                whole = lay.pp == 1
-                most = -(-spec.layers // lay.pp)
-                found = max(dp_seconds(fast, 0, buckets_of(spec, lay, most, whole, whole)),
-                            dp_seconds(slow, 0, buckets_of(spec, lay, lay.vpp, whole, whole)))
-            self._memo[lay] = found
-        return found
 
 
 def _shortfall(req: PlanRequest, rejected: list[Candidate], invalid: dict[str, int]) -> str:

@@ -16,7 +16,8 @@ from plait.scheduler.comm_volume import Layout, step_volume
 from plait.scheduler.dims import ParallelDims
 from plait.scheduler.holmes import candidate_orders, place, topology
 from plait.scheduler.pipeline import schedule, simulate
-from plait.scheduler.planner import (REFINE, Bounds, NoPlanError, PlanRequest, evaluate, layouts, plan, rates_for)
+from plait.scheduler.bounds import Bounds
+from plait.scheduler.planner import (REFINE, NoPlanError, PlanRequest, evaluate, layouts, plan, rates_for)
 from plait.scheduler.spec import ModelSpec
 from plait.scheduler.timing import DeviceRate, Transport, step_time
 
