@@ -57,6 +57,15 @@ class Transport:
         return self.efficiency.get(op, 0.8)
 
 
+# gloo over TCP on the rehearsal's shaped links, measured (``plait bench links``, ``plait bench transport``):
+# a send reaches 0.94 of the shaped rate; all_reduce 0.84–0.93 of a ring's; an exchange in both directions at
+# once (all_to_all) about half, since both directions share one shaped queue; gloo's reduce_scatter costs about
+# an all_reduce of the whole buffer (1.19 / 1.92 buffers at 2 / 4 ranks, against the ring's 0.5 / 0.75) and its
+# all_gather 0.91 / 1.02 of the output buffer (against 0.5 / 0.75). Two workers of one node talk over loopback TCP.
+GLOO_TCP = Transport(efficiency={"send": 0.94, "all_reduce": 0.88, "all_to_all": 0.48, "reduce_scatter": 0.41,
+                                 "all_gather": 0.65}, intra_latency_s=85e-6)
+
+
 @dataclass(frozen=True)
 class NodeView:
     """One node as the cost model sees it: its NIC, device and node group."""
