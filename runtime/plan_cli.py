@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 from plait.errors import CLIError, ConfigError
@@ -19,6 +20,12 @@ from plait.scheduler.memory import rank_memory
 from plait.scheduler.planner import Candidate, PlanRequest, PlanResult, ledger_bytes, mfu, plan, tokens_per_s
 
 GiB = 2**30
+
+# What the planner chooses, and the value each is reset to while the job config is read: the config file's own
+# layout is replaced by the plan's, and a --set of one of them is refused (it would be ignored).
+CHOSEN = {"parallel.tp": "1", "parallel.pp": "1", "parallel.cp": "1", "parallel.dp": "0", "parallel.ep": "1",
+          "parallel.etp": "1", "parallel.edp": "0", "parallel.vpp": "1", "parallel.pp_schedule": "1f1b",
+          "parallel.pp_layers": "null", "parallel.placement": "null", "parallel.auto": "false"}
 
 
 def add_plan_parser(commands) -> None:
@@ -229,6 +236,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CLIError(f"--top: got {args.top}; accepted: a positive number of plans")
     if args.cluster is not None and args.nproc is not None:
         raise CLIError("--nproc: the cluster file gives the workers; drop --nproc or --cluster")
+    _refuse_chosen(args.overrides)
     cluster = load_cluster(args.cluster) if args.cluster is not None else None
     nproc = cluster.world if cluster is not None else args.nproc
     config = _config_for_planning(args.config, list(args.overrides), nproc, cluster)
@@ -250,17 +258,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     for line in why(result):
         print(line)
-    print(f"\nrun it: plait train --config {args.config} --set " + " ".join(result.best.sets()))
+    print(f"\nrun it: {train_command(args, cluster, result)}")
     return 0
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def _refuse_chosen(overrides: list[str]) -> None:
+    for item in overrides:
+        key = _key(item)
+        if key in CHOSEN and key != "parallel.auto":
+            raise ConfigError(key, item.partition("=")[2], "plait plan chooses every parallel size, the schedule, "
+                              "the stage split and the placement", hint=f"drop --set {key}")
+
+
+def train_command(args: argparse.Namespace, cluster: ClusterSpec, result: PlanResult) -> str:
+    """The ``plait train`` command line of the best plan: the planned world, the user's overrides, the plan's."""
+    if args.cluster is not None:
+        workers = ["--nnodes", str(cluster.nnodes), "--nproc-per-node", str(cluster.workers_per_node)]
+    else:
+        workers = ["--nproc", str(cluster.world)]
+    kept = [item for item in args.overrides if _key(item) not in CHOSEN]
+    return shlex.join(["plait", "train", "--config", str(args.config), *workers, "--set", *kept, *result.best.sets()])
 
 
 def _config_for_planning(path: Path, overrides: list[str], nproc: int | None, cluster: ClusterSpec | None):
     """The job config with the parallel section reset: the planner chooses it."""
     from plait.runtime.config import load_config
 
-    reset = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.dp=0", "parallel.ep=1", "parallel.etp=1",
-             "parallel.edp=0", "parallel.vpp=1", "parallel.pp_schedule=1f1b", "parallel.pp_layers=null",
-             "parallel.placement=null", "parallel.auto=false"]
+    reset = [f"{key}={value}" for key, value in CHOSEN.items()]
     try:
         return load_config(path, overrides + reset, nproc=nproc, nnodes=cluster.nnodes if cluster else None)
     except ConfigError as err:
