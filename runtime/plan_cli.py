@@ -106,14 +106,13 @@ def why(result: PlanResult) -> list[str]:
     req, best = result.request, result.best
     lines = [f"best: {best.name()} — {best.time.total * 1e3:.3g} ms/step; {_dominant(best)}"]
     P = req.cluster.workers_per_node
-    alternatives = {
-        "data parallel only": lambda lay, mb: lay.pp == lay.tp == lay.cp == lay.ep == lay.etp == 1,
-        f"tp={P} (a node)": lambda lay, mb: lay.tp == P and lay.pp == 1 and lay.cp == 1,
-    }
+    alternatives = {"data parallel only": lambda lay, mb: lay.pp == lay.tp == lay.cp == lay.ep == lay.etp == 1}
+    if P > 1:
+        alternatives[f"tp={P} (a node)"] = lambda lay, mb: lay.tp == P and lay.pp == 1 and lay.cp == 1
     if req.cluster.nnodes > 1:
         alternatives["pipeline over every node"] = lambda lay, mb: (lay.pp == req.cluster.nnodes and lay.tp == 1
                                                                     and lay.cp == 1)
-    if req.spec.is_moe:
+    if req.spec.is_moe and min(P, req.spec.experts) > 1:
         ep = min(P, req.spec.experts)
         alternatives[f"ep={ep}"] = lambda lay, mb: lay.ep == ep and lay.pp == lay.tp == lay.cp == 1
     for label, match in alternatives.items():
@@ -185,8 +184,7 @@ def megatron_args(result: PlanResult, config) -> str:
     notes = []
     counts = best.stage_layers
     if counts is not None:
-        uniform = counts[1:-1] and len(set(counts[1:-1])) == 1
-        if lay.vpp == 1 and uniform:
+        if lay.vpp == 1 and len(set(counts[1:-1])) <= 1:  # the middle stages (none when pp = 2) alike
             args += [f"--decoder-first-pipeline-num-layers {counts[0]}", f"--decoder-last-pipeline-num-layers {counts[-1]}"]
         else:
             notes.append(f"# the planner splits layers per stage as {counts}; Megatron-LM takes only first/last "

@@ -40,6 +40,19 @@ INTERLEAVED = textwrap.dedent("""
       - {name: e1, nic: eth10}
 """)
 
+# One slow and one fast device, one worker each: the pipeline's layers split by speed.
+MIXED_DEVICES = textwrap.dedent("""
+    name: mixed-devices
+    devices:
+      h100: {peak_tflops: 989, memory_gib: 80}
+      a100: {peak_tflops: 312, memory_gib: 40}
+    nics:
+      eth: {gbit: 1}
+    nodes:
+      - {name: a, nic: eth, device: a100}
+      - {name: h, nic: eth, device: h100}
+""")
+
 
 def run(*argv: str) -> tuple[int, str, str]:
     """``plait ARGV`` in this process: (exit code, stdout, stderr)."""
@@ -213,6 +226,28 @@ def test_a_placement_other_than_the_default_is_in_the_sets(interleaved_json, int
     assert len(slower) == 1 and float(re.search(r"order: ([\d.]+)×", slower[0]).group(1)) >= 1.0
     for p in interleaved_json["plans"]:
         assert any(s.startswith("parallel.placement=") for s in p["sets"]) == (p["placement"] != "default")
+
+
+def test_a_split_by_device_speed_is_in_the_sets_and_the_megatron_arguments(tmp_path):
+    cluster = tmp_path / "mixed-devices.yaml"
+    cluster.write_text(MIXED_DEVICES)
+    argv = ("--cluster", str(cluster), "--set", "model.layers=8")
+    found = plan_json(*argv, "--top", "30")
+    split = [p for p in found["plans"] if p["stage_layers"] is not None]
+    assert split and all(sum(p["stage_layers"]) == 8 for p in split)
+    for p in split:
+        config = load_config(DEMO, ["model.layers=8", *p["sets"]], nproc=2, nnodes=2)
+        assert config.parallel.pp_layers == p["stage_layers"]
+    best = found["plans"][0]
+    assert best["parallel"]["pp"] == 2 and best["parallel"]["vpp"] == 1
+    first, last = best["stage_layers"]
+    assert first < last  # the A100 stage holds fewer layers than the H100 stage
+    code, out, err = plan(*argv, "--emit", "megatron")
+    assert code == 0, err
+    assert f"--decoder-first-pipeline-num-layers {first}" in out
+    assert f"--decoder-last-pipeline-num-layers {last}" in out and "custom layout" not in out
+    # one worker per node: no "tp over a node" or "ep over a node" of size 1 among the alternatives
+    assert not any(re.match(r"(tp|ep)=1\b", line) for line in found["why"])
 
 
 @pytest.mark.parametrize("strategy", ["default", "holmes"])
