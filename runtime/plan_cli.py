@@ -116,7 +116,9 @@ def why(result: PlanResult) -> list[str]:
         ep = min(P, req.spec.experts)
         alternatives[f"ep={ep}"] = lambda lay, mb: lay.ep == ep and lay.pp == lay.tp == lay.cp == 1
     for label, match in alternatives.items():
-        alt = result.find(lambda lay, mb: match(lay, mb) and (lay, mb) != (best.layout, best.micro_batch))
+        if match(best.layout, best.micro_batch):  # the best is of that shape already
+            continue
+        alt = result.find(match)
         if alt is None:
             continue
         if not alt.fits:

@@ -246,8 +246,11 @@ def test_a_split_by_device_speed_is_in_the_sets_and_the_megatron_arguments(tmp_p
     assert code == 0, err
     assert f"--decoder-first-pipeline-num-layers {first}" in out
     assert f"--decoder-last-pipeline-num-layers {last}" in out and "custom layout" not in out
-    # one worker per node: no "tp over a node" or "ep over a node" of size 1 among the alternatives
+    # one worker per node: no "tp over a node" or "ep over a node" of size 1 among the alternatives, and the best
+    # is a pipeline over every node already, so that is no alternative either
     assert not any(re.match(r"(tp|ep)=1\b", line) for line in found["why"])
+    assert not any(line.startswith("pipeline over every node") for line in found["why"])
+    assert any(line.startswith("data parallel only (dp2 ") for line in found["why"])
 
 
 @pytest.mark.parametrize("strategy", ["default", "holmes"])
