@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from plait.errors import CLIError, LaunchError, PlaitError
+from plait.errors import CLIError, ConfigError, LaunchError, PlaitError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from plait.runtime.config import dump_config, load_config
+    from plait.runtime.config import dump_config
     from plait.runtime.dryrun import dry_run_report
     from plait.runtime.launch import launch_workers
 
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.faults:
             raise CLIError("--fault: faults are injected into jobs whose nodes all run on this machine: rehearse the "
                            "cluster (--cluster FILE), or emulate its nodes (--nnodes without --rdzv)")
-    config = load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
+    config = _load_train_config(args, nproc)
     if config.parallel.auto:
         config = _auto_plan(args, config, spec, nproc, multinode)
     faults = [parse_fault(f) for f in args.faults]
@@ -217,6 +217,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_train_config(args: argparse.Namespace, nproc: int | None):
+    """The job config; under ``parallel.auto`` a micro-batch that only the default layout cannot divide is left to
+    the planner, which chooses it too."""
+    from plait.runtime.config import load_config
+
+    try:
+        return load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
+    except ConfigError as err:
+        if err.key != "train.global_batch":
+            raise
+        try:
+            config = load_config(args.config, [*args.overrides, "train.micro_batch=1"], nproc=nproc, nnodes=args.nnodes)
+        except ConfigError:
+            raise err from None
+        if not config.parallel.auto:
+            raise err from None
+        return config
+
+
 def _auto_plan(args: argparse.Namespace, config, spec, nproc: int | None, multinode: bool):
     """``parallel.auto``: plan on the rehearsed cluster's file, or on this machine, and train the best plan."""
     from plait.runtime.config import load_config
@@ -228,10 +247,13 @@ def _auto_plan(args: argparse.Namespace, config, spec, nproc: int | None, multin
                        "every node")
     result = apply_auto(config, spec)
     best = result.best
+    where = f"--cluster {args.cluster}" if spec is not None else f"--nproc {config.launch.nproc}"
     print(f"plait: parallel.auto: {best.name()}, placement {best.placed.strategy}, predicted "
           f"{best.time.total * 1e3:.3g} ms/step, {best.peak_bytes / 2**20:,.1f} MiB per device "
-          f"(of {result.searched} layouts; plait plan --config {args.config} shows why)", flush=True)
-    return load_config(args.config, [*args.overrides, *best.sets()], nproc=nproc, nnodes=args.nnodes)
+          f"(of {result.searched} layouts; plait plan --config {args.config} {where} shows why)", flush=True)
+    # parallel.auto=false: the run directory's config.yaml then holds the chosen layout and loads again as it is.
+    return load_config(args.config, [*args.overrides, *best.sets(), "parallel.auto=false"], nproc=nproc,
+                       nnodes=args.nnodes)
 
 
 def _peak_env(config, local_workers: int) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 from plait.errors import CLIError, ConfigError
@@ -19,6 +20,12 @@ from plait.scheduler.memory import rank_memory
 from plait.scheduler.planner import Candidate, PlanRequest, PlanResult, ledger_bytes, mfu, plan, tokens_per_s
 
 GiB = 2**30
+
+# What the planner chooses, and the value each is reset to while the job config is read: the config file's own
+# layout is replaced by the plan's, and a --set of one of them is refused (it would be ignored).
+CHOSEN = {"parallel.tp": "1", "parallel.pp": "1", "parallel.cp": "1", "parallel.dp": "0", "parallel.ep": "1",
+          "parallel.etp": "1", "parallel.edp": "0", "parallel.vpp": "1", "parallel.pp_schedule": "1f1b",
+          "parallel.pp_layers": "null", "parallel.placement": "null", "parallel.auto": "false"}
 
 
 def add_plan_parser(commands) -> None:
@@ -99,18 +106,19 @@ def why(result: PlanResult) -> list[str]:
     req, best = result.request, result.best
     lines = [f"best: {best.name()} — {best.time.total * 1e3:.3g} ms/step; {_dominant(best)}"]
     P = req.cluster.workers_per_node
-    alternatives = {
-        "data parallel only": lambda lay, mb: lay.pp == lay.tp == lay.cp == lay.ep == lay.etp == 1,
-        f"tp={P} (a node)": lambda lay, mb: lay.tp == P and lay.pp == 1 and lay.cp == 1,
-    }
+    alternatives = {"data parallel only": lambda lay, mb: lay.pp == lay.tp == lay.cp == lay.ep == lay.etp == 1}
+    if P > 1:
+        alternatives[f"tp={P} (a node)"] = lambda lay, mb: lay.tp == P and lay.pp == 1 and lay.cp == 1
     if req.cluster.nnodes > 1:
         alternatives["pipeline over every node"] = lambda lay, mb: (lay.pp == req.cluster.nnodes and lay.tp == 1
                                                                     and lay.cp == 1)
-    if req.spec.is_moe:
+    if req.spec.is_moe and min(P, req.spec.experts) > 1:
         ep = min(P, req.spec.experts)
         alternatives[f"ep={ep}"] = lambda lay, mb: lay.ep == ep and lay.pp == lay.tp == lay.cp == 1
     for label, match in alternatives.items():
-        alt = result.find(lambda lay, mb: match(lay, mb) and (lay, mb) != (best.layout, best.micro_batch))
+        if match(best.layout, best.micro_batch):  # the best is of that shape already
+            continue
+        alt = result.find(match)
         if alt is None:
             continue
         if not alt.fits:
@@ -178,8 +186,7 @@ def megatron_args(result: PlanResult, config) -> str:
     notes = []
     counts = best.stage_layers
     if counts is not None:
-        uniform = counts[1:-1] and len(set(counts[1:-1])) == 1
-        if lay.vpp == 1 and uniform:
+        if lay.vpp == 1 and len(set(counts[1:-1])) <= 1:  # the middle stages (none when pp = 2) alike
             args += [f"--decoder-first-pipeline-num-layers {counts[0]}", f"--decoder-last-pipeline-num-layers {counts[-1]}"]
         else:
             notes.append(f"# the planner splits layers per stage as {counts}; Megatron-LM takes only first/last "
@@ -229,6 +236,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CLIError(f"--top: got {args.top}; accepted: a positive number of plans")
     if args.cluster is not None and args.nproc is not None:
         raise CLIError("--nproc: the cluster file gives the workers; drop --nproc or --cluster")
+    _refuse_chosen(args.overrides)
     cluster = load_cluster(args.cluster) if args.cluster is not None else None
     nproc = cluster.world if cluster is not None else args.nproc
     config = _config_for_planning(args.config, list(args.overrides), nproc, cluster)
@@ -250,17 +258,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     for line in why(result):
         print(line)
-    print(f"\nrun it: plait train --config {args.config} --set " + " ".join(result.best.sets()))
+    print(f"\nrun it: {train_command(args, cluster, result)}")
     return 0
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].strip()
+
+
+def _refuse_chosen(overrides: list[str]) -> None:
+    for item in overrides:
+        key = _key(item)
+        if key in CHOSEN and key != "parallel.auto":
+            raise ConfigError(key, item.partition("=")[2], "plait plan chooses every parallel size, the schedule, "
+                              "the stage split and the placement", hint=f"drop --set {key}")
+
+
+def train_command(args: argparse.Namespace, cluster: ClusterSpec, result: PlanResult) -> str:
+    """The ``plait train`` command line of the best plan: the planned world, the user's overrides, the plan's."""
+    if args.cluster is not None:
+        workers = ["--nnodes", str(cluster.nnodes), "--nproc-per-node", str(cluster.workers_per_node)]
+    else:
+        workers = ["--nproc", str(cluster.world)]
+    kept = [item for item in args.overrides if _key(item) not in CHOSEN]
+    return shlex.join(["plait", "train", "--config", str(args.config), *workers, "--set", *kept, *result.best.sets()])
 
 
 def _config_for_planning(path: Path, overrides: list[str], nproc: int | None, cluster: ClusterSpec | None):
     """The job config with the parallel section reset: the planner chooses it."""
     from plait.runtime.config import load_config
 
-    reset = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.dp=0", "parallel.ep=1", "parallel.etp=1",
-             "parallel.edp=0", "parallel.vpp=1", "parallel.pp_schedule=1f1b", "parallel.pp_layers=null",
-             "parallel.placement=null", "parallel.auto=false"]
+    reset = [f"{key}={value}" for key, value in CHOSEN.items()]
     try:
         return load_config(path, overrides + reset, nproc=nproc, nnodes=cluster.nnodes if cluster else None)
     except ConfigError as err:

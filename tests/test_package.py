@@ -108,6 +108,8 @@ def test_cli_surface_is_frozen():
         "cluster status", "cluster status -h", "cluster status --help", "cluster status <file>",
         "bench", "bench -h", "bench --help", "bench <name>", "bench --json", "bench --out", "bench --quick",
         "bench --cluster",
+        "plan", "plan -h", "plan --help", "plan --config", "plan --cluster", "plan --nproc", "plan --set", "plan --top",
+        "plan --placement", "plan --efficiency", "plan --json", "plan --emit",
     }
 
 
@@ -118,7 +120,8 @@ def test_every_cli_flag_is_in_the_readme():
                  "--peers",
                  "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
                  "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr",
-                 "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster"):
+                 "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster",
+                 "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto"):
         assert flag in readme, flag
 
 
