@@ -102,7 +102,7 @@ def _request(kind: str, sets: list[str], flops: float, overhead_s: float):
     cluster = parse_cluster(scaled)
     config = _config(sets)
     return PlanRequest(spec=model_spec(config.model), cluster=cluster, global_batch=config.train.global_batch,
-                       act_bytes=4, rates={"h100": DeviceRate(flops=flops, op_overhead_s=overhead_s)},
+                       act_bytes=4, rates={"h100": DeviceRate(flops=flops, op_overhead_s=overhead_s, pooled=True)},
                        transport=GLOO_TCP), config
 
 

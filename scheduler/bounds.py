@@ -55,6 +55,7 @@ class Bounds:
         self.uniform = len({rates[n.device.name].flops for n in nodes}) == 1
         self.flops = max(r.flops for r in rates.values())
         self.overhead = min(r.op_overhead_s for r in rates.values())
+        self.pooled = any(r.pooled for r in rates.values())
         self._lines: dict[tuple, tuple[float, float]] = {}
         self._layers: dict[tuple, float] = {}
         self._dp: dict[Layout, float] = {}
@@ -171,6 +172,8 @@ class Bounds:
         else:
             busy = spec.layers * layer + head + (stages - 1) * send
             slowest = busy / pp
+        if self.pooled:  # work-conserving: no fill and drain, only the mean rank's work
+            return A * busy / pp + self._data_parallel(lay)
         return A * slowest + (pp - 1) * busy / stages + self._data_parallel(lay)
 
 

@@ -24,7 +24,7 @@ cp; expert rows are gathered over etp.
 The peak is the larger of "backward of the fullest pipeline moment" (static + gradients +
 activations) and "optimizer step" (static + gradients + buffers). Allocator slack and
 autograd's short-lived temporaries are not counted: the planner keeps a headroom
-(``Limits.headroom``) for them.
+(``PlanRequest.headroom``) for them.
 """
 
 from __future__ import annotations

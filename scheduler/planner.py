@@ -108,6 +108,7 @@ class PlanResult:
     _rates: dict | None = None
     _limit: int = 0
     _placement: str = "holmes"
+    _refined: bool = False  # the fastest were re-placed by every candidate order (placement auto)
 
     @property
     def costed(self) -> int:
@@ -129,7 +130,7 @@ class PlanResult:
             if cand.fits and (best is None or cand.time.total < best.time.total):
                 best = cand
         if best is not None:
-            return best
+            return _refine(self.request, best, self._rates, self._limit) if self._refined else best
         return min(known, key=lambda c: c.peak_bytes, default=None)
 
     @property
@@ -266,11 +267,16 @@ def plan(req: PlanRequest, *, keep: int = REFINE, placement: str = "auto") -> Pl
         return PlanResult(request=req, ranked=ranked, rejected=rejected, invalid=invalid, searched=len(found),
                           pending=pending, _rates=rates, _limit=limit, _placement=first)
     # The fastest few: every candidate order (the file's too), so a placement is never worse than the default.
-    refined = [evaluate(req, c.layout, c.micro_batch, rates=rates, placement="auto", limit=limit)
-               for c in ranked[:REFINE]]
-    ranked = sorted([c for c in refined if c.fits], key=lambda c: c.time.total) + ranked[REFINE:]
+    refined = [_refine(req, c, rates, limit) for c in ranked[:REFINE]]
+    ranked = sorted(refined, key=lambda c: c.time.total) + ranked[REFINE:]
     return PlanResult(request=req, ranked=ranked, rejected=rejected, invalid=invalid, searched=len(found),
-                      pending=pending, _rates=rates, _limit=limit, _placement=first)
+                      pending=pending, _rates=rates, _limit=limit, _placement=first, _refined=True)
+
+
+def _refine(req: PlanRequest, cand: Candidate, rates, limit: int) -> Candidate:
+    """The plan placed by the best of every candidate order; the NIC-aware one kept if that one no longer fits."""
+    better = evaluate(req, cand.layout, cand.micro_batch, rates=rates, placement="auto", limit=limit)
+    return better if better.fits and better.time.total <= cand.time.total else cand
 
 
 def _cost(req: PlanRequest, lay: Layout, mb: int, rates, limit: int, placement: str,
@@ -299,10 +305,12 @@ def _shortfall(req: PlanRequest, rejected: list[Candidate], invalid: dict[str, i
     worst = max(closest.memory, key=lambda m: m.peak)
     parts = max((("activations", worst.activations), ("optimizer state", worst.optimizer),
                  ("parameters + gradients", worst.params + worst.grads)), key=lambda kv: kv[1])
-    devices_needed = math.ceil(req.cluster.world * need / have)
+    P = req.cluster.workers_per_node
+    nodes_needed = math.ceil(req.cluster.world * need / have / P)
     return (f"nothing fits: the smallest layout ({closest.name()}) needs {need / GiB:.2f} GiB per device, "
             f"{have / GiB:.2f} GiB is usable ({1 - req.headroom:.0%} of {have / (1 - req.headroom) / GiB:.0f} GiB); "
-            f"most of it is {parts[0]} ({parts[1] / GiB:.2f} GiB); nearest change: about {devices_needed} devices, "
+            f"most of it is {parts[0]} ({parts[1] / GiB:.2f} GiB); nearest change: about {nodes_needed} nodes of {P} "
+            f"(if memory per device fell in proportion), "
             f"or devices with {need / (1 - req.headroom) / GiB:.0f} GiB, or a smaller train.global_batch / model")
 
 

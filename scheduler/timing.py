@@ -40,6 +40,9 @@ class DeviceRate:
 
     flops: float
     op_overhead_s: float = 0.0
+    # The devices share one pool of cores (CPU workers of a rehearsal on one machine): a rank that waits gives its
+    # share to the busy ones, so compute is work-conserving and a pipeline's fill and drain cost no compute time.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Transport:
     """Achieved share of a link's rate per collective, and the latency of a call inside a node.
 
     Defaults describe a collective library near its bus bandwidth; the rehearsal's TCP
-    transport is measured (``plait bench plan-accuracy`` records its numbers).
+    transport is measured: :data:`GLOO_TCP`.
     """
 
     efficiency: dict[str, float] = field(default_factory=lambda: {op: 0.8 for op in OPS})
@@ -112,8 +115,11 @@ class Topology:
             first, last = p * size // P, ((p + 1) * size - 1) // P
             nodes = self.nodes[first:last + 1]
             nics = {n.nic_bit_s for n in nodes}
+            groups = frozenset(n.group for n in nodes)
+            # which node group each node is in, in rank order: where rings and sends cross the uplinks
+            sequence = tuple(n.group for n in nodes) if len(groups) > 1 else ()
             fields = (len(nodes), nodes[0].link_bit_s, min(nics), max(n.nic_latency_s for n in nodes),
-                      frozenset(n.group for n in nodes), frozenset(nics), frozenset(n.device for n in nodes))
+                      groups, frozenset(nics), frozenset(n.device for n in nodes), sequence)
             kind = self._kinds.get(fields)
             if kind is None:
                 kind = self._kinds[fields] = _Stage(*fields)
@@ -132,6 +138,24 @@ class _Stage:
     groups: frozenset[int]
     nics: frozenset[float]
     devices: frozenset[str]
+    sequence: tuple[int, ...]  # node group of each node in rank order; () when all are in one group
+
+    @property
+    def ring_crossings(self) -> int:
+        """Hops of a ring over the stage's nodes (in rank order) from one node group to another, in the busiest
+        direction between two groups: the times each byte of the ring crosses that uplink."""
+        if not self.sequence:
+            return 0
+        hops: dict[tuple[int, int], int] = {}
+        seq = self.sequence
+        for a, b in zip(seq, seq[1:] + seq[:1]):
+            if a != b:
+                hops[(a, b)] = hops.get((a, b), 0) + 1
+        return max(hops.values())
+
+    def group_of(self, k: int) -> int:
+        """Node group of the stage's k-th node."""
+        return self.sequence[k] if self.sequence else next(iter(self.groups))
 
     def label(self, other: _Stage | None = None) -> str:
         nics = self.nics | (other.nics if other else frozenset())
@@ -139,6 +163,11 @@ class _Stage:
 
 
 _LABELS: dict[frozenset[float], str] = {}
+
+
+def _uplink_label(pair: tuple[int, int]) -> str:
+    """A tally per uplink (node groups a < b), so traffic of several stages on one uplink adds up."""
+    return f"uplink {pair[0]}-{pair[1]}"
 
 
 def _nic_label(nics: frozenset[float]) -> str:
@@ -245,19 +274,43 @@ class _Costs:
         seconds = per_node_bytes * 8 / st.nic / eff
         latency = st.latency
         if len(st.groups) > 1:
-            # every group of the axis in this stage crosses between node groups: they share the uplink
-            if op == "all_to_all":
-                crossing = (self.stage / size) * (size / 2) ** 2 * nbytes / size
-            else:
-                crossing = (self.stage / size) * wire
-            up = min(self.topo.uplink(a, b) for a in st.groups for b in st.groups if a < b)
-            if up < math.inf:
+            # the axis' groups in this stage that span node groups share the uplink between them
+            crossing = self._crossing(st, op, size, stride, nbytes, wire)
+            up, pair = min((self.topo.uplink(a, b), (a, b)) for a in st.groups for b in st.groups if a < b)
+            if up < math.inf and crossing:
                 seconds = max(seconds, crossing * 8 / up / eff)
                 latency += self.topo.uplink_latency_s
-                self._count("uplink", crossing, crossing * 8 / up / eff, calls)
+                self._count(_uplink_label(pair), crossing, crossing * 8 / up / eff, calls)
         seconds += latency
         self._count(st.label(), per_node_bytes * st.count, seconds, calls)
         return seconds * calls
+
+    def _crossing(self, st: _Stage, op: str, size: int, stride: int, nbytes: float, wire: float) -> float:
+        """Bytes the busiest direction between two node groups carries for one call, summed over the axis' groups
+        in the stage: a ring's bytes cross once per hop from one node group to the other (its ranks in rank
+        order); an all_to_all's, ``a·b·B/size`` each way for a group with a and b ranks on the two sides."""
+        P = self.topo.per_node
+        if self.stage > 4096:  # past this, as if each group were a ring over the whole stage
+            return (self.stage / size) * (wire * st.ring_crossings if op != "all_to_all" else size / 4 * nbytes)
+        ways: dict[tuple[int, int], float] = {}
+        for block in range(0, self.stage, size * stride):
+            for offset in range(stride):
+                sides = [st.group_of((block + offset + j * stride) // P) for j in range(size)]
+                if len(set(sides)) == 1:
+                    continue
+                if op == "all_to_all":
+                    counts: dict[int, int] = {}
+                    for g in sides:
+                        counts[g] = counts.get(g, 0) + 1
+                    for a, na in counts.items():
+                        for b, nb in counts.items():
+                            if a != b:
+                                ways[(a, b)] = ways.get((a, b), 0.0) + na * nb * nbytes / size
+                else:
+                    for a, b in zip(sides, sides[1:] + sides[:1]):
+                        if a != b:
+                            ways[(a, b)] = ways.get((a, b), 0.0) + wire
+        return max(ways.values(), default=0.0)
 
     def boundary(self, p: int, q: int, nbytes: float, calls: float) -> float:
         """Seconds of ``calls`` transfers of ``nbytes`` from every rank of pp rank p to its peer on pp rank q."""
@@ -269,13 +322,18 @@ class _Costs:
             seconds = (nbytes * 8 / a.link / eff if a.link else 0.0) + self.transport.intra_latency_s
             self._count("intra-node", nbytes * self.stage, seconds, calls)
             return seconds * calls
-        per_node = min(self.topo.per_node, self.stage) * nbytes
+        per_rank = min(self.topo.per_node, self.stage)
+        per_node = per_rank * nbytes
         seconds = per_node * 8 / min(a.nic, b.nic) / eff + max(a.latency, b.latency)
         if a.groups != b.groups or len(a.groups) > 1:
-            up = min((self.topo.uplink(x, y) for x in a.groups for y in b.groups if x != y), default=math.inf)
-            if up < math.inf:
-                seconds = max(seconds, self.stage * nbytes * 8 / up / eff) + self.topo.uplink_latency_s
-                self._count("uplink", self.stage * nbytes, seconds, calls)
+            # each rank sends to the rank in the same place of the next stage: count the nodes whose peer node is
+            # in another node group
+            crossing = sum(a.group_of(k) != b.group_of(k) for k in range(min(a.count, b.count))) * per_node
+            up, pair = min(((self.topo.uplink(x, y), (min(x, y), max(x, y))) for x in a.groups for y in b.groups
+                            if x != y), default=(math.inf, None))
+            if up < math.inf and crossing:
+                seconds = max(seconds, crossing * 8 / up / eff) + self.topo.uplink_latency_s
+                self._count(_uplink_label(pair), crossing, crossing * 8 / up / eff, calls)
         self._count(a.label(b), self.stage * nbytes, seconds, calls)
         return seconds * calls
 
@@ -340,6 +398,8 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
             topo._groups.clear()
         topo._groups[grouping] = kinds
     slowest_rank, busy, max_compute, data_parallel = 0.0, 0.0, 0.0, 0.0
+    shared: dict[str, float] = {}  # uplink → seconds of every stage's data-parallel traffic over it
+    pooled, all_compute, max_comm = False, 0.0, 0.0
     for (st, nxt, same_node, layers, chunks, last, first), ranks in kinds.items():
         p, count = ranks[0], len(ranks)
         rate = min((rates[name] for name in st.devices), key=lambda r: r.flops)
@@ -363,15 +423,25 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         slowest_rank = max(slowest_rank, compute + seconds)
         busy += count * (compute + seconds)
         max_compute = max(max_compute, compute)
+        pooled = pooled or rate.pooled
+        all_compute += count * compute
+        max_comm = max(max_comm, seconds)
         # Data parallel: every bucket's reduce-scatter and all-gather, all pp ranks at once.
         buckets = tuple(buckets_of(spec, lay, layers, first, last))
         key = ("dp", st, buckets, costs.stage, lay.tp, lay.ep * lay.etp, tkey)
         if key not in per_dp:
             per_dp[key] = measured(lambda p=p, buckets=buckets: dp_seconds(costs, p, buckets))
         data_parallel = max(data_parallel, per_dp[key][0])
+        for link, sec in per_dp[key][2].items():  # stages reduce at once: their uplink seconds add up
+            if link.startswith("uplink"):
+                shared[link] = shared.get(link, 0.0) + count * sec
         weigh("dp", key, count / A)
-    pipeline = A * slowest_rank + (pp - 1) * busy / stages
-    bubble = 1.0 - A * busy / (pp * pipeline) if pipeline > 0 else 0.0
+    data_parallel = max(data_parallel, max(shared.values(), default=0.0))
+    if pooled:
+        pipeline = A * (all_compute / pp + max_comm)
+    else:
+        pipeline = A * slowest_rank + (pp - 1) * busy / stages
+    bubble = max(0.0, 1.0 - A * busy / (pp * pipeline)) if pipeline > 0 else 0.0
     if lay.world > 1:  # the gradient norm's and the loss sums' all-reduces over the world
         data_parallel += 2 * (topo.stage(lay.world, 0).latency if topo.per_node < lay.world else transport.intra_latency_s)
     # Totals per axis (the critical rank's share is what the table shows) and per link class (all ranks).
@@ -399,8 +469,10 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         else:
             _, lb, ls = per_dp[key]
         for link, value in lb.items():
+            link = "uplink" if link.startswith("uplink") else link
             link_bytes[link] = link_bytes.get(link, 0.0) + value * times * A
         for link, value in ls.items():
+            link = "uplink" if link.startswith("uplink") else link
             link_seconds[link] = link_seconds.get(link, 0.0) + value * times * A
     if data_parallel:
         by_axis["dp"] = data_parallel
