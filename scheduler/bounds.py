@@ -58,6 +58,7 @@ class Bounds:
         self.pooled = any(r.pooled for r in rates.values())
         self._lines: dict[tuple, tuple[float, float]] = {}
         self._layers: dict[tuple, float] = {}
+        self._ops: dict[tuple, list] = {}
         self._dp: dict[Layout, float] = {}
         self._bucket_seconds: dict[tuple, float] = {}
         self._ranks: dict[tuple[int, int], list[tuple[int, bool, bool, int]]] = {}
@@ -83,11 +84,16 @@ class Bounds:
         key = (which, stage, lay.tp, lay.cp, lay.ep, lay.etp)
         line = self._layers.get(key)
         if line is None:
-            def total(tokens: int) -> float:
-                return sum(self._op(which, stage, lay, op.size, op.stride, op.op, op.nbytes) * op.calls
-                           for op in layer_ops(self.spec, lay, tokens) if op.size > 1)
-            zero = total(0)
-            line = self._layers[key] = (zero, total(1) - zero)
+            shape = key[1:]
+            ops = self._ops.get(shape)
+            if ops is None:  # the same operations on either cluster: at n = 0 and n = 1
+                ops = self._ops[shape] = [(a, b) for a, b in zip(layer_ops(self.spec, lay, 0), layer_ops(self.spec, lay, 1))
+                                          if a.size > 1]
+            zero = one = 0.0
+            for a, b in ops:
+                zero += self._op(which, stage, lay, a.size, a.stride, a.op, a.nbytes) * a.calls
+                one += self._op(which, stage, lay, b.size, b.stride, b.op, b.nbytes) * b.calls
+            line = self._layers[key] = (zero, one - zero)
         return line[0] + line[1] * n
 
     def _send(self, which: int, lay: Layout, n: int) -> float:
