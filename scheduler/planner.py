@@ -10,9 +10,11 @@ proposes what ``plait train`` would refuse. Memory comes from
 
 Pruning keeps a 10,000-device search to seconds: tp and etp stay within a node's workers
 (past a node they cross the NIC on every layer, which no ranking would keep), cp and
-micro-batch sizes are powers of two, vpp is 1 or 2, memory (cheap) is checked before
-time, and every layout is first placed by the NIC-aware sort, the fastest
-:data:`REFINE` then by the best of all candidate orders.
+micro-batch sizes are powers of two, vpp is 1 or 2, layouts are costed in order of a lower
+bound on their step time no placement beats (:mod:`plait.scheduler.bounds`) until enough
+plans are faster than the next bound, memory (cheap) is checked before time, and every
+layout is first placed by the NIC-aware sort, the fastest :data:`REFINE` then by the best
+of all candidate orders.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ def evaluate(req: PlanRequest, lay: Layout, mb: int, *, placement: str = "auto",
 def plan(req: PlanRequest, *, keep: int = REFINE, placement: str = "auto") -> PlanResult:
     """Search, cost and rank; raises :class:`NoPlanError` naming the shortfall when nothing fits.
 
-    Branch and bound: every (layout, micro-batch) gets :func:`lower_bound`, a step time no
+    Branch and bound: every (layout, micro-batch) gets a :class:`~plait.scheduler.bounds.Bounds`, a step time no
     placement can beat, and they are costed in order of it; once ``keep`` plans (at least
     :data:`REFINE`) are faster than the next bound, the rest cannot enter the top ``keep``
     and stay uncosted in :attr:`PlanResult.pending`. ``placement``: ``auto`` places every

@@ -9,7 +9,10 @@ operation (a kernel launch on a GPU, Python dispatch on a CPU).
 group of a mesh axis is placed by the rank→node map: inside one node it runs at the
 device link (``devices.<kind>.link_gbit``); across nodes, all groups of the axis that
 share a node share its NIC, and a ring's slowest member sets the pace; groups that span
-two node groups (``uplinks``) share the uplink too. Wire bytes per rank follow the ring
+two node groups (``uplinks``) share the uplink too: a ring's bytes cross it once per hop
+between node groups in rank order (a placement that interleaves node groups pays for every
+hop), an all_to_all's ``a·b·B/g`` each way, a pipeline send when the peer rank's node is in
+the other group, and every stage's data-parallel traffic at once. Wire bytes per rank follow the ring
 algorithms: all_gather ``(g−1)·shard``, reduce_scatter ``(g−1)/g·B``, all_reduce
 ``2·(g−1)/g·B``, all_to_all ``(g−1)/g·B``, send ``B``; a transport reaches a measured
 fraction of that (:class:`Transport`), and every call pays the link's latency.
@@ -19,7 +22,9 @@ inside their layer, pipeline receives block (sends do not), and the data-paralle
 reduce-scatter / all-gather run after the last backward. The pipeline makespan is
 ``A·max_p C_p + (pp−1)·c̄`` for A micro-batches, C_p the work of pp rank p per
 micro-batch and c̄ one virtual stage's: the 1F1B fill and drain, shortened by vpp under
-the interleaved schedule.
+the interleaved schedule (``tests/test_planner.py`` holds it to the runtime's schedules,
+executed). On pooled devices (:attr:`DeviceRate.pooled`: CPU workers sharing one machine's
+cores) compute is work-conserving instead: ``A·(mean_p compute_p + max_p comm_p)``.
 """
 
 from __future__ import annotations
