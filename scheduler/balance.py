@@ -1,0 +1,225 @@
+"""The hybrid data-parallel balance scheduler: which ranks each sequence of a step runs on.
+
+Hybrid data parallelism (after ByteScale) gives each sequence of a global batch just as
+many ranks of the dp × cp space as it needs: a short one runs whole on one rank (data
+parallel), a long one is split over an aligned block of g ranks with context parallelism
+(the zig-zag split, which keeps causal attention work equal on every rank of the block).
+This module decides, per step and from the lengths alone, the block size of every
+sequence and the rank of every whole one, so that the estimated work per rank is as even
+as possible and no rank holds more tokens than its budget.
+
+**Work.** A sequence of L tokens costs ``a·L + b·L²`` seconds whole (the linear layers,
+then attention); split over g ranks, each rank does ``(a·L + b·L²)/g`` plus the context
+parallel exchange of K and V, ``c·L·(g−1)/g`` (:class:`Cost`; ``a``, ``b`` and ``c`` are
+calibrated on the device).
+
+**Scheduling.**
+
+1. A sequence's block is the smallest power of two g that holds it (``L/g ≤ budget``)
+   and whose share of work ``(a·L + b·L²)/g`` is at most the mean work per rank of the
+   whole step: a sequence that would alone outlast the others is split further.
+2. Split sequences are placed first, longest first, each on the aligned block of g ranks
+   whose busiest rank is least loaded (blocks are aligned so that groups nest like the
+   cp groups of a static mesh).
+3. Whole sequences follow, longest first, each on the least-loaded rank with room for its
+   tokens (Graham's longest-processing-time rule: within 4/3 of the best makespan); a
+   sequence that fits on no rank is split over two ranks instead, then four, and so on.
+
+The plan is a pure function of its inputs, so every rank computes the same one without a
+collective.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from plait.errors import PlaitError
+
+
+class BalanceError(PlaitError):
+    """A step's sequences cannot be placed: the message names the sequence and what would hold it."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Seconds of one sequence of L tokens: ``a·L + b·L²`` whole; split over g ranks, each rank's
+    ``(a·L + b·L²)/g + c·L·(g−1)/g``."""
+
+    a: float
+    b: float
+    c: float = 0.0
+
+    def whole(self, length: int) -> float:
+        return self.a * length + self.b * length * length
+
+    def split(self, length: int, g: int) -> float:
+        if g == 1:
+            return self.whole(length)
+        return self.whole(length) / g + self.c * length * (g - 1) / g
+
+
+@dataclass(frozen=True)
+class Group:
+    """Ranks ``start … start+size−1`` run ``sequences`` (indices into the step's lengths): whole on one rank
+    when ``size == 1``, else each split over the block (hybrid DP gives a split sequence a block of its own;
+    a static mesh deals several to each)."""
+
+    start: int
+    size: int
+    sequences: tuple[int, ...]
+
+    @property
+    def ranks(self) -> range:
+        return range(self.start, self.start + self.size)
+
+
+@dataclass
+class Plan:
+    """Where a step's sequences run, and the work and tokens it puts on each rank."""
+
+    groups: list[Group]
+    load: list[float]  # predicted seconds per rank
+    tokens: list[int]  # tokens per rank
+    blocks: dict[int, int] = field(default_factory=dict)  # sequence → its block size (1: whole)
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's predicted work over the mean (1.0 is perfect balance)."""
+        mean = sum(self.load) / len(self.load)
+        return max(self.load) / mean if mean > 0 else 1.0
+
+    def rank_of(self, sequence: int) -> range:
+        """The ranks sequence ``sequence`` runs on."""
+        for group in self.groups:
+            if sequence in group.sequences:
+                return group.ranks
+        raise KeyError(sequence)
+
+
+def _check(lengths: Sequence[int], ranks: int, budget: int) -> None:
+    if type(ranks) is not int or ranks < 1:
+        raise BalanceError(f"ranks: got {ranks!r}; accepted: a positive number of ranks in the dp × cp space")
+    if type(budget) is not int or budget < 1:
+        raise BalanceError(f"token budget: got {budget!r}; accepted: a positive number of tokens one rank may hold")
+    for i, length in enumerate(lengths):
+        if type(length) is not int or length < 1:
+            raise BalanceError(f"sequence {i}: length {length!r}; accepted: a positive number of tokens")
+    if (ranks & (ranks - 1)) != 0:
+        raise BalanceError(f"ranks: got {ranks}; the zig-zag blocks are powers of two, so the dp × cp space must be "
+                           f"one too (e.g. {1 << (ranks.bit_length() - 1)} or {1 << ranks.bit_length()})")
+
+
+def _block(length: int, budget: int) -> int:
+    """Smallest power of two g with length / g ≤ budget."""
+    g = 1
+    while length > g * budget:
+        g *= 2
+    return g
+
+
+def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int) -> Plan:
+    """The step's plan: every sequence whole on one rank or split over an aligned power-of-two block."""
+    _check(lengths, ranks, budget)
+    n = len(lengths)
+    total = sum(cost.whole(length) for length in lengths)
+    mean = total / ranks
+    blocks: dict[int, int] = {}
+    for i, length in enumerate(lengths):
+        g = _block(length, budget)
+        while g < ranks and cost.whole(length) / g > mean:
+            g *= 2
+        if g > ranks:
+            raise BalanceError(f"sequence {i}: {length} tokens need {g} ranks of {budget} tokens, the step has "
+                               f"{ranks}; shorten data.max_len to at most {ranks * budget} or give each rank more "
+                               f"memory")
+        blocks[i] = g
+    load = [0.0] * ranks
+    tokens = [0] * ranks
+    groups: list[Group] = []
+    order = sorted(range(n), key=lambda i: (-cost.whole(lengths[i]), i))
+
+    def place_split(i: int, g: int) -> bool:
+        share = -(-lengths[i] // g)
+        best = None
+        for start in range(0, ranks, g):
+            block = range(start, start + g)
+            if any(tokens[r] + share > budget for r in block):
+                continue
+            busiest = max(load[r] for r in block)
+            if best is None or busiest < best[0]:
+                best = (busiest, start)
+        if best is None:
+            return False
+        work = cost.split(lengths[i], g)
+        for r in range(best[1], best[1] + g):
+            load[r] += work
+            tokens[r] += share
+        groups.append(Group(best[1], g, (i,)))
+        blocks[i] = g
+        return True
+
+    whole = []
+    for i in order:
+        if blocks[i] > 1:
+            if not place_split(i, blocks[i]):
+                _split_further(i, blocks[i], ranks, lengths, budget, place_split)
+        else:
+            whole.append(i)
+    # Whole sequences, longest first, on the least-loaded rank with room (a heap of (load, rank)).
+    heap = [(load[r], r) for r in range(ranks)]
+    heapq.heapify(heap)
+    on_rank: dict[int, list[int]] = {}
+    for i in whole:
+        length = lengths[i]
+        skipped = []
+        while heap and tokens[heap[0][1]] + length > budget:
+            skipped.append(heapq.heappop(heap))
+        if not heap:
+            for item in skipped:
+                heapq.heappush(heap, item)
+            _split_further(i, 1, ranks, lengths, budget, place_split)
+            heap = [(load[r], r) for r in range(ranks)]
+            heapq.heapify(heap)
+            continue
+        _, r = heapq.heappop(heap)
+        load[r] += cost.whole(length)
+        tokens[r] += length
+        on_rank.setdefault(r, []).append(i)
+        heapq.heappush(heap, (load[r], r))
+        for item in skipped:
+            heapq.heappush(heap, item)
+    groups += [Group(r, 1, tuple(seqs)) for r, seqs in sorted(on_rank.items())]
+    groups.sort(key=lambda g: (g.start, -g.size, g.sequences))
+    return Plan(groups=groups, load=load, tokens=tokens, blocks=blocks)
+
+
+def _split_further(i: int, g: int, ranks: int, lengths: Sequence[int], budget: int, place) -> None:
+    """Place sequence i on ever larger blocks until one has room; a step that cannot hold it is an error."""
+    while g < ranks:
+        g *= 2
+        if place(i, g):
+            return
+    raise BalanceError(f"sequence {i}: {lengths[i]} tokens find no block of ranks with room under a budget of "
+                       f"{budget} tokens per rank beside the step's other sequences; lower train.global_batch or "
+                       f"raise the budget")
+
+
+def static_plan(lengths: Sequence[int], ranks: int, cp: int, cost: Cost) -> Plan:
+    """A static dp × cp mesh, the baseline: sequences dealt in turn to the ``ranks // cp`` data-parallel
+    replicas, each split over the replica's cp ranks whatever its length."""
+    if ranks % cp:
+        raise BalanceError(f"cp: got {cp}; it must divide the {ranks} ranks")
+    replicas = ranks // cp
+    load = [0.0] * ranks
+    tokens = [0] * ranks
+    members: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        d = i % replicas
+        members.setdefault(d, []).append(i)
+        for r in range(d * cp, (d + 1) * cp):
+            load[r] += cost.split(length, cp)
+            tokens[r] += -(-length // cp)
+    groups = [Group(d * cp, cp, tuple(seqs)) for d, seqs in sorted(members.items())]
+    return Plan(groups=groups, load=load, tokens=tokens, blocks={i: cp for i in range(len(lengths))})

@@ -1,0 +1,114 @@
+"""The hybrid data-parallel balance scheduler: every sequence placed once, within budget, balanced, and never
+worse than a static dp × cp mesh; checked against brute force on small steps."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from plait.scheduler.balance import BalanceError, Cost, balance, static_plan
+
+COST = Cost(a=1.0, b=1 / 4096, c=0.05)  # attention equals the linear layers at 4,096 tokens
+
+
+def pareto(n: int, seed: int, shape: float = 1.2, low: int = 128, high: int = 32768) -> list[int]:
+    rng = random.Random(seed)
+    return [min(high, int(low * rng.paretovariate(shape))) for _ in range(n)]
+
+
+def check_plan(lengths, ranks, budget, plan):
+    seen = sorted(i for g in plan.groups for i in g.sequences)
+    assert seen == list(range(len(lengths)))
+    tokens = [0] * ranks
+    for g in plan.groups:
+        assert g.size & (g.size - 1) == 0 and g.start % g.size == 0 and g.start + g.size <= ranks
+        if g.size > 1:
+            assert len(g.sequences) == 1
+        for i in g.sequences:
+            for r in g.ranks:
+                tokens[r] += -(-lengths[i] // g.size)
+    assert tokens == plan.tokens and max(tokens) <= budget
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_sequence_runs_once_within_the_budget_on_aligned_blocks(seed):
+    lengths = pareto(300, seed) + [60_000]  # one longer than a rank holds
+    plan = balance(lengths, 8, COST, budget=40_000)
+    check_plan(lengths, 8, 40_000, plan)
+    assert plan.blocks[300] >= 2
+    assert any(g.size > 1 for g in plan.groups)  # the long tail is split
+    assert sum(1 for g in plan.groups if g.size == 1) >= 4  # the short ones run whole
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_long_tailed_step_is_balanced_and_beats_a_static_mesh(seed):
+    lengths = pareto(512, seed)
+    plan = balance(lengths, 8, COST, budget=64_000)
+    check_plan(lengths, 8, 64_000, plan)
+    assert plan.imbalance <= 1.10
+    # the static mesh sized for the longest sequence: cp so that it fits the same budget
+    cp = 1
+    while max(lengths) > cp * 64_000:
+        cp *= 2
+    for cp in sorted({cp, 2, 4}):
+        static = static_plan(lengths, 8, cp, COST)
+        assert max(plan.load) < max(static.load)
+
+
+def makespan_optimum(works: list[float], ranks: int) -> float:
+    best = float("inf")
+    for assignment in itertools.product(range(ranks), repeat=len(works)):
+        load = [0.0] * ranks
+        for w, r in zip(works, assignment):
+            load[r] += w
+        best = min(best, max(load))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_sequences_are_within_four_thirds_of_the_best_makespan(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(100, 3000) for _ in range(7)]
+    cost = Cost(a=1.0, b=0.0)
+    budget = sum(lengths)  # tokens never bind; a sequence is split only if it alone outlasts the mean
+    plan = balance(lengths, 2, Cost(a=1.0, b=0.0), budget=budget)
+    if all(g.size == 1 for g in plan.groups):
+        assert max(plan.load) <= 4 / 3 * makespan_optimum([cost.whole(x) for x in lengths], 2) + 1e-9
+    plan3 = balance(lengths, 4, cost, budget=budget)
+    check_plan(lengths, 4, budget, plan3)
+
+
+def test_a_sequence_longer_than_a_rank_holds_is_split_over_just_enough_ranks():
+    lengths = [1000] * 12 + [9000]
+    plan = balance(lengths, 8, Cost(a=1.0, b=0.0), budget=4000)
+    assert plan.blocks[12] == 4  # 9000 tokens: 3 ranks would do, blocks are powers of two
+    check_plan(lengths, 8, 4000, plan)
+    assert all(plan.blocks[i] == 1 for i in range(12))
+
+
+def test_a_sequence_that_would_outlast_the_step_is_split_although_it_fits():
+    lengths = [64] * 16 + [4000]
+    plan = balance(lengths, 4, Cost(a=1.0, b=1e-3), budget=10_000)
+    assert plan.blocks[16] == 4
+    assert all(plan.blocks[i] == 1 for i in range(16))
+
+
+def test_the_plan_depends_on_the_lengths_alone():
+    lengths = pareto(200, 7)
+    a, b = balance(lengths, 8, COST, budget=40_000), balance(list(lengths), 8, COST, budget=40_000)
+    assert a.groups == b.groups and a.load == b.load
+
+
+def test_bad_steps_are_named():
+    with pytest.raises(BalanceError, match=r"sequence 1: 50000 tokens need 8 ranks .* has 4"):
+        balance([10, 50_000], 4, COST, budget=8000)
+    with pytest.raises(BalanceError, match=r"ranks: got 6; .*powers of two.*4 or 8"):
+        balance([10], 6, COST, budget=100)
+    with pytest.raises(BalanceError, match=r"token budget: got 0"):
+        balance([10], 4, COST, budget=0)
+    with pytest.raises(BalanceError, match=r"sequence 0: length 0"):
+        balance([0], 4, COST, budget=10)
+    with pytest.raises(BalanceError, match=r"no block of ranks with room"):
+        balance([4000] * 5, 4, Cost(a=1.0, b=0.0), budget=4000)
