@@ -48,6 +48,7 @@ class Corpus:
     eval: torch.Tensor
     root: str
     files: int
+    train_files: torch.Tensor | None = None  # int64 [n, 2]: (start, length) of each file in ``train``
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
@@ -79,8 +80,13 @@ def load_corpus(config: DataConfig) -> Corpus:
         (eval_parts if _is_eval(rel, config.eval_fraction) else train_parts).append(content)
     train = SEPARATOR.join(train_parts)
     held_out = SEPARATOR.join(eval_parts)
+    spans, at = [], 0
+    for part in train_parts:
+        spans.append((at, len(part)))
+        at += len(part) + len(SEPARATOR)
     if config.max_bytes:
         train, held_out = train[: config.max_bytes], held_out[: config.max_bytes]
+        spans = [(start, min(length, config.max_bytes - start)) for start, length in spans if start < config.max_bytes]
     if not train or not held_out:
         raise ConfigError("data.source", config.source, f"found no usable text under {root}")
     return Corpus(
@@ -88,6 +94,7 @@ def load_corpus(config: DataConfig) -> Corpus:
         eval=torch.frombuffer(bytearray(held_out), dtype=torch.uint8),
         root=str(root),
         files=len(files),
+        train_files=torch.tensor(spans, dtype=torch.long).reshape(-1, 2),
     )
 
 
