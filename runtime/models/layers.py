@@ -114,14 +114,25 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, mean=0.0, std=std)
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (bool [B, 1, T, T], True where a query may attend): packed documents' block-diagonal causal
+        mask, with ``cos``/``sin`` [B, T, D/2] restarting per document; None: one causal sequence per row."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        y = self.attend(q, k, v)
+        if mask is None:
+            y = self.attend(q, k, v)
+        elif "attend" in self.__dict__:
+            raise ValueError("packed documents are attended on one rank: a sequence split over ranks (context "
+                             "parallelism) holds one document")
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
 

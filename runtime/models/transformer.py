@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,6 +19,26 @@ def _cuda_devices_in_use() -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def packed_documents(documents: Sequence[Sequence[int]], t: int,
+                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions (int64 [B, T], restarting at each document) and the block-diagonal causal mask
+    (bool [B, 1, T, T]) of rows of packed documents."""
+    positions = torch.empty(len(documents), t, dtype=torch.long)
+    ids = torch.empty(len(documents), t, dtype=torch.long)
+    for row, lengths in enumerate(documents):
+        if any(type(n) is not int or n < 1 for n in lengths) or sum(lengths) != t:
+            raise ValueError(f"documents[{row}]: lengths {list(lengths)} must be positive and sum to the row's "
+                             f"{t} tokens")
+        at = 0
+        for doc, n in enumerate(lengths):
+            positions[row, at:at + n] = torch.arange(n)
+            ids[row, at:at + n] = doc
+            at += n
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = (ids[:, :, None] == ids[:, None, :]) & causal
+    return positions.to(device), mask[:, None].to(device)
 
 
 class Block(nn.Module):
@@ -40,8 +61,9 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
         self.ffn.reset_parameters(std, out_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -91,16 +113,26 @@ class Transformer(nn.Module):
             if self.output is not None:
                 nn.init.normal_(self.output.weight, mean=0.0, std=std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                documents: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """tokens [B, T] (int64) -> logits [B, T, vocab].
 
         ``positions`` (int64 [T]) overrides the default rotary positions ``0 .. T-1``,
-        e.g. for a chunk of a longer sequence.
+        e.g. for a chunk of a longer sequence. ``documents``: per row, the lengths of the
+        documents packed into it (summing to T): attention stays inside each document and
+        rotary positions restart at each, so every document is computed as if alone.
         """
         h = self.embed(tokens) if self.embed is not None else tokens
-        cos, sin = self.rope(h.shape[1], positions)
+        mask = None
+        if documents is not None:
+            if positions is not None:
+                raise ValueError("documents: positions follow from the document lengths; pass one or the other")
+            positions, mask = packed_documents(documents, h.shape[1], h.device)
+            cos, sin = self.rope.cos[positions], self.rope.sin[positions]
+        else:
+            cos, sin = self.rope(h.shape[1], positions)
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
