@@ -6,9 +6,10 @@ library's files cut at 32,768 tokens), each on 8 and 64 ranks. For each, the sch
 CPU time (median of 20 steps, each with fresh lengths; target ≤ 10 ms) and the predicted
 work of the busiest rank over the mean, for hybrid DP and for a static dp × cp mesh whose
 cp is the smallest that holds the longest sequence of the run (the usual choice), side by
-side with their ratio. Work per sequence is ``a·L + b·L²`` (attention equal to the linear
-layers at 4,096 tokens) plus the context-parallel exchange when split. This is the
-schedule's prediction; the measured step times of both are ``plait bench hdp``'s.
+side with their ratio. Work per sequence is ``a·L + b·L²``, fitted to the demo model's
+forward and backward on one CPU thread at 256 to 4,096 tokens, plus the context-parallel
+exchange of K and V at loopback rate when split. This is the schedule's prediction; the
+measured step times of both are ``plait bench hdp``'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 NAME = "hdp_schedule"
@@ -28,12 +30,47 @@ def _pareto(rng: random.Random) -> list[int]:
     return [min(MAX_LEN, int(128 * rng.paretovariate(1.2))) for _ in range(SEQUENCES)]
 
 
+CALIBRATION_LENGTHS = [256, 512, 1024, 2048, 4096]
+LOOPBACK_BIT_S = 10e9  # gloo between two workers of this machine
+
+
+def calibrate(quick: bool):
+    """Fit ``a·L + b·L²`` to the demo model's forward + backward on one CPU thread (median of 3 per length); ``c``:
+    the K and V rows (fp32) a rank of a split sequence all-gathers per token, at loopback rate."""
+    import torch
+
+    from plait.runtime.config import load_config
+    from plait.runtime.models import build_model
+    from plait.scheduler.balance import fit_cost
+
+    demo = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", [])
+    cfg = demo.model
+    cfg.seq_len = max(CALIBRATION_LENGTHS)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model(cfg)
+        samples = []
+        for length in CALIBRATION_LENGTHS:
+            tokens = torch.randint(0, cfg.vocab, (1, length))
+            times = []
+            for _ in range(1 if quick else 3):
+                start = time.perf_counter()
+                model(tokens).float().logsumexp(-1).sum().backward()
+                times.append(time.perf_counter() - start)
+            samples.append((length, statistics.median(times)))
+    finally:
+        torch.set_num_threads(threads)
+    return fit_cost(samples, c=2 * cfg.dim * 4 * 8 / LOOPBACK_BIT_S), samples
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from plait.runtime.data import DataConfig, load_corpus
     from plait.runtime.documents import document_pieces, length_histogram
-    from plait.scheduler.balance import Cost, balance, static_plan
+    from plait.scheduler.balance import balance, static_plan
 
-    cost = Cost(a=1.0, b=1 / 4096, c=0.05)
+    cost, samples = calibrate(quick)
     corpus = load_corpus(DataConfig())
     pieces = document_pieces(corpus.train_files, MAX_LEN)
     lengths_all = (pieces[:, 1] - 1).tolist()
@@ -41,7 +78,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     hist = length_histogram(pieces, edges)
     steps = 5 if quick else 20
     out: dict[str, Any] = {"sequences": SEQUENCES, "max_len": MAX_LEN, "steps": steps, "target_ms": TARGET_MS,
-                           "cost": {"a": cost.a, "b": cost.b, "c": cost.c},
+                           "cost": {"a": cost.a, "b": cost.b, "c": cost.c,
+                                    "measured": [{"tokens": L, "seconds": t} for L, t in samples]},
                            "corpus_lengths": {"documents": len(lengths_all), "edges": edges, "counts": hist,
                                               "median": statistics.median(lengths_all), "max": max(lengths_all)},
                            "runs": []}

@@ -60,6 +60,29 @@ class Cost:
         return self.whole(length) / g + self.c * length * (g - 1) / g
 
 
+def fit_cost(samples: Sequence[tuple[int, float]], c: float = 0.0) -> Cost:
+    """The :class:`Cost` whose ``a·L + b·L²`` fits measured (L, seconds) best in least squares, a and b ≥ 0.
+
+    Solves the 2×2 normal equations; where one coefficient would be negative the other is fitted
+    alone (a line through the origin in L or in L²).
+    """
+    if len({length for length, _ in samples}) < 2:
+        raise BalanceError("cost samples: need at least two different lengths to fit a·L + b·L²")
+    s11 = sum(float(L) ** 2 for L, _ in samples)
+    s12 = sum(float(L) ** 3 for L, _ in samples)
+    s22 = sum(float(L) ** 4 for L, _ in samples)
+    y1 = sum(L * t for L, t in samples)
+    y2 = sum(float(L) ** 2 * t for L, t in samples)
+    det = s11 * s22 - s12 * s12
+    a = (y1 * s22 - y2 * s12) / det
+    b = (s11 * y2 - s12 * y1) / det
+    if a < 0:
+        a, b = 0.0, max(0.0, y2 / s22)
+    elif b < 0:
+        a, b = max(0.0, y1 / s11), 0.0
+    return Cost(a=a, b=b, c=c)
+
+
 @dataclass(frozen=True)
 class Group:
     """Ranks ``start … start+size−1`` run ``sequences`` (indices into the step's lengths): whole on one rank

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from plait.scheduler.balance import BalanceError, Cost, balance, static_plan
+from plait.scheduler.balance import BalanceError, Cost, balance, fit_cost, static_plan
 
 COST = Cost(a=1.0, b=1 / 4096, c=0.05)  # attention equals the linear layers at 4,096 tokens
 
@@ -112,3 +112,16 @@ def test_bad_steps_are_named():
         balance([0], 4, COST, budget=10)
     with pytest.raises(BalanceError, match=r"no block of ranks with room"):
         balance([4000] * 5, 4, Cost(a=1.0, b=0.0), budget=4000)
+
+
+def test_the_cost_fit_recovers_a_and_b_and_stays_non_negative():
+    truth = Cost(a=2e-6, b=3e-10)
+    fit = fit_cost([(L, truth.whole(L)) for L in [128, 256, 512, 1024, 2048, 4096]])
+    assert fit.a == pytest.approx(truth.a, rel=1e-6) and fit.b == pytest.approx(truth.b, rel=1e-6)
+    linear = fit_cost([(100, 1.0), (200, 2.0), (400, 4.0)])
+    assert linear.b == pytest.approx(0.0, abs=1e-12) and linear.a == pytest.approx(0.01)
+    # data that would want a negative b: b is clamped to 0 and a refitted alone
+    bent = fit_cost([(100, 1.0), (200, 1.9), (400, 3.0)])
+    assert bent.b == 0.0 and bent.a > 0
+    with pytest.raises(BalanceError, match="two different lengths"):
+        fit_cost([(100, 1.0), (100, 1.1)])
