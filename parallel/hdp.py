@@ -11,9 +11,14 @@ and expert parallelism around it are unchanged.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 from plait.parallel.comm import Group
+from plait.parallel.cp import ContextParallelAttention, zigzag_positions
+from plait.scheduler.balance import Plan
 from plait.scheduler.dims import MeshAxis, ParallelDims
 
 
@@ -57,3 +62,68 @@ class BlockGroups:
 
     def __len__(self) -> int:
         return len(self._mine)
+
+
+IGNORE = -100  # target of a padding token: no loss
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if callable(getattr(m, "attend", None)) and hasattr(m, "wq")]
+
+
+def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan, documents: list[tuple[torch.Tensor, torch.Tensor]],
+                     total_tokens: int) -> torch.Tensor:
+    """Run this rank's share of a step's plan, forward and backward: gradients accumulate into ``model``.
+
+    Split sequences come first, in the plan's order, so every rank of a block reaches the block's
+    sequence together; each is padded at its end to a multiple of 2·g (padding attends only to
+    itself and has no loss), cut zig-zag and attended with its K and V gathered over the block.
+    Then this rank's whole sequences, packed into one row, each attending only to itself. The loss
+    is the sum of token losses over ``total_tokens`` (the token mean of the whole global batch), so
+    summing gradients over the dp × cp space gives one process's gradients. Returns this rank's loss
+    sum (float64, detached).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    me = blocks.index
+    for group in plan.groups:
+        if group.size == 1 or me not in group.ranks:
+            continue
+        (i,) = group.sequences
+        x, y = documents[i]
+        length = x.numel()
+        padded = -(-length // (2 * group.size)) * (2 * group.size)
+        xp = torch.cat((x, x.new_zeros(padded - length)))
+        yp = torch.cat((y, y.new_full((padded - length,), IGNORE)))
+        block = blocks.block(group.start, group.size)
+        positions = zigzag_positions(padded, group.size, block.rank)
+        attention = _attention_modules(model)
+        for m in attention:
+            m.attend = ContextParallelAttention(block, padded)
+        try:
+            logits = model(xp[positions][None], positions=positions)
+        finally:
+            for m in attention:
+                del m.attend
+        loss = F.cross_entropy(logits.float().flatten(0, 1), yp[positions], ignore_index=IGNORE, reduction="sum")
+        (loss / total_tokens).backward()
+        total += loss.detach().double()
+    whole = [i for g in plan.groups if g.size == 1 and g.start == me for i in g.sequences]
+    if whole:
+        x = torch.cat([documents[i][0] for i in whole])[None]
+        y = torch.cat([documents[i][1] for i in whole])
+        logits = model(x, documents=[[documents[i][0].numel() for i in whole]])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum")
+        (loss / total_tokens).backward()
+        total += loss.detach().double()
+    return total
+
+
+def reduce_gradients(model: nn.Module, blocks: BlockGroups) -> None:
+    """Sum every gradient over this rank's dp × cp space (each rank holds the grads of its own tokens)."""
+    whole = blocks.block(0, blocks.size) if blocks.size > 1 else None
+    if whole is None:
+        return
+    for p in model.parameters():
+        if p.grad is None:  # a rank without tokens this step, or an expert no token reached: still reduces
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=whole.pg)
