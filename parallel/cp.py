@@ -71,10 +71,14 @@ class ContextParallelAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model``: those with an ``attend`` seam and a ``wq`` projection."""
+    return [m for m in model.modules() if callable(getattr(m, "attend", None)) and hasattr(m, "wq")]
+
+
 def apply_cp(model: nn.Module, group: Group, seq_len: int) -> None:
     """Make every attention module of ``model`` attend across the cp group (no-op for size 1)."""
     if group.size == 1:
         return
-    for module in model.modules():
-        if callable(getattr(module, "attend", None)) and hasattr(module, "wq"):
-            module.attend = ContextParallelAttention(group, seq_len)
+    for module in attention_modules(model):
+        module.attend = ContextParallelAttention(group, seq_len)

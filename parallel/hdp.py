@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.parallel.comm import Group
-from plait.parallel.cp import ContextParallelAttention, zigzag_positions
+from plait.parallel.cp import ContextParallelAttention, attention_modules, zigzag_positions
 from plait.scheduler.balance import Plan
 from plait.scheduler.dims import MeshAxis, ParallelDims
 
@@ -67,10 +67,6 @@ class BlockGroups:
 IGNORE = -100  # target of a padding token: no loss
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if callable(getattr(m, "attend", None)) and hasattr(m, "wq")]
-
-
 def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan, documents: list[tuple[torch.Tensor, torch.Tensor]],
                      total_tokens: int) -> torch.Tensor:
     """Run this rank's share of a step's plan, forward and backward: gradients accumulate into ``model``.
@@ -96,7 +92,7 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan, document
         yp = torch.cat((y, y.new_full((padded - length,), IGNORE)))
         block = blocks.block(group.start, group.size)
         positions = zigzag_positions(padded, group.size, block.rank)
-        attention = _attention_modules(model)
+        attention = attention_modules(model)
         for m in attention:
             m.attend = ContextParallelAttention(block, padded)
         try:
