@@ -28,8 +28,8 @@ def test_each_packed_document_is_computed_as_if_alone(kind):
         at = 0
         for n in docs:
             alone = m(tokens[row:row + 1, at:at + n])
-            # same operations on the same values; only the attention kernel (masked vs causal) differs, which
-            # reorders float32 sums of at most 32 terms
+            # each document is attended by its own causal call: the same kernel on the same values, except that
+            # the linear layers see a different row count (their float32 sums may be blocked differently)
             torch.testing.assert_close(packed[row:row + 1, at:at + n], alone, rtol=1e-5, atol=1e-5)
             at += n
 
@@ -67,3 +67,14 @@ def test_bad_document_lengths_are_named():
         m(torch.zeros(1, 8, dtype=torch.long), documents=[[3, 3]])
     with pytest.raises(ValueError, match="pass one or the other"):
         m(torch.zeros(1, 8, dtype=torch.long), positions=torch.arange(8), documents=[[8]])
+
+
+def test_attending_each_document_alone_equals_the_block_diagonal_mask():
+    from plait.runtime.models.layers import _attend_documents
+
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    lengths = [4, 1, 7]
+    _, mask = packed_documents([lengths], 12)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(_attend_documents(q, k, v, lengths), dense, rtol=1e-12, atol=1e-12)

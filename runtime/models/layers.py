@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,16 @@ class RotaryEmbedding(nn.Module):
         return self.cos[:seq_len], self.sin[:seq_len]
 
 
+def _attend_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Causal attention of one row [1, H, T, D] of packed documents, each document on its own."""
+    out, at = [], 0
+    for n in lengths:
+        out.append(F.scaled_dot_product_attention(q[:, :, at:at + n], k[:, :, at:at + n], v[:, :, at:at + n],
+                                                  is_causal=True))
+        at += n
+    return torch.cat(out, dim=2)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary q/k.
 
@@ -115,9 +127,10 @@ class Attention(nn.Module):
         nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask`` (bool [B, 1, T, T], True where a query may attend): packed documents' block-diagonal causal
-        mask, with ``cos``/``sin`` [B, T, D/2] restarting per document; None: one causal sequence per row."""
+                documents: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """``documents``: per row, the lengths of the documents packed into it, with ``cos``/``sin``
+        [B, T, D/2] restarting per document; each document is attended on its own (causal work Σ L², not T²).
+        None: one causal sequence per row."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -126,13 +139,14 @@ class Attention(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        if mask is None:
+        if documents is None:
             y = self.attend(q, k, v)
         elif "attend" in self.__dict__:
             raise ValueError("packed documents are attended on one rank: a sequence split over ranks (context "
                              "parallelism) holds one document")
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = torch.cat([_attend_documents(q[r:r + 1], k[r:r + 1], v[r:r + 1], lengths)
+                           for r, lengths in enumerate(documents)])
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
 

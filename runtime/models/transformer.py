@@ -24,7 +24,11 @@ def _cuda_devices_in_use() -> list[int]:
 def packed_documents(documents: Sequence[Sequence[int]], t: int,
                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary positions (int64 [B, T], restarting at each document) and the block-diagonal causal mask
-    (bool [B, 1, T, T]) of rows of packed documents."""
+    (bool [B, 1, T, T]) of rows of packed documents.
+
+    The model attends each document on its own (:meth:`Attention.forward`, work Σ L² rather than T²); the
+    mask states the same rule as one tensor, for checks and for kernels that take a mask.
+    """
     positions = torch.empty(len(documents), t, dtype=torch.long)
     ids = torch.empty(len(documents), t, dtype=torch.long)
     for row, lengths in enumerate(documents):
@@ -62,8 +66,8 @@ class Block(nn.Module):
         self.ffn.reset_parameters(std, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+                documents: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, documents)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -123,16 +127,15 @@ class Transformer(nn.Module):
         rotary positions restart at each, so every document is computed as if alone.
         """
         h = self.embed(tokens) if self.embed is not None else tokens
-        mask = None
         if documents is not None:
             if positions is not None:
                 raise ValueError("documents: positions follow from the document lengths; pass one or the other")
-            positions, mask = packed_documents(documents, h.shape[1], h.device)
+            positions, _ = packed_documents(documents, h.shape[1], h.device)
             cos, sin = self.rope.cos[positions], self.rope.sin[positions]
         else:
             cos, sin = self.rope(h.shape[1], positions)
         for block in self.layers.values():
-            h = block(h, cos, sin, mask)
+            h = block(h, cos, sin, documents)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
