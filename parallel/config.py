@@ -28,6 +28,13 @@ class ParallelConfig:
     # The node of each rank, e.g. [0, 1, 0, 1]; None: ranks R·P … R·P+P-1 on node R (P workers per node).
     placement: list[int] | None = None
     auto: bool = False  # plait train plans the sizes, schedule, stage split and placement (plait plan's best)
+    # Hybrid data parallelism (needs data.packing=documents): each step's documents run whole on one rank or
+    # split over an aligned power-of-two block of the dp ranks, as the balance scheduler decides.
+    hybrid_dp: bool = False
+    hdp_budget: int = 0  # tokens one rank may hold in a step; 0: train.micro_batch × model.seq_len
+    # balance: the scheduler's plan. static: the baseline it is measured against, a static dp × cp mesh whose cp
+    # is the smallest power of two that holds data.max_len, every document split over its replica's cp ranks.
+    hdp_schedule: Literal["balance", "static"] = "balance"
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -43,6 +50,9 @@ class ParallelConfig:
         if self.vpp > 1 and self.pp_schedule != "interleaved":
             raise ConfigError("parallel.vpp", self.vpp, "virtual stages need parallel.pp_schedule=interleaved",
                               hint="set parallel.pp_schedule=interleaved, or parallel.vpp=1")
+        if self.hdp_budget < 0:
+            raise ConfigError("parallel.hdp_budget", self.hdp_budget,
+                              "accepted: 0 (train.micro_batch × model.seq_len) or a positive number of tokens")
         if self.pp_layers is not None:
             stages = self.pp * self.vpp
             if len(self.pp_layers) != stages or any(not isinstance(n, int) or n < 1 for n in self.pp_layers):

@@ -54,6 +54,10 @@ class EngineConfig:
     vpp: int = 1
     pp_layers: list[int] | None = None
     capacity_factor: float = 0.0
+    hybrid_dp: bool = False  # steps of whole documents placed by the balance scheduler (train_documents)
+    hdp_budget: int = 0  # tokens one rank may hold per step
+    hdp_schedule: Literal["balance", "static"] = "balance"
+    max_len: int = 0  # longest document
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class StepStats:
     loss: float  # mean cross-entropy over the global batch
     aux_loss: float  # balancing loss (summed over MoE layers), mean over micro-steps
     grad_norm: float
+    tokens: int | None = None  # tokens of a step of documents
+    balance: dict[str, Any] | None = None  # hybrid DP: the plan's predicted and the measured imbalance
 
 
 def _is_moe(module: nn.Module) -> bool:
@@ -81,7 +87,15 @@ class ParallelEngine:
         self.dim = model.cfg.dim
         apply_tp(model, meshes.group(MeshAxis.TP))
         apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
-        if self.is_moe:
+        self.hybrid = None
+        if config.hybrid_dp:
+            from plait.parallel.hdp import HybridDP
+
+            # Experts stay whole on every rank: each rank runs its own number of forward calls per step, so
+            # no collective may run inside one (the MoE statistics stay local).
+            self.hybrid = HybridDP(model, self.dims, budget=config.hdp_budget, max_len=config.max_len,
+                                   schedule=config.hdp_schedule)
+        elif self.is_moe:
             from plait.parallel.ep import apply_ep
 
             apply_ep(model, meshes, capacity_factor=config.capacity_factor)
@@ -153,6 +167,22 @@ class ParallelEngine:
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm)
+
+    def train_documents(self, lengths: list[int], fetch, lr: float) -> StepStats:
+        """A hybrid data-parallel step of whole documents of ``lengths`` (``fetch(indices)`` loads some of them)."""
+        model = self.chunks[0]
+        model.train()
+        with self._autocast:
+            loss_sum, balance = self.hybrid.step(model, lengths, fetch)
+        sums = torch.zeros(2 + self.dims.world, dtype=torch.float64, device=self.device)
+        sums[0] = loss_sum / sum(lengths)
+        sums[2 + self.meshes.rank] = balance["compute_s"]
+        comm.all_reduce(sums, self.meshes.group("world"))
+        grad_norm = self.optimizer.step(lr, self.config.grad_clip)
+        seconds = sums[2:].tolist()
+        mean = sum(seconds) / len(seconds)
+        balance.update(compute_s=seconds, measured=max(seconds) / mean if mean > 0 else 1.0)
+        return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

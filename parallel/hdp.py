@@ -11,6 +11,10 @@ and expert parallelism around it are unchanged.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -18,8 +22,10 @@ from torch import nn
 
 from plait.parallel.comm import Group
 from plait.parallel.cp import ContextParallelAttention, attention_modules, zigzag_positions
-from plait.scheduler.balance import Plan
+from plait.scheduler.balance import Cost, Plan, fit_cost
 from plait.scheduler.dims import MeshAxis, ParallelDims
+
+LOOPBACK_BIT_S = 10e9  # the K/V exchange's assumed rate when calibrating on one machine
 
 
 class BlockGroups:
@@ -67,14 +73,16 @@ class BlockGroups:
 IGNORE = -100  # target of a padding token: no loss
 
 
-def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan, documents: list[tuple[torch.Tensor, torch.Tensor]],
-                     total_tokens: int) -> torch.Tensor:
+def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
+                     documents: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+                     total_tokens: int, row_tokens: int | None = None) -> torch.Tensor:
     """Run this rank's share of a step's plan, forward and backward: gradients accumulate into ``model``.
 
     Split sequences come first, in the plan's order, so every rank of a block reaches the block's
     sequence together; each is padded at its end to a multiple of 2·g (padding attends only to
     itself and has no loss), cut zig-zag and attended with its K and V gathered over the block.
-    Then this rank's whole sequences, packed into one row, each attending only to itself. The loss
+    Then this rank's whole sequences, packed into rows of at most ``row_tokens`` tokens (default: one row),
+    each attending only to itself; each row's backward runs before the next row's forward. The loss
     is the sum of token losses over ``total_tokens`` (the token mean of the whole global batch), so
     summing gradients over the dp × cp space gives one process's gradients. Returns this rank's loss
     sum (float64, detached).
@@ -84,34 +92,48 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan, document
     for group in plan.groups:
         if group.size == 1 or me not in group.ranks:
             continue
-        (i,) = group.sequences
-        x, y = documents[i]
-        length = x.numel()
-        padded = -(-length // (2 * group.size)) * (2 * group.size)
-        xp = torch.cat((x, x.new_zeros(padded - length)))
-        yp = torch.cat((y, y.new_full((padded - length,), IGNORE)))
         block = blocks.block(group.start, group.size)
-        positions = zigzag_positions(padded, group.size, block.rank)
-        attention = attention_modules(model)
-        for m in attention:
-            m.attend = ContextParallelAttention(block, padded)
-        try:
-            logits = model(xp[positions][None], positions=positions)
-        finally:
-            for m in attention:
-                del m.attend
-        loss = F.cross_entropy(logits.float().flatten(0, 1), yp[positions], ignore_index=IGNORE, reduction="sum")
-        (loss / total_tokens).backward()
-        total += loss.detach().double()
+        for i in group.sequences:  # hybrid DP gives a split sequence its own block; a static mesh deals several
+            total += _split_sequence(model, block, *documents[i], total_tokens)
     whole = [i for g in plan.groups if g.size == 1 and g.start == me for i in g.sequences]
-    if whole:
-        x = torch.cat([documents[i][0] for i in whole])[None]
-        y = torch.cat([documents[i][1] for i in whole])
-        logits = model(x, documents=[[documents[i][0].numel() for i in whole]])
+    rows: list[list[int]] = []
+    held = 0
+    for i in whole:
+        n = documents[i][0].numel()
+        if not rows or (row_tokens is not None and held + n > row_tokens):
+            rows.append([])
+            held = 0
+        rows[-1].append(i)
+        held += n
+    for row in rows:
+        x = torch.cat([documents[i][0] for i in row])[None]
+        y = torch.cat([documents[i][1] for i in row])
+        logits = model(x, documents=[[documents[i][0].numel() for i in row]])
         loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum")
         (loss / total_tokens).backward()
         total += loss.detach().double()
     return total
+
+
+def _split_sequence(model: nn.Module, block: Group, x: torch.Tensor, y: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    """Forward and backward of this rank's zig-zag share of one sequence split over ``block``; its loss sum."""
+    g = block.size
+    length = x.numel()
+    padded = -(-length // (2 * g)) * (2 * g)
+    xp = torch.cat((x, x.new_zeros(padded - length)))
+    yp = torch.cat((y, y.new_full((padded - length,), IGNORE)))
+    positions = zigzag_positions(padded, g, block.rank)
+    attention = attention_modules(model)
+    for m in attention:
+        m.attend = ContextParallelAttention(block, padded)
+    try:
+        logits = model(xp[positions][None], positions=positions)
+    finally:
+        for m in attention:
+            del m.attend
+    loss = F.cross_entropy(logits.float().flatten(0, 1), yp[positions], ignore_index=IGNORE, reduction="sum")
+    (loss / total_tokens).backward()
+    return loss.detach().double()
 
 
 def reduce_gradients(model: nn.Module, blocks: BlockGroups) -> None:
@@ -123,3 +145,87 @@ def reduce_gradients(model: nn.Module, blocks: BlockGroups) -> None:
         if p.grad is None:  # a rank without tokens this step, or an expert no token reached: still reduces
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=whole.pg)
+
+
+def calibration_lengths(max_len: int) -> list[int]:
+    """Four lengths from max_len/8 to max_len (at least 16 tokens), distinct, for :func:`calibrate_cost`."""
+    return sorted({max(16, max_len // d) for d in (8, 4, 2, 1)})
+
+
+def measure_cost(model: nn.Module, vocab: int, lengths: Sequence[int], repeats: int = 2) -> list[tuple[int, float]]:
+    """Seconds of forward + backward of one sequence of each length (median of ``repeats``, CPU time on CPU).
+
+    Leaves the model's gradients as they were (None) and draws no random numbers from the global generator.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for length in lengths:
+        tokens = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter() if device.type == "cuda" else time.process_time()
+            model(tokens).float().logsumexp(-1).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() if device.type == "cuda" else time.process_time()) - start)
+        samples.append((length, statistics.median(times)))
+    for p in model.parameters():
+        p.grad = None
+    return samples
+
+
+def calibrate_cost(model: nn.Module, *, max_len: int, group: dist.ProcessGroup | None = None) -> tuple[Cost, list]:
+    """The balance scheduler's :class:`Cost`, fitted on global rank 0 and broadcast, so every rank plans alike.
+
+    ``c`` charges the K and V rows a rank of a split sequence exchanges per token and layer (fp32, forward
+    all-gather and backward reduce-scatter) at :data:`LOOPBACK_BIT_S`.
+    """
+    cfg = model.cfg
+    values = torch.zeros(2, dtype=torch.float64)
+    samples: list = []
+    if dist.get_rank() == 0:
+        samples = measure_cost(model, cfg.vocab, calibration_lengths(max_len))
+        fitted = fit_cost(samples)
+        values[:] = torch.tensor([fitted.a, fitted.b], dtype=torch.float64)
+    dist.broadcast(values, src=0, group=group)
+    c = 2 * 2 * cfg.dim * 4 * cfg.layers * 8 / LOOPBACK_BIT_S
+    return Cost(a=float(values[0]), b=float(values[1]), c=c), samples
+
+
+class HybridDP:
+    """A rank's hybrid data parallelism: block groups and cost made once, then one plan and step per batch."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, *, budget: int, max_len: int, schedule: str = "balance"):
+        self.blocks = BlockGroups(dims)
+        self.budget = budget
+        self.max_len = max_len
+        self.schedule = schedule
+        self.cost, self.calibration = calibrate_cost(model, max_len=max_len)
+        self.static_cp = 1
+        while self.static_cp * budget < max_len:
+            self.static_cp *= 2
+
+    def plan(self, lengths: Sequence[int]) -> Plan:
+        from plait.scheduler.balance import balance, static_plan
+
+        if self.schedule == "static":
+            return static_plan(lengths, self.blocks.size, self.static_cp, self.cost)
+        return balance(lengths, self.blocks.size, self.cost, budget=self.budget, capacity=sum(lengths))
+
+    def step(self, model: nn.Module, lengths: Sequence[int], fetch) -> tuple[float, dict]:
+        """Plan, load this rank's documents, forward and backward; returns (loss sum, the plan's balance)."""
+        start = time.perf_counter()
+        plan = self.plan(lengths)
+        planned = time.perf_counter() - start
+        me = self.blocks.index
+        mine = sorted({i for g in plan.groups if me in g.ranks for i in g.sequences})
+        documents = dict(zip(mine, fetch(mine)))
+        cpu = time.process_time()
+        loss = forward_backward(model, self.blocks, plan, documents, total_tokens=sum(lengths), row_tokens=self.budget)
+        compute = time.process_time() - cpu
+        return float(loss), {"predicted": plan.imbalance, "schedule_ms": planned * 1e3, "compute_s": compute,
+                             "split": sum(1 for g in plan.groups if g.size > 1),
+                             "largest_block": max(g.size for g in plan.groups)}

@@ -25,6 +25,10 @@ def engine_config(config: JobConfig) -> EngineConfig:
         vpp=p.vpp,
         pp_layers=p.pp_layers,
         capacity_factor=p.capacity_factor,
+        hybrid_dp=p.hybrid_dp,
+        hdp_budget=config.hdp_budget(),
+        hdp_schedule=p.hdp_schedule,
+        max_len=config.max_len(),
     )
 
 

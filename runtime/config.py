@@ -57,6 +57,7 @@ class JobConfig:
                 f"the interleaved schedule needs the micro-batches per step, global_batch / (micro_batch × dp) = "
                 f"{self.accumulation()}, to be a multiple of parallel.pp={self.parallel.pp}",
             )
+        self._check_documents(dims)
         per_rank = self.train.micro_batch * dp
         if self.train.global_batch % per_rank:
             lo = (self.train.global_batch // per_rank) * per_rank
@@ -66,6 +67,54 @@ class JobConfig:
                 f"must be a multiple of train.micro_batch × dp = {self.train.micro_batch} × {dp} = {per_rank}",
                 hint=f"e.g. {suggestion}",
             )
+
+    def _check_documents(self, dims) -> None:
+        """data.packing=documents and parallel.hybrid_dp go together, around data parallelism alone (for now)."""
+        p, d, m = self.parallel, self.data, self.model
+        if d.packing == "documents" and not p.hybrid_dp:
+            raise ConfigError("data.packing", d.packing, "whole documents are placed by hybrid data parallelism",
+                              hint="set parallel.hybrid_dp=true, or data.packing=windows")
+        if not p.hybrid_dp:
+            return
+        if d.packing != "documents":
+            raise ConfigError("parallel.hybrid_dp", True, "hybrid data parallelism balances whole documents",
+                              hint="set data.packing=documents")
+        for axis in ("pp", "cp", "tp", "ep", "etp"):
+            if getattr(dims, axis) != 1:
+                raise ConfigError(f"parallel.{axis}", getattr(dims, axis),
+                                  "hybrid data parallelism runs over the data-parallel ranks alone for now: its own "
+                                  "per-sequence blocks replace cp", hint=f"set parallel.{axis}=1")
+        if dims.dp & (dims.dp - 1):
+            raise ConfigError("launch.nproc", self.launch.nproc,
+                              f"hybrid data parallelism splits documents over power-of-two blocks of ranks, so dp "
+                              f"({dims.dp}) must be a power of two", hint="use 1, 2, 4, 8, ... processes")
+        if m.kind == "moe" and m.aux_loss_coef:
+            raise ConfigError("model.aux_loss_coef", m.aux_loss_coef,
+                              "the balancing loss's statistics span each forward call, and hybrid data parallelism "
+                              "groups documents into calls differently on each layout",
+                              hint="set model.aux_loss_coef=0 with parallel.hybrid_dp")
+        if m.seq_len % (2 * dims.dp):
+            raise ConfigError("model.seq_len", m.seq_len,
+                              f"a split document is padded to a multiple of 2 × its block, up to 2 × dp = "
+                              f"{2 * dims.dp}, and its positions must fit the rotary table",
+                              hint=f"use a multiple of {2 * dims.dp}")
+        max_len = self.max_len()
+        if max_len > m.seq_len:
+            raise ConfigError("data.max_len", d.max_len, f"documents longer than model.seq_len = {m.seq_len} have "
+                              "no rotary positions", hint=f"use at most {m.seq_len}")
+        budget = self.hdp_budget()
+        if max_len > budget * dims.dp:
+            raise ConfigError("parallel.hdp_budget", p.hdp_budget,
+                              f"{dims.dp} ranks of {budget} tokens cannot hold a document of data.max_len = "
+                              f"{max_len}", hint=f"use at least {-(-max_len // dims.dp)}")
+
+    def max_len(self) -> int:
+        """Longest document piece in tokens (``data.max_len``, default ``model.seq_len``)."""
+        return self.data.max_len or self.model.seq_len
+
+    def hdp_budget(self) -> int:
+        """Tokens one rank may hold in a hybrid data-parallel step."""
+        return self.parallel.hdp_budget or self.train.micro_batch * self.model.seq_len
 
     def accumulation(self) -> int:
         """Micro-batches per rank per step: global = micro × accumulation × dp."""

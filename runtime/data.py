@@ -32,12 +32,18 @@ class DataConfig:
     source: Literal["stdlib"] = "stdlib"
     eval_fraction: float = 0.05  # share of files held out for the eval loss
     max_bytes: int = 0  # 0: the whole corpus; otherwise the first max_bytes of each split's order
+    # windows: rows of model.seq_len tokens cut from the stream; documents: whole files, cut at max_len tokens,
+    # train.global_batch of them per step (needs parallel.hybrid_dp)
+    packing: Literal["windows", "documents"] = "windows"
+    max_len: int = 0  # documents: the longest piece in tokens; 0: model.seq_len
 
     def validate(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction", self.eval_fraction, "accepted: a number strictly between 0 and 1")
         if self.max_bytes < 0:
             raise ConfigError("data.max_bytes", self.max_bytes, "accepted: 0 (whole corpus) or a positive byte count")
+        if self.max_len < 0:
+            raise ConfigError("data.max_len", self.max_len, "accepted: 0 (model.seq_len) or a positive number of tokens")
 
 
 @dataclass(frozen=True)

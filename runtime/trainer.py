@@ -83,6 +83,7 @@ class StepResult:
     tokens: int  # tokens in the global batch
     seconds: float  # duration of this step
     end: float  # time.perf_counter() when the step finished
+    balance: dict[str, Any] | None = None  # hybrid DP: predicted and measured busiest-rank / mean work
 
 
 class Hook(Protocol):
@@ -143,9 +144,15 @@ class Trainer:
     def train_step(self) -> StepResult:
         start = time.perf_counter()
         lr = self.config.lr_at(self.step)
-        inputs, targets = self.loader.next_batch()
         LEDGER.reset()
-        stats = self.engine.train_step(inputs, targets, lr)
+        if getattr(self.engine, "hybrid", None) is not None:  # whole documents (data.packing=documents)
+            stats = self.engine.train_documents(self.loader.step_lengths(), self.loader.documents, lr)
+            self.loader.advance()
+            tokens = stats.tokens
+        else:
+            inputs, targets = self.loader.next_batch()
+            stats = self.engine.train_step(inputs, targets, lr)
+            tokens = self.config.global_batch * inputs.shape[1]
         self.ledger_last = LEDGER.snapshot()
         self.ledger_total = merge_snapshots([self.ledger_total, self.ledger_last])
         self.ledger_steps += 1
@@ -156,9 +163,10 @@ class Trainer:
             aux_loss=stats.aux_loss,
             grad_norm=stats.grad_norm,
             lr=lr,
-            tokens=self.config.global_batch * inputs.shape[1],
+            tokens=tokens,
             seconds=(end := time.perf_counter()) - start,
             end=end,
+            balance=stats.balance,
         )
 
     def evaluate(self) -> float:

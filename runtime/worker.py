@@ -270,9 +270,17 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
         model_config = config.model
         engine = build_engine(config, world, device)
         # Every rank reads the whole global batch (token ids: kilobytes); the engine takes its share.
-        loader = SequenceLoader(
-            corpus.train, seq_len=model_config.seq_len, global_batch=config.train.global_batch, seed=config.train.seed,
-        )
+        if config.data.packing == "documents":
+            from plait.runtime.documents import DocumentLoader, document_pieces
+
+            loader = DocumentLoader(corpus.train, document_pieces(corpus.train_files, config.max_len()),
+                                    global_batch=config.train.global_batch, seed=config.train.seed,
+                                    max_len=config.max_len())
+        else:
+            loader = SequenceLoader(
+                corpus.train, seq_len=model_config.seq_len, global_batch=config.train.global_batch,
+                seed=config.train.seed,
+            )
         eval_set = eval_batches(
             corpus.eval, seq_len=model_config.seq_len, batch=config.train.global_batch,
             batches=config.train.eval_batches, dp_rank=0, dp_size=1,

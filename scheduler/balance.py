@@ -142,9 +142,16 @@ def _block(length: int, budget: int) -> int:
     return g
 
 
-def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int) -> Plan:
-    """The step's plan: every sequence whole on one rank or split over an aligned power-of-two block."""
+def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capacity: int | None = None) -> Plan:
+    """The step's plan: every sequence whole on one rank or split over an aligned power-of-two block.
+
+    ``budget``: the most tokens of one sequence a rank may hold (a sequence is split until its share fits);
+    ``capacity``: the most tokens a rank may hold over the whole step (default ``budget``: every rank's
+    tokens held at once). A runtime that runs a rank's sequences in several calls of at most ``budget`` tokens
+    passes a larger capacity.
+    """
     _check(lengths, ranks, budget)
+    capacity = budget if capacity is None else capacity
     n = len(lengths)
     total = sum(cost.whole(length) for length in lengths)
     mean = total / ranks
@@ -168,7 +175,7 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int) -> P
         best = None
         for start in range(0, ranks, g):
             block = range(start, start + g)
-            if any(tokens[r] + share > budget for r in block):
+            if any(tokens[r] + share > capacity for r in block):
                 continue
             busiest = max(load[r] for r in block)
             if best is None or busiest < best[0]:
@@ -187,7 +194,7 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int) -> P
     for i in order:
         if blocks[i] > 1:
             if not place_split(i, blocks[i]):
-                _split_further(i, blocks[i], ranks, lengths, budget, place_split)
+                _split_further(i, blocks[i], ranks, lengths, capacity, place_split)
         else:
             whole.append(i)
     # Whole sequences, longest first, on the least-loaded rank with room (a heap of (load, rank)).
@@ -197,12 +204,12 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int) -> P
     for i in whole:
         length = lengths[i]
         skipped = []
-        while heap and tokens[heap[0][1]] + length > budget:
+        while heap and tokens[heap[0][1]] + length > capacity:
             skipped.append(heapq.heappop(heap))
         if not heap:
             for item in skipped:
                 heapq.heappush(heap, item)
-            _split_further(i, 1, ranks, lengths, budget, place_split)
+            _split_further(i, 1, ranks, lengths, capacity, place_split)
             heap = [(load[r], r) for r in range(ranks)]
             heapq.heapify(heap)
             continue
