@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from plait.parallel import comm
 from plait.parallel.comm import Group
 from plait.parallel.cp import ContextParallelAttention, attention_modules, zigzag_positions
 from plait.scheduler.balance import Cost, Plan, fit_cost
@@ -93,7 +94,10 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
         if group.size == 1 or me not in group.ranks:
             continue
         block = blocks.block(group.start, group.size)
-        for i in group.sequences:  # hybrid DP gives a split sequence its own block; a static mesh deals several
+        if group.packed:  # a static mesh's window of documents
+            total += _split_window(model, block, [documents[i] for i in group.sequences], total_tokens)
+            continue
+        for i in group.sequences:
             total += _split_sequence(model, block, *documents[i], total_tokens)
     whole = [i for g in plan.groups if g.size == 1 and g.start == me for i in g.sequences]
     rows: list[list[int]] = []
@@ -132,6 +136,60 @@ def _split_sequence(model: nn.Module, block: Group, x: torch.Tensor, y: torch.Te
         for m in attention:
             del m.attend
     loss = F.cross_entropy(logits.float().flatten(0, 1), yp[positions], ignore_index=IGNORE, reduction="sum")
+    (loss / total_tokens).backward()
+    return loss.detach().double()
+
+
+class DocumentContextParallelAttention:
+    """Replaces ``Attention.attend`` for a window of packed documents split zig-zag over a block: K and V are
+    all-gathered, then each document's queries attend its own keys only (causal), so the work is Σ L²/g."""
+
+    def __init__(self, group: Group, q_index: torch.Tensor, k_index: torch.Tensor, document: torch.Tensor):
+        self.group = group
+        self.parts = []
+        q_doc, k_doc = document[q_index], document[k_index]
+        for d in torch.unique(q_doc).tolist():
+            qi = torch.nonzero(q_doc == d).flatten()
+            ki = torch.nonzero(k_doc == d).flatten()
+            self.parts.append((qi, ki, q_index[qi][:, None] >= k_index[ki][None, :]))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k = comm.gather_from(k, self.group, 2)
+        v = comm.gather_from(v, self.group, 2)
+        out = q.new_zeros(q.shape)
+        for qi, ki, mask in self.parts:
+            part = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki], attn_mask=mask)
+            out = out.index_copy(2, qi, part)
+        return out
+
+
+def _split_window(model: nn.Module, block: Group, documents: list[tuple[torch.Tensor, torch.Tensor]],
+                  total_tokens: int) -> torch.Tensor:
+    """Forward and backward of this rank's zig-zag share of a window of packed documents; its loss sum.
+
+    Padding to a multiple of 2·g is a document of its own without loss; rotary positions restart per document.
+    """
+    g = block.size
+    x = torch.cat([d[0] for d in documents])
+    y = torch.cat([d[1] for d in documents])
+    length = x.numel()
+    padded = -(-length // (2 * g)) * (2 * g)
+    x = torch.cat((x, x.new_zeros(padded - length)))
+    y = torch.cat((y, y.new_full((padded - length,), IGNORE)))
+    sizes = [d[0].numel() for d in documents] + ([padded - length] if padded > length else [])
+    document = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    within = torch.cat([torch.arange(n) for n in sizes])
+    mine = zigzag_positions(padded, g, block.rank)
+    gathered = torch.cat([zigzag_positions(padded, g, r) for r in range(g)])
+    attention = attention_modules(model)
+    for m in attention:
+        m.attend = DocumentContextParallelAttention(block, mine, gathered, document)
+    try:
+        logits = model(x[mine][None], positions=within[mine])
+    finally:
+        for m in attention:
+            del m.attend
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y[mine], ignore_index=IGNORE, reduction="sum")
     (loss / total_tokens).backward()
     return loss.detach().double()
 
@@ -212,7 +270,7 @@ class HybridDP:
         from plait.scheduler.balance import balance, static_plan
 
         if self.schedule == "static":
-            return static_plan(lengths, self.blocks.size, self.static_cp, self.cost)
+            return static_plan(lengths, self.blocks.size, self.static_cp, self.cost, window=self.max_len)
         return balance(lengths, self.blocks.size, self.cost, budget=self.budget, capacity=sum(lengths))
 
     def step(self, model: nn.Module, lengths: Sequence[int], fetch) -> tuple[float, dict]:

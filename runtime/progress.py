@@ -95,6 +95,9 @@ class ConsoleHook(BaseHook):
         text = f"loss {result.loss:.4f}"
         if self.eval_loss is not None:
             text += f" · eval {self.eval_loss:.4f}"
+        if result.balance is not None:
+            text += (f" · busiest/mean work predicted {result.balance['predicted']:.2f}, measured "
+                     f"{result.balance['measured']:.2f}")
         return text + f" · {self.pace.tokens_per_s:,.0f} tok/s · ETA {format_seconds(self.pace.eta_seconds)}"
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:

@@ -16,6 +16,7 @@ Schema (version 1), every field always present:
 | ``eval_loss`` | float or null | held-out loss at the last evaluation |
 | ``eval_losses`` | list[{step, loss}] | every evaluation |
 | ``tokens`` | int | training tokens processed |
+| ``balance`` | list[dict] | hybrid data parallelism, per step: the plan's predicted busiest-rank / mean work (``predicted``), the measured one from each rank's CPU seconds of forward and backward (``measured``, ``compute_s``), the scheduler's milliseconds, split documents and the largest block; [] otherwise |
 | ``tokens_per_s`` | float | training tokens/s, wall clock from the end of step 1 (warm-up) to the end of step N, hooks and evaluations included |
 | ``step_seconds`` | float | mean wall time per step over the same span |
 | ``world_size`` | int | worker processes |
@@ -70,6 +71,8 @@ class SummaryHook(BaseHook):
         self.aux_losses: list[float] = []
         self.grad_norms: list[float] = []
         self.step_times: list[float] = []
+        self.step_tokens: list[int] = []
+        self.balance: list[dict[str, Any]] = []  # hybrid DP: each step's plan, predicted vs measured
         self._last_end: float | None = None
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
@@ -82,6 +85,12 @@ class SummaryHook(BaseHook):
         self.grad_norms.append(result.grad_norm)
         self.step_times.append(result.seconds if self._last_end is None else result.end - self._last_end)
         self._last_end = result.end
+        self.step_tokens.append(result.tokens)
+        if result.balance is not None:
+            b = result.balance
+            self.balance.append({"step": result.step, "predicted": b["predicted"], "measured": b["measured"],
+                                 "schedule_ms": b["schedule_ms"], "split": b["split"],
+                                 "largest_block": b["largest_block"], "compute_s": b["compute_s"]})
         self.pace.add(result)
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
@@ -90,7 +99,8 @@ class SummaryHook(BaseHook):
     def state_dict(self) -> dict[str, Any]:
         """The history so far, kept in snapshots so that a restored run reports every step once."""
         return {"losses": list(self.losses), "aux_losses": list(self.aux_losses), "grad_norms": list(self.grad_norms),
-                "step_times": list(self.step_times), "evals": list(self.evals)}
+                "step_times": list(self.step_times), "evals": list(self.evals), "step_tokens": list(self.step_tokens),
+                "balance": list(self.balance)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses = list(state["losses"])
@@ -98,6 +108,8 @@ class SummaryHook(BaseHook):
         self.grad_norms = list(state["grad_norms"])
         self.step_times = list(state["step_times"])
         self.evals = list(state["evals"])
+        self.step_tokens = list(state.get("step_tokens", []))
+        self.balance = list(state.get("balance", []))
 
     def on_end(self, trainer: Trainer) -> None:
         self.write(trainer, status="completed")
@@ -120,7 +132,8 @@ class SummaryHook(BaseHook):
             "step_times": self.step_times,
             "eval_loss": self.evals[-1]["loss"] if self.evals else None,
             "eval_losses": self.evals,
-            "tokens": len(self.losses) * self.config.train.global_batch * self.config.model.seq_len,
+            "tokens": sum(self.step_tokens),
+            "balance": self.balance,
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,

@@ -86,12 +86,13 @@ def fit_cost(samples: Sequence[tuple[int, float]], c: float = 0.0) -> Cost:
 @dataclass(frozen=True)
 class Group:
     """Ranks ``start … start+size−1`` run ``sequences`` (indices into the step's lengths): whole on one rank
-    when ``size == 1``, else each split over the block (hybrid DP gives a split sequence a block of its own;
-    a static mesh deals several to each)."""
+    when ``size == 1``; else split over the block, each on its own (hybrid DP gives a split sequence a block
+    of its own) or, ``packed``, as one window of documents (a static mesh's)."""
 
     start: int
     size: int
     sequences: tuple[int, ...]
+    packed: bool = False  # the sequences form one window split over the block (a static mesh's)
 
     @property
     def ranks(self) -> range:
@@ -236,20 +237,39 @@ def _split_further(i: int, g: int, ranks: int, lengths: Sequence[int], budget: i
                        f"raise the budget")
 
 
-def static_plan(lengths: Sequence[int], ranks: int, cp: int, cost: Cost) -> Plan:
-    """A static dp × cp mesh, the baseline: sequences dealt in turn to the ``ranks // cp`` data-parallel
-    replicas, each split over the replica's cp ranks whatever its length."""
+def static_plan(lengths: Sequence[int], ranks: int, cp: int, cost: Cost, *, window: int | None = None) -> Plan:
+    """A static dp × cp mesh, the baseline: documents packed in batch order into windows of ``window`` tokens
+    (default: the longest sequence), the windows dealt in turn to the ``ranks // cp`` data-parallel replicas,
+    each window split over its replica's cp ranks whatever its documents' lengths.
+
+    This is how fixed-mesh trainers feed variable-length data: every replica runs windows of one size, so
+    tokens per rank are even but attention work (Σ L² of the documents in its windows) is not, and every
+    document, however short, pays for the context-parallel exchange. Each window is one :class:`Group` with
+    ``packed=True`` (its documents attend only to themselves).
+    """
     if ranks % cp:
         raise BalanceError(f"cp: got {cp}; it must divide the {ranks} ranks")
+    window = window or max(lengths)
+    if max(lengths) > window:
+        raise BalanceError(f"window: {window} tokens cannot hold a sequence of {max(lengths)}")
+    windows: list[list[int]] = []
+    held = 0
+    for i, length in enumerate(lengths):
+        if not windows or held + length > window:
+            windows.append([])
+            held = 0
+        windows[-1].append(i)
+        held += length
     replicas = ranks // cp
     load = [0.0] * ranks
     tokens = [0] * ranks
-    members: dict[int, list[int]] = {}
-    for i, length in enumerate(lengths):
-        d = i % replicas
-        members.setdefault(d, []).append(i)
+    groups = []
+    for w, members in enumerate(windows):
+        d = w % replicas
+        size = sum(lengths[i] for i in members)
+        work = sum(cost.whole(lengths[i]) for i in members) / cp + (cost.c * size * (cp - 1) / cp if cp > 1 else 0.0)
         for r in range(d * cp, (d + 1) * cp):
-            load[r] += cost.split(length, cp)
-            tokens[r] += -(-length // cp)
-    groups = [Group(d * cp, cp, tuple(seqs)) for d, seqs in sorted(members.items())]
+            load[r] += work
+            tokens[r] += -(-size // cp)
+        groups.append(Group(d * cp, cp, tuple(members), packed=True))
     return Plan(groups=groups, load=load, tokens=tokens, blocks={i: cp for i in range(len(lengths))})

@@ -125,3 +125,14 @@ def test_the_cost_fit_recovers_a_and_b_and_stays_non_negative():
     assert bent.b == 0.0 and bent.a > 0
     with pytest.raises(BalanceError, match="two different lengths"):
         fit_cost([(100, 1.0), (100, 1.1)])
+
+
+def test_the_static_mesh_packs_windows_in_batch_order_and_deals_them_in_turn():
+    lengths = [30, 40, 10, 64, 5, 5, 50, 20]
+    plan = static_plan(lengths, 4, 2, Cost(a=1.0, b=0.0), window=64)
+    assert [g.sequences for g in plan.groups] == [(0,), (1, 2), (3,), (4, 5, 6), (7,)]
+    assert [g.start for g in plan.groups] == [0, 2, 0, 2, 0]  # two replicas of cp = 2, in turn
+    assert all(g.size == 2 and g.packed for g in plan.groups)
+    assert plan.tokens == [57, 57, 55, 55]  # each window's tokens halved (rounded up) on both of its ranks
+    with pytest.raises(BalanceError, match="window: 32 tokens cannot hold a sequence of 64"):
+        static_plan(lengths, 4, 2, Cost(a=1.0, b=0.0), window=32)

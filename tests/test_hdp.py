@@ -65,14 +65,18 @@ def _documents():
     return [(torch.randint(0, 61, (n,), generator=gen), torch.randint(0, 61, (n,), generator=gen)) for n in LENGTHS]
 
 
-def hybrid_step(rank: int, world: int, kind: str) -> dict:
+def hybrid_step(rank: int, world: int, kind: str, schedule: str = "balance") -> dict:
     from plait.parallel.hdp import forward_backward, reduce_gradients
-    from plait.scheduler.balance import Cost, balance
+    from plait.scheduler.balance import Cost, balance, static_plan
 
     dims = ParallelDims.resolve(world)
     blocks = BlockGroups(dims)
     model = _model(kind)
-    plan = balance(LENGTHS, world, Cost(a=1.0, b=1 / 16), budget=64)
+    if schedule == "balance":
+        plan = balance(LENGTHS, world, Cost(a=1.0, b=1 / 16), budget=64)
+    else:  # windows of 64 tokens packed in batch order, dealt to 2 replicas of cp = 2
+        plan = static_plan(LENGTHS, world, 2, Cost(a=1.0, b=1 / 16), window=64)
+        assert any(len(g.sequences) > 1 for g in plan.groups) and all(g.packed for g in plan.groups)
     loss = forward_backward(model, blocks, plan, _documents(), sum(LENGTHS))
     reduce_gradients(model, blocks)
     dist.all_reduce(loss, group=blocks.block(0, world).pg)
@@ -80,11 +84,13 @@ def hybrid_step(rank: int, world: int, kind: str) -> dict:
             "split": [g.size for g in plan.groups if g.size > 1]}
 
 
-@pytest.mark.parametrize("kind", ["gpt", "moe"])
-def test_hybrid_dp_gives_one_processs_loss_and_gradients(kind):
+@pytest.mark.parametrize("kind,schedule", [("gpt", "balance"), ("moe", "balance"), ("gpt", "static")])
+def test_hybrid_dp_gives_one_processs_loss_and_gradients(kind, schedule):
+    """Both the balance plan and the static mesh's packed windows (each document attending only itself,
+    rotary positions restarting per document, across a zig-zag split) equal plain PyTorch."""
     import torch.nn.functional as F
 
-    results = run_distributed(hybrid_step, 4, args=(kind,), timeout=180)
+    results = run_distributed(hybrid_step, 4, args=(kind, schedule), timeout=180)
     assert results[0]["split"]  # the plan splits some sequences over blocks and runs others whole
     # plain PyTorch: every document alone, token-mean over the whole batch
     model = _model(kind)
