@@ -15,6 +15,7 @@ a step's time is the wall clock between barriers around it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -24,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+PERIOD_US = 10_000  # a short period: a throttled rank waits at most a few ms before it runs again
 CORPUS_MAX = 32768  # the corpus's documents are cut here before scaling
 
 
@@ -34,9 +38,53 @@ def draw_lengths(source: str, step: int, count: int, max_len: int, corpus_length
     return [max(1, min(max_len, n // scale)) for n in rng.sample(corpus_lengths, count)]
 
 
+def own_cpu_share(cores: float) -> Path | None:
+    """Put this process in a cgroup of its own with ``cores`` of CPU bandwidth (CFS quota); None if not allowed.
+
+    Each rank then computes at a fixed rate whatever the other ranks do, as a device of its own would: on a
+    machine with fewer cores than ranks, an idle rank would otherwise lend its core to a busy one and hide
+    exactly the imbalance being measured.
+    """
+    name = f"plait-bench-hdp-{os.getpid()}"
+    quota = int(cores * PERIOD_US)
+    for root, write in ((CGROUP_V1, lambda d: ((d / "cpu.cfs_period_us").write_text(str(PERIOD_US)),
+                                               (d / "cpu.cfs_quota_us").write_text(str(quota)))),
+                        (CGROUP_V2, lambda d: (d / "cpu.max").write_text(f"{quota} {PERIOD_US}"))):
+        group = root / name
+        try:
+            group.mkdir()
+        except OSError:
+            continue
+        try:
+            write(group)
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+            return group
+        except OSError:
+            group.rmdir()
+    return None
+
+
+def leave(group: Path | None) -> None:
+    if group is None:
+        return
+    try:
+        (group.parent / "cgroup.procs").write_text(str(os.getpid()))
+        group.rmdir()
+    except OSError:
+        pass
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
+    group = own_cpu_share(spec["cpu_share"]) if spec.get("cpu_share") else None
+    try:
+        train_both(spec, out, group)
+    finally:
+        leave(group)
+
+
+def train_both(spec: dict, out: Path, group: Path | None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -86,7 +134,7 @@ def main() -> None:
                   f"{row['balance']['seconds']:.2f} s", flush=True)
     if rank == 0:
         h = engine.hybrid
-        out.write_text(json.dumps({"rows": rows, "static_cp": h.static_cp, "budget": h.budget, "max_len": max_len,
+        out.write_text(json.dumps({"rows": rows, "cpu_share": spec.get("cpu_share") if group else None, "static_cp": h.static_cp, "budget": h.budget, "max_len": max_len,
                                    "cost": {"a": h.cost.a, "b": h.cost.b, "c": h.cost.c,
                                             "measured": h.calibration}}))
     dist.destroy_process_group()

@@ -82,7 +82,7 @@ class ParallelEngine:
         self.config = config
         self.device = device
         self.coords = meshes.coordinates()
-        self.accumulation = config.global_batch // (config.micro_batch * self.dims.dp)
+        self.accumulation = max(1, config.global_batch // (config.micro_batch * self.dims.dp))
         self.is_moe = any(_is_moe(m) for m in model.modules())
         self.dim = model.cfg.dim
         apply_tp(model, meshes.group(MeshAxis.TP))

@@ -48,8 +48,11 @@ class JobConfig:
         self.snapshot.check_nodes(self.launch.nnodes)
         self.parallel.placement_of(world, self.launch.nnodes)
         dims = self.parallel.dims(world)
-        dims.check_model(model_spec(self.model), global_batch=self.train.global_batch,
-                         micro_batch=self.train.micro_batch, vpp=self.parallel.vpp)
+        documents = self.data.packing == "documents"
+        # A step of documents is train.global_batch whole documents, not micro-batches of windows.
+        dims.check_model(model_spec(self.model), vpp=self.parallel.vpp,
+                         global_batch=self.train.micro_batch * dims.dp if documents else self.train.global_batch,
+                         micro_batch=self.train.micro_batch)
         dp = dims.dp
         if self.parallel.pp > 1 and self.parallel.pp_schedule == "interleaved" and self.accumulation() % self.parallel.pp:
             raise ConfigError(
@@ -58,6 +61,12 @@ class JobConfig:
                 f"{self.accumulation()}, to be a multiple of parallel.pp={self.parallel.pp}",
             )
         self._check_documents(dims)
+        if documents:
+            if self.train.global_batch % dp:
+                raise ConfigError("train.global_batch", self.train.global_batch,
+                                  f"documents per step: the held-out windows are shared by the {dp} ranks, so it "
+                                  f"must be a multiple of dp = {dp}", hint=f"e.g. {-(-self.train.global_batch // dp) * dp}")
+            return
         per_rank = self.train.micro_batch * dp
         if self.train.global_batch % per_rank:
             lo = (self.train.global_batch // per_rank) * per_rank
@@ -119,7 +128,7 @@ class JobConfig:
     def accumulation(self) -> int:
         """Micro-batches per rank per step: global = micro × accumulation × dp."""
         dp = self.parallel.resolved_dp(self.launch.nproc)
-        return self.train.global_batch // (self.train.micro_batch * dp)
+        return max(1, self.train.global_batch // (self.train.micro_batch * dp))
 
 
 def load_config(
