@@ -60,8 +60,8 @@ def _train(work: Path, name: str, nproc: int, steps: int, budget: int) -> list[f
     return json.loads((run_dir / "summary.json").read_text())["losses"]
 
 
-def plain_losses(steps: int) -> list[float]:
-    """The demo config trained on its documents by a plain PyTorch loop on one process."""
+def plain_losses(steps: int, config: Path = REPO_CONFIG, sets: list[str] | None = None) -> list[float]:
+    """A config trained on its documents by a plain PyTorch loop on one process (default: the demo's)."""
     import torch
     import torch.nn.functional as F
 
@@ -70,8 +70,8 @@ def plain_losses(steps: int) -> list[float]:
     from plait.runtime.documents import DocumentLoader, document_pieces
     from plait.runtime.models import build_model
 
-    cfg = load_config(REPO_CONFIG, ["parallel.hybrid_dp=true", "data.packing=documents", "model.aux_loss_coef=0"],
-                      nproc=1)
+    # one process: the layout's keys back at their defaults (the budget only groups work, never changes the math)
+    cfg = load_config(config, [*PARITY_SETS[:3], "parallel.hdp_budget=0", "parallel.tp=1", *(sets or [])], nproc=1)
     t = cfg.train
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -5,7 +5,8 @@ capped at 32,768), and 1,000 documents of the corpus's own lengths (the standard
 library's files cut at 32,768 tokens), each on 8 and 64 ranks. For each, the scheduler's
 CPU time (median of 20 steps, each with fresh lengths; target ≤ 10 ms) and the predicted
 work of the busiest rank over the mean, for hybrid DP and for a static dp × cp mesh whose
-cp is the smallest that holds the longest sequence of the run (the usual choice), side by
+cp is the smallest that holds the longest sequence of the run (the usual choice; documents
+packed in batch order into windows of that length, dealt to the replicas in turn), side by
 side with their ratio. Work per sequence is ``a·L + b·L²``, fitted to the demo model's
 forward and backward on one CPU thread at 256 to 4,096 tokens, plus the context-parallel
 exchange of K and V at loopback rate when split. This is the schedule's prediction; the
@@ -31,14 +32,14 @@ def _pareto(rng: random.Random) -> list[int]:
 
 
 CALIBRATION_LENGTHS = [256, 512, 1024, 2048, 4096]
-LOOPBACK_BIT_S = 10e9  # gloo between two workers of this machine
 
 
 def calibrate(quick: bool):
     """Fit ``a·L + b·L²`` to the demo model's forward + backward on one CPU thread (median of 3 per length); ``c``:
-    the K and V rows (fp32) a rank of a split sequence all-gathers per token, at loopback rate."""
+    the K/V exchange per token of the runtime's own cost (:func:`plait.parallel.hdp.exchange_seconds_per_token`)."""
     import torch
 
+    from plait.parallel.hdp import exchange_seconds_per_token, measure_cost
     from plait.runtime.config import load_config
     from plait.runtime.models import build_model
     from plait.scheduler.balance import fit_cost
@@ -50,19 +51,10 @@ def calibrate(quick: bool):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_model(cfg)
-        samples = []
-        for length in CALIBRATION_LENGTHS:
-            tokens = torch.randint(0, cfg.vocab, (1, length))
-            times = []
-            for _ in range(1 if quick else 3):
-                start = time.perf_counter()
-                model(tokens).float().logsumexp(-1).sum().backward()
-                times.append(time.perf_counter() - start)
-            samples.append((length, statistics.median(times)))
+        samples = measure_cost(build_model(cfg), cfg.vocab, CALIBRATION_LENGTHS, repeats=1 if quick else 3)
     finally:
         torch.set_num_threads(threads)
-    return fit_cost(samples, c=2 * cfg.dim * 4 * 8 / LOOPBACK_BIT_S), samples
+    return fit_cost(samples, c=exchange_seconds_per_token(cfg)), samples
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -89,8 +81,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             draws = [(_pareto(rng) if source == "pareto" else rng.sample(lengths_all, SEQUENCES))
                      for _ in range(steps)]
             budget = 2 * max(sum(d) for d in draws) // ranks + 1  # room for twice the mean tokens per rank
+            longest = max(max(d) for d in draws)
             cp = 1
-            while max(max(d) for d in draws) > cp * budget:
+            while longest > cp * budget:
                 cp *= 2
             times, hdp, static = [], [], []
             for lengths in draws:
@@ -98,7 +91,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 plan = balance(lengths, ranks, cost, budget=budget)
                 times.append((time.process_time() - start) * 1e3)
                 hdp.append(max(plan.load))
-                static.append(max(static_plan(lengths, ranks, cp, cost).load))
+                static.append(max(static_plan(lengths, ranks, cp, cost, window=longest).load))
                 mean = sum(cost.whole(x) for x in lengths) / ranks
                 hdp[-1], static[-1] = hdp[-1] / mean, static[-1] / mean
             row = {"source": source, "ranks": ranks, "budget_tokens": budget, "static_cp": cp,

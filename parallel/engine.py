@@ -85,17 +85,18 @@ class ParallelEngine:
         self.accumulation = max(1, config.global_batch // (config.micro_batch * self.dims.dp))
         self.is_moe = any(_is_moe(m) for m in model.modules())
         self.dim = model.cfg.dim
-        apply_tp(model, meshes.group(MeshAxis.TP))
-        apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
         self.hybrid = None
         if config.hybrid_dp:
             from plait.parallel.hdp import HybridDP
 
-            # Experts stay whole on every rank: each rank runs its own number of forward calls per step, so
-            # no collective may run inside one (the MoE statistics stay local).
+            # Made before tensor parallelism splits the model: rank 0 times the whole model for the cost.
             self.hybrid = HybridDP(model, self.dims, budget=config.hdp_budget, max_len=config.max_len,
-                                   schedule=config.hdp_schedule)
-        elif self.is_moe:
+                                   schedule=config.hdp_schedule, tp=meshes.group(MeshAxis.TP))
+        apply_tp(model, meshes.group(MeshAxis.TP))
+        apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
+        # Under hybrid DP experts stay whole on every rank: each rank runs its own number of forward calls per
+        # step, so no collective may run inside one (the MoE statistics stay local).
+        if self.is_moe and self.hybrid is None:
             from plait.parallel.ep import apply_ep
 
             apply_ep(model, meshes, capacity_factor=config.capacity_factor)

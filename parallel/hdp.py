@@ -22,7 +22,7 @@ from torch import nn
 
 from plait.parallel import comm
 from plait.parallel.comm import Group
-from plait.parallel.cp import ContextParallelAttention, attention_modules, zigzag_positions
+from plait.parallel.cp import attention_modules, zigzag_positions
 from plait.scheduler.balance import Cost, Plan, fit_cost
 from plait.scheduler.dims import MeshAxis, ParallelDims
 
@@ -76,7 +76,7 @@ IGNORE = -100  # target of a padding token: no loss
 
 def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
                      documents: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]],
-                     total_tokens: int, row_tokens: int | None = None) -> torch.Tensor:
+                     total_tokens: int, row_tokens: int | None = None, tp: Group | None = None) -> torch.Tensor:
     """Run this rank's share of a step's plan, forward and backward: gradients accumulate into ``model``.
 
     Split sequences come first, in the plan's order, so every rank of a block reaches the block's
@@ -87,18 +87,23 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
     is the sum of token losses over ``total_tokens`` (the token mean of the whole global batch), so
     summing gradients over the dp × cp space gives one process's gradients. Returns this rank's loss
     sum (float64, detached).
+
+    Under tensor parallelism (``tp``, with sequence parallelism) every rank of the tp group runs the
+    same documents: each row is padded to a multiple of tp (2·g·tp when split) and the rank takes its
+    contiguous part of the tokens, as the engine does with windows.
     """
     total = torch.zeros((), dtype=torch.float64)
+    tp = tp if tp is not None and tp.size > 1 else None
     me = blocks.index
     for group in plan.groups:
         if group.size == 1 or me not in group.ranks:
             continue
         block = blocks.block(group.start, group.size)
         if group.packed:  # a static mesh's window of documents
-            total += _split_window(model, block, [documents[i] for i in group.sequences], total_tokens)
+            total += _split_window(model, block, [documents[i] for i in group.sequences], total_tokens, tp)
             continue
         for i in group.sequences:
-            total += _split_sequence(model, block, *documents[i], total_tokens)
+            total += _split_window(model, block, [documents[i]], total_tokens, tp)
     whole = [i for g in plan.groups if g.size == 1 and g.start == me for i in g.sequences]
     rows: list[list[int]] = []
     held = 0
@@ -110,34 +115,20 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
         rows[-1].append(i)
         held += n
     for row in rows:
-        x = torch.cat([documents[i][0] for i in row])[None]
+        x = torch.cat([documents[i][0] for i in row])
         y = torch.cat([documents[i][1] for i in row])
-        logits = model(x, documents=[[documents[i][0].numel() for i in row]])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum")
+        lengths = [documents[i][0].numel() for i in row]
+        if tp is not None:
+            pad = -x.numel() % tp.size  # a document of its own, without loss
+            if pad:
+                x, y = torch.cat((x, x.new_zeros(pad))), torch.cat((y, y.new_full((pad,), IGNORE)))
+                lengths.append(pad)
+            x, y = x.chunk(tp.size)[tp.rank], y.chunk(tp.size)[tp.rank]
+        logits = model(x[None], documents=[lengths])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
         (loss / total_tokens).backward()
         total += loss.detach().double()
     return total
-
-
-def _split_sequence(model: nn.Module, block: Group, x: torch.Tensor, y: torch.Tensor, total_tokens: int) -> torch.Tensor:
-    """Forward and backward of this rank's zig-zag share of one sequence split over ``block``; its loss sum."""
-    g = block.size
-    length = x.numel()
-    padded = -(-length // (2 * g)) * (2 * g)
-    xp = torch.cat((x, x.new_zeros(padded - length)))
-    yp = torch.cat((y, y.new_full((padded - length,), IGNORE)))
-    positions = zigzag_positions(padded, g, block.rank)
-    attention = attention_modules(model)
-    for m in attention:
-        m.attend = ContextParallelAttention(block, padded)
-    try:
-        logits = model(xp[positions][None], positions=positions)
-    finally:
-        for m in attention:
-            del m.attend
-    loss = F.cross_entropy(logits.float().flatten(0, 1), yp[positions], ignore_index=IGNORE, reduction="sum")
-    (loss / total_tokens).backward()
-    return loss.detach().double()
 
 
 class DocumentContextParallelAttention:
@@ -164,16 +155,19 @@ class DocumentContextParallelAttention:
 
 
 def _split_window(model: nn.Module, block: Group, documents: list[tuple[torch.Tensor, torch.Tensor]],
-                  total_tokens: int) -> torch.Tensor:
-    """Forward and backward of this rank's zig-zag share of a window of packed documents; its loss sum.
+                  total_tokens: int, tp: Group | None = None) -> torch.Tensor:
+    """Forward and backward of this rank's zig-zag share of a window of packed documents (one, for hybrid DP's
+    split sequences); its loss sum.
 
-    Padding to a multiple of 2·g is a document of its own without loss; rotary positions restart per document.
+    Padding to a multiple of 2·g (2·g·tp) is a document of its own without loss; rotary positions restart per
+    document. Under tensor parallelism the rank's zig-zag share is cut again into tp contiguous parts.
     """
     g = block.size
+    t = tp.size if tp is not None else 1
     x = torch.cat([d[0] for d in documents])
     y = torch.cat([d[1] for d in documents])
     length = x.numel()
-    padded = -(-length // (2 * g)) * (2 * g)
+    padded = -(-length // (2 * g * t)) * (2 * g * t)
     x = torch.cat((x, x.new_zeros(padded - length)))
     y = torch.cat((y, y.new_full((padded - length,), IGNORE)))
     sizes = [d[0].numel() for d in documents] + ([padded - length] if padded > length else [])
@@ -184,12 +178,15 @@ def _split_window(model: nn.Module, block: Group, documents: list[tuple[torch.Te
     attention = attention_modules(model)
     for m in attention:
         m.attend = DocumentContextParallelAttention(block, mine, gathered, document)
+    x, y = x[mine], y[mine]
+    if tp is not None:
+        x, y = x.chunk(t)[tp.rank], y.chunk(t)[tp.rank]
     try:
-        logits = model(x[mine][None], positions=within[mine])
+        logits = model(x[None], positions=within[mine])
     finally:
         for m in attention:
             del m.attend
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y[mine], ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
     (loss / total_tokens).backward()
     return loss.detach().double()
 
@@ -241,23 +238,30 @@ def calibrate_cost(model: nn.Module, *, max_len: int, group: dist.ProcessGroup |
     ``c`` charges the K and V rows a rank of a split sequence exchanges per token and layer (fp32, forward
     all-gather and backward reduce-scatter) at :data:`LOOPBACK_BIT_S`.
     """
-    cfg = model.cfg
     values = torch.zeros(2, dtype=torch.float64)
     samples: list = []
     if dist.get_rank() == 0:
-        samples = measure_cost(model, cfg.vocab, calibration_lengths(max_len))
+        samples = measure_cost(model, model.cfg.vocab, calibration_lengths(max_len))
         fitted = fit_cost(samples)
         values[:] = torch.tensor([fitted.a, fitted.b], dtype=torch.float64)
     dist.broadcast(values, src=0, group=group)
-    c = 2 * 2 * cfg.dim * 4 * cfg.layers * 8 / LOOPBACK_BIT_S
-    return Cost(a=float(values[0]), b=float(values[1]), c=c), samples
+    return Cost(a=float(values[0]), b=float(values[1]), c=exchange_seconds_per_token(model.cfg)), samples
+
+
+def exchange_seconds_per_token(cfg) -> float:
+    """Seconds per token of a split sequence's K/V exchange: K and V rows (fp32, ``dim`` wide) all-gathered in
+    the forward and reduce-scattered in the backward, every layer, at :data:`LOOPBACK_BIT_S`."""
+    return 2 * 2 * cfg.dim * 4 * cfg.layers * 8 / LOOPBACK_BIT_S
 
 
 class HybridDP:
     """A rank's hybrid data parallelism: block groups and cost made once, then one plan and step per batch."""
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, *, budget: int, max_len: int, schedule: str = "balance"):
+    def __init__(self, model: nn.Module, dims: ParallelDims, *, budget: int, max_len: int, schedule: str = "balance",
+                 tp: Group | None = None):
+        """``model`` whole (before tensor parallelism splits it): rank 0 times it to fit the cost."""
         self.blocks = BlockGroups(dims)
+        self.tp = tp
         self.budget = budget
         self.max_len = max_len
         self.schedule = schedule
@@ -282,7 +286,8 @@ class HybridDP:
         mine = sorted({i for g in plan.groups if me in g.ranks for i in g.sequences})
         documents = dict(zip(mine, fetch(mine)))
         cpu = time.process_time()
-        loss = forward_backward(model, self.blocks, plan, documents, total_tokens=sum(lengths), row_tokens=self.budget)
+        loss = forward_backward(model, self.blocks, plan, documents, total_tokens=sum(lengths), row_tokens=self.budget,
+                                tp=self.tp)
         compute = time.process_time() - cpu
         return float(loss), {"predicted": plan.imbalance, "schedule_ms": planned * 1e3, "compute_s": compute,
                              "split": sum(1 for g in plan.groups if g.size > 1),

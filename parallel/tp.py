@@ -93,6 +93,7 @@ def apply_tp(model: nn.Module, group: Group) -> None:
             param._plait_reduce = REPLICATED
     if group.size == 1:
         return
+    model._plait_sp = group.size  # the model's rows hold 1/tp of each sequence (packed documents need the whole)
     for module in list(model.modules()):
         if _is_attention(module):
             for name in ("wq", "wk", "wv"):

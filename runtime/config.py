@@ -48,6 +48,7 @@ class JobConfig:
         self.snapshot.check_nodes(self.launch.nnodes)
         self.parallel.placement_of(world, self.launch.nnodes)
         dims = self.parallel.dims(world)
+        self._check_documents(dims)
         documents = self.data.packing == "documents"
         # A step of documents is train.global_batch whole documents, not micro-batches of windows.
         dims.check_model(model_spec(self.model), vpp=self.parallel.vpp,
@@ -60,7 +61,6 @@ class JobConfig:
                 f"the interleaved schedule needs the micro-batches per step, global_batch / (micro_batch × dp) = "
                 f"{self.accumulation()}, to be a multiple of parallel.pp={self.parallel.pp}",
             )
-        self._check_documents(dims)
         if documents:
             if self.train.global_batch % dp:
                 raise ConfigError("train.global_batch", self.train.global_batch,
@@ -88,11 +88,14 @@ class JobConfig:
         if d.packing != "documents":
             raise ConfigError("parallel.hybrid_dp", True, "hybrid data parallelism balances whole documents",
                               hint="set data.packing=documents")
-        for axis in ("pp", "cp", "tp", "ep", "etp"):
+        for axis, why in (("cp", "its own per-document blocks of the dp ranks replace a static cp"),
+                          ("pp", "pipeline stages of variable-length documents are not supported yet"),
+                          ("ep", "expert all-to-alls need every rank of the ep group in the same forward calls, and "
+                                 "hybrid DP gives each rank its own documents"),
+                          ("etp", "expert all-to-alls need every rank of the ep group in the same forward calls")):
             if getattr(dims, axis) != 1:
-                raise ConfigError(f"parallel.{axis}", getattr(dims, axis),
-                                  "hybrid data parallelism runs over the data-parallel ranks alone for now: its own "
-                                  "per-sequence blocks replace cp", hint=f"set parallel.{axis}=1")
+                raise ConfigError(f"parallel.{axis}", getattr(dims, axis), f"hybrid data parallelism: {why}",
+                                  hint=f"set parallel.{axis}=1 (tensor parallelism works with it)")
         if dims.dp & (dims.dp - 1):
             raise ConfigError("launch.nproc", self.launch.nproc,
                               f"hybrid data parallelism splits documents over power-of-two blocks of ranks, so dp "
@@ -102,11 +105,12 @@ class JobConfig:
                               "the balancing loss's statistics span each forward call, and hybrid data parallelism "
                               "groups documents into calls differently on each layout",
                               hint="set model.aux_loss_coef=0 with parallel.hybrid_dp")
-        if m.seq_len % (2 * dims.dp):
+        unit = 2 * dims.dp * dims.tp
+        if m.seq_len % unit:
             raise ConfigError("model.seq_len", m.seq_len,
-                              f"a split document is padded to a multiple of 2 × its block, up to 2 × dp = "
-                              f"{2 * dims.dp}, and its positions must fit the rotary table",
-                              hint=f"use a multiple of {2 * dims.dp}")
+                              f"a split document is padded to a multiple of 2 × its block × tp, up to 2 × dp × tp = "
+                              f"{unit}, and its positions must fit the rotary table",
+                              hint=f"use a multiple of {unit}")
         max_len = self.max_len()
         if max_len > m.seq_len:
             raise ConfigError("data.max_len", d.max_len, f"documents longer than model.seq_len = {m.seq_len} have "

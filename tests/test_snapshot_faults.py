@@ -240,7 +240,9 @@ def test_a_corrupt_parity_piece_is_replaced_by_a_spare_with_two_parity_nodes(tmp
 
 def test_a_hung_daemon_skips_snapshots_and_they_resume(config, baseline, tmp_path):
     run_dir = tmp_path / "run"
-    fault = "hang-daemon:node=0:step=3:seconds=1"
+    # Hung long enough that the step-4 snapshot still meets it at step 5's update on a slow machine (steps take
+    # a fraction of a second; at 1 s a loaded machine's steps 3-5 outlasted the hang and nothing was skipped).
+    fault = "hang-daemon:node=0:step=3:seconds=3"
     summary, output = train(config, run_dir, fault)
     effect = _effects(summary)[fault]
     assert effect["state"] == "T" and effect["seconds"] >= 0

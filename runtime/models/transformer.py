@@ -130,7 +130,8 @@ class Transformer(nn.Module):
         if documents is not None:
             if positions is not None:
                 raise ValueError("documents: positions follow from the document lengths; pass one or the other")
-            positions, _ = packed_documents(documents, h.shape[1], h.device)
+            # under sequence parallelism h holds this rank's 1/tp of the row (set by parallel.tp.apply_tp)
+            positions, _ = packed_documents(documents, h.shape[1] * getattr(self, "_plait_sp", 1), h.device)
             cos, sin = self.rope.cos[positions], self.rope.sin[positions]
         else:
             cos, sin = self.rope(h.shape[1], positions)
