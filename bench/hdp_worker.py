@@ -47,6 +47,17 @@ def own_cpu_share(cores: float) -> Path | None:
     """
     name = f"plait-bench-hdp-{os.getpid()}"
     quota = int(cores * PERIOD_US)
+    for root in (CGROUP_V1, CGROUP_V2):  # the groups of killed runs (their process is gone)
+        for stale in root.glob("plait-bench-hdp-*") if root.is_dir() else ():
+            try:
+                os.kill(int(stale.name.rsplit("-", 1)[1]), 0)
+            except ProcessLookupError:
+                try:
+                    stale.rmdir()
+                except OSError:
+                    pass
+            except (ValueError, OSError):
+                pass
     for root, write in ((CGROUP_V1, lambda d: ((d / "cpu.cfs_period_us").write_text(str(PERIOD_US)),
                                                (d / "cpu.cfs_quota_us").write_text(str(quota)))),
                         (CGROUP_V2, lambda d: (d / "cpu.max").write_text(f"{quota} {PERIOD_US}"))):
