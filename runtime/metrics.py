@@ -57,6 +57,11 @@ class TrainingMetrics:
         self.eta_seconds = gauge("plait_eta_seconds", "Estimated seconds until the last step")
         self.grad_norm = gauge("plait_grad_norm", "Global gradient norm before clipping")
         self.lr = gauge("plait_learning_rate", "Learning rate of the last step")
+        self.hdp_predicted = gauge("plait_hdp_imbalance_predicted",
+                                   "Hybrid data parallelism: the last step's plan, busiest rank's work over the mean")
+        self.hdp_measured = gauge("plait_hdp_imbalance_measured",
+                                  "Hybrid data parallelism: the last step's busiest rank's forward+backward CPU "
+                                  "seconds over the mean")
         self.tokens_per_expert = Gauge(
             "plait_moe_tokens_per_expert",
             "Token copies routed to each expert in the last micro-batch, all ranks of the first pipeline stage",
@@ -150,6 +155,9 @@ class MetricsHook(BaseHook):
         m.eta_seconds.set(self.pace.eta_seconds)
         m.grad_norm.set(result.grad_norm)
         m.lr.set(result.lr)
+        if result.balance is not None:
+            m.hdp_predicted.set(result.balance["predicted"])
+            m.hdp_measured.set(result.balance["measured"])
         counts = trainer.engine.tokens_per_expert()
         if counts is not None:
             for layer, row in enumerate(counts.tolist()):

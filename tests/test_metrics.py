@@ -50,3 +50,23 @@ def test_health_is_json(server):
 def test_unknown_path_is_404(server):
     status, _, body = get(server.url + "/nope")
     assert status == 404 and "/metrics" in body
+
+
+def test_a_hybrid_dp_step_sets_the_imbalance_gauges():
+    from types import SimpleNamespace
+
+    from plait.runtime.metrics import MetricsConfig, MetricsHook
+    from plait.runtime.trainer import StepResult
+
+    hook = MetricsHook(MetricsConfig(port=0), job="hdp", flops_per_token=1.0, peak_flops_per_device=0.0, world=4)
+    hook.server.start()
+    try:
+        trainer = SimpleNamespace(engine=SimpleNamespace(tokens_per_expert=lambda: None), config=SimpleNamespace(steps=5))
+        result = StepResult(step=1, loss=2.0, aux_loss=0.0, grad_norm=1.0, lr=1e-3, tokens=100, seconds=0.5, end=1.0,
+                            balance={"predicted": 1.02, "measured": 1.07})
+        hook.on_step(trainer, result)
+        _, _, body = get(hook.server.url + "/metrics")
+        assert 'plait_hdp_imbalance_predicted{job="hdp"} 1.02' in body
+        assert 'plait_hdp_imbalance_measured{job="hdp"} 1.07' in body
+    finally:
+        hook.server.stop()
