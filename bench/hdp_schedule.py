@@ -8,7 +8,7 @@ work of the busiest rank over the mean, for hybrid DP and for a static dp × cp 
 cp is the smallest that holds the longest sequence of the run (the usual choice; documents
 packed in batch order into windows of that length, dealt to the replicas in turn), side by
 side with their ratio. Work per sequence is ``a·L + b·L²``, fitted to the demo model's
-forward and backward on one CPU thread at 256 to 4,096 tokens, plus the context-parallel
+forward and backward on one CPU thread at 256 to 4,096 tokens (and per call ``e``), plus the context-parallel
 exchange of K and V at loopback rate when split. This is the schedule's prediction; the
 measured step times of both are ``plait bench hdp``'s.
 """
@@ -35,7 +35,8 @@ CALIBRATION_LENGTHS = [256, 512, 1024, 2048, 4096]
 
 
 def calibrate(quick: bool):
-    """Fit ``a·L + b·L²`` to the demo model's forward + backward on one CPU thread (median of 3 per length); ``c``:
+    """Fit ``e + a·L + b·L²`` to the demo model's forward + backward on one CPU thread (median of 3 per row: single
+    sequences and two packed rows, which tell a call's overhead ``e`` from a token's); ``c``:
     the K/V exchange per token of the runtime's own cost (:func:`plait.parallel.hdp.exchange_seconds_per_token`)."""
     import torch
 
@@ -51,7 +52,8 @@ def calibrate(quick: bool):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        samples = measure_cost(build_model(cfg), cfg.vocab, CALIBRATION_LENGTHS, repeats=1 if quick else 3)
+        rows = [[n] for n in CALIBRATION_LENGTHS] + [[256] * 4, [64] * 16]  # packed rows: a call's overhead
+        samples = measure_cost(build_model(cfg), cfg.vocab, rows, repeats=1 if quick else 3)
     finally:
         torch.set_num_threads(threads)
     return fit_cost(samples, c=exchange_seconds_per_token(cfg)), samples
@@ -70,8 +72,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     hist = length_histogram(pieces, edges)
     steps = 5 if quick else 20
     out: dict[str, Any] = {"sequences": SEQUENCES, "max_len": MAX_LEN, "steps": steps, "target_ms": TARGET_MS,
-                           "cost": {"a": cost.a, "b": cost.b, "c": cost.c,
-                                    "measured": [{"tokens": L, "seconds": t} for L, t in samples]},
+                           "cost": {"a": cost.a, "b": cost.b, "c": cost.c, "e": cost.e,
+                                    "measured": [{"documents": L, "seconds": t} for L, t in samples]},
                            "corpus_lengths": {"documents": len(lengths_all), "edges": edges, "counts": hist,
                                               "median": statistics.median(lengths_all), "max": max(lengths_all)},
                            "runs": []}

@@ -145,8 +145,9 @@ def train_both(spec: dict, out: Path, group: Path | None) -> None:
                   f"{row['balance']['seconds']:.2f} s", flush=True)
     if rank == 0:
         h = engine.hybrid
-        out.write_text(json.dumps({"rows": rows, "cpu_share": spec.get("cpu_share") if group else None, "static_cp": h.static_cp, "budget": h.budget, "max_len": max_len,
-                                   "cost": {"a": h.cost.a, "b": h.cost.b, "c": h.cost.c,
+        out.write_text(json.dumps({"rows": rows, "cpu_share": spec.get("cpu_share") if group else None,
+                                   "static_cp": h.static_cp, "budget": h.budget, "max_len": max_len,
+                                   "cost": {"a": h.cost.a, "b": h.cost.b, "c": h.cost.c, "e": h.cost.e,
                                             "measured": h.calibration}}))
     dist.destroy_process_group()
 

@@ -202,31 +202,38 @@ def reduce_gradients(model: nn.Module, blocks: BlockGroups) -> None:
         dist.all_reduce(p.grad, group=whole.pg)
 
 
-def calibration_lengths(max_len: int) -> list[int]:
-    """Four lengths from max_len/8 to max_len (at least 16 tokens), distinct, for :func:`calibrate_cost`."""
-    return sorted({max(16, max_len // d) for d in (8, 4, 2, 1)})
+def calibration_rows(max_len: int) -> list[list[int]]:
+    """What :func:`calibrate_cost` times: single sequences of max_len/8 … max_len tokens (at least 16), and
+    rows of max_len tokens packed with 4 and 16 equal documents, which tell a call's overhead from a token's."""
+    singles = sorted({max(16, max_len // d) for d in (8, 4, 2, 1)})
+    packed = [[max(1, max_len // n)] * n for n in (4, 16)]
+    return [[n] for n in singles] + packed
 
 
-def measure_cost(model: nn.Module, vocab: int, lengths: Sequence[int], repeats: int = 2) -> list[tuple[int, float]]:
-    """Seconds of forward + backward of one sequence of each length (median of ``repeats``, CPU time on CPU).
+def measure_cost(model: nn.Module, vocab: int, rows: Sequence[Sequence[int]], repeats: int = 2) -> list[tuple[list[int], float]]:
+    """Seconds of forward + backward of each row (the lengths of the documents packed into it; one: a single
+    sequence), the median of ``repeats`` (CPU time on the CPU).
 
     Leaves the model's gradients as they were (None) and draws no random numbers from the global generator.
     """
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     samples = []
-    for length in lengths:
-        tokens = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+    for lengths in rows:
+        lengths = [int(n) for n in lengths]
+        tokens = torch.randint(0, vocab, (1, sum(lengths)), generator=gen).to(device)
+        documents = [lengths] if len(lengths) > 1 else None
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter() if device.type == "cuda" else time.process_time()
-            model(tokens).float().logsumexp(-1).sum().backward()
+            start = clock()
+            model(tokens, documents=documents).float().logsumexp(-1).sum().backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append((time.perf_counter() if device.type == "cuda" else time.process_time()) - start)
-        samples.append((length, statistics.median(times)))
+            times.append(clock() - start)
+        samples.append((lengths, statistics.median(times)))
     for p in model.parameters():
         p.grad = None
     return samples
@@ -238,14 +245,15 @@ def calibrate_cost(model: nn.Module, *, max_len: int, group: dist.ProcessGroup |
     ``c`` charges the K and V rows a rank of a split sequence exchanges per token and layer (fp32, forward
     all-gather and backward reduce-scatter) at :data:`LOOPBACK_BIT_S`.
     """
-    values = torch.zeros(2, dtype=torch.float64)
+    values = torch.zeros(3, dtype=torch.float64)
     samples: list = []
     if dist.get_rank() == 0:
-        samples = measure_cost(model, model.cfg.vocab, calibration_lengths(max_len))
+        samples = measure_cost(model, model.cfg.vocab, calibration_rows(max_len))
         fitted = fit_cost(samples)
-        values[:] = torch.tensor([fitted.a, fitted.b], dtype=torch.float64)
+        values[:] = torch.tensor([fitted.a, fitted.b, fitted.e], dtype=torch.float64)
     dist.broadcast(values, src=0, group=group)
-    return Cost(a=float(values[0]), b=float(values[1]), c=exchange_seconds_per_token(model.cfg)), samples
+    return Cost(a=float(values[0]), b=float(values[1]), c=exchange_seconds_per_token(model.cfg),
+                e=float(values[2])), samples
 
 
 def exchange_seconds_per_token(cfg) -> float:

@@ -10,8 +10,9 @@ as possible and no rank holds more tokens than its budget.
 
 **Work.** A sequence of L tokens costs ``a·L + b·L²`` seconds whole (the linear layers,
 then attention); split over g ranks, each rank does ``(a·L + b·L²)/g`` plus the context
-parallel exchange of K and V, ``c·L·(g−1)/g`` (:class:`Cost`; ``a``, ``b`` and ``c`` are
-calibrated on the device).
+parallel exchange of K and V, ``c·L·(g−1)/g``; every forward call costs ``e`` more (a split
+sequence's share is a call; a rank's whole sequences share rows of up to the budget)
+(:class:`Cost`; ``a``, ``b`` and ``e`` are fitted on the device, ``c`` from the bytes).
 
 **Scheduling.**
 
@@ -45,11 +46,13 @@ class BalanceError(PlaitError):
 @dataclass(frozen=True)
 class Cost:
     """Seconds of one sequence of L tokens: ``a·L + b·L²`` whole; split over g ranks, each rank's
-    ``(a·L + b·L²)/g + c·L·(g−1)/g``."""
+    ``(a·L + b·L²)/g + c·L·(g−1)/g + e``; and ``e`` for every forward call a rank makes (a split sequence's
+    share is one call; a rank's whole sequences share rows of up to the token budget, one call each)."""
 
     a: float
     b: float
     c: float = 0.0
+    e: float = 0.0
 
     def whole(self, length: int) -> float:
         return self.a * length + self.b * length * length
@@ -57,30 +60,51 @@ class Cost:
     def split(self, length: int, g: int) -> float:
         if g == 1:
             return self.whole(length)
-        return self.whole(length) / g + self.c * length * (g - 1) / g
+        return self.whole(length) / g + self.c * length * (g - 1) / g + self.e
 
 
-def fit_cost(samples: Sequence[tuple[int, float]], c: float = 0.0) -> Cost:
-    """The :class:`Cost` whose ``a·L + b·L²`` fits measured (L, seconds) best in least squares, a and b ≥ 0.
+def fit_cost(samples: Sequence[tuple[int | Sequence[int], float]], c: float = 0.0) -> Cost:
+    """The :class:`Cost` whose ``e + a·ΣL + b·ΣL²`` fits measured (lengths of one call, seconds) best in least
+    squares, with e, a and b ≥ 0 (a sample's lengths: one sequence, or the documents of a packed row).
 
-    Solves the 2×2 normal equations; where one coefficient would be negative the other is fitted
-    alone (a line through the origin in L or in L²).
+    Non-negative least squares by trying every subset of the three terms and keeping the best fit whose
+    coefficients are all non-negative; the fewer terms win a tie.
     """
-    if len({length for length, _ in samples}) < 2:
+    rows = [([x] if isinstance(x, int) else list(x), t) for x, t in samples]
+    if len({tuple(lengths) for lengths, _ in rows}) < 2:
         raise BalanceError("cost samples: need at least two different lengths to fit a·L + b·L²")
-    s11 = sum(float(L) ** 2 for L, _ in samples)
-    s12 = sum(float(L) ** 3 for L, _ in samples)
-    s22 = sum(float(L) ** 4 for L, _ in samples)
-    y1 = sum(L * t for L, t in samples)
-    y2 = sum(float(L) ** 2 * t for L, t in samples)
-    det = s11 * s22 - s12 * s12
-    a = (y1 * s22 - y2 * s12) / det
-    b = (s11 * y2 - s12 * y1) / det
-    if a < 0:
-        a, b = 0.0, max(0.0, y2 / s22)
-    elif b < 0:
-        a, b = max(0.0, y1 / s11), 0.0
-    return Cost(a=a, b=b, c=c)
+    design = [[1.0, float(sum(lengths)), float(sum(n * n for n in lengths))] for lengths, _ in rows]
+    target = [t for _, t in rows]
+    scale = [max(abs(r[j]) for r in design) or 1.0 for j in range(3)]
+    best: tuple[float, list[float]] | None = None
+    for subset in ((1,), (2,), (0,), (1, 2), (0, 1), (0, 2), (0, 1, 2)):
+        coef = _least_squares([[r[j] / scale[j] for j in subset] for r in design], target)
+        if coef is None or any(v < 0 for v in coef):
+            continue
+        full = [0.0, 0.0, 0.0]
+        for j, v in zip(subset, coef):
+            full[j] = v / scale[j]
+        residual = sum((sum(f * x for f, x in zip(full, r)) - t) ** 2 for r, t in zip(design, target))
+        if best is None or residual < best[0] * (1 - 1e-9):
+            best = (residual, full)
+    e, a, b = best[1] if best is not None else (0.0, 0.0, 0.0)
+    return Cost(a=a, b=b, c=c, e=e)
+
+
+def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:
+    """Solve the normal equations of x·β ≈ y (columns pre-scaled); None when they are singular."""
+    k = len(x[0])
+    m = [[sum(r[i] * r[j] for r in x) for j in range(k)] + [sum(r[i] * t for r, t in zip(x, y))] for i in range(k)]
+    for col in range(k):  # Gauss-Jordan with partial pivoting on a k ≤ 3 system
+        pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12 * max(1.0, max(abs(v) for row in m for v in row[:k])):
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(k):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [v - f * w for v, w in zip(m[r], m[col])]
+    return [m[i][k] / m[i][i] for i in range(k)]
 
 
 @dataclass(frozen=True)
@@ -202,6 +226,7 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capa
     heap = [(load[r], r) for r in range(ranks)]
     heapq.heapify(heap)
     on_rank: dict[int, list[int]] = {}
+    row: dict[int, int] = {}  # tokens in each rank's current row of whole sequences
     for i in whole:
         length = lengths[i]
         skipped = []
@@ -215,6 +240,10 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capa
             heapq.heapify(heap)
             continue
         _, r = heapq.heappop(heap)
+        if r not in row or row[r] + length > budget:  # a new row of whole sequences: one more call
+            load[r] += cost.e
+            row[r] = 0
+        row[r] += length
         load[r] += cost.whole(length)
         tokens[r] += length
         on_rank.setdefault(r, []).append(i)
@@ -267,7 +296,8 @@ def static_plan(lengths: Sequence[int], ranks: int, cp: int, cost: Cost, *, wind
     for w, members in enumerate(windows):
         d = w % replicas
         size = sum(lengths[i] for i in members)
-        work = sum(cost.whole(lengths[i]) for i in members) / cp + (cost.c * size * (cp - 1) / cp if cp > 1 else 0.0)
+        work = (sum(cost.whole(lengths[i]) for i in members) / cp + (cost.c * size * (cp - 1) / cp if cp > 1 else 0.0)
+                + cost.e)  # one call per window
         for r in range(d * cp, (d + 1) * cp):
             load[r] += work
             tokens[r] += -(-size // cp)

@@ -136,3 +136,23 @@ def test_the_static_mesh_packs_windows_in_batch_order_and_deals_them_in_turn():
     assert plan.tokens == [57, 57, 55, 55]  # each window's tokens halved (rounded up) on both of its ranks
     with pytest.raises(BalanceError, match="window: 32 tokens cannot hold a sequence of 64"):
         static_plan(lengths, 4, 2, Cost(a=1.0, b=0.0), window=32)
+
+
+def test_the_cost_fit_tells_a_calls_overhead_from_a_tokens():
+    truth = Cost(a=2e-6, b=3e-10, e=0.01)
+    rows = [[n] for n in (256, 512, 1024, 2048)] + [[512] * 4, [128] * 16]
+    fit = fit_cost([(row, truth.e + sum(truth.whole(n) for n in row)) for row in rows])
+    assert fit.e == pytest.approx(truth.e, rel=1e-6) and fit.a == pytest.approx(truth.a, rel=1e-6)
+    assert fit.b == pytest.approx(truth.b, rel=1e-6)
+
+
+def test_every_row_of_whole_sequences_and_every_split_share_is_a_call():
+    cost = Cost(a=1.0, b=0.0, e=10.0)
+    one_row_each = balance([5, 5, 5, 5], 2, cost, budget=10)
+    assert one_row_each.load == [20.0, 20.0]  # 10 tokens and one call per rank
+    a_row_per_document = balance([5, 5, 5, 5], 2, cost, budget=5, capacity=100)
+    assert a_row_per_document.load == [30.0, 30.0]  # rows of at most 5 tokens: two calls per rank
+    split = balance([40], 2, cost, budget=20)
+    assert split.load == [30.0, 30.0]  # half the work and the share's call
+    # two windows of 10 tokens on the one replica of cp 2: per rank, each window's 5 tokens and a call
+    assert static_plan([5, 5, 5, 5], 2, 2, cost, window=10).load == [30.0, 30.0]
