@@ -24,6 +24,8 @@ group (:mod:`plait.parallel.dp`), which gives the single-process gradient.
 
 from __future__ import annotations
 
+import statistics
+
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -89,20 +91,27 @@ class ParallelEngine:
         if config.hybrid_dp:
             from plait.parallel.hdp import HybridDP
 
-            # Made before tensor parallelism splits the model: rank 0 times the whole model for the cost.
+            # Expert all-to-alls and pipeline schedules span ranks with different documents: every rank then
+            # makes every round's call. Made before tensor parallelism splits the model: rank 0 times the whole
+            # model for the cost.
+            expert = self.is_moe and self.dims.ep * self.dims.etp > 1
             self.hybrid = HybridDP(model, self.dims, budget=config.hdp_budget, max_len=config.max_len,
-                                   schedule=config.hdp_schedule, tp=meshes.group(MeshAxis.TP))
+                                   schedule=config.hdp_schedule, tp=meshes.group(MeshAxis.TP),
+                                   lockstep=expert or self.dims.pp > 1 or config.vpp > 1,
+                                   multiple=self.dims.pp if config.vpp > 1 else 1)
         apply_tp(model, meshes.group(MeshAxis.TP))
         apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
-        # Under hybrid DP experts stay whole on every rank: each rank runs its own number of forward calls per
-        # step, so no collective may run inside one (the MoE statistics stay local).
-        if self.is_moe and self.hybrid is None:
+        # Under hybrid DP without expert parallelism experts stay whole on every rank: each rank makes its own
+        # number of forward calls per step, so no collective may run inside one (the MoE statistics stay local).
+        if self.is_moe and (self.hybrid is None or self.hybrid.lockstep and self.dims.ep * self.dims.etp > 1):
             from plait.parallel.ep import apply_ep
 
             apply_ep(model, meshes, capacity_factor=config.capacity_factor)
         self.pipeline = None
         if self.dims.pp > 1 or config.vpp > 1:
-            self.pipeline = apply_pp(model, self.dims, meshes.rank, micros=self.accumulation, vpp=config.vpp, layers=config.pp_layers)
+            # hybrid DP builds each step's schedule for its own number of calls (see HybridDP.step)
+            micros = self.dims.pp if self.hybrid is not None else self.accumulation
+            self.pipeline = apply_pp(model, self.dims, meshes.rank, micros=micros, vpp=config.vpp, layers=config.pp_layers)
             self.chunks = self.pipeline.chunks
         else:
             self.chunks = [model]
@@ -171,18 +180,21 @@ class ParallelEngine:
 
     def train_documents(self, lengths: list[int], fetch, lr: float) -> StepStats:
         """A hybrid data-parallel step of whole documents of ``lengths`` (``fetch(indices)`` loads some of them)."""
-        model = self.chunks[0]
-        model.train()
+        for chunk in self.chunks:
+            chunk.train()
         with self._autocast:
-            loss_sum, balance = self.hybrid.step(model, lengths, fetch)
+            loss_sum, balance = self.hybrid.step(self.chunks, lengths, fetch, pipeline=self.pipeline)
         sums = torch.zeros(2 + self.dims.world, dtype=torch.float64, device=self.device)
         sums[0] = loss_sum / sum(lengths)
         sums[2 + self.meshes.rank] = balance["compute_s"]
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         seconds = sums[2:].tolist()
-        mean = sum(seconds) / len(seconds)
-        balance.update(compute_s=seconds, measured=max(seconds) / mean if mean > 0 else 1.0)
+        # a position of the dp space is a tensor-parallel group and a pipeline: the mean of its ranks' seconds
+        spaces = self.dims.groups((MeshAxis.DP, MeshAxis.CP))
+        by_position = [statistics.fmean(seconds[space[i]] for space in spaces) for i in range(len(spaces[0]))]
+        mean = statistics.fmean(by_position)
+        balance.update(compute_s=seconds, measured=max(by_position) / mean if mean > 0 else 1.0)
         return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance)
 
     @torch.no_grad()

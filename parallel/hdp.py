@@ -17,13 +17,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from plait.parallel import comm
 from plait.parallel.comm import Group
-from plait.parallel.cp import attention_modules, zigzag_positions
+from plait.parallel.hdp_calls import prepare, run_calls, run_pipelined
 from plait.scheduler.balance import Cost, Plan, fit_cost
+from plait.scheduler.hdp_calls import rounds
 from plait.scheduler.dims import MeshAxis, ParallelDims
 
 LOOPBACK_BIT_S = 10e9  # the K/V exchange's assumed rate when calibrating on one machine
@@ -71,124 +70,31 @@ class BlockGroups:
         return len(self._mine)
 
 
-IGNORE = -100  # target of a padding token: no loss
-
-
 def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
                      documents: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]],
                      total_tokens: int, row_tokens: int | None = None, tp: Group | None = None) -> torch.Tensor:
-    """Run this rank's share of a step's plan, forward and backward: gradients accumulate into ``model``.
+    """Run this rank's calls of a step's plan, forward and backward, in free order (no collective spans ranks
+    with different documents): gradients accumulate into ``model``. Returns this rank's loss sum (float64).
 
-    Split sequences come first, in the plan's order, so every rank of a block reaches the block's
-    sequence together; each is padded at its end to a multiple of 2·g (padding attends only to
-    itself and has no loss), cut zig-zag and attended with its K and V gathered over the block.
-    Then this rank's whole sequences, packed into rows of at most ``row_tokens`` tokens (default: one row),
-    each attending only to itself; each row's backward runs before the next row's forward. The loss
-    is the sum of token losses over ``total_tokens`` (the token mean of the whole global batch), so
-    summing gradients over the dp × cp space gives one process's gradients. Returns this rank's loss
-    sum (float64, detached).
-
-    Under tensor parallelism (``tp``, with sequence parallelism) every rank of the tp group runs the
-    same documents: each row is padded to a multiple of tp (2·g·tp when split) and the rank takes its
-    contiguous part of the tokens, as the engine does with windows.
+    Split sequences are padded, cut zig-zag and attended with their K and V gathered over their block; whole
+    sequences are packed into rows of at most ``row_tokens`` tokens (default: one row); see
+    :mod:`plait.parallel.hdp_calls`. Summing gradients over the dp × cp space gives one process's gradients.
     """
-    total = torch.zeros((), dtype=torch.float64)
-    tp = tp if tp is not None and tp.size > 1 else None
-    me = blocks.index
-    for group in plan.groups:
-        if group.size == 1 or me not in group.ranks:
-            continue
-        block = blocks.block(group.start, group.size)
-        if group.packed:  # a static mesh's window of documents
-            total += _split_window(model, block, [documents[i] for i in group.sequences], total_tokens, tp)
-            continue
-        for i in group.sequences:
-            total += _split_window(model, block, [documents[i]], total_tokens, tp)
-    whole = [i for g in plan.groups if g.size == 1 and g.start == me for i in g.sequences]
-    rows: list[list[int]] = []
-    held = 0
-    for i in whole:
-        n = documents[i][0].numel()
-        if not rows or (row_tokens is not None and held + n > row_tokens):
-            rows.append([])
-            held = 0
-        rows[-1].append(i)
-        held += n
-    for row in rows:
-        x = torch.cat([documents[i][0] for i in row])
-        y = torch.cat([documents[i][1] for i in row])
-        lengths = [documents[i][0].numel() for i in row]
-        if tp is not None:
-            pad = -x.numel() % tp.size  # a document of its own, without loss
-            if pad:
-                x, y = torch.cat((x, x.new_zeros(pad))), torch.cat((y, y.new_full((pad,), IGNORE)))
-                lengths.append(pad)
-            x, y = x.chunk(tp.size)[tp.rank], y.chunk(tp.size)[tp.rank]
-        logits = model(x[None], documents=[lengths])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
-        (loss / total_tokens).backward()
-        total += loss.detach().double()
-    return total
+    lengths = _lengths(plan, documents)
+    calls = rounds(plan, lengths, blocks.size, row_tokens=row_tokens).of(blocks.index)
+    device = next(model.parameters()).device
+    prepared = [prepare(c, documents, blocks.block, blocks.index, tp, device) for c in calls]
+    return run_calls(model, prepared, total_tokens)
 
 
-class DocumentContextParallelAttention:
-    """Replaces ``Attention.attend`` for a window of packed documents split zig-zag over a block: K and V are
-    all-gathered, then each document's queries attend its own keys only (causal), so the work is Σ L²/g."""
-
-    def __init__(self, group: Group, q_index: torch.Tensor, k_index: torch.Tensor, document: torch.Tensor):
-        self.group = group
-        self.parts = []
-        q_doc, k_doc = document[q_index], document[k_index]
-        for d in torch.unique(q_doc).tolist():
-            qi = torch.nonzero(q_doc == d).flatten()
-            ki = torch.nonzero(k_doc == d).flatten()
-            self.parts.append((qi, ki, q_index[qi][:, None] >= k_index[ki][None, :]))
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k = comm.gather_from(k, self.group, 2)
-        v = comm.gather_from(v, self.group, 2)
-        out = q.new_zeros(q.shape)
-        for qi, ki, mask in self.parts:
-            part = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki], attn_mask=mask)
-            out = out.index_copy(2, qi, part)
-        return out
-
-
-def _split_window(model: nn.Module, block: Group, documents: list[tuple[torch.Tensor, torch.Tensor]],
-                  total_tokens: int, tp: Group | None = None) -> torch.Tensor:
-    """Forward and backward of this rank's zig-zag share of a window of packed documents (one, for hybrid DP's
-    split sequences); its loss sum.
-
-    Padding to a multiple of 2·g (2·g·tp) is a document of its own without loss; rotary positions restart per
-    document. Under tensor parallelism the rank's zig-zag share is cut again into tp contiguous parts.
-    """
-    g = block.size
-    t = tp.size if tp is not None else 1
-    x = torch.cat([d[0] for d in documents])
-    y = torch.cat([d[1] for d in documents])
-    length = x.numel()
-    padded = -(-length // (2 * g * t)) * (2 * g * t)
-    x = torch.cat((x, x.new_zeros(padded - length)))
-    y = torch.cat((y, y.new_full((padded - length,), IGNORE)))
-    sizes = [d[0].numel() for d in documents] + ([padded - length] if padded > length else [])
-    document = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    within = torch.cat([torch.arange(n) for n in sizes])
-    mine = zigzag_positions(padded, g, block.rank)
-    gathered = torch.cat([zigzag_positions(padded, g, r) for r in range(g)])
-    attention = attention_modules(model)
-    for m in attention:
-        m.attend = DocumentContextParallelAttention(block, mine, gathered, document)
-    x, y = x[mine], y[mine]
-    if tp is not None:
-        x, y = x.chunk(t)[tp.rank], y.chunk(t)[tp.rank]
-    try:
-        logits = model(x[None], positions=within[mine])
-    finally:
-        for m in attention:
-            del m.attend
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y, ignore_index=IGNORE, reduction="sum")
-    (loss / total_tokens).backward()
-    return loss.detach().double()
+def _lengths(plan: Plan, documents) -> list[int]:
+    """Lengths indexed like the plan's sequences: those of this rank's documents, 0 elsewhere (rows of other
+    ranks are never packed here)."""
+    n = 1 + max(i for g in plan.groups for i in g.sequences)
+    lengths = [0] * n
+    for i in (documents.keys() if isinstance(documents, Mapping) else range(len(documents))):
+        lengths[i] = documents[i][0].numel()
+    return lengths
 
 
 def reduce_gradients(model: nn.Module, blocks: BlockGroups) -> None:
@@ -263,16 +169,23 @@ def exchange_seconds_per_token(cfg) -> float:
 
 
 class HybridDP:
-    """A rank's hybrid data parallelism: block groups and cost made once, then one plan and step per batch."""
+    """A rank's hybrid data parallelism: block groups and cost made once, then one plan and step per batch.
+
+    ``lockstep`` (expert or pipeline parallelism around it): every rank makes every round's call, an empty
+    round as a padding call, so the collectives inside calls line up (see :mod:`plait.scheduler.hdp_calls`).
+    """
 
     def __init__(self, model: nn.Module, dims: ParallelDims, *, budget: int, max_len: int, schedule: str = "balance",
-                 tp: Group | None = None):
-        """``model`` whole (before tensor parallelism splits it): rank 0 times it to fit the cost."""
+                 tp: Group | None = None, lockstep: bool = False, multiple: int = 1):
+        """``model`` whole (before tensor parallelism splits it): rank 0 times it to fit the cost. ``multiple``:
+        the rounds of a step are padded to a multiple of it (the interleaved pipeline schedule's pp)."""
         self.blocks = BlockGroups(dims)
         self.tp = tp
         self.budget = budget
         self.max_len = max_len
         self.schedule = schedule
+        self.lockstep = lockstep
+        self.multiple = multiple
         self.cost, self.calibration = calibrate_cost(model, max_len=max_len)
         self.static_cp = 1
         while self.static_cp * budget < max_len:
@@ -285,18 +198,27 @@ class HybridDP:
             return static_plan(lengths, self.blocks.size, self.static_cp, self.cost, window=self.max_len)
         return balance(lengths, self.blocks.size, self.cost, budget=self.budget, capacity=sum(lengths))
 
-    def step(self, model: nn.Module, lengths: Sequence[int], fetch) -> tuple[float, dict]:
-        """Plan, load this rank's documents, forward and backward; returns (loss sum, the plan's balance)."""
+    def step(self, chunks: Sequence[nn.Module], lengths: Sequence[int], fetch, *, pipeline=None) -> tuple[float, dict]:
+        """Plan, load this rank's documents, forward and backward (through ``pipeline``'s schedule when given);
+        returns (loss sum, the plan's balance)."""
         start = time.perf_counter()
         plan = self.plan(lengths)
+        table = rounds(plan, lengths, self.blocks.size, row_tokens=self.budget, multiple=self.multiple)
         planned = time.perf_counter() - start
         me = self.blocks.index
-        mine = sorted({i for g in plan.groups if me in g.ranks for i in g.sequences})
+        calls = table.of(me, lockstep=self.lockstep)
+        mine = sorted({i for c in calls if c is not None for i in c.sequences})
         documents = dict(zip(mine, fetch(mine)))
+        device = next((p.device for c in chunks for p in c.parameters()), None)
         cpu = time.process_time()
-        loss = forward_backward(model, self.blocks, plan, documents, total_tokens=sum(lengths), row_tokens=self.budget,
-                                tp=self.tp)
+        prepared = [prepare(c, documents, self.blocks.block, me, self.tp, device) for c in calls]
+        if pipeline is None:
+            loss = run_calls(chunks[0], prepared, sum(lengths))
+        else:
+            loss = run_pipelined(pipeline, prepared, sum(lengths), dim=chunks[0].cfg.dim, device=device)
         compute = time.process_time() - cpu
         return float(loss), {"predicted": plan.imbalance, "schedule_ms": planned * 1e3, "compute_s": compute,
                              "split": sum(1 for g in plan.groups if g.size > 1),
-                             "largest_block": max(g.size for g in plan.groups)}
+                             "largest_block": max(g.size for g in plan.groups),
+                             "calls": table.count if self.lockstep else len(calls),
+                             "padding_calls": table.empty() if self.lockstep else 0}

@@ -69,8 +69,8 @@ def split_model(model: nn.Module, *, pp: int, pp_rank: int, vpp: int = 1, layers
         v = j * pp + pp_rank
         chunk = object.__new__(type(model))
         nn.Module.__init__(chunk)
-        for name, value in vars(model).items():  # plain attributes such as cfg
-            if not name.startswith("_") and name != "training":
+        for name, value in vars(model).items():  # plain attributes such as cfg, and plait's marks (_plait_sp)
+            if (not name.startswith("_") or name.startswith("_plait_")) and name != "training":
                 object.__setattr__(chunk, name, value)
         chunk.training = model.training  # not .train(): that would flip the shared submodules
         for name, module in model._modules.items():
@@ -115,7 +115,7 @@ def run_pipeline(
     vpp: int,
     pp_rank: int,
     rank_of_stage: Callable[[int], int],
-    act_shape: Sequence[int],
+    act_shape: Sequence[int] | Callable[[int], Sequence[int]],
     act_dtype: torch.dtype,
     forward: Forward,
     loss: Loss,
@@ -134,7 +134,8 @@ def run_pipeline(
     gradients accumulate over the micro-batches, as in plain gradient accumulation.
 
     Every boundary activation and its gradient is a tensor of ``act_shape``/``act_dtype``
-    (the caller guarantees it), sent with :func:`comm.isend` and received with blocking
+    (the caller guarantees it; ``act_shape(i)`` when micro-batches differ, as hybrid data
+    parallelism's do), sent with :func:`comm.isend` and received with blocking
     :func:`comm.recv`. :data:`comm.LEDGER` therefore records, on pp rank r per call, with
     ``a = prod(act_shape) · act_dtype.itemsize`` and ``m`` micro-batches, under ("pp", "send"):
 
@@ -155,7 +156,7 @@ def run_pipeline(
         device = param.device if param is not None else torch.device("cpu")
     if not backward and any(a.kind == "B" for a in actions):
         raise ValueError("backward=False but the schedule contains backward actions")
-    shape = tuple(act_shape)
+    shape_of = (lambda i: tuple(act_shape(i))) if callable(act_shape) else (lambda i, s=tuple(act_shape): s)
     mailbox: dict[int, torch.Tensor] = {}  # pp == 1: stage to stage on this rank
     pending: list[tuple[dist.Work, torch.Tensor]] = []  # (Work, buffer) until the send completes
     saved: dict[tuple[int, int], tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]] = {}
@@ -168,17 +169,18 @@ def run_pipeline(
             t = t.contiguous()
             pending.append((comm.isend(t, rank_of_stage(stage % pp), axis="pp", tag=tag), t))
 
-    def receive(stage: int, tag: int) -> torch.Tensor:
+    def receive(stage: int, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
         if stage % pp == pp_rank:
             return mailbox.pop(tag)
         return comm.recv(torch.empty(shape, dtype=act_dtype, device=device), rank_of_stage(stage % pp), tag=tag)
 
     for a in actions:
         v, i = a.chunk, a.micro
+        shape = shape_of(i)
         if v % pp != pp_rank:
             raise ValueError(f"action {a} belongs to pp rank {v % pp}, not {pp_rank}")
         if a.kind == "F":
-            x = None if v == 0 else receive(v - 1, _tag(0, v - 1, i, stages))
+            x = None if v == 0 else receive(v - 1, _tag(0, v - 1, i, stages), shape)
             with torch.enable_grad() if backward else torch.no_grad():
                 if x is not None and backward:
                     x.requires_grad_()
@@ -200,7 +202,7 @@ def run_pipeline(
         else:
             x, roots, grads = saved.pop((v, i))
             if v < stages - 1:
-                grads[0] = receive(v + 1, _tag(1, v + 1, i, stages))
+                grads[0] = receive(v + 1, _tag(1, v + 1, i, stages), shape)
             torch.autograd.backward(roots, grads)  # frees the graph (retain_graph=False)
             if v > 0:
                 g = x.grad if x.grad is not None else torch.zeros(shape, dtype=act_dtype, device=device)

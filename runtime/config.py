@@ -55,7 +55,8 @@ class JobConfig:
                          global_batch=self.train.micro_batch * dims.dp if documents else self.train.global_batch,
                          micro_batch=self.train.micro_batch)
         dp = dims.dp
-        if self.parallel.pp > 1 and self.parallel.pp_schedule == "interleaved" and self.accumulation() % self.parallel.pp:
+        if (self.parallel.pp > 1 and self.parallel.pp_schedule == "interleaved" and not documents
+                and self.accumulation() % self.parallel.pp):
             raise ConfigError(
                 "train.global_batch", self.train.global_batch,
                 f"the interleaved schedule needs the micro-batches per step, global_batch / (micro_batch × dp) = "
@@ -78,7 +79,7 @@ class JobConfig:
             )
 
     def _check_documents(self, dims) -> None:
-        """data.packing=documents and parallel.hybrid_dp go together, around data parallelism alone (for now)."""
+        """data.packing=documents and parallel.hybrid_dp go together; hybrid DP replaces a static cp."""
         p, d, m = self.parallel, self.data, self.model
         if d.packing == "documents" and not p.hybrid_dp:
             raise ConfigError("data.packing", d.packing, "whole documents are placed by hybrid data parallelism",
@@ -88,14 +89,10 @@ class JobConfig:
         if d.packing != "documents":
             raise ConfigError("parallel.hybrid_dp", True, "hybrid data parallelism balances whole documents",
                               hint="set data.packing=documents")
-        for axis, why in (("cp", "its own per-document blocks of the dp ranks replace a static cp"),
-                          ("pp", "pipeline stages of variable-length documents are not supported yet"),
-                          ("ep", "expert all-to-alls need every rank of the ep group in the same forward calls, and "
-                                 "hybrid DP gives each rank its own documents"),
-                          ("etp", "expert all-to-alls need every rank of the ep group in the same forward calls")):
-            if getattr(dims, axis) != 1:
-                raise ConfigError(f"parallel.{axis}", getattr(dims, axis), f"hybrid data parallelism: {why}",
-                                  hint=f"set parallel.{axis}=1 (tensor parallelism works with it)")
+        if dims.cp != 1:
+            raise ConfigError("parallel.cp", dims.cp, "hybrid data parallelism: its own per-document blocks of the dp "
+                              "ranks replace a static cp", hint="set parallel.cp=1 (tensor, pipeline and expert "
+                              "parallelism work with it)")
         if dims.dp & (dims.dp - 1):
             raise ConfigError("launch.nproc", self.launch.nproc,
                               f"hybrid data parallelism splits documents over power-of-two blocks of ranks, so dp "

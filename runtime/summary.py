@@ -90,7 +90,8 @@ class SummaryHook(BaseHook):
             b = result.balance
             self.balance.append({"step": result.step, "predicted": b["predicted"], "measured": b["measured"],
                                  "schedule_ms": b["schedule_ms"], "split": b["split"],
-                                 "largest_block": b["largest_block"], "compute_s": b["compute_s"]})
+                                 "largest_block": b["largest_block"], "calls": b.get("calls"),
+                                 "padding_calls": b.get("padding_calls"), "compute_s": b["compute_s"]})
         self.pace.add(result)
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:

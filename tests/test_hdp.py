@@ -103,3 +103,60 @@ def test_hybrid_dp_gives_one_processs_loss_and_gradients(kind, schedule):
         for name, p in model.named_parameters():
             # the same sums in another order over 4 ranks: float32 rounding only
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def lockstep_expert_step(rank: int, world: int) -> dict:
+    """Experts over ep 2 × edp 2: rank 0 and 1 share a long sequence, rank 2 has three rows and rank 3 one, so
+    ranks 0, 1 and 3 make padding calls that must still run every expert all-to-all."""
+    from plait.parallel.ep import apply_ep
+    from plait.parallel.hdp_calls import prepare, run_calls
+    from plait.parallel.mesh import ParallelMeshes
+    from plait.scheduler.balance import Group, Plan
+    from plait.scheduler.hdp_calls import rounds
+
+    dims = ParallelDims.resolve(world, ep=2)
+    meshes = ParallelMeshes(dims)
+    blocks = BlockGroups(dims)
+    model = _model("moe")
+    apply_ep(model, meshes)
+    plan = Plan(groups=[Group(0, 2, (1,)), Group(0, 2, (6,)), Group(2, 1, (0, 2, 3, 4, 5, 7)), Group(3, 1, (8, 9))],
+                load=[0.0] * world, tokens=[0] * world)
+    table = rounds(plan, LENGTHS, world, row_tokens=20)
+    calls = table.of(blocks.index, lockstep=True)
+    docs = _documents()
+    prepared = [prepare(c, dict(enumerate(docs)), blocks.block, blocks.index) for c in calls]
+    loss = run_calls(model, prepared, sum(LENGTHS))
+    dist.all_reduce(loss)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if getattr(p, "_plait_reduce", None) == "edp":  # this rank's experts: summed over its edp pair
+            dist.all_reduce(g, group=meshes.group("edp").pg)
+            g = dist_gather_experts(g, meshes.group("ep"))
+        else:
+            dist.all_reduce(g)
+        grads[name] = g
+    return {"loss": loss.item(), "grads": grads, "calls": len(calls), "padding": sum(c is None for c in calls)}
+
+
+def dist_gather_experts(g: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(g) for _ in range(group.size)]
+    dist.all_gather(parts, g.contiguous(), group=group.pg)
+    return torch.cat(parts)
+
+
+def test_lockstep_padding_calls_run_the_expert_all_to_alls_and_add_nothing():
+    import torch.nn.functional as F
+
+    results = run_distributed(lockstep_expert_step, 4, timeout=180)
+    assert {r["calls"] for r in results} == {4}  # rank 2's four rows (5+12 | 33 | 7+3 | 20) set the count
+    assert [r["padding"] for r in results] == [2, 2, 0, 3]
+    model = _model("moe")
+    total = 0
+    for x, y in _documents():
+        total = total + F.cross_entropy(model(x[None]).flatten(0, 1), y, reduction="sum")
+    (total / sum(LENGTHS)).backward()
+    for got in results:
+        assert got["loss"] == pytest.approx(total.item(), rel=1e-6)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)

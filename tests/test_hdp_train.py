@@ -36,9 +36,7 @@ def plait(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("sets,key,text", [
     (["data.packing=documents"], "data.packing", "parallel.hybrid_dp=true"),
     (["parallel.hybrid_dp=true"], "parallel.hybrid_dp", "data.packing=documents"),
-    ([*HYBRID, "parallel.pp=2"], "parallel.pp", "parallel.pp=1"),
     ([*HYBRID, "parallel.cp=2"], "parallel.cp", "parallel.cp=1"),
-    ([*HYBRID, "model.kind=moe", "model.aux_loss_coef=0", "parallel.ep=2"], "parallel.ep", "parallel.ep=1"),
     ([*HYBRID, "parallel.tp=2", "model.seq_len=132"], "model.seq_len", "multiple of 8"),
     ([*HYBRID, "model.kind=moe", "model.aux_loss_coef=0.01"], "model.aux_loss_coef", "aux_loss_coef=0"),
     ([*HYBRID, "model.seq_len=36"], "model.seq_len", "multiple of 8"),
@@ -123,4 +121,28 @@ def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp
     assert summary["parallel"]["tp"] == 2 and summary["parallel"]["dp"] == 2
     assert any(b["split"] for b in summary["balance"])
     for got, want in zip(summary["losses"], plain_losses(4, runs["config"]), strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("sets", [
+    # experts over ep 2 × edp 2 and pipeline stages: every rank makes every round's call
+    ["model.kind=moe", "model.aux_loss_coef=0", "parallel.ep=2", "parallel.pp=2", "parallel.hdp_budget=32"],
+    # the interleaved schedule: calls padded to a multiple of pp micro-batches
+    ["model.layers=4", "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "parallel.hdp_budget=32"],
+], ids=["moe-ep2-pp2", "pp2-vpp2"])
+def test_expert_and_pipeline_parallelism_around_hybrid_dp_train_like_plain_pytorch(runs, tmp_path, sets):
+    """Padding calls themselves are checked in test_hdp (a plan that needs them, against plain PyTorch)."""
+    from plait.bench.hdp import plain_losses
+
+    run = tmp_path / "run"
+    plait("train", "--config", str(runs["config"]), "--nproc", "4", "--run-dir", str(run), "--set", *sets,
+          "snapshot.every=0", "snapshot.disk_every=0")
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("ep", "pp", "tp"):
+        want = next((int(s.split("=")[1]) for s in sets if s.startswith(f"parallel.{key}=")), 1)
+        assert summary["parallel"][key] == want
+    # every document of a step is split over the dp space of 2 (64 tokens, a budget of 32): one call each
+    assert all(b["split"] == 8 and b["calls"] == 8 and b["padding_calls"] == 0 for b in summary["balance"])
+    model = [s for s in sets if s.startswith("model.")]
+    for got, want in zip(summary["losses"], plain_losses(4, runs["config"], model), strict=True):
         assert got == pytest.approx(want, rel=1e-5)
