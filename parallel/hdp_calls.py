@@ -42,7 +42,8 @@ class DocumentContextParallelAttention:
 
     The queries of a document are taken one zig-zag chunk (``chunk`` positions) at a time, against only the
     keys up to that chunk's last position: the masked scores computed are about Σ L²·(2g+1)/(4g²) per rank
-    rather than the Σ L²/g of a dense [share, L] block (all of a document's keys for every query).
+    rather than the Σ L²/g of a dense [share, L] block (all of a document's keys for every query). A document
+    that lies within one chunk (a short one of a static mesh's window) is attended causally without a mask.
     """
 
     def __init__(self, group: Group, q_index: torch.Tensor, k_index: torch.Tensor, document: torch.Tensor,
@@ -57,15 +58,19 @@ class DocumentContextParallelAttention:
                 qi = torch.nonzero(mine & (q_chunk == j)).flatten()
                 last = int(q_index[qi].max())
                 ki = torch.nonzero((k_doc == d) & (k_index <= last)).flatten()
-                mask = q_index[qi][:, None] >= k_index[ki][None, :]
-                self.parts.append((qi.to(device), ki.to(device), mask.to(device)))
+                if torch.equal(k_index[ki], q_index[qi]):  # the document lies within this chunk: plain causal
+                    mask = None
+                else:
+                    mask = (q_index[qi][:, None] >= k_index[ki][None, :]).to(device)
+                self.parts.append((qi.to(device), ki.to(device), mask))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k = comm.gather_from(k, self.group, 2)
         v = comm.gather_from(v, self.group, 2)
         out = q.new_zeros(q.shape)
         for qi, ki, mask in self.parts:
-            part = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki], attn_mask=mask)
+            part = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki], attn_mask=mask,
+                                                  is_causal=mask is None)
             out = out.index_copy(2, qi, part)
         return out
 

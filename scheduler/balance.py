@@ -9,7 +9,9 @@ sequence and the rank of every whole one, so that the estimated work per rank is
 as possible and no rank holds more tokens than its budget.
 
 **Work.** A sequence of L tokens costs ``a·L + b·L²`` seconds whole (the linear layers,
-then attention); split over g ranks, each rank does ``(a·L + b·L²)/g`` plus the context
+then attention); split over g ranks, each rank does ``a·L/g + b·L²·(2g+1)/(2g²)`` (its two
+zig-zag chunks of L/2g queries score every key up to each chunk, (2g+1)·L²/4g² scores against
+the L²/2 of causal attention on one rank) plus the context
 parallel exchange of K and V, ``c·L·(g−1)/g``; every forward call costs ``e`` more (a split
 sequence's share is a call; a rank's whole sequences share rows of up to the budget)
 (:class:`Cost`; ``a``, ``b`` and ``e`` are fitted on the device, ``c`` from the bytes).
@@ -46,8 +48,9 @@ class BalanceError(PlaitError):
 @dataclass(frozen=True)
 class Cost:
     """Seconds of one sequence of L tokens: ``a·L + b·L²`` whole; split over g ranks, each rank's
-    ``(a·L + b·L²)/g + c·L·(g−1)/g + e``; and ``e`` for every forward call a rank makes (a split sequence's
-    share is one call; a rank's whole sequences share rows of up to the token budget, one call each)."""
+    ``a·L/g + b·L²·(2g+1)/(2g²) + c·L·(g−1)/g + e`` (the zig-zag share's attention scores every key up to each
+    of its two chunks); and ``e`` for every forward call a rank makes (a split sequence's share is one call; a
+    rank's whole sequences share rows of up to the token budget, one call each)."""
 
     a: float
     b: float
@@ -60,7 +63,8 @@ class Cost:
     def split(self, length: int, g: int) -> float:
         if g == 1:
             return self.whole(length)
-        return self.whole(length) / g + self.c * length * (g - 1) / g + self.e
+        return (self.a * length / g + self.b * length * length * (2 * g + 1) / (2 * g * g)
+                + self.c * length * (g - 1) / g + self.e)
 
 
 def fit_cost(samples: Sequence[tuple[int | Sequence[int], float]], c: float = 0.0) -> Cost:
@@ -296,10 +300,20 @@ def static_plan(lengths: Sequence[int], ranks: int, cp: int, cost: Cost, *, wind
     for w, members in enumerate(windows):
         d = w % replicas
         size = sum(lengths[i] for i in members)
-        work = (sum(cost.whole(lengths[i]) for i in members) / cp + (cost.c * size * (cp - 1) / cp if cp > 1 else 0.0)
-                + cost.e)  # one call per window
+        work = (sum(_in_window(cost, lengths[i], cp, window) for i in members)
+                + (cost.c * size * (cp - 1) / cp if cp > 1 else 0.0) + cost.e)  # one call per window
         for r in range(d * cp, (d + 1) * cp):
             load[r] += work
             tokens[r] += -(-size // cp)
         groups.append(Group(d * cp, cp, tuple(members), packed=True))
     return Plan(groups=groups, load=load, tokens=tokens, blocks={i: cp for i in range(len(lengths))})
+
+
+def _in_window(cost: Cost, length: int, cp: int, window: int) -> float:
+    """One rank's mean work for a document of a window split zig-zag over cp ranks: a document longer than a
+    chunk (window / 2cp) is attended like a split sequence; a shorter one lies within one chunk, whole on one
+    rank (a cp-th of it on average)."""
+    if cp == 1 or length <= window // (2 * cp):
+        return cost.whole(length) / cp
+    return cost.split(length, cp) - cost.c * length * (cp - 1) / cp - cost.e
+
