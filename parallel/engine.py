@@ -190,11 +190,12 @@ class ParallelEngine:
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         seconds = sums[2:].tolist()
-        # a position of the dp space is a tensor-parallel group and a pipeline: the mean of its ranks' seconds
+        # a position of the dp space is a tensor-parallel group and a pipeline: the sum of its ranks' seconds
         spaces = self.dims.groups((MeshAxis.DP, MeshAxis.CP))
-        by_position = [statistics.fmean(seconds[space[i]] for space in spaces) for i in range(len(spaces[0]))]
+        by_position = [sum(seconds[space[i]] for space in spaces) for i in range(len(spaces[0]))]
         mean = statistics.fmean(by_position)
         balance.update(compute_s=seconds, measured=max(by_position) / mean if mean > 0 else 1.0)
+        self.hybrid.observe(by_position)  # a position's seconds summed: its whole model's work, as calibrated
         return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance)
 
     @torch.no_grad()

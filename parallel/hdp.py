@@ -21,10 +21,11 @@ from torch import nn
 
 from plait.parallel.comm import Group
 from plait.parallel.hdp_calls import prepare, run_calls, run_pipelined
-from plait.scheduler.balance import Cost, Plan, fit_cost
+from plait.scheduler.balance import Cost, Plan, calls_terms, fit_cost, fit_terms
 from plait.scheduler.hdp_calls import rounds
 from plait.scheduler.dims import MeshAxis, ParallelDims
 
+OBSERVED = 256  # rank-steps the cost is refitted on
 LOOPBACK_BIT_S = 10e9  # the K/V exchange's assumed rate when calibrating on one machine
 
 
@@ -187,6 +188,13 @@ class HybridDP:
         self.lockstep = lockstep
         self.multiple = multiple
         self.cost, self.calibration = calibrate_cost(model, max_len=max_len)
+        # The calibrated cost's predictions for its own rows anchor the refits (every rank computes them alike).
+        self.anchors = []
+        for row in calibration_rows(max_len):
+            terms = (1.0, float(sum(row)), float(sum(n * n for n in row)))
+            self.anchors.append((terms, self.cost.e + self.cost.a * terms[1] + self.cost.b * terms[2]))
+        self.observed: list[tuple[tuple[float, float, float], float]] = []
+        self._last: tuple | None = None
         self.static_cp = 1
         while self.static_cp * budget < max_len:
             self.static_cp *= 2
@@ -206,6 +214,7 @@ class HybridDP:
         table = rounds(plan, lengths, self.blocks.size, row_tokens=self.budget, multiple=self.multiple)
         planned = time.perf_counter() - start
         me = self.blocks.index
+        self._last = (table, list(lengths)) if self.schedule == "balance" else None
         calls = table.of(me, lockstep=self.lockstep)
         mine = sorted({i for c in calls if c is not None for i in c.sequences})
         documents = dict(zip(mine, fetch(mine)))
@@ -222,3 +231,25 @@ class HybridDP:
                              "largest_block": max(g.size for g in plan.groups),
                              "calls": table.count if self.lockstep else len(calls),
                              "padding_calls": table.empty() if self.lockstep else 0}
+
+    def observe(self, seconds: Sequence[float]) -> None:
+        """Refit the cost on the last step's measured seconds per position of the dp space (the same numbers on
+        every rank, after the step's all-reduce, so every rank refits alike and plans stay identical).
+
+        ``e``, ``a`` and ``b`` are fitted by non-negative least squares on the latest :data:`OBSERVED` rank-steps
+        (each rank's calls summed into the cost's terms) and the calibration's rows as predicted at start, which
+        keep the fit defined while few steps are in; ``c`` stays as assumed. Only steps of the balance schedule
+        are observed.
+        """
+        if self._last is None:
+            return
+        table, lengths = self._last
+        self._last = None
+        for r, sec in enumerate(seconds):
+            calls = [None if c is None else (c.size, c.sequences, c.packed) for c in table.of(r, lockstep=self.lockstep)]
+            n, ta, tb, tc = calls_terms(calls, lengths, self.max_len)
+            if n:
+                self.observed.append(((n, ta, tb), sec - self.cost.c * tc))
+        del self.observed[:-OBSERVED]
+        e, a, b = fit_terms(self.anchors + self.observed)
+        self.cost = Cost(a=a, b=b, c=self.cost.c, e=e)

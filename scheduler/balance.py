@@ -70,15 +70,23 @@ class Cost:
 def fit_cost(samples: Sequence[tuple[int | Sequence[int], float]], c: float = 0.0) -> Cost:
     """The :class:`Cost` whose ``e + a·ΣL + b·ΣL²`` fits measured (lengths of one call, seconds) best in least
     squares, with e, a and b ≥ 0 (a sample's lengths: one sequence, or the documents of a packed row).
-
-    Non-negative least squares by trying every subset of the three terms and keeping the best fit whose
-    coefficients are all non-negative; the fewer terms win a tie.
     """
     rows = [([x] if isinstance(x, int) else list(x), t) for x, t in samples]
     if len({tuple(lengths) for lengths, _ in rows}) < 2:
         raise BalanceError("cost samples: need at least two different lengths to fit a·L + b·L²")
-    design = [[1.0, float(sum(lengths)), float(sum(n * n for n in lengths))] for lengths, _ in rows]
-    target = [t for _, t in rows]
+    e, a, b = fit_terms([((1.0, float(sum(ls)), float(sum(n * n for n in ls))), t) for ls, t in rows])
+    return Cost(a=a, b=b, c=c, e=e)
+
+
+def fit_terms(samples: Sequence[tuple[Sequence[float], float]]) -> tuple[float, float, float]:
+    """``(e, a, b) ≥ 0`` fitting ``seconds ≈ e·calls + a·(a-term) + b·(b-term)`` over (terms, seconds) samples
+    in least squares (a sample: one call, or a rank's calls of a step, see :func:`calls_terms`).
+
+    Non-negative least squares by trying every subset of the three terms and keeping the best fit whose
+    coefficients are all non-negative; the fewer terms win a tie.
+    """
+    design = [[float(v) for v in terms] for terms, _ in samples]
+    target = [float(t) for _, t in samples]
     scale = [max(abs(r[j]) for r in design) or 1.0 for j in range(3)]
     best: tuple[float, list[float]] | None = None
     for subset in ((1,), (2,), (0,), (1, 2), (0, 1), (0, 2), (0, 1, 2)):
@@ -92,7 +100,32 @@ def fit_cost(samples: Sequence[tuple[int | Sequence[int], float]], c: float = 0.
         if best is None or residual < best[0] * (1 - 1e-9):
             best = (residual, full)
     e, a, b = best[1] if best is not None else (0.0, 0.0, 0.0)
-    return Cost(a=a, b=b, c=c, e=e)
+    return e, a, b
+
+
+def calls_terms(calls: Sequence[tuple[int, tuple[int, ...], bool] | None], lengths: Sequence[int],
+                window: int | None = None) -> tuple[float, float, float, float]:
+    """The terms :class:`Cost` multiplies for one rank's calls: (calls, a-term, b-term, c-term), so that its work
+    is ``e·calls + a·(a-term) + b·(b-term) + c·(c-term)``. A call is (block size g, its sequences, packed) or
+    None (a lockstep padding call: one call, no tokens); a packed window of documents is costed like
+    :func:`static_plan` (``window`` tokens, split over g)."""
+    n = ta = tb = tc = 0.0
+    for call in calls:
+        n += 1
+        if call is None:
+            continue
+        g, sequences, packed = call
+        if g == 1:
+            ta += sum(lengths[i] for i in sequences)
+            tb += sum(lengths[i] ** 2 for i in sequences)
+            continue
+        for i in sequences:
+            length = lengths[i]
+            ta += length / g
+            within = packed and length <= (window or 0) // (2 * g)
+            tb += length * length / g if within else length * length * (2 * g + 1) / (2 * g * g)
+            tc += length * (g - 1) / g
+    return n, ta, tb, tc
 
 
 def _least_squares(x: list[list[float]], y: list[float]) -> list[float] | None:

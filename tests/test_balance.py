@@ -156,3 +156,39 @@ def test_every_row_of_whole_sequences_and_every_split_share_is_a_call():
     assert split.load == [30.0, 30.0]  # half the work and the share's call
     # two windows of 10 tokens on the one replica of cp 2: per rank, each window's 5 tokens and a call
     assert static_plan([5, 5, 5, 5], 2, 2, cost, window=10).load == [30.0, 30.0]
+
+
+def test_rank_steps_summed_into_terms_recover_the_cost():
+    """A refit on whole steps: each rank's calls summed into (calls, a-, b-, c-terms); seconds made from a known
+    cost come back as that cost."""
+    from plait.scheduler.balance import calls_terms, fit_terms
+    from plait.scheduler.hdp_calls import rounds
+
+    truth = Cost(a=2e-4, b=3e-8, c=1e-5, e=0.03)
+    samples = []
+    for seed in range(4):
+        lengths = pareto(64, seed, high=16384)
+        plan = balance(lengths, 4, truth, budget=4096, capacity=sum(lengths))
+        table = rounds(plan, lengths, 4, row_tokens=4096)
+        for r in range(4):
+            calls = [None if c is None else (c.size, c.sequences, c.packed) for c in table.of(r, lockstep=True)]
+            n, ta, tb, tc = calls_terms(calls, lengths)
+            assert n == table.count and ta > 0
+            # the plan's own load is the same sum, padding calls aside
+            assert truth.e * (n - sum(c is None for c in calls)) + truth.a * ta + truth.b * tb + truth.c * tc == \
+                pytest.approx(plan.load[r], rel=1e-9)
+            samples.append(((n, ta, tb), truth.e * n + truth.a * ta + truth.b * tb))
+    e, a, b = fit_terms(samples)
+    assert (e, a, b) == pytest.approx((truth.e, truth.a, truth.b), rel=1e-6)
+
+
+def test_a_packed_window_is_costed_as_the_static_plan_does():
+    from plait.scheduler.balance import calls_terms
+
+    lengths = [1000, 100, 60, 2000, 40]
+    cost = Cost(a=1e-4, b=1e-8, c=1e-6, e=0.01)
+    plan = static_plan(lengths, 4, 2, cost, window=2048)
+    for r in range(4):
+        calls = [(g.size, g.sequences, g.packed) for g in plan.groups if r in g.ranks]
+        n, ta, tb, tc = calls_terms(calls, lengths, window=2048)
+        assert cost.e * n + cost.a * ta + cost.b * tb + cost.c * tc == pytest.approx(plan.load[r], rel=1e-9)
