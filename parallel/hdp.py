@@ -253,3 +253,16 @@ class HybridDP:
         del self.observed[:-OBSERVED]
         e, a, b = fit_terms(self.anchors + self.observed)
         self.cost = Cost(a=a, b=b, c=self.cost.c, e=e)
+
+    def state_dict(self) -> dict:
+        """The fitted cost and its samples (plain numbers), so that a resumed run plans as the original would."""
+        c = self.cost
+        return {"cost": [c.a, c.b, c.c, c.e], "anchors": [[*t, sec] for t, sec in self.anchors],
+                "observed": [[*t, sec] for t, sec in self.observed]}
+
+    def load_state_dict(self, state: dict) -> None:
+        a, b, c, e = (float(v) for v in state["cost"])
+        self.cost = Cost(a=a, b=b, c=c, e=e)
+        self.anchors = [((float(n), float(ta), float(tb)), float(sec)) for n, ta, tb, sec in state["anchors"]]
+        self.observed = [((float(n), float(ta), float(tb)), float(sec)) for n, ta, tb, sec in state["observed"]]
+

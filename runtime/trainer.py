@@ -222,7 +222,18 @@ class Trainer:
             **engine_state,
             "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
+            **self._balance_state(),
         }
+
+    def _balance_state(self) -> dict[str, Any]:
+        """Hybrid data parallelism's fitted cost (the same on every rank), so a resumed run plans alike."""
+        hybrid = getattr(self.engine, "hybrid", None)
+        return {"balance": hybrid.state_dict()} if hybrid is not None else {}
+
+    def _load_balance_state(self, state: dict[str, Any]) -> None:
+        hybrid = getattr(self.engine, "hybrid", None)
+        if hybrid is not None and "balance" in state:
+            hybrid.load_state_dict(state["balance"])
 
     def snapshot_objects(self) -> dict[str, Any]:
         """This rank's small state besides its tensors (see :meth:`ParallelEngine.local_tensors`), for snapshots.
@@ -247,6 +258,7 @@ class Trainer:
             "last_eval_loss": self.last_eval_loss,
             "hooks": hooks,
             "layout": self.engine.layout_key(),
+            **self._balance_state(),
         }
 
     def load_snapshot(self, tensors: dict[str, torch.Tensor], objects: dict[str, Any]) -> None:
@@ -272,6 +284,7 @@ class Trainer:
         self.ledger_total = objects["ledger"]["total"]
         self.ledger_last = objects["ledger"]["last"]
         self.last_eval_loss = objects["last_eval_loss"]
+        self._load_balance_state(objects)
         for i, h in enumerate(self.hooks):
             key = f"{i}:{type(h).__name__}"
             if hasattr(h, "load_state_dict") and key in objects["hooks"]:
@@ -283,3 +296,4 @@ class Trainer:
         self.engine.load_full_state_dict(state)
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
+        self._load_balance_state(state)

@@ -108,6 +108,16 @@ def test_a_run_of_documents_resumes_bitwise_from_its_checkpoint(runs, tmp_path):
     assert "resuming from step 2" in done.stdout
     resumed = json.loads((b / "summary.json").read_text())
     assert resumed["losses"][2:] == runs["summary"]["losses"][2:]  # the loader's cursor and the model: exact
+    # the cost as refitted after steps 1 and 2 travels with the checkpoint: 4 ranks' seconds per step
+    from plait.runtime.snapshot.checkpoint.read import rank_objects
+
+    objects = rank_objects(paths.in_run(runs["a"], step=2, flag="--resume"), 0, flag="--resume")
+    balance = objects["balance"]
+    from plait.parallel.hdp import calibration_rows
+
+    assert len(balance["observed"]) == 2 * 4 and len(balance["anchors"]) == len(calibration_rows(64))
+    assert min(balance["cost"]) >= 0
+    assert all(sec > 0 for *_, sec in balance["observed"])
 
 
 def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp_path):
