@@ -19,7 +19,7 @@ sequence's share is a call; a rank's whole sequences share rows of up to the bud
 **Scheduling.**
 
 1. A sequence's block is the smallest power of two g that holds it (``L/g ≤ budget``)
-   and whose share of work ``(a·L + b·L²)/g`` is at most the mean work per rank of the
+   and whose share of work (:meth:`Cost.split`) is at most the mean work per rank of the
    whole step: a sequence that would alone outlast the others is split further.
 2. Split sequences are placed first, longest first, each on the aligned block of g ranks
    whose busiest rank is least loaded (blocks are aligned so that groups nest like the
@@ -220,7 +220,7 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capa
     blocks: dict[int, int] = {}
     for i, length in enumerate(lengths):
         g = _block(length, budget)
-        while g < ranks and cost.whole(length) / g > mean:
+        while g < ranks and cost.split(length, g) > mean:
             g *= 2
         if g > ranks:
             raise BalanceError(f"sequence {i}: {length} tokens need {g} ranks of {budget} tokens, the step has "
