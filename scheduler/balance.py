@@ -263,7 +263,7 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capa
     heap = [(load[r], r) for r in range(ranks)]
     heapq.heapify(heap)
     on_rank: dict[int, list[int]] = {}
-    row: dict[int, int] = {}  # tokens in each rank's current row of whole sequences
+    rows: dict[int, list[int]] = {}  # tokens in each of a rank's rows of whole sequences (filled first-fit)
     for i in whole:
         length = lengths[i]
         skipped = []
@@ -277,10 +277,13 @@ def balance(lengths: Sequence[int], ranks: int, cost: Cost, *, budget: int, capa
             heapq.heapify(heap)
             continue
         _, r = heapq.heappop(heap)
-        if r not in row or row[r] + length > budget:  # a new row of whole sequences: one more call
+        held = rows.setdefault(r, [])
+        k = next((k for k, n in enumerate(held) if n + length <= budget), None)
+        if k is None:  # a new row of whole sequences: one more call
             load[r] += cost.e
-            row[r] = 0
-        row[r] += length
+            held.append(0)
+            k = len(held) - 1
+        held[k] += length
         load[r] += cost.whole(length)
         tokens[r] += length
         on_rank.setdefault(r, []).append(i)

@@ -7,8 +7,8 @@ the same round.
 
 - A split sequence is one call on every rank of its block; a static mesh's packed window
   (``Group.packed``) is one call with all its documents.
-- A rank's whole sequences are packed, in the plan's order, into rows of at most
-  ``row_tokens`` tokens; each row is one call.
+- A rank's whole sequences are packed first-fit, in the plan's order (longest first), into rows
+  of at most ``row_tokens`` tokens; each row is one call.
 - Split calls take rounds first, in the plan's group order: each the earliest round after
   every member's previous split call. Rows then fill each rank's free rounds in order.
 
@@ -73,16 +73,19 @@ class Rounds:
 
 
 def rows_of(sequences: Sequence[int], lengths: Sequence[int], row_tokens: int | None) -> list[tuple[int, ...]]:
-    """Whole sequences packed in order into rows of at most ``row_tokens`` tokens (None: one row)."""
+    """Whole sequences packed first-fit, in order, into rows of at most ``row_tokens`` tokens (None: one row): the
+    packing :func:`~plait.scheduler.balance.balance` charges a call for each row of."""
     rows: list[list[int]] = []
-    held = 0
+    held: list[int] = []
     for i in sequences:
         n = lengths[i]
-        if not rows or (row_tokens is not None and held + n > row_tokens):
+        k = next((k for k, h in enumerate(held) if row_tokens is None or h + n <= row_tokens), None)
+        if k is None:
             rows.append([])
-            held = 0
-        rows[-1].append(i)
-        held += n
+            held.append(0)
+            k = len(rows) - 1
+        rows[k].append(i)
+        held[k] += n
     return [tuple(r) for r in rows]
 
 

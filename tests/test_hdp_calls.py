@@ -98,6 +98,7 @@ def test_nested_blocks_wait_for_each_other_and_rows_fill_the_gaps():
 
 def test_rows_pack_in_order_within_their_tokens():
     assert rows_of([0, 1, 2, 3], [10, 20, 40, 5], 32) == [(0, 1), (2,), (3,)]
+    assert rows_of([0, 1, 2, 3], [20, 25, 10, 5], 32) == [(0, 2), (1, 3)]  # first fit, not next fit
     assert rows_of([0, 1, 2], [10, 20, 40], None) == [(0, 1, 2)]
     with pytest.raises(ValueError, match="multiple"):
         rounds(Plan(groups=[], load=[0.0], tokens=[0]), [], 1, row_tokens=8, multiple=0)
