@@ -25,7 +25,6 @@ group (:mod:`plait.parallel.dp`), which gives the single-process gradient.
 from __future__ import annotations
 
 import statistics
-
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -103,7 +102,7 @@ class ParallelEngine:
         apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
         # Under hybrid DP without expert parallelism experts stay whole on every rank: each rank makes its own
         # number of forward calls per step, so no collective may run inside one (the MoE statistics stay local).
-        if self.is_moe and (self.hybrid is None or self.hybrid.lockstep and self.dims.ep * self.dims.etp > 1):
+        if self.is_moe and (self.hybrid is None or self.dims.ep * self.dims.etp > 1):
             from plait.parallel.ep import apply_ep
 
             apply_ep(model, meshes, capacity_factor=config.capacity_factor)
