@@ -16,9 +16,12 @@ kilobytes of token ids) and takes its share:
 * tp rank ``t`` takes the ``t``-th contiguous part of that (sequence parallelism).
 
 Each rank's loss is its share of the global loss: the sum of its tokens' cross-entropy
-divided by the number of tokens in the global batch, plus ``aux_coef / A`` times its
-share of the MoE balancing loss (whose statistics are global, see
-:mod:`plait.parallel.ep`). Gradients are then *summed* over each parameter's reduction
+divided by the number of tokens in the global batch, plus ``aux_coef / B`` times its
+share of the MoE balancing loss of its micro-batch block, with ``B = A·dp =
+global_batch / micro_batch`` blocks per step. A block is ``micro_batch`` consecutive
+sequences, the same in every layout, and its balancing statistics span only the ranks
+that split it (cp and tp, see :mod:`plait.parallel.ep`), so the loss does not depend on
+the layout: one process with micro-steps of ``micro_batch`` sequences computes it too. Gradients are then *summed* over each parameter's reduction
 group (:mod:`plait.parallel.dp`), which gives the single-process gradient.
 """
 
@@ -64,7 +67,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class StepStats:
     loss: float  # mean cross-entropy over the global batch
-    aux_loss: float  # balancing loss (summed over MoE layers), mean over micro-steps
+    aux_loss: float  # balancing loss (summed over MoE layers), mean over the step's micro-batch blocks
     grad_norm: float
     tokens: int | None = None  # tokens of a step of documents
     balance: dict[str, Any] | None = None  # hybrid DP: the plan's predicted and the measured imbalance
@@ -157,6 +160,7 @@ class ParallelEngine:
         G, T = inputs.shape
         scale = 1.0 / (G * T)
         A = self.accumulation
+        blocks = A * self.dims.dp  # micro-batch blocks per step: the balancing loss is their mean
         coef = self.config.aux_loss_coef
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.pipeline is None:
@@ -167,12 +171,12 @@ class ParallelEngine:
                 aux = model.aux_loss() if self.is_moe else None
                 loss = ce * scale
                 if aux is not None:
-                    loss = loss + (coef / A) * aux
-                    sums[1] += aux.detach().double() / A
+                    loss = loss + (coef / blocks) * aux
+                    sums[1] += aux.detach().double() / blocks
                 loss.backward()
                 sums[0] += ce.detach().double() * scale
         else:
-            sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / A)
+            sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / blocks)
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm)
@@ -222,7 +226,7 @@ class ParallelEngine:
         self, inputs: torch.Tensor, targets: torch.Tensor, *, scale: float, aux_scale: float | None = None,
         micro_batch: int | None = None, micros: int | None = None,
     ) -> torch.Tensor:
-        """Run this rank's pipeline schedule; returns [loss sum × scale, aux sum / A] of this rank's share.
+        """Run this rank's pipeline schedule; returns [loss sum × scale, aux sum / (A·dp)] of this rank's share.
 
         With ``aux_scale`` None it is a forward-only pass (evaluation) over ``micros`` micro-steps.
         """
@@ -238,7 +242,7 @@ class ParallelEngine:
             extra = None
             if train and self.is_moe:
                 aux = chunk.aux_loss()
-                sums[1] += aux.detach().double() / self.accumulation
+                sums[1] += aux.detach().double() / (self.accumulation * self.dims.dp)
                 extra = aux * aux_scale
             return out, extra
 

@@ -11,11 +11,17 @@ The router stays whole on every rank (its gradient is summed over ``dp+cp+tp`` e
 Phases of one MoE layer's forward on a rank with N tokens, top-k of E experts, EL = E/ep:
 
 1. route (local): gate weights, expert ids, router softmax.
-2. global statistics: one detached all-reduce over ``dp+cp+tp`` of the int64 vector
-   ``[copies per expert (E), N, copies dropped]``. ``aux_loss = E·Σ_e f_e·(Σ_local p_te)/N_g``
-   with ``f_e = count_e/(N_g·k)``: summed over the stage's ranks this is exactly the
-   single-process loss on the union of their tokens, and so is the sum of the gradients.
-   ``tokens_per_expert`` is the global count; ``dropped_tokens`` the global number dropped.
+2. statistics: one detached all-reduce over ``dp+cp+tp`` of an int64 [dp, E + 2] table whose
+   row ``d`` is ``[copies per expert (E), N, copies dropped]`` of the micro-batch block the
+   dp rank ``d`` holds (zeros in the other rows). The balancing loss is defined per block of
+   ``micro_batch`` sequences, the same set of tokens in every layout: a block is split over
+   its rank's ``cp`` and ``tp`` peers only, so ``aux_loss = E·Σ_e f_e·(Σ_local p_te)/N_b``
+   with ``f_e = count_e/(N_b·k)`` from row ``d`` (``N_b`` the block's tokens), summed over
+   the cp·tp ranks of a block, is exactly the single-process loss of that block, and so is
+   the sum of their gradients. When cp·tp = 1 the layer's own operations are used, so the
+   loss is bit-identical to the plain model's on the block. The engine averages the blocks
+   (``aux_coef / (A·dp)`` per block). ``tokens_per_expert`` (the sum of the rows) is the
+   stage's count; ``dropped_tokens`` the stage's number dropped.
 3. dispatch: permute (copies sorted by expert), exchange per-expert counts over ``ep``
    (all-to-all, E int64), all-to-all-v the T rows over ``ep``, regroup the M received rows
    expert-major (all sources of local expert 0, then expert 1, ...). If ``etp > 1``: all-gather
@@ -42,7 +48,7 @@ group). A size-1 group records nothing.
 axis              op               bytes (calls)
 ================  ===============  ==========================================================
 forward
-``dp+cp+tp``      all_reduce       (E + 2)·8 (1)
+``dp+cp+tp``      all_reduce       dp·(E + 2)·8 (1)
 ``ep``            all_to_all       E·8 counts + T·d·b dispatch + M·d·b combine (3)
 ``etp``           all_gather       EL·8 (1)
 ``etp``           all_to_all       etp·M·d·b gather + G·d·b reduce-scatter (2)
@@ -69,6 +75,7 @@ from plait.errors import ConfigError
 from plait.parallel import comm
 from plait.parallel.comm import Group
 from plait.parallel.mesh import ParallelMeshes
+from plait.scheduler.dims import MeshAxis
 
 EXPERT_REDUCE = "edp"  # gradient reduction group of expert weights
 _SHARD_DIM = {"w1": 1, "w3": 1, "w2": 2}  # tensor dim of each stacked weight that etp splits
@@ -82,6 +89,8 @@ class _EPState:
     etp: Group
     stage: Group
     capacity_factor: float
+    dp: int = 1  # micro-batch blocks a stage holds at once (one per dp rank)
+    block: int = 0  # this rank's dp coordinate: the row of the statistics table it fills
 
 
 def _is_moe(m: nn.Module) -> bool:
@@ -159,22 +168,27 @@ class _Plan:
 
 
 def _global_stats(moe: nn.Module, routing, counts: torch.Tensor, sent: torch.Tensor, st: _EPState) -> torch.Tensor:
-    """Phase 2: all-reduce ``[counts, N, dropped]`` over the stage; set ``aux_loss`` and ``tokens_per_expert``.
+    """Phase 2: all-reduce the [dp, E + 2] block table over the stage; set ``aux_loss`` and ``tokens_per_expert``.
 
-    This rank's share of the Switch loss is ``E·Σ_e f_e·(Σ_local p_te)/N_g``; on a size-1
-    stage the layer's own operations are used, so the result is bit-identical to it.
+    Returns the stage's sums ``[counts (E), N, dropped]``. This rank's share of its block's
+    Switch loss is ``E·Σ_e f_e·(Σ_local p_te)/N_b``; when the block lies on this rank alone
+    (cp·tp = 1) the layer's own operations are used, so the result is bit-identical to it.
     """
     e, k, probs = moe.num_experts, moe.top_k, routing.probs
-    stats = torch.cat([counts, counts.new_tensor([routing.indices.shape[0]]), (counts - sent).sum().reshape(1)]).detach()
-    comm.all_reduce(stats, st.stage)
-    if st.stage.size == 1:
+    mine = torch.cat([counts, counts.new_tensor([routing.indices.shape[0]]), (counts - sent).sum().reshape(1)]).detach()
+    table = mine.new_zeros(st.dp, e + 2)
+    table[st.block] = mine
+    comm.all_reduce(table, st.stage)
+    if st.stage.size == st.dp:  # cp·tp = 1: the block is this rank's tokens
         f = counts.to(probs.dtype) / routing.indices.numel()
         p = probs.mean(dim=0)
     else:
-        n_global = stats[e].to(probs.dtype)
-        f = stats[:e].to(probs.dtype) / (n_global * k)
-        p = probs.sum(dim=0) / n_global
+        row = table[st.block]
+        n_block = row[e].to(probs.dtype)
+        f = row[:e].to(probs.dtype) / (n_block * k)
+        p = probs.sum(dim=0) / n_block
     moe.aux_loss = e * torch.sum(f * p)
+    stats = table.sum(0)
     moe.tokens_per_expert = stats[:e].clone()
     return stats
 
@@ -271,14 +285,16 @@ def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float
     shards are pieces of the same weights. Parameter names are unchanged; each layer's
     class becomes a run-time subclass (``ExpertParallelMoE``) whose forward runs the phases of
     the module docstring, so ``isinstance`` checks still hold. After each forward a layer holds
-    ``aux_loss`` (this rank's share of the stage-global loss), ``tokens_per_expert``
+    ``aux_loss`` (this rank's share of its micro-batch block's loss), ``tokens_per_expert``
     (global int64 [E]) and ``dropped_tokens`` (copies dropped over the whole stage; 0 when
     dropless). Raises ConfigError (``parallel.ep`` / ``parallel.etp``) when experts or
     hidden size do not divide.
     """
     if capacity_factor < 0 or not math.isfinite(capacity_factor):
         raise ConfigError("parallel.capacity_factor", capacity_factor, "accepted: 0 (dropless) or a finite number > 0")
-    state = _EPState(ep=meshes.group("ep"), etp=meshes.group("etp"), stage=meshes.group("dp+cp+tp"), capacity_factor=float(capacity_factor))
+    dp = meshes.group(MeshAxis.DP)  # ranked by dp coordinate: which micro-batch block a rank holds
+    state = _EPState(ep=meshes.group("ep"), etp=meshes.group("etp"), stage=meshes.group("dp+cp+tp"),
+                     capacity_factor=float(capacity_factor), dp=dp.size, block=dp.rank)
     for module in list(model.modules()):
         if not _is_moe(module):
             continue

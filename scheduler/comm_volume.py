@@ -142,8 +142,8 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int) -> list[Op]:
     if spec.is_moe:
         E, k = spec.experts, spec.top_k
         stage = lay.world // lay.pp
-        if stage > 1:  # global routing statistics (int64)
-            ops.append(Op("dp+cp+tp", "all_reduce", stage, 1, 8 * (E + 2)))
+        if stage > 1:  # routing statistics of each dp rank's micro-batch block (int64 [dp, E + 2])
+            ops.append(Op("dp+cp+tp", "all_reduce", stage, 1, 8 * lay.dp * (E + 2)))
         if lay.ep > 1:
             # per-expert counts to each expert's rank (int64); dispatch sends n·k rows and combine sends back the
             # rows received (n·k on average), forward and backward

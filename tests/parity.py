@@ -158,7 +158,7 @@ def train_layout(rank: int, world: int, kind: str, sizes: dict, micro: int, step
     eval_batch = data.next_batch()
     return {
         "ledger": ledger, "losses": losses, "aux": aux, "norms": norms, "grads": grads, "states": states,
-        "routing": routing.records, "eval": engine.evaluate([eval_batch]), "micro_rows": micro * dims.dp,
+        "routing": routing.records, "eval": engine.evaluate([eval_batch]), "micro_rows": micro,
     }
 
 

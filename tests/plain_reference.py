@@ -9,7 +9,8 @@ It implements the training semantics the engine documents, not its code:
 
 * a step of global batch ``G × T`` runs ``A = G / micro_rows`` micro-steps on consecutive
   row blocks, each contributing ``Σ cross-entropy / (G·T) + aux_coef / A · balancing loss``
-  (the MoE balancing statistics are per micro-step, so the grouping is part of the model);
+  (the MoE balancing statistics are per block of ``micro_batch`` sequences, in every layout,
+  so ``micro_rows`` is the configured ``micro_batch`` whatever the layout's dp);
 * the gradient is clipped to a global L2 norm of ``grad_clip`` with coefficient
   ``min(1, grad_clip / (norm + 1e-6))``;
 * AdamW with the ``train.*`` betas and weight decay, decayed only for matrices (ndim ≥ 2),

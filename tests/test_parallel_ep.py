@@ -1,8 +1,10 @@
-"""Expert parallelism on real gloo ranks against the unmodified model on the union of the ranks' tokens.
+"""Expert parallelism on real gloo ranks against the unmodified model, one micro-batch block per rank.
 
 Every rank builds the full model with the same seed, shards it with ``apply_ep`` and runs
-its own slice of the batch; the loss is a sum over tokens, so the ranks' losses, aux
-losses and (after the edp / stage reductions) gradients add up to the single-process ones.
+its own slice of the batch (here dp = world: each rank's rows are one micro-batch block, whose
+balancing loss is its own); the loss is a sum over tokens plus each block's balancing loss, so
+the ranks' losses, aux losses and (after the edp / stage reductions) gradients add up to those
+of the unmodified model run once per block in one process.
 """
 
 from __future__ import annotations
@@ -56,24 +58,35 @@ def _rows(rank: int, world: int) -> slice:
 
 
 @functools.cache
-def _reference() -> dict:
-    """Single process, unmodified model, whole batch; also each token's experts per layer."""
+def _reference(world: int) -> dict:
+    """Single process, unmodified model, once per block (``world`` blocks); also each token's experts per layer."""
     with deterministic():
         torch.manual_seed(0)
         model = build_model(CFG)
         tokens, weights = _data()
-        chosen: list[torch.Tensor] = []
-        hooks = [m.router.register_forward_hook(lambda mod, a, out: chosen.append(out.detach().topk(CFG.top_k, -1).indices))
-                 for m in model.moe_layers()]
-        logits = model(tokens)
-        aux = model.aux_loss()
-        loss = (logits * weights).sum() + COEF * aux
-        loss.backward()
+        moe_layers = len(model.moe_layers())
+        chosen: list[list[torch.Tensor]] = [[] for _ in range(moe_layers)]
+        layer = [0]
+
+        def record(mod, args, out):
+            chosen[layer[0] % moe_layers].append(out.detach().topk(CFG.top_k, -1).indices)
+            layer[0] += 1
+
+        hooks = [m.router.register_forward_hook(record) for m in model.moe_layers()]
+        logits, loss, aux, tpe = [], 0.0, 0.0, 0
+        for block in range(world):
+            rows = _rows(block, world)
+            out = model(tokens[rows])
+            block_aux = model.aux_loss()
+            block_loss = (out * weights[rows]).sum() + COEF * block_aux
+            block_loss.backward()
+            logits.append(out.detach())
+            loss, aux, tpe = loss + block_loss.detach(), aux + block_aux.detach(), tpe + model.tokens_per_expert()
         for h in hooks:
             h.remove()
     return {
-        "logits": logits.detach(), "loss": loss.detach(), "aux": aux.detach(),
-        "tpe": model.tokens_per_expert(), "chosen": chosen,
+        "logits": torch.cat(logits), "loss": loss, "aux": aux, "tpe": tpe,
+        "chosen": [torch.cat(c) for c in chosen],
         "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
     }
 
@@ -136,7 +149,7 @@ def _expected_ledger(dims: ParallelDims, rank: int, chosen: list[torch.Tensor]) 
         t, m = per * k, received(rank, layer)
         g = sum(received(p, layer) for p in etp_group)
         if stage > 1:
-            add("dp+cp+tp", "all_reduce", (e + 2) * 8, 1)
+            add("dp+cp+tp", "all_reduce", dims.dp * (e + 2) * 8, 1)
         if len(ep_group) > 1:
             add("ep", "all_to_all", e * 8 + (t + m) * d * b + (t + m) * d * b, 3 + 2)
         if len(etp_group) > 1:
@@ -166,7 +179,7 @@ def _launch(world: int) -> list[dict]:
 
 @pytest.mark.parametrize("world, ep, etp", LAYOUTS, ids=[f"w{w}-ep{e}-etp{t}" for w, e, t in LAYOUTS])
 def test_matches_single_process(world: int, ep: int, etp: int) -> None:
-    ref = _reference()
+    ref = _reference(world)
     results = [r[(ep, etp)] for r in _launch(world)]
     dims = ParallelDims.resolve(world, ep=ep, etp=etp)
     close = functools.partial(torch.testing.assert_close, rtol=RTOL, atol=ATOL)

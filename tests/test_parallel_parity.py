@@ -65,14 +65,12 @@ def reference(kind: str, micro: int) -> dict:
 
 
 def check(kind: str, world: int, sizes: dict, micro: int = MICRO, extra: dict | None = None, bug: InjectedBug | None = None) -> Report:
-    dims_sizes = {k: v for k, v in sizes.items() if k not in ("vpp", "schedule", "pp_layers")}
-    dp = ParallelDims.resolve(world, **dims_sizes).dp
-    ref = reference(kind, micro * dp)
+    ref = reference(kind, micro)
     ranks = run_distributed(run_layout, world=world, args=(kind, sizes, micro, STEPS, extra, bug), timeout=600)
     got = ranks[0]
     check_ledger(kind, world, sizes, micro, [r["ledger"] for r in ranks])
     report = Report()
-    compare_replay(got, got["replay"], train_config(STEPS, micro * dp), report, TOKENS)
+    compare_replay(got, got["replay"], train_config(STEPS, micro), report, TOKENS)
     compare_free_running(got, ref, report)
     return report
 
