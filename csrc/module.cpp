@@ -33,6 +33,18 @@ TORCH_LIBRARY(plait, m) {
   m.def("memtrack_stats() -> int[]");
   m.def("memtrack_reset_peak() -> int");
   m.def("memtrack_tracks(int ptr) -> bool");
+  // LSH-MoE (plait/ops/lsh.py). Cross-polytope keys of the rows of x [N, d] (float32 or
+  // bfloat16): per hash h, y = H D3 H D2 H D1 x (x zero-padded to P = next power of two
+  // >= d, H the unnormalised Walsh-Hadamard transform, Di = diag(signs[h, i]), signs int8
+  // [hashes, 3, P] of +-1), code_h = 2 argmax_{j < dim} |y_j| + [y_j* < 0]; the int64 key
+  // is sum_h code_h (2 dim)^h.
+  m.def("lsh_hash(Tensor x, Tensor signs, int dim) -> Tensor");
+  // The buckets of equal keys within each segment of rows (segments: int64 row counts,
+  // CPU or x's device) and their means: (centroids [C, d] in x's dtype, counts int64 [C],
+  // index int64 [N]: each row's centroid, segment_centroids int64 [S]). Centroids are
+  // segment-major, then in order of their key's first row; means are float64 sums in row
+  // order, divided and rounded once.
+  m.def("lsh_bucket_reduce(Tensor x, Tensor keys, Tensor segments) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

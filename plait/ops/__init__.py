@@ -15,11 +15,24 @@ from plait.ops.gf256 import (
     gf256_mul_add_,
     gf256_mul_add_reference,
 )
+from plait.ops.lsh import (
+    Buckets,
+    bucket_reduce,
+    bucket_reduce_reference,
+    bucket_scatter,
+    lsh_hash,
+    lsh_hash_reference,
+    lsh_signs,
+)
 from plait.ops.rs import ReedSolomon
 
 __all__ = [
     "GF256_POLY",
+    "Buckets",
     "ReedSolomon",
+    "bucket_reduce",
+    "bucket_reduce_reference",
+    "bucket_scatter",
     "checksum",
     "crc32c_kernels",
     "gf256_matmul_",
@@ -27,4 +40,7 @@ __all__ = [
     "gf256_mul",
     "gf256_mul_add_",
     "gf256_mul_add_reference",
+    "lsh_hash",
+    "lsh_hash_reference",
+    "lsh_signs",
 ]
