@@ -62,6 +62,7 @@ class EngineConfig:
     hdp_budget: int = 0  # tokens one rank may hold per step
     hdp_schedule: Literal["balance", "static"] = "balance"
     max_len: int = 0  # longest document
+    lsh: Any = None  # a plait.parallel.config.LSHConfig: the expert all-to-all sends bucket centroids (ep_lsh)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class StepStats:
     grad_norm: float
     tokens: int | None = None  # tokens of a step of documents
     balance: dict[str, Any] | None = None  # hybrid DP: the plan's predicted and the measured imbalance
+    # parallel.ep_compress=lsh, per model layer (None where the layer is dense): centroids sent / copies, and the
+    # mean cosine of compressed to exact expert outputs on a probe step (None on other steps)
+    lsh_ratio: list[float | None] | None = None
+    lsh_fidelity: list[float | None] | None = None
 
 
 def _is_moe(module: nn.Module) -> bool:
@@ -108,7 +113,7 @@ class ParallelEngine:
         if self.is_moe and (self.hybrid is None or self.dims.ep * self.dims.etp > 1):
             from plait.parallel.ep import apply_ep
 
-            apply_ep(model, meshes, capacity_factor=config.capacity_factor)
+            apply_ep(model, meshes, capacity_factor=config.capacity_factor, lsh=config.lsh)
         self.pipeline = None
         if self.dims.pp > 1 or config.vpp > 1:
             # hybrid DP builds each step's schedule for its own number of calls (see HybridDP.step)
@@ -133,6 +138,8 @@ class ParallelEngine:
         else:
             self.positions = None
         self.act_shape = (config.micro_batch, T // (cp * tp), self.dim)
+        self.layers = model.cfg.layers
+        self.steps_taken = 0
 
     # ------------------------------------------------------------------ batch sharding
 
@@ -154,9 +161,45 @@ class ParallelEngine:
         with self._autocast:
             return chunk(x, self.positions)
 
+    def _compressed_layers(self) -> list[tuple[int, nn.Module]]:
+        """(model layer index, MoE module) of this rank's layers that send bucket centroids."""
+        out = []
+        for chunk in self.chunks:
+            for name, m in chunk.named_modules():
+                if _is_moe(m) and hasattr(m, "lsh_rows"):
+                    out.append((int(name.split(".")[1]), m))
+        return out
+
+    def _begin_lsh(self) -> None:
+        from plait.parallel.ep_lsh import reset_counters
+
+        every = self.config.lsh.probe_every if self.config.lsh is not None else 0
+        for _, m in self._compressed_layers():
+            reset_counters(m)
+            m.probe = bool(every) and self.steps_taken % every == 0  # the step's first forward runs the probe
+
+    def _lsh_report(self, sums: torch.Tensor) -> tuple[list | None, list | None]:
+        """Per model layer: compression ratio over all ranks, and the probe's mean cosine (from ``sums``' tail)."""
+        if self.config.lsh is None or not self.is_moe:
+            return None, None
+        table = sums[-4 * self.layers:].view(self.layers, 4).tolist()
+        ratio = [c / r if r else None for r, c, _, _ in table]
+        fidelity = [s / n if n else None for _, _, s, n in table]
+        return ratio, fidelity
+
+    def _lsh_sums(self) -> torch.Tensor:
+        """This rank's [layers, 4] (copies, centroids, cosine sum, cosines), flattened; empty when not compressing."""
+        if self.config.lsh is None or not self.is_moe:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        table = torch.zeros(self.layers, 4, dtype=torch.float64, device=self.device)
+        for layer, m in self._compressed_layers():
+            table[layer] += torch.tensor([m.lsh_rows, m.lsh_centroids, *m.lsh_fidelity], dtype=torch.float64)
+        return table.flatten()
+
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepStats:
         for chunk in self.chunks:
             chunk.train()
+        self._begin_lsh()
         G, T = inputs.shape
         scale = 1.0 / (G * T)
         A = self.accumulation
@@ -177,29 +220,37 @@ class ParallelEngine:
                 sums[0] += ce.detach().double() * scale
         else:
             sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / blocks)
+        sums = torch.cat([sums, self._lsh_sums()])  # the compression counters ride on the same all-reduce
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
-        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm)
+        self.steps_taken += 1
+        ratio, fidelity = self._lsh_report(sums)
+        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm, lsh_ratio=ratio, lsh_fidelity=fidelity)
 
     def train_documents(self, lengths: list[int], fetch, lr: float) -> StepStats:
         """A hybrid data-parallel step of whole documents of ``lengths`` (``fetch(indices)`` loads some of them)."""
         for chunk in self.chunks:
             chunk.train()
+        self._begin_lsh()
         with self._autocast:
             loss_sum, balance = self.hybrid.step(self.chunks, lengths, fetch, pipeline=self.pipeline)
         sums = torch.zeros(2 + self.dims.world, dtype=torch.float64, device=self.device)
         sums[0] = loss_sum / sum(lengths)
         sums[2 + self.meshes.rank] = balance["compute_s"]
+        sums = torch.cat([sums, self._lsh_sums()])
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
-        seconds = sums[2:].tolist()
+        self.steps_taken += 1
+        ratio, fidelity = self._lsh_report(sums)
+        seconds = sums[2:2 + self.dims.world].tolist()
         # a position of the dp space is a tensor-parallel group and a pipeline: the sum of its ranks' seconds
         spaces = self.dims.groups((MeshAxis.DP, MeshAxis.CP))
         by_position = [sum(seconds[space[i]] for space in spaces) for i in range(len(spaces[0]))]
         mean = statistics.fmean(by_position)
         balance.update(compute_s=seconds, measured=max(by_position) / mean if mean > 0 else 1.0)
         self.hybrid.observe(by_position)  # a position's seconds summed: its whole model's work, as calibrated
-        return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance)
+        return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance,
+                         lsh_ratio=ratio, lsh_fidelity=fidelity)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -65,6 +65,7 @@ group the row bytes are ``4·etp·ΣM·d·b``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ class _EPState:
     capacity_factor: float
     dp: int = 1  # micro-batch blocks a stage holds at once (one per dp rank)
     block: int = 0  # this rank's dp coordinate: the row of the statistics table it fills
+    hasher: object | None = None  # parallel.ep_compress=lsh: an ep_lsh.Hasher (phases 3-5 move bucket centroids)
 
 
 def _is_moe(m: nn.Module) -> bool:
@@ -251,6 +253,18 @@ def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         sent = torch.clamp(counts, max=cap)
     # 2. global load-balancing statistics over the stage
     stats = _global_stats(self, routing, counts, sent, st)
+    if st.hasher is not None:  # phases 3-5 on bucket centroids (plait.parallel.ep_lsh)
+        from plait.parallel.ep_lsh import compressed_forward
+
+        keep = None
+        if mask is not None:
+            keep = torch.argsort((~mask).to(torch.int8), stable=True)[: int(sent.sum())]
+            xs = xs[keep]
+        self.dropped_tokens = int(stats[-1])
+        y = compressed_forward(self, xs, sent, stats, st)
+        if keep is not None:
+            y = y.new_zeros(n * k, y.shape[-1]).index_copy(0, keep, y)
+        return self.combine(y, perm, routing.weights, n).reshape(shape)
     # 3. dispatch
     plan = _plan(sent, stats, st)
     self.dropped_tokens = plan.dropped
@@ -278,7 +292,7 @@ def _ep_class(cls: type) -> type:
     return _EP_CLASSES[cls]
 
 
-def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float = 0.0) -> None:
+def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float = 0.0, lsh=None) -> None:
     """Shard every MoE layer's experts over ``ep``/``etp`` and make its forward expert parallel (in place).
 
     Must run on every rank of the job, with the same full model (same seed), so that the
@@ -287,8 +301,10 @@ def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float
     the module docstring, so ``isinstance`` checks still hold. After each forward a layer holds
     ``aux_loss`` (this rank's share of its micro-batch block's loss), ``tokens_per_expert``
     (global int64 [E]) and ``dropped_tokens`` (copies dropped over the whole stage; 0 when
-    dropless). Raises ConfigError (``parallel.ep`` / ``parallel.etp``) when experts or
-    hidden size do not divide.
+    dropless). ``lsh`` (an :class:`plait.parallel.ep_lsh.LSHSettings`) sends bucket centroids
+    instead of token copies (:mod:`plait.parallel.ep_lsh`). Raises ConfigError
+    (``parallel.ep`` / ``parallel.etp`` / ``parallel.lsh.*``) when experts or hidden size do not
+    divide, or the hash settings do not fit the hidden size.
     """
     if capacity_factor < 0 or not math.isfinite(capacity_factor):
         raise ConfigError("parallel.capacity_factor", capacity_factor, "accepted: 0 (dropless) or a finite number > 0")
@@ -298,6 +314,12 @@ def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float
     for module in list(model.modules()):
         if not _is_moe(module):
             continue
+        if lsh is not None and state.hasher is None:
+            from plait.parallel.ep_lsh import Hasher, reset_counters
+
+            state = dataclasses.replace(state, hasher=Hasher(lsh, module.router.in_features))
+        if state.hasher is not None:
+            reset_counters(module)
         if hasattr(module, "_plait_ep"):
             raise ValueError(f"apply_ep: {type(module).__name__} is already expert parallel")
         _shard_experts(module, state.ep, state.etp)

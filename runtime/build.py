@@ -25,6 +25,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         vpp=p.vpp,
         pp_layers=p.pp_layers,
         capacity_factor=p.capacity_factor,
+        lsh=p.lsh if p.ep_compress == "lsh" else None,
         hybrid_dp=p.hybrid_dp,
         hdp_budget=config.hdp_budget(),
         hdp_schedule=p.hdp_schedule,

@@ -49,6 +49,7 @@ class JobConfig:
         self.parallel.placement_of(world, self.launch.nnodes)
         dims = self.parallel.dims(world)
         self._check_documents(dims)
+        self._check_compress(dims)
         documents = self.data.packing == "documents"
         # A step of documents is train.global_batch whole documents, not micro-batches of windows.
         dims.check_model(model_spec(self.model), vpp=self.parallel.vpp,
@@ -117,6 +118,21 @@ class JobConfig:
             raise ConfigError("parallel.hdp_budget", p.hdp_budget,
                               f"{dims.dp} ranks of {budget} tokens cannot hold a document of data.max_len = "
                               f"{max_len}", hint=f"use at least {-(-max_len // dims.dp)}")
+
+    def _check_compress(self, dims) -> None:
+        """parallel.ep_compress=lsh needs experts whose tokens go through the expert dispatcher."""
+        p = self.parallel
+        if p.ep_compress == "none":
+            return
+        if self.model.kind != "moe":
+            raise ConfigError("parallel.ep_compress", p.ep_compress, "compresses the expert all-to-all of a MoE model",
+                              hint="set model.kind=moe, or parallel.ep_compress=none")
+        if p.hybrid_dp and dims.ep * dims.etp == 1:
+            raise ConfigError("parallel.ep_compress", p.ep_compress,
+                              "under hybrid data parallelism without expert parallelism the experts run whole on "
+                              "every rank, with no all-to-all to compress", hint="set parallel.ep > 1, or "
+                              "parallel.ep_compress=none")
+        p.lsh.validate(self.model.dim)
 
     def max_len(self) -> int:
         """Longest document piece in tokens (``data.max_len``, default ``model.seq_len``)."""

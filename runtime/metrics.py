@@ -67,6 +67,16 @@ class TrainingMetrics:
             "Token copies routed to each expert in the last micro-batch, all ranks of the first pipeline stage",
             ["job", "layer", "expert"], registry=self.registry,
         )
+        self.lsh_ratio = Gauge(
+            "plait_lsh_compression_ratio",
+            "parallel.ep_compress=lsh: the last step's centroids sent / token copies (bytes sent / uncompressed) per layer",
+            ["job", "layer"], registry=self.registry,
+        )
+        self.lsh_fidelity = Gauge(
+            "plait_lsh_fidelity",
+            "parallel.ep_compress=lsh: the last probe's mean cosine similarity of compressed to exact expert outputs",
+            ["job", "layer"], registry=self.registry,
+        )
         self.job = job
         self._health = {"status": "starting", "step": 0}
         self._lock = threading.Lock()
@@ -158,6 +168,10 @@ class MetricsHook(BaseHook):
         if result.balance is not None:
             m.hdp_predicted.set(result.balance["predicted"])
             m.hdp_measured.set(result.balance["measured"])
+        for gauge, values in ((m.lsh_ratio, result.lsh_ratio), (m.lsh_fidelity, result.lsh_fidelity)):
+            for layer, value in enumerate(values or []):
+                if value is not None:
+                    gauge.labels(job=m.job, layer=str(layer)).set(value)
         counts = trainer.engine.tokens_per_expert()
         if counts is not None:
             for layer, row in enumerate(counts.tolist()):

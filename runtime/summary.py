@@ -22,6 +22,7 @@ Schema (version 1), every field always present:
 | ``world_size`` | int | worker processes |
 | ``parallel`` | {pp, dp, cp, tp, edp, ep, etp, pp_schedule, vpp} | parallel sizes of both foldings |
 | ``ledger`` | {steps, last_step, total} | collectives issued by the parallel code, summed over all ranks: ``{axis: {op: {bytes, calls}}}`` for the last training step and for all of them (evaluation excluded); see plait.parallel.comm |
+| ``lsh`` | list[dict] | ``parallel.ep_compress=lsh``, per step: ``ratio`` per model layer (centroids sent / token copies over all ranks, the fraction of the expert all-to-all's row bytes sent; null for dense layers) and, on probe steps (``parallel.lsh.probe_every``), ``fidelity`` per layer (mean cosine similarity of the compressed expert outputs to the exact ones on one micro-batch), else null; [] otherwise |
 | ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
@@ -73,6 +74,7 @@ class SummaryHook(BaseHook):
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.balance: list[dict[str, Any]] = []  # hybrid DP: each step's plan, predicted vs measured
+        self.lsh: list[dict[str, Any]] = []  # parallel.ep_compress=lsh: each step's ratio (and probe) per layer
         self._last_end: float | None = None
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
@@ -92,6 +94,9 @@ class SummaryHook(BaseHook):
                                  "schedule_ms": b["schedule_ms"], "split": b["split"],
                                  "largest_block": b["largest_block"], "calls": b.get("calls"),
                                  "padding_calls": b.get("padding_calls"), "compute_s": b["compute_s"]})
+        if result.lsh_ratio is not None:
+            self.lsh.append({"step": result.step, "ratio": result.lsh_ratio, "fidelity": result.lsh_fidelity
+                             if any(f is not None for f in result.lsh_fidelity or []) else None})
         self.pace.add(result)
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
@@ -101,7 +106,7 @@ class SummaryHook(BaseHook):
         """The history so far, kept in snapshots so that a restored run reports every step once."""
         return {"losses": list(self.losses), "aux_losses": list(self.aux_losses), "grad_norms": list(self.grad_norms),
                 "step_times": list(self.step_times), "evals": list(self.evals), "step_tokens": list(self.step_tokens),
-                "balance": list(self.balance)}
+                "balance": list(self.balance), "lsh": list(self.lsh)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses = list(state["losses"])
@@ -111,6 +116,7 @@ class SummaryHook(BaseHook):
         self.evals = list(state["evals"])
         self.step_tokens = list(state.get("step_tokens", []))
         self.balance = list(state.get("balance", []))
+        self.lsh = list(state.get("lsh", []))
 
     def on_end(self, trainer: Trainer) -> None:
         self.write(trainer, status="completed")
@@ -135,6 +141,7 @@ class SummaryHook(BaseHook):
             "eval_losses": self.evals,
             "tokens": sum(self.step_tokens),
             "balance": self.balance,
+            "lsh": self.lsh,
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,

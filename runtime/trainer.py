@@ -77,13 +77,15 @@ class TrainConfig:
 class StepResult:
     step: int  # 1-based index of the optimizer step just taken
     loss: float  # cross-entropy, mean over the global batch (nats/token)
-    aux_loss: float  # MoE load-balancing loss (global statistics), mean over micro-steps
+    aux_loss: float  # MoE load-balancing loss, mean over the micro-batch blocks of the step
     grad_norm: float
     lr: float
     tokens: int  # tokens in the global batch
     seconds: float  # duration of this step
     end: float  # time.perf_counter() when the step finished
     balance: dict[str, Any] | None = None  # hybrid DP: predicted and measured busiest-rank / mean work
+    lsh_ratio: list[float | None] | None = None  # parallel.ep_compress=lsh: centroids sent / copies, per layer
+    lsh_fidelity: list[float | None] | None = None  # its probe's mean cosine to exact expert outputs (probe steps)
 
 
 class Hook(Protocol):
@@ -167,6 +169,8 @@ class Trainer:
             seconds=(end := time.perf_counter()) - start,
             end=end,
             balance=stats.balance,
+            lsh_ratio=stats.lsh_ratio,
+            lsh_fidelity=stats.lsh_fidelity,
         )
 
     def evaluate(self) -> float:

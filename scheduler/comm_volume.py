@@ -170,9 +170,16 @@ def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
 
 
 def step_volume(
-    spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None
+    spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
+    centroids: int | None = None,
 ) -> dict[str, dict[str, int]]:
-    """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes)."""
+    """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
+
+    ``centroids``: the step runs with ``parallel.ep_compress=lsh`` and its MoE layers sent this many
+    bucket centroids in all (every rank, layer and micro-step; dropless, the uncompressed step sends
+    ``world/pp · layers · A · n·k`` copies). The four token exchanges then move centroids instead of
+    copies, and the step's closing all-reduce carries 4 float64 counters per layer.
+    """
     d = spec.dim
     T = spec.seq_len
     A = global_batch // (micro_batch * lay.dp)
@@ -188,8 +195,14 @@ def step_volume(
     for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
         for op in bucket_ops(lay, buckets):
             vol[(op.axis, op.op)] += S * op.nbytes * op.calls
+    if centroids is not None and spec.is_moe:
+        copies = S * spec.layers * A * n * spec.top_k
+        if lay.ep > 1:
+            vol[("ep", "all_to_all")] += 4 * (centroids - copies) * d * FP32
+        if lay.etp > 1:
+            vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
-        vol[("world", "all_reduce")] += lay.world * (8 + 16)
+        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (32 * spec.layers if centroids is not None else 0))
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):
         out.setdefault(axis, {})[op] = b
