@@ -171,6 +171,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = _peak_env(config, config.launch.nproc)
     nodes = f" on {config.launch.nnodes} nodes" if config.launch.nnodes > 1 else ""
     print(f"plait: training {config.model.kind} on {config.launch.nproc} worker(s){nodes}; run directory {run_dir}", flush=True)
+    if config.parallel.ep_compress == "lsh":
+        h = config.parallel.lsh
+        probe = f"a fidelity probe every {h.probe_every} steps" if h.probe_every else "no fidelity probe"
+        print(f"plait: the expert all-to-all sends LSH bucket centroids ({h.hashes} hashes of {2 * h.dim} codes, seed "
+              f"{h.seed}, residual compensation {'on' if h.compensate else 'off'}, {probe})", flush=True)
     daemons = None
     secret_file = None
     if faults:

@@ -216,3 +216,66 @@ def test_ledger_counts_centroids() -> None:
     # per rank: E int64 counts, then dispatch and combine and their backward: 4 · Σ centroids rows of DIM float32
     assert ep_bytes == 2 * E * 8 + 4 * sent * DIM * 4
     assert sent < 2 * N * K
+
+
+# ----------------------------------------------------------------------------- a whole step's ledger
+
+MODEL = dict(layers=2, dim=32, heads=4, ffn_dim=64, vocab=256, seq_len=16, experts=4, top_k=2)
+
+
+def _engine_body(rank: int, world: int, sizes: dict) -> dict:
+    from plait.parallel.engine import EngineConfig, ParallelEngine
+    from plait.runtime.models import ModelConfig, build_model
+
+    meshes = ParallelMeshes(ParallelDims.resolve(world, **sizes))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="moe", **MODEL))
+    engine = ParallelEngine(model, meshes, EngineConfig(micro_batch=2, global_batch=8, seq_len=16, aux_loss_coef=0.01,
+                                                        lsh=LSHConfig(hashes=2, dim=2, probe_every=0)), torch.device("cpu"))
+    tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
+    comm.LEDGER.reset()
+    stats = engine.train_step(tokens[:, :-1], tokens[:, 1:], 1e-3)
+    centroids = sum(m.lsh_centroids for _, m in engine._compressed_layers())
+    return {"ledger": comm.LEDGER.snapshot(), "centroids": centroids, "ratio": stats.lsh_ratio, "fidelity": stats.lsh_fidelity}
+
+
+@pytest.mark.parametrize("world, sizes", [(2, dict(ep=2)), (4, dict(ep=2, etp=2))], ids=["ep2", "ep2-etp2"])
+def test_step_ledger_is_the_closed_form_with_centroids(world: int, sizes: dict) -> None:
+    from plait.runtime.config import model_spec
+    from plait.runtime.models import ModelConfig
+    from plait.scheduler.comm_volume import Layout, step_volume
+
+    ranks = run_distributed(_engine_body, world=world, args=(sizes,), timeout=120)
+    dims = ParallelDims.resolve(world, **sizes)
+    layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep, etp=dims.etp)
+    centroids = sum(r["centroids"] for r in ranks)
+    expected = step_volume(model_spec(ModelConfig(kind="moe", **MODEL)), layout, global_batch=8, micro_batch=2,
+                           centroids=centroids)
+    measured = {axis: {op: v["bytes"] for op, v in ops.items()} for axis, ops in comm.merge_snapshots([r["ledger"] for r in ranks]).items()}
+    assert measured == expected
+    copies = MODEL["layers"] * 8 * 16 * MODEL["top_k"]  # every layer sees every token's k copies once per step
+    assert centroids < copies
+    ratio = ranks[0]["ratio"]
+    assert len(ratio) == MODEL["layers"] and all(0 < r < 1 for r in ratio)
+    assert ranks[0]["fidelity"] == [None] * MODEL["layers"]  # probe_every = 0: no probe
+    assert sum(ratio) * copies / MODEL["layers"] == pytest.approx(centroids, rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, field, fix", [
+    (["model.kind=gpt", "parallel.ep_compress=lsh"], "parallel.ep_compress", "model.kind=moe"),
+    (["parallel.ep_compress=lsh", "parallel.lsh.dim=256"], "parallel.lsh.dim", "1 … 128"),
+    (["parallel.ep_compress=lsh", "parallel.lsh.hashes=30"], "parallel.lsh.hashes", "parallel.lsh.hashes ≤ 20"),
+    (["parallel.ep_compress=zip"], "parallel.ep_compress", "none | lsh"),
+    (["parallel.ep_compress=lsh", "parallel.hybrid_dp=true", "data.packing=documents", "model.aux_loss_coef=0"],
+     "parallel.ep_compress", "parallel.ep > 1"),
+])
+def test_job_config_errors(overrides: list[str], field: str, fix: str) -> None:
+    from pathlib import Path
+
+    from plait.runtime.config import load_config
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(demo, overrides, nproc=4)
+    assert err.value.key == field and fix in str(err.value), str(err.value)
+    load_config(demo, ["parallel.ep_compress=lsh", "parallel.ep=4"], nproc=4)  # and the demo with it is valid

@@ -70,3 +70,25 @@ def test_a_hybrid_dp_step_sets_the_imbalance_gauges():
         assert 'plait_hdp_imbalance_measured{job="hdp"} 1.07' in body
     finally:
         hook.server.stop()
+
+
+def test_an_lsh_step_sets_ratio_and_fidelity_per_layer():
+    from types import SimpleNamespace
+
+    from plait.runtime.metrics import MetricsConfig, MetricsHook
+    from plait.runtime.trainer import StepResult
+
+    hook = MetricsHook(MetricsConfig(port=0), job="lsh", flops_per_token=1.0, peak_flops_per_device=0.0, world=2)
+    hook.server.start()
+    try:
+        trainer = SimpleNamespace(engine=SimpleNamespace(tokens_per_expert=lambda: None), config=SimpleNamespace(steps=5))
+        result = StepResult(step=1, loss=2.0, aux_loss=0.0, grad_norm=1.0, lr=1e-3, tokens=100, seconds=0.5, end=1.0,
+                            lsh_ratio=[0.25, None, 0.5], lsh_fidelity=[0.97, None, None])
+        hook.on_step(trainer, result)
+        _, _, body = get(hook.server.url + "/metrics")
+        assert 'plait_lsh_compression_ratio{job="lsh",layer="0"} 0.25' in body
+        assert 'plait_lsh_compression_ratio{job="lsh",layer="2"} 0.5' in body
+        assert 'layer="1"' not in body  # a dense layer has no ratio
+        assert 'plait_lsh_fidelity{job="lsh",layer="0"} 0.97' in body
+    finally:
+        hook.server.stop()

@@ -187,3 +187,27 @@ def test_a_killed_worker_stops_the_job_and_the_steps_done_are_kept(config, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"]
     assert summary["steps"] >= 3 and len(summary["losses"]) == summary["steps"]
+
+
+def test_lsh_compressed_run_reports_ratio_and_fidelity(config, tmp_path):
+    """parallel.ep_compress=lsh end to end: per-layer ratio every step, the fidelity probe every 4th step."""
+    run_dir = tmp_path / "lsh"
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(run_dir), "--set", "train.steps=8",
+                                "train.eval_every=8", "parallel.ep=2", "parallel.ep_compress=lsh", "parallel.lsh.probe_every=4"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lsh = summary["lsh"]
+    assert [e["step"] for e in lsh] == list(range(1, 9))
+    for entry in lsh:
+        assert len(entry["ratio"]) == 2 and all(0 < r <= 1 for r in entry["ratio"]), entry
+        if entry["step"] in (1, 5):
+            assert len(entry["fidelity"]) == 2 and all(-1 <= f <= 1 for f in entry["fidelity"]), entry
+        else:
+            assert entry["fidelity"] is None, entry
+    # the ledger's ep row bytes are what was sent: fewer than the uncompressed 4 exchanges of N·k rows of 64 float32
+    sent = summary["ledger"]["last_step"]["ep"]["all_to_all"]["bytes"]
+    ranks, layers, micro_steps, copies = 2, 2, 8 // (2 * 2), 2 * 64 * 2  # copies: micro_batch · seq_len · top_k
+    uncompressed = ranks * layers * micro_steps * (4 * 8 + 4 * copies * 64 * 4)  # counts, then 4 exchanges of rows
+    assert sent < uncompressed
+    assert "LSH" in done.stdout
