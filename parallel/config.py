@@ -70,8 +70,9 @@ class ParallelConfig:
     # is the smallest power of two that holds data.max_len, every document split over its replica's cp ranks.
     hdp_schedule: Literal["balance", "static"] = "balance"
     # The expert all-to-all: none sends every token copy; lsh sends one centroid per bucket of similar copies
-    # (LSH-MoE, with residual compensation; parallel.lsh.* sets the hashing).
-    ep_compress: Literal["none", "lsh"] = "none"
+    # (LSH-MoE; parallel.lsh.* sets the hashing); auto measures the first step and keeps lsh on the layers where
+    # the all-to-all time it saves exceeds its hashing time (plait.scheduler.lsh_cost).
+    ep_compress: Literal["none", "lsh", "auto"] = "none"
     lsh: LSHConfig = field(default_factory=LSHConfig)
 
     def validate(self) -> None:

@@ -63,6 +63,7 @@ class EngineConfig:
     hdp_schedule: Literal["balance", "static"] = "balance"
     max_len: int = 0  # longest document
     lsh: Any = None  # a plait.parallel.config.LSHConfig: the expert all-to-all sends bucket centroids (ep_lsh)
+    lsh_auto: bool = False  # ep_compress=auto: the first step decides per layer (plait.scheduler.lsh_cost)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,15 @@ class ParallelEngine:
         else:
             self.positions = None
         self.act_shape = (config.micro_batch, T // (cp * tp), self.dim)
-        self.layers = model.cfg.layers
-        self.steps_taken = 0
+        self.compression = None
+        if config.lsh is not None and self.is_moe:
+            from plait.parallel.ep_lsh import Compression
+
+            copies = config.micro_batch * T // (cp * tp) * getattr(model.cfg, "top_k", 1)
+            self.compression = Compression(self.chunks, model.cfg.layers, config.lsh, auto=config.lsh_auto, meshes=meshes,
+                                           copies=copies, dim=self.dim, device=device)
+            if config.lsh_auto:
+                self.compression.probe_link()
 
     # ------------------------------------------------------------------ batch sharding
 
@@ -161,45 +169,11 @@ class ParallelEngine:
         with self._autocast:
             return chunk(x, self.positions)
 
-    def _compressed_layers(self) -> list[tuple[int, nn.Module]]:
-        """(model layer index, MoE module) of this rank's layers that send bucket centroids."""
-        out = []
-        for chunk in self.chunks:
-            for name, m in chunk.named_modules():
-                if _is_moe(m) and hasattr(m, "lsh_rows"):
-                    out.append((int(name.split(".")[1]), m))
-        return out
-
-    def _begin_lsh(self) -> None:
-        from plait.parallel.ep_lsh import reset_counters
-
-        every = self.config.lsh.probe_every if self.config.lsh is not None else 0
-        for _, m in self._compressed_layers():
-            reset_counters(m)
-            m.probe = bool(every) and self.steps_taken % every == 0  # the step's first forward runs the probe
-
-    def _lsh_report(self, sums: torch.Tensor) -> tuple[list | None, list | None]:
-        """Per model layer: compression ratio over all ranks, and the probe's mean cosine (from ``sums``' tail)."""
-        if self.config.lsh is None or not self.is_moe:
-            return None, None
-        table = sums[-4 * self.layers:].view(self.layers, 4).tolist()
-        ratio = [c / r if r else None for r, c, _, _ in table]
-        fidelity = [s / n if n else None for _, _, s, n in table]
-        return ratio, fidelity
-
-    def _lsh_sums(self) -> torch.Tensor:
-        """This rank's [layers, 4] (copies, centroids, cosine sum, cosines), flattened; empty when not compressing."""
-        if self.config.lsh is None or not self.is_moe:
-            return torch.zeros(0, dtype=torch.float64, device=self.device)
-        table = torch.zeros(self.layers, 4, dtype=torch.float64, device=self.device)
-        for layer, m in self._compressed_layers():
-            table[layer] += torch.tensor([m.lsh_rows, m.lsh_centroids, *m.lsh_fidelity], dtype=torch.float64)
-        return table.flatten()
-
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> StepStats:
         for chunk in self.chunks:
             chunk.train()
-        self._begin_lsh()
+        if self.compression is not None:
+            self.compression.begin_step()
         G, T = inputs.shape
         scale = 1.0 / (G * T)
         A = self.accumulation
@@ -220,28 +194,35 @@ class ParallelEngine:
                 sums[0] += ce.detach().double() * scale
         else:
             sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / blocks)
-        sums = torch.cat([sums, self._lsh_sums()])  # the compression counters ride on the same all-reduce
+        ratio = fidelity = None
+        if self.compression is not None:  # the compression counters ride on the same all-reduce
+            sums = torch.cat([sums, self.compression.sums()])
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
-        self.steps_taken += 1
-        ratio, fidelity = self._lsh_report(sums)
+        if self.compression is not None:
+            ratio, fidelity = self.compression.end_step(sums[2:], ranks_per_layer=self.dims.world // self.dims.pp,
+                                                        micro_steps=A)
         return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm, lsh_ratio=ratio, lsh_fidelity=fidelity)
 
     def train_documents(self, lengths: list[int], fetch, lr: float) -> StepStats:
         """A hybrid data-parallel step of whole documents of ``lengths`` (``fetch(indices)`` loads some of them)."""
         for chunk in self.chunks:
             chunk.train()
-        self._begin_lsh()
+        if self.compression is not None:
+            self.compression.begin_step()
         with self._autocast:
             loss_sum, balance = self.hybrid.step(self.chunks, lengths, fetch, pipeline=self.pipeline)
         sums = torch.zeros(2 + self.dims.world, dtype=torch.float64, device=self.device)
         sums[0] = loss_sum / sum(lengths)
         sums[2 + self.meshes.rank] = balance["compute_s"]
-        sums = torch.cat([sums, self._lsh_sums()])
+        ratio = fidelity = None
+        if self.compression is not None:
+            sums = torch.cat([sums, self.compression.sums()])
         comm.all_reduce(sums, self.meshes.group("world"))
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
-        self.steps_taken += 1
-        ratio, fidelity = self._lsh_report(sums)
+        if self.compression is not None:  # every rank makes every round's call (lockstep): rounds are micro-steps
+            ratio, fidelity = self.compression.end_step(sums[2 + self.dims.world:], ranks_per_layer=self.dims.world // self.dims.pp,
+                                                        micro_steps=max(1, balance.get("rounds", 1)))
         seconds = sums[2:2 + self.dims.world].tolist()
         # a position of the dp space is a tensor-parallel group and a pipeline: the sum of its ranks' seconds
         spaces = self.dims.groups((MeshAxis.DP, MeshAxis.CP))

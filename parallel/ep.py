@@ -253,7 +253,7 @@ def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         sent = torch.clamp(counts, max=cap)
     # 2. global load-balancing statistics over the stage
     stats = _global_stats(self, routing, counts, sent, st)
-    if st.hasher is not None:  # phases 3-5 on bucket centroids (plait.parallel.ep_lsh)
+    if st.hasher is not None and self.lsh_on:  # phases 3-5 on bucket centroids (plait.parallel.ep_lsh)
         from plait.parallel.ep_lsh import compressed_forward
 
         keep = None
@@ -277,6 +277,9 @@ def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = self.experts(rows, plan.expert_counts)
     # 5. combine: rows home, dropped copies as zeros, gate-weighted sum per token
     y = _combine_rows(y, plan, st)
+    if st.hasher is not None:  # compression switched off for this layer (ep_compress=auto): every copy is a row
+        self.lsh_rows += sum(plan.send)
+        self.lsh_centroids += sum(plan.send)
     if keep is not None:
         y = y.new_zeros(n * k, y.shape[-1]).index_copy(0, keep, y)
     return self.combine(y, perm, routing.weights, n).reshape(shape)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,15 @@ def reset_counters(moe: nn.Module) -> None:
     moe.lsh_rows = 0
     moe.lsh_centroids = 0
     moe.lsh_fidelity = [0.0, 0]
+    moe.lsh_seconds = 0.0  # hash + reduce + gather back, forward, while ``lsh_timing`` is set
+    if not hasattr(moe, "lsh_on"):
+        moe.lsh_on = True  # ep_compress=auto may switch it off after the first step
+
+
+def _clock(x: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 def _probe_state(st):
@@ -89,11 +99,17 @@ def _exchange(moe: nn.Module, rows: torch.Tensor, counts: torch.Tensor, stats: t
 
 def compressed_forward(moe: nn.Module, xs: torch.Tensor, sent: torch.Tensor, stats: torch.Tensor, st) -> torch.Tensor:
     """Expert outputs [T, d] of the T copies ``xs`` (per expert ``sent``), sent as bucket centroids."""
+    timing = getattr(moe, "lsh_timing", False)
+    t0 = _clock(xs) if timing else 0.0
     buckets = lsh_ops.bucket_reduce(xs, st.hasher.keys(xs), sent)
+    t1 = _clock(xs) if timing else 0.0
     y = _exchange(moe, buckets.centroids, buckets.segment_centroids, stats, st)
+    t2 = _clock(xs) if timing else 0.0
     out = lsh_ops.bucket_scatter(y, buckets.index)
     if st.hasher.settings.compensate:
         out = out + (xs - lsh_ops.bucket_scatter(buckets.centroids, buckets.index))
+    if timing:
+        moe.lsh_seconds += (t1 - t0) + (_clock(xs) - t2)
     moe.lsh_rows += xs.shape[0]
     moe.lsh_centroids += buckets.centroids.shape[0]
     if getattr(moe, "probe", False):
@@ -112,3 +128,103 @@ def ratio(rows: int, centroids: int) -> float:
 
 def mean_cosine(total: float, count: int) -> float:
     return total / count if count else math.nan
+
+
+COLUMNS = 5  # per layer in the step's closing all-reduce: copies, centroids, cosine sum, cosines, compress seconds
+
+
+class Compression:
+    """The engine's side of ``ep_compress``: counters per step, the probe schedule, and ``auto``'s decision.
+
+    ``sums()`` is this rank's [layers, COLUMNS] table, flattened, for the step's closing
+    all-reduce over the world; ``end_step`` reads the reduced table back. With ``auto`` the
+    first step runs every layer compressed and timed; its reduced table and the link probe
+    (:meth:`probe_link`, at start) decide each layer (:func:`plait.scheduler.lsh_cost.decide`),
+    identically on every rank since every input is reduced over the world.
+    """
+
+    def __init__(self, chunks: list[nn.Module], layers: int, settings, *, auto: bool, meshes, copies: int,
+                 dim: int, device: torch.device):
+        self.settings, self.auto, self.layers, self.device = settings, auto, layers, device
+        self.modules: list[tuple[int, nn.Module]] = []
+        for chunk in chunks:
+            for name, m in chunk.named_modules():
+                if hasattr(m, "lsh_rows"):
+                    self.modules.append((int(name.split(".")[1]), m))
+        self.meshes, self.copies, self.dim = meshes, copies, dim
+        self.link = None  # scheduler.lsh_cost.LinkFit, measured at start (auto)
+        self.decisions: list | None = None  # auto: each layer's decision, after the first step
+        self.steps = 0
+        self.rank = meshes.rank
+
+    def probe_link(self) -> None:
+        """``auto``: time all_to_all over ep at the layer's uncompressed size and an eighth of it (max over ranks)."""
+        from plait.parallel import comm
+        from plait.scheduler.lsh_cost import fit_link
+
+        ep = self.meshes.group("ep")
+        if ep.size == 1:
+            return
+        sizes = [max(ep.size, self.copies // 8 // ep.size * ep.size), max(ep.size, self.copies // ep.size * ep.size)]
+        world = self.meshes.group("world")
+        seconds = torch.zeros(2, dtype=torch.float64)
+        for i, rows in enumerate(sizes):
+            x = torch.zeros(rows, self.dim, device=self.device)
+            split = [rows // ep.size] * ep.size
+            runs = []
+            for _ in range(4):
+                comm.all_reduce(torch.zeros(1, device=self.device), ep)  # start together
+                t = _clock(x)
+                comm.all_to_all_v(x, ep, split, split)
+                runs.append(_clock(x) - t)
+            seconds[i] = sorted(runs[1:])[1]  # the median of three after a warm-up
+        comm.all_reduce(seconds, world, op=torch.distributed.ReduceOp.MAX)
+        self.link = fit_link((sizes[0] * self.dim * 4, float(seconds[0])), (sizes[1] * self.dim * 4, float(seconds[1])))
+
+    def begin_step(self) -> None:
+        every = self.settings.probe_every
+        first = self.auto and self.decisions is None
+        for _, m in self.modules:
+            reset_counters(m)
+            m.probe = bool(every) and self.steps % every == 0  # the step's first forward runs the probe
+            m.lsh_timing = first
+
+    def sums(self) -> torch.Tensor:
+        table = torch.zeros(self.layers, COLUMNS, dtype=torch.float64, device=self.device)
+        for layer, m in self.modules:
+            table[layer] += torch.tensor([m.lsh_rows, m.lsh_centroids, *m.lsh_fidelity, m.lsh_seconds], dtype=torch.float64)
+        return table.flatten()
+
+    def end_step(self, reduced: torch.Tensor, *, ranks_per_layer: int, micro_steps: int) -> tuple[list, list]:
+        """Per model layer: the ratio over all ranks and the probe's mean cosine; decides ``auto`` after step 1."""
+        table = reduced.view(self.layers, COLUMNS).tolist()
+        self.steps += 1
+        if self.auto and self.decisions is None:
+            self._decide(table, ranks_per_layer * micro_steps)
+        ratio = [c / r if r else None for r, c, _, _, _ in table]
+        fidelity = [s / n if n else None for _, _, s, n, _ in table]
+        return ratio, fidelity
+
+    def _decide(self, table: list[list[float]], per: int) -> None:
+        from plait.scheduler.lsh_cost import LayerMeasure, decide, describe
+
+        measures = {layer: LayerMeasure(copies=r / per, centroids=c / per, compress_s=sec / per)
+                    for layer, (r, c, _, _, sec) in enumerate(table) if r}
+        if self.link is None:  # no all-to-all (ep·etp = 1 … or one rank): nothing to save
+            from plait.scheduler.lsh_cost import LinkFit
+
+            self.link = LinkFit(latency_s=0.0, seconds_per_byte=0.0)
+        self.decisions = decide(measures, self.link, self.dim * 4)
+        on = {d.layer: d.compress for d in self.decisions}
+        for layer, m in self.modules:
+            m.lsh_on = on.get(layer, False)
+            m.lsh_timing = False
+        if self.rank == 0:
+            print(describe(self.decisions, self.link), flush=True)
+
+    def report(self) -> dict | None:
+        """``summary.json``'s ``lsh_auto``: the link measured and each layer's decision."""
+        if self.decisions is None:
+            return None
+        return {"link_gbit_s": self.link.gbit_s, "latency_ms": self.link.latency_s * 1e3,
+                "layers": [d.as_dict() for d in self.decisions]}

@@ -23,6 +23,7 @@ Schema (version 1), every field always present:
 | ``parallel`` | {pp, dp, cp, tp, edp, ep, etp, pp_schedule, vpp} | parallel sizes of both foldings |
 | ``ledger`` | {steps, last_step, total} | collectives issued by the parallel code, summed over all ranks: ``{axis: {op: {bytes, calls}}}`` for the last training step and for all of them (evaluation excluded); see plait.parallel.comm |
 | ``lsh`` | list[dict] | ``parallel.ep_compress=lsh``, per step: ``ratio`` per model layer (centroids sent / token copies over all ranks, the fraction of the expert all-to-all's row bytes sent; null for dense layers) and, on probe steps (``parallel.lsh.probe_every``), ``fidelity`` per layer (mean cosine similarity of the compressed expert outputs to the exact ones on one micro-batch), else null; [] otherwise |
+| ``lsh_auto`` | dict or null | ``parallel.ep_compress=auto``: the ep all-to-all's measured rate (``link_gbit_s``, ``latency_ms``) and, per MoE layer, the first step's decision (``compress``, ``ratio``, ``saved_ms`` of all-to-all and ``cost_ms`` of hashing per micro-batch); null otherwise |
 | ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
@@ -142,6 +143,7 @@ class SummaryHook(BaseHook):
             "tokens": sum(self.step_tokens),
             "balance": self.balance,
             "lsh": self.lsh,
+            "lsh_auto": compression.report() if (compression := getattr(trainer.engine, "compression", None)) else None,
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,

@@ -235,7 +235,7 @@ def _engine_body(rank: int, world: int, sizes: dict) -> dict:
     tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
     comm.LEDGER.reset()
     stats = engine.train_step(tokens[:, :-1], tokens[:, 1:], 1e-3)
-    centroids = sum(m.lsh_centroids for _, m in engine._compressed_layers())
+    centroids = sum(m.lsh_centroids for _, m in engine.compression.modules)
     return {"ledger": comm.LEDGER.snapshot(), "centroids": centroids, "ratio": stats.lsh_ratio, "fidelity": stats.lsh_fidelity}
 
 
