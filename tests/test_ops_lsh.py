@@ -281,6 +281,19 @@ def test_opcheck_lsh_bucket_reduce():
         torch.library.opcheck(torch.ops.plait.lsh_bucket_reduce.default, (x, keys, torch.tensor([4, 0, 10])))
 
 
+def test_ops_trace_with_symbolic_shapes():
+    # The fake kernels under symbolic tracing: the number of centroids is data-dependent.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def compress(x, signs, segments):
+        buckets = bucket_reduce(x, lsh_hash(x, signs, 33), segments)
+        return bucket_scatter(buckets.centroids, buckets.index)
+
+    x, signs, segments = torch.randn(9, 40), lsh_signs(2, 40, seed=0), torch.tensor([4, 5])
+    graph = make_fx(compress, tracing_mode="symbolic")(x, signs, segments)
+    assert torch.equal(graph(x, signs, segments), compress(x, signs, segments))
+
+
 # ------------------------------------------------------------------------------ errors
 
 

@@ -222,7 +222,8 @@ def _lsh_hash_fake(x: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tens
         x.dtype in (torch.float32, torch.bfloat16),
         lambda: f"lsh_hash: x must be float32 or bfloat16, got {x.dtype}; convert it with x.float()",
     )
-    length = padded_length(x.shape[1]) if x.shape[1] >= 1 else 1
+    # P depends on the hidden size, a static property of a model: specialise on it.
+    length = padded_length(max(int(x.shape[1]), 1))
     torch._check(signs.dtype == torch.int8, lambda: f"lsh_hash: signs must be int8, got {signs.dtype}")
     torch._check(
         signs.dim() == 3 and signs.shape[1] == 3 and signs.shape[2] == length,
