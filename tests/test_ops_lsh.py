@@ -243,6 +243,15 @@ def test_centroid_gradient_float64_gradcheck():
     assert torch.autograd.gradcheck(lambda t: bucket_reduce(t, keys, [5, 0, 7]).centroids, (x,))
 
 
+def test_only_the_centroids_carry_a_gradient():
+    x = torch.randn(10, 16, requires_grad=True)
+    keys = lsh_hash(x, lsh_signs(2, 16, seed=0), 16)
+    assert not keys.requires_grad
+    buckets = bucket_reduce(x, keys, [4, 6])
+    assert buckets.centroids.requires_grad
+    assert not any(t.requires_grad for t in buckets[1:])
+
+
 def test_centroid_gradient_float32_matches_the_reference_autograd():
     # The kernel's backward divides in float32 (correctly rounded); the reference's
     # autograd divides in float64 and rounds to float32. Double rounding of a quotient is

@@ -162,7 +162,7 @@ def lsh_hash_reference(x: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.
         for i in range(3):
             y = _hadamard(y * signs[h, i].float())
         # argmax returns the first maximal index: ties go to the lowest j.
-        j = y[:, :dim].abs().argmax(dim=1) if rows else keys
+        j = y[:, :dim].abs().argmax(dim=1)
         negative = y.gather(1, j[:, None]).squeeze(1) < 0
         keys += (2 * j + negative.long()) * (2 * dim) ** h
     return keys
