@@ -11,7 +11,8 @@
 // half = 1, 2, 4, ...), so the pure-PyTorch reference and the CUDA kernel compute the
 // very same y, bit for bit. Tokens go through in tiles of kTile, stored coordinate-major
 // ([P][kTile]), so the innermost loop of every butterfly runs over kTile independent
-// tokens and vectorises whatever the stage's half; a tile is the unit of at::parallel_for.
+// tokens and vectorises whatever the stage's half, and stages go two per sweep over the
+// tile (half the loads and stores); a tile is the unit of at::parallel_for.
 //
 // lsh_bucket_reduce: one pass per segment with a hash map from key to the segment's next
 // centroid slot (slots in order of first appearance), then sums in float64 in row order
@@ -135,18 +136,52 @@ void butterfly(float* __restrict__ a, float* __restrict__ b) {
   }
 }
 
-// The unnormalised Walsh-Hadamard transform of every token of a [P][kTile] tile.
+// Stages half = h and 2h at once on the four rows i, i + h, i + 2h, i + 3h: the pairs
+// (a, b), (c, d) of stage h, then (a, c), (b, d) of stage 2h. Each value goes through
+// the same additions and subtractions as with one stage per sweep, with half the loads
+// and stores.
+void butterfly2(float* __restrict__ a, float* __restrict__ b, float* __restrict__ c,
+                float* __restrict__ d) {
+  for (int64_t t = 0; t < kTile; ++t) {
+    const float ab_sum = a[t] + b[t];
+    const float ab_diff = a[t] - b[t];
+    const float cd_sum = c[t] + d[t];
+    const float cd_diff = c[t] - d[t];
+    a[t] = ab_sum + cd_sum;
+    c[t] = ab_sum - cd_sum;
+    b[t] = ab_diff + cd_diff;
+    d[t] = ab_diff - cd_diff;
+  }
+}
+
+// The unnormalised Walsh-Hadamard transform of every token of a [P][kTile] tile:
+// stages half = 1, 2, 4, ... in order, two per sweep, and a last single one for odd log2 P.
 void hadamard(float* v, int64_t padded) {
-  for (int64_t half = 1; half < padded; half <<= 1) {
-    for (int64_t base = 0; base < padded; base += 2 * half) {
-      for (int64_t i = base; i < base + half; ++i) butterfly(v + i * kTile, v + (i + half) * kTile);
+  int64_t half = 1;
+  for (; 4 * half <= padded; half *= 4) {
+    for (int64_t base = 0; base < padded; base += 4 * half) {
+      for (int64_t i = base; i < base + half; ++i) {
+        butterfly2(v + i * kTile, v + (i + half) * kTile, v + (i + 2 * half) * kTile,
+                   v + (i + 3 * half) * kTile);
+      }
     }
+  }
+  if (half < padded) {
+    for (int64_t i = 0; i < half; ++i) butterfly(v + i * kTile, v + (i + half) * kTile);
+  }
+}
+
+// One hash's rotation H D3 H D2 H D1 of a tile, in place; sign: the hash's 3 diagonals.
+void rotate(float* v, const float* sign, int64_t padded) {
+  for (int64_t stage = 0; stage < 3; ++stage) {
+    flip_signs(v, sign + stage * padded, padded);
+    hadamard(v, padded);
   }
 }
 
 template <typename scalar_t>
-void hash_tile(const scalar_t* x, int64_t rows, const HashShape& shape, const float* sign,
-               float* tile, float* work, int64_t* keys) {
+void hash_tile(const scalar_t* x, int64_t rows, const HashShape& shape,
+               const float* sign, float* tile, float* work, int64_t* keys) {
   const int64_t padded = shape.padded;
   std::fill(tile, tile + padded * kTile, 0.0f);
   for (int64_t t = 0; t < rows; ++t) {
@@ -158,10 +193,7 @@ void hash_tile(const scalar_t* x, int64_t rows, const HashShape& shape, const fl
   int64_t radix_power = 1;
   for (int64_t h = 0; h < shape.hashes; ++h) {
     std::copy(tile, tile + padded * kTile, work);
-    for (int64_t stage = 0; stage < 3; ++stage) {
-      flip_signs(work, sign + (h * 3 + stage) * padded, padded);
-      hadamard(work, padded);
-    }
+    rotate(work, sign + h * 3 * padded, padded);
     for (int64_t t = 0; t < rows; ++t) {
       float best = -1.0f;  // below every |y_j|, so j = 0 wins a zero vector
       int64_t arg = 0;

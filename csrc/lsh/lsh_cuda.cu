@@ -42,6 +42,8 @@ namespace plait::lsh {
 namespace {
 
 constexpr int kMaxHashThreads = 256;
+// The static shared memory of lsh_hash_kernel's argmax, next to the dynamic P floats.
+constexpr int64_t kReductionSharedBytes = (kMaxHashThreads / 32) * (sizeof(float) + sizeof(int));
 constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
@@ -127,10 +129,10 @@ at::Tensor lsh_hash_cuda(const at::Tensor& x, const at::Tensor& signs, int64_t d
   int shared_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t shared_bytes = shape.padded * static_cast<int64_t>(sizeof(float));
-  TORCH_CHECK(shared_bytes <= shared_limit, "lsh_hash: d = ", shape.width, " pads to P = ",
+  TORCH_CHECK(shared_bytes + kReductionSharedBytes <= shared_limit, "lsh_hash: d = ", shape.width, " pads to P = ",
               shape.padded, ", whose ", shared_bytes, " bytes exceed the ", shared_limit,
               " bytes of shared memory per block of this GPU; hash a projection of x to at most ",
-              shared_limit / 4, " columns");
+              (shared_limit - kReductionSharedBytes) / 4, " columns");
   const int threads = static_cast<int>(std::clamp<int64_t>(shape.padded / 2, 32, kMaxHashThreads));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const auto launch = [&](auto kernel, const auto* data) {

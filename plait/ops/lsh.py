@@ -162,7 +162,7 @@ def lsh_hash_reference(x: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.
         for i in range(3):
             y = _hadamard(y * signs[h, i].float())
         # argmax returns the first maximal index: ties go to the lowest j.
-        j = y[:, :dim].abs().argmax(dim=1) if rows else keys
+        j = y[:, :dim].abs().argmax(dim=1)
         negative = y.gather(1, j[:, None]).squeeze(1) < 0
         keys += (2 * j + negative.long()) * (2 * dim) ** h
     return keys
@@ -222,7 +222,8 @@ def _lsh_hash_fake(x: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tens
         x.dtype in (torch.float32, torch.bfloat16),
         lambda: f"lsh_hash: x must be float32 or bfloat16, got {x.dtype}; convert it with x.float()",
     )
-    length = padded_length(x.shape[1]) if x.shape[1] >= 1 else 1
+    # P depends on the hidden size, a static property of a model: specialise on it.
+    length = padded_length(max(int(x.shape[1]), 1))
     torch._check(signs.dtype == torch.int8, lambda: f"lsh_hash: signs must be int8, got {signs.dtype}")
     torch._check(
         signs.dim() == 3 and signs.shape[1] == 3 and signs.shape[2] == length,
