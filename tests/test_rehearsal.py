@@ -210,3 +210,22 @@ def test_link_faults_need_a_rehearsal(files):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "links exist only in a rehearsed cluster" in done.stderr
+
+
+def test_auto_compression_turns_on_where_the_ep_group_crosses_a_slow_link(files, tmp_path):
+    """ep over both nodes, node 1's link slowed to 10 Mbit/s: every layer's all-to-all saves far more than hashing costs.
+
+    (On loopback the same job keeps every layer uncompressed: tests/test_lsh_cost.py.)
+    """
+    run_dir = tmp_path / "auto"
+    done = rehearse(files, run_dir, "--fault", "slow-link:node=1:factor=20", "--set", "train.steps=3", "parallel.ep=4",
+                    "parallel.ep_compress=auto")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    auto = summary["lsh_auto"]
+    assert auto["link_gbit_s"] < 0.05, auto  # 10 Mbit/s shaped, shared by the node's two ranks
+    assert [d["compress"] for d in auto["layers"]] == [True, True], auto
+    assert all(d["saved_ms"] > 10 * d["cost_ms"] for d in auto["layers"]), auto
+    assert "ep_compress=auto" in done.stdout and "layer 0: lsh" in done.stdout
+    assert all(r < 1 for entry in summary["lsh"] for r in entry["ratio"])  # compressed on every step
+    assert leftovers(run_dir) == NOTHING
