@@ -17,6 +17,7 @@ class LSHConfig:
     hashes: int = 6  # cross-polytope hash functions whose codes form one bucket key (more: finer buckets)
     dim: int = 4  # rotated coordinates a code looks at: 2·dim codes per hash (more: finer buckets)
     seed: int = 0  # of the random rotations; every rank uses the same
+    center: bool = True  # hash each copy's offset from the mean of the rank's copies (see plait.parallel.ep_lsh)
     # true: each token gets E(centroid) + (token − centroid), the paper's residual compensation; false: E(centroid).
     # Off by default: expert outputs are far smaller than their normalised inputs, so the residual swamps them
     # (measured on the demo model: cosine to the exact outputs 0.16-0.91 with it, 0.97-0.98 without).

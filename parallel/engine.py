@@ -235,9 +235,18 @@ class ParallelEngine:
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean cross-entropy over ``batches`` (each a whole [G, T] global batch)."""
+        """Mean cross-entropy over ``batches`` (each a whole [G, T] global batch).
+
+        The model is evaluated as it is, without ``ep_compress``: compression is a way to train it.
+        """
         for chunk in self.chunks:
             chunk.eval()
+        if self.compression is not None:
+            with self.compression.exact():
+                return self._evaluate(batches)
+        return self._evaluate(batches)
+
+    def _evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for inputs, targets in batches:
             G, T = inputs.shape

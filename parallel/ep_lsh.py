@@ -5,7 +5,11 @@ With ``parallel.ep_compress=lsh`` a MoE layer's phases 3–5 (:mod:`plait.parall
 
 1. hash: every copy this rank sends (sorted by expert, after capacity dropping) gets a
    cross-polytope key (:func:`plait.ops.lsh.lsh_hash`, ``lsh.hashes`` rotations looking at
-   ``lsh.dim`` coordinates, signs from ``lsh.seed``: the same on every rank);
+   ``lsh.dim`` coordinates, signs from ``lsh.seed``: the same on every rank) of its offset
+   from the mean of the rank's copies (``lsh.center``). Hidden states share a common
+   direction that grows in training; uncentred, it decides most codes: on the demo model
+   (ep = 4) by step 11 the deeper layers sent 2–5 % of their copies, and the held-out loss at
+   step 20 was 2.955 against 2.824 uncompressed; centred, 15–35 % and 2.911;
 2. reduce: within each expert's segment, copies with equal keys form a bucket and are
    replaced by their mean (:func:`plait.ops.lsh.bucket_reduce`); the per-expert centroid
    counts take the place of the copy counts in the count exchange;
@@ -39,6 +43,7 @@ Settings: :class:`plait.parallel.config.LSHConfig` (``parallel.lsh.*``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -66,7 +71,10 @@ class Hasher:
         signs = self._signs.get(x.device)
         if signs is None:
             signs = self._signs[x.device] = self._signs[torch.device("cpu")].to(x.device)
-        return lsh_ops.lsh_hash(x.detach(), signs, self.settings.dim)
+        x = x.detach()
+        if self.settings.center and x.shape[0]:
+            x = x - x.mean(dim=0, keepdim=True)
+        return lsh_ops.lsh_hash(x, signs, self.settings.dim)
 
 
 def reset_counters(moe: nn.Module) -> None:
@@ -74,6 +82,8 @@ def reset_counters(moe: nn.Module) -> None:
     moe.lsh_centroids = 0
     moe.lsh_fidelity = [0.0, 0]
     moe.lsh_seconds = 0.0  # hash + reduce + gather back, forward, while ``lsh_timing`` is set
+    moe.lsh_expert_seconds = 0.0  # the experts' forward on the rows this rank received, while timing
+    moe.lsh_expert_rows = 0
     if not hasattr(moe, "lsh_on"):
         moe.lsh_on = True  # ep_compress=auto may switch it off after the first step
 
@@ -90,10 +100,16 @@ def _probe_state(st):
                                etp=dataclasses.replace(st.etp, axis="etp-probe"))
 
 
-def _exchange(moe: nn.Module, rows: torch.Tensor, counts: torch.Tensor, stats: torch.Tensor, st) -> torch.Tensor:
+def _exchange(moe: nn.Module, rows: torch.Tensor, counts: torch.Tensor, stats: torch.Tensor, st,
+              timing: bool = False) -> torch.Tensor:
     """Phases 3–5 on ``rows`` laid out per expert by ``counts``: to the experts and back."""
     plan = ep_mod._plan(counts, stats, st)
-    y = moe.experts(ep_mod._dispatch(rows, plan, st), plan.expert_counts)
+    received = ep_mod._dispatch(rows, plan, st)
+    t = _clock(received) if timing else 0.0
+    y = moe.experts(received, plan.expert_counts)
+    if timing:
+        moe.lsh_expert_seconds += _clock(y) - t
+        moe.lsh_expert_rows += received.shape[0]
     return ep_mod._combine_rows(y, plan, st)
 
 
@@ -103,7 +119,7 @@ def compressed_forward(moe: nn.Module, xs: torch.Tensor, sent: torch.Tensor, sta
     t0 = _clock(xs) if timing else 0.0
     buckets = lsh_ops.bucket_reduce(xs, st.hasher.keys(xs), sent)
     t1 = _clock(xs) if timing else 0.0
-    y = _exchange(moe, buckets.centroids, buckets.segment_centroids, stats, st)
+    y = _exchange(moe, buckets.centroids, buckets.segment_centroids, stats, st, timing)
     t2 = _clock(xs) if timing else 0.0
     out = lsh_ops.bucket_scatter(y, buckets.index)
     if st.hasher.settings.compensate:
@@ -130,7 +146,9 @@ def mean_cosine(total: float, count: int) -> float:
     return total / count if count else math.nan
 
 
-COLUMNS = 5  # per layer in the step's closing all-reduce: copies, centroids, cosine sum, cosines, compress seconds
+# per layer in the step's closing all-reduce: copies, centroids, cosine sum, cosines, compress seconds, and the
+# experts' forward seconds and rows
+COLUMNS = 7
 
 
 class Compression:
@@ -181,6 +199,18 @@ class Compression:
         comm.all_reduce(seconds, world, op=torch.distributed.ReduceOp.MAX)
         self.link = fit_link((sizes[0] * self.dim * 4, float(seconds[0])), (sizes[1] * self.dim * 4, float(seconds[1])))
 
+    @contextlib.contextmanager
+    def exact(self):
+        """Every layer sends every copy for the duration (evaluation), then back as it was."""
+        before = [(m, m.lsh_on) for _, m in self.modules]
+        for m, _ in before:
+            m.lsh_on = False
+        try:
+            yield
+        finally:
+            for m, on in before:
+                m.lsh_on = on
+
     def begin_step(self) -> None:
         every = self.settings.probe_every
         first = self.auto and self.decisions is None
@@ -192,7 +222,8 @@ class Compression:
     def sums(self) -> torch.Tensor:
         table = torch.zeros(self.layers, COLUMNS, dtype=torch.float64, device=self.device)
         for layer, m in self.modules:
-            table[layer] += torch.tensor([m.lsh_rows, m.lsh_centroids, *m.lsh_fidelity, m.lsh_seconds], dtype=torch.float64)
+            table[layer] += torch.tensor([m.lsh_rows, m.lsh_centroids, *m.lsh_fidelity, m.lsh_seconds,
+                                          m.lsh_expert_seconds, m.lsh_expert_rows], dtype=torch.float64)
         return table.flatten()
 
     def end_step(self, reduced: torch.Tensor, *, ranks_per_layer: int, micro_steps: int) -> tuple[list, list]:
@@ -201,15 +232,16 @@ class Compression:
         self.steps += 1
         if self.auto and self.decisions is None:
             self._decide(table, ranks_per_layer * micro_steps)
-        ratio = [c / r if r else None for r, c, _, _, _ in table]
-        fidelity = [s / n if n else None for _, _, s, n, _ in table]
+        ratio = [c / r if r else None for r, c, *_ in table]
+        fidelity = [s / n if n else None for _, _, s, n, *_ in table]
         return ratio, fidelity
 
     def _decide(self, table: list[list[float]], per: int) -> None:
         from plait.scheduler.lsh_cost import LayerMeasure, decide, describe
 
-        measures = {layer: LayerMeasure(copies=r / per, centroids=c / per, compress_s=sec / per)
-                    for layer, (r, c, _, _, sec) in enumerate(table) if r}
+        measures = {layer: LayerMeasure(copies=r / per, centroids=c / per, compress_s=sec / per,
+                                        expert_row_s=e_s / e_rows if e_rows else 0.0)
+                    for layer, (r, c, _, _, sec, e_s, e_rows) in enumerate(table) if r}
         if self.link is None:  # no all-to-all (ep·etp = 1 … or one rank): nothing to save
             from plait.scheduler.lsh_cost import LinkFit
 

@@ -178,7 +178,7 @@ def step_volume(
     ``centroids``: the step runs with ``parallel.ep_compress=lsh`` and its MoE layers sent this many
     bucket centroids in all (every rank, layer and micro-step; dropless, the uncompressed step sends
     ``world/pp · layers · A · n·k`` copies). The four token exchanges then move centroids instead of
-    copies, and the step's closing all-reduce carries 5 float64 counters per layer.
+    copies, and the step's closing all-reduce carries 7 float64 counters per layer.
     """
     d = spec.dim
     T = spec.seq_len
@@ -202,7 +202,7 @@ def step_volume(
         if lay.etp > 1:
             vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
-        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (40 * spec.layers if centroids is not None else 0))
+        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0))
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):
         out.setdefault(axis, {})[op] = b

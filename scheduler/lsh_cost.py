@@ -13,8 +13,10 @@ itself, so the decision holds on any cluster, described or not:
 
 A layer is compressed when ``saved > cost`` with
 
-* ``saved = 4 × (a2a(copies × row) − a2a(centroids × row))``: dispatch, combine and both
-  their backward exchanges shrink alike;
+* ``saved = 4 × (a2a(copies × row) − a2a(centroids × row)) + 3 × (copies − centroids) × e``:
+  dispatch, combine and both their backward exchanges shrink alike, and the experts run on
+  centroids only (``e``, the experts' forward seconds per row measured on step 1; their
+  backward is twice the forward's FLOPs);
 * ``cost = 2 × measured forward seconds``: the backward of the reduce and of the gather are
   memory-bound passes of the same size as their forward (the hash has none), so twice the
   forward is the work compression adds per micro-step.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 EXCHANGES = 4  # dispatch, combine, and the backward of each
 BACKWARD_FACTOR = 2.0  # forward + a backward of the same size
+EXPERT_PASSES = 3.0  # an expert's forward and its backward (twice the forward's FLOPs)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class LayerMeasure:
     copies: float  # token copies the rank sent uncompressed would have sent
     centroids: float  # centroids it sent
     compress_s: float  # forward seconds of hash + reduce + gather back
+    expert_row_s: float = 0.0  # the experts' forward seconds per row
 
 
 @dataclass(frozen=True)
@@ -71,22 +75,24 @@ class Decision:
     layer: int
     compress: bool
     ratio: float  # centroids / copies
-    saved_s: float  # all-to-all seconds saved per micro-step
+    saved_s: float  # all-to-all and expert seconds saved per micro-step
     cost_s: float  # compression seconds added per micro-step
+    saved_a2a_s: float = 0.0  # the all-to-all's share of saved_s
 
     def as_dict(self) -> dict:
         return {"layer": self.layer, "compress": self.compress, "ratio": self.ratio,
-                "saved_ms": self.saved_s * 1e3, "cost_ms": self.cost_s * 1e3}
+                "saved_ms": self.saved_s * 1e3, "saved_a2a_ms": self.saved_a2a_s * 1e3, "cost_ms": self.cost_s * 1e3}
 
 
 def decide(layers: dict[int, LayerMeasure], link: LinkFit, row_bytes: int) -> list[Decision]:
     """Per layer (model layer index → its measurement): compress where the all-to-all time saved exceeds the cost."""
     out = []
     for layer, m in sorted(layers.items()):
-        saved = EXCHANGES * (link.seconds(m.copies * row_bytes) - link.seconds(m.centroids * row_bytes))
+        a2a = EXCHANGES * (link.seconds(m.copies * row_bytes) - link.seconds(m.centroids * row_bytes))
+        saved = a2a + EXPERT_PASSES * (m.copies - m.centroids) * m.expert_row_s
         cost = BACKWARD_FACTOR * m.compress_s
         ratio = m.centroids / m.copies if m.copies else 1.0
-        out.append(Decision(layer=layer, compress=saved > cost, ratio=ratio, saved_s=saved, cost_s=cost))
+        out.append(Decision(layer=layer, compress=saved > cost, ratio=ratio, saved_s=saved, cost_s=cost, saved_a2a_s=a2a))
     return out
 
 
@@ -96,6 +102,7 @@ def describe(decisions: list[Decision], link: LinkFit) -> str:
              f"{link.latency_s * 1e3:.2f} ms per call"]
     for d in decisions:
         verdict = "lsh " if d.compress else "none"
-        lines.append(f"plait:   layer {d.layer}: {verdict} (ratio {d.ratio:.2f}: saves {d.saved_s * 1e3:.2f} ms of "
-                     f"all-to-all per micro-batch, costs {d.cost_s * 1e3:.2f} ms of hashing and reduce)")
+        lines.append(f"plait:   layer {d.layer}: {verdict} (ratio {d.ratio:.2f}: saves {d.saved_s * 1e3:.2f} ms per "
+                     f"micro-batch, {d.saved_a2a_s * 1e3:.2f} of them all-to-all, the rest expert compute; costs "
+                     f"{d.cost_s * 1e3:.2f} ms of hashing and reduce)")
     return "\n".join(lines)

@@ -91,6 +91,9 @@ def _reference(layer: MoE, x: torch.Tensor, cfg: LSHConfig) -> torch.Tensor:
     """The scheme in plain PyTorch, per expert: buckets by reference key, float64 means, SwiGLU, combine."""
     routing = layer.route(x)
     signs = lsh_signs(cfg.hashes, DIM, cfg.seed)
+    # keys of each copy's offset from the mean of all copies (lsh.center), the copies in the layer's order (by expert)
+    copies = x.detach()[torch.argsort(routing.indices.reshape(-1), stable=True) // K]
+    center = copies.mean(dim=0, keepdim=True) if cfg.center else 0.0
     out = torch.zeros_like(x)
     ex = layer.experts
     for e in range(E):
@@ -98,7 +101,7 @@ def _reference(layer: MoE, x: torch.Tensor, cfg: LSHConfig) -> torch.Tensor:
         if token.numel() == 0:
             continue
         rows = x[token]
-        keys = lsh_hash_reference(rows.detach(), signs, cfg.dim)
+        keys = lsh_hash_reference(rows.detach() - center, signs, cfg.dim)
         _, bucket = torch.unique(keys, return_inverse=True)
         cent = torch.zeros(int(bucket.max()) + 1, DIM, dtype=torch.float64).index_add(0, bucket, rows.double())
         cent = (cent / torch.bincount(bucket).unsqueeze(1)).float()
@@ -279,3 +282,18 @@ def test_job_config_errors(overrides: list[str], field: str, fix: str) -> None:
         load_config(demo, overrides, nproc=4)
     assert err.value.key == field and fix in str(err.value), str(err.value)
     load_config(demo, ["parallel.ep_compress=lsh", "parallel.ep=4"], nproc=4)  # and the demo with it is valid
+
+
+def test_centring_keeps_a_shared_direction_from_deciding_the_buckets() -> None:
+    """Tokens = a large common vector + their own part (as hidden states): uncentred, the common part picks the codes."""
+    g = torch.Generator().manual_seed(4)
+    x = 20 * torch.randn(1, DIM, generator=g) + torch.randn(4 * N, DIM, generator=g)
+    w = torch.randn(4 * N, DIM, generator=g)
+    ratios = {}
+    for center in (False, True):
+        layer = _layer(LSHConfig(hashes=2, dim=4, center=center))
+        _run(layer, x, w)
+        ratios[center] = layer.lsh_centroids / layer.lsh_rows
+    # 8 codes per hash: centred, random offsets spread over up to 64 buckets per expert; uncentred, nearly all
+    # copies land on the common vector's code
+    assert ratios[False] < 0.15 < 0.3 < ratios[True], ratios

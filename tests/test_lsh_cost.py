@@ -33,6 +33,10 @@ def test_decide_compresses_where_the_bytes_saved_outweigh_the_hashing():
     assert [d.compress for d in decide(layers, fast, row)] == [False, False]  # 0.25 ms saved < 4 ms
     text = describe(on_slow, slow)
     assert "layer 0: lsh" in text and "layer 1: none" in text and "0.1 Gbit/s" in text
+    # experts that cost 10 µs a row forward: 1536 rows fewer save 3 × 15.4 ms of compute even on the fast link
+    busy = {0: LayerMeasure(copies=2048, centroids=512, compress_s=0.002, expert_row_s=1e-5)}
+    (d,) = decide(busy, fast, row)
+    assert d.compress and d.saved_s == pytest.approx(d.saved_a2a_s + 3 * 1536 * 1e-5)
 
 
 def _auto_body(rank: int, world: int) -> dict:
@@ -45,7 +49,7 @@ def _auto_body(rank: int, world: int) -> dict:
     meshes = ParallelMeshes(ParallelDims.resolve(world, ep=world))
     torch.manual_seed(0)
     model = build_model(ModelConfig(kind="moe", layers=2, dim=32, heads=4, ffn_dim=64, vocab=256, seq_len=16, experts=4, top_k=2))
-    engine = ParallelEngine(model, meshes, EngineConfig(micro_batch=2, global_batch=8, seq_len=16, lsh=LSHConfig(probe_every=0),
+    engine = ParallelEngine(model, meshes, EngineConfig(micro_batch=2, global_batch=8, seq_len=16, lsh=LSHConfig(hashes=2, dim=2, probe_every=0),
                                                         lsh_auto=True), torch.device("cpu"))
     tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
     steps = [engine.train_step(tokens[:, :-1], tokens[:, 1:], 1e-3) for _ in range(2)]
@@ -53,16 +57,20 @@ def _auto_body(rank: int, world: int) -> dict:
             "on": [m.lsh_on for _, m in engine.compression.modules]}
 
 
-def test_auto_on_loopback_decides_once_alike_on_every_rank():
-    """On loopback the bytes cost microseconds and hashing a millisecond: every layer goes back to none."""
+def test_auto_decides_once_alike_on_every_rank():
+    """Step 1 runs compressed and timed; the decision is the same on every rank, and step 2 follows it.
+
+    (Which way it goes on loopback depends on this machine's speeds; tests/test_rehearsal.py makes the link slow.)
+    """
     ranks = run_distributed(_auto_body, world=2, timeout=120)
     assert ranks[0]["report"] == ranks[1]["report"]  # every input to the decision was reduced over the world
     report = ranks[0]["report"]
     assert report["link_gbit_s"] > 0 and [d["layer"] for d in report["layers"]] == [0, 1]
     for d in report["layers"]:
         assert d["compress"] == (d["saved_ms"] > d["cost_ms"]) and 0 < d["ratio"] <= 1 and d["cost_ms"] > 0
-    assert all(not d["compress"] for d in report["layers"]), report
     first, second = ranks[0]["ratios"]
     assert all(r < 1 for r in first)  # step 1 runs compressed, to measure
-    assert second == [1.0, 1.0]  # then every copy travels
-    assert ranks[0]["on"] == ranks[1]["on"] == [False, False]
+    on = [d["compress"] for d in report["layers"]]
+    assert ranks[0]["on"] == ranks[1]["on"] == on
+    for layer, compress in enumerate(on):
+        assert (second[layer] < 1) if compress else (second[layer] == 1.0)  # off: every copy travels
