@@ -9,11 +9,12 @@ thread (per core) and at all threads, ``bucket_reduce`` rows/s and GB/s (x read 
 centroids written). Best of several runs.
 
 **Quality** (4 processes, loopback). ``plait train`` of the demo config with experts over 4
-ranks (``parallel.ep=4``), ``parallel.ep_compress`` ``none`` then ``lsh`` (defaults: 6 hashes,
-dim 4, no residual compensation), 300 steps (``--quick``: 20), held-out loss every 50
-steps: the curve, the final held-out loss of both (target: within 1 %), the compression
-ratio per layer (centroids / copies, mean over steps; target ≤ 25 %) and the fidelity
-probe's cosine (every 50 steps).
+ranks (``parallel.ep=4``), ``parallel.ep_compress`` ``none`` then ``lsh`` (defaults: 6 hashes
+of 128 codes (dim 64), centred, no residual compensation), 300 steps (``--quick``: 20),
+held-out loss every 50 steps: the curve, the final held-out loss of both (target: within
+1 %), the compression ratio per layer (centroids / copies, mean over steps; target ≤ 25 %)
+and the fidelity probe's cosine (every 50 steps). Then the trade-off: ``lsh`` with coarse
+codes (dim 4: 8 per hash), which compresses more and loses more.
 
 **Speed** (needs root: ``plait train --cluster``). Two nodes of two workers, experts over
 all four ranks, so every ep group crosses the link between the nodes. Both nodes on one
@@ -132,6 +133,8 @@ def quality(work: Path, quick: bool) -> dict:
     every = 10 if quick else 50
     base = [f"train.steps={steps}", f"train.eval_every={every}", "parallel.ep=4", f"parallel.lsh.probe_every={every}"]
     runs = {mode: _train(work, f"quality-{mode}", [*base, f"parallel.ep_compress={mode}"]) for mode in ("none", "lsh")}
+    # the trade-off: coarser codes (8 per hash instead of 128) compress more and lose more
+    coarse = _train(work, "quality-lsh-dim4", [*base, "parallel.ep_compress=lsh", "parallel.lsh.dim=4"])
     none, lsh = runs["none"], runs["lsh"]
     gap = (lsh["eval_loss"] - none["eval_loss"]) / none["eval_loss"]
     ratio = _layer_means(lsh)
@@ -144,9 +147,14 @@ def quality(work: Path, quick: bool) -> dict:
         "fidelity": [e for e in lsh["lsh"] if e["fidelity"] is not None],
         "bytes_ep": {m: r["ledger"]["total"]["ep"]["all_to_all"]["bytes"] if "total" in r["ledger"] else None
                      for m, r in runs.items()},
+        "coarse_dim4": {"eval_loss": coarse["eval_loss"], "eval_gap": (coarse["eval_loss"] - none["eval_loss"]) / none["eval_loss"],
+                        "curve": coarse["eval_losses"], "ratio_per_layer": _layer_means(coarse),
+                        "ratio_overall": statistics.fmean(_layer_means(coarse))},
     }
     print(f"lsh quality: {steps} steps, held-out loss none {none['eval_loss']:.4f}, lsh {lsh['eval_loss']:.4f} "
-          f"({100 * gap:+.2f} %); ratio per layer {', '.join(f'{r:.3f}' for r in ratio)}", flush=True)
+          f"({100 * gap:+.2f} %); ratio per layer {', '.join(f'{r:.3f}' for r in ratio)}; dim 4: "
+          f"{coarse['eval_loss']:.4f} ({100 * out['coarse_dim4']['eval_gap']:+.2f} %), ratio "
+          f"{out['coarse_dim4']['ratio_overall']:.3f}", flush=True)
     return out
 
 

@@ -15,7 +15,9 @@ class LSHConfig:
     """``parallel.lsh.*``: how ``parallel.ep_compress=lsh`` hashes tokens (see :mod:`plait.parallel.ep_lsh`)."""
 
     hashes: int = 6  # cross-polytope hash functions whose codes form one bucket key (more: finer buckets)
-    dim: int = 4  # rotated coordinates a code looks at: 2·dim codes per hash (more: finer buckets)
+    # rotated coordinates a code looks at: 2·dim codes per hash (more: finer buckets, better quality, less compression);
+    # 0: min(64, model.dim padded to a power of two)
+    dim: int = 0
     seed: int = 0  # of the random rotations; every rank uses the same
     center: bool = True  # hash each copy's offset from the mean of the rank's copies (see plait.parallel.ep_lsh)
     # true: each token gets E(centroid) + (token − centroid), the paper's residual compensation; false: E(centroid).
@@ -24,23 +26,33 @@ class LSHConfig:
     compensate: bool = False
     probe_every: int = 50  # steps between fidelity probes (one micro-batch run exactly too); 0: never
 
+    def resolved_dim(self, hidden: int | None = None) -> int:
+        """``dim``, or for 0 the default: 64, or fewer when the hidden size (padded) has fewer coordinates."""
+        from plait.ops.lsh import padded_length
+
+        if self.dim:
+            return self.dim
+        return min(64, padded_length(hidden)) if hidden is not None else 64
+
     def validate(self, hidden: int | None = None) -> None:
         """Raises ConfigError naming the ``parallel.lsh.*`` field (``hidden``: model.dim, when known)."""
         from plait.ops.lsh import MAX_KEY_BITS, code_bits, padded_length
 
         if self.hashes < 1:
             raise ConfigError("parallel.lsh.hashes", self.hashes, "accepted: a positive number of hash functions, e.g. 6")
-        if self.dim < 1:
-            raise ConfigError("parallel.lsh.dim", self.dim, "accepted: a positive number of coordinates, e.g. 4")
+        if self.dim < 0:
+            raise ConfigError("parallel.lsh.dim", self.dim, "accepted: 0 (min(64, model.dim)) or a positive number of "
+                              "coordinates, e.g. 64")
         if hidden is not None and self.dim > padded_length(hidden):
             raise ConfigError("parallel.lsh.dim", self.dim,
                               f"accepted: 1 … {padded_length(hidden)} (model.dim = {hidden} padded to a power of two)")
-        bits = self.hashes * code_bits(self.dim)
+        dim = self.resolved_dim(hidden)
+        bits = self.hashes * code_bits(dim)
         if bits > MAX_KEY_BITS:
             raise ConfigError("parallel.lsh.hashes", self.hashes,
-                              f"{self.hashes} hashes of {code_bits(self.dim)} bits (parallel.lsh.dim = {self.dim}) need {bits} "
+                              f"{self.hashes} hashes of {code_bits(dim)} bits (parallel.lsh.dim = {dim}) need {bits} "
                               f"bits; a bucket key holds {MAX_KEY_BITS}",
-                              hint=f"set parallel.lsh.hashes ≤ {MAX_KEY_BITS // code_bits(self.dim)}, or a smaller parallel.lsh.dim")
+                              hint=f"set parallel.lsh.hashes ≤ {MAX_KEY_BITS // code_bits(dim)}, or a smaller parallel.lsh.dim")
         if self.probe_every < 0:
             raise ConfigError("parallel.lsh.probe_every", self.probe_every, "accepted: 0 (never) or a positive number of steps")
 

@@ -65,6 +65,7 @@ class Hasher:
     def __init__(self, settings: LSHConfig, hidden: int):
         settings.validate(hidden)
         self.settings = settings
+        self.dim = settings.resolved_dim(hidden)
         self._signs = {torch.device("cpu"): lsh_ops.lsh_signs(settings.hashes, hidden, settings.seed)}
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ class Hasher:
         x = x.detach()
         if self.settings.center and x.shape[0]:
             x = x - x.mean(dim=0, keepdim=True)
-        return lsh_ops.lsh_hash(x, signs, self.settings.dim)
+        return lsh_ops.lsh_hash(x, signs, self.dim)
 
 
 def reset_counters(moe: nn.Module) -> None:

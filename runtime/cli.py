@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.parallel.ep_compress == "lsh":
         h = config.parallel.lsh
         probe = f"a fidelity probe every {h.probe_every} steps" if h.probe_every else "no fidelity probe"
-        print(f"plait: the expert all-to-all sends LSH bucket centroids ({h.hashes} hashes of {2 * h.dim} codes, seed "
+        print(f"plait: the expert all-to-all sends LSH bucket centroids ({h.hashes} hashes of {2 * h.resolved_dim(config.model.dim)} codes, seed "
               f"{h.seed}, residual compensation {'on' if h.compensate else 'off'}, {probe})", flush=True)
     daemons = None
     secret_file = None
