@@ -29,7 +29,8 @@ def make_trainer(kind: str, world: int = 1, hooks=(), sizes: dict | None = None)
     meshes = ParallelMeshes(dims)
     torch.manual_seed(0)
     model_cfg = ModelConfig(kind=kind, **MODEL)
-    train_cfg = TrainConfig(steps=6, global_batch=8, micro_batch=4 // dims.dp, lr=1e-2, warmup_steps=2, seed=0)
+    # the same micro_batch for every layout: the MoE balancing loss is defined per block of micro_batch sequences
+    train_cfg = TrainConfig(steps=6, global_batch=8, micro_batch=2, lr=1e-2, warmup_steps=2, seed=0)
     engine = ParallelEngine(
         build_model(model_cfg), meshes,
         EngineConfig(micro_batch=train_cfg.micro_batch, global_batch=8, seq_len=16, aux_loss_coef=0.01 if kind == "moe" else 0.0,
