@@ -35,12 +35,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from plait.bench.runner import best_seconds
 
 NAME = "lsh"
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +50,14 @@ WARMUP = 4
 RUN_TIMEOUT_S = 1800
 
 
+def _best_s(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 # ----------------------------------------------------------------------------- ops
@@ -73,13 +80,13 @@ def _ops_case(width: int, rows: int, hashes: int, dim: int, segments: int, repea
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     head = x[:reference_rows]
-    hash_one = best_seconds(lambda: lsh_hash(x, signs, dim), repeats)
-    hash_ref_one = best_seconds(lambda: lsh_hash_reference(head, signs, dim), max(1, repeats // 2)) * rows / reference_rows
-    reduce_one = best_seconds(lambda: bucket_reduce(x, keys, seg), repeats)
-    reduce_ref_one = best_seconds(lambda: bucket_reduce_reference(x, keys, seg), max(1, repeats // 2))
+    hash_one = _best_s(lambda: lsh_hash(x, signs, dim), repeats)
+    hash_ref_one = _best_s(lambda: lsh_hash_reference(head, signs, dim), max(1, repeats // 2)) * rows / reference_rows
+    reduce_one = _best_s(lambda: bucket_reduce(x, keys, seg), repeats)
+    reduce_ref_one = _best_s(lambda: bucket_reduce_reference(x, keys, seg), max(1, repeats // 2))
     torch.set_num_threads(threads)
-    hash_all = best_seconds(lambda: lsh_hash(x, signs, dim), repeats)
-    reduce_all = best_seconds(lambda: bucket_reduce(x, keys, seg), repeats)
+    hash_all = _best_s(lambda: lsh_hash(x, signs, dim), repeats)
+    reduce_all = _best_s(lambda: bucket_reduce(x, keys, seg), repeats)
     moved = (rows + got.centroids.shape[0]) * width * 4
     out = {
         "width": width, "rows": rows, "hashes": hashes, "dim": dim, "segments": segments, "exact": exact,

@@ -37,17 +37,6 @@ def list_benchmarks() -> dict[str, str]:
     return found
 
 
-def best_seconds(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, after one untimed warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def machine_info() -> dict[str, Any]:
     import torch
 
