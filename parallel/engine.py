@@ -64,6 +64,7 @@ class EngineConfig:
     max_len: int = 0  # longest document
     lsh: Any = None  # a plait.parallel.config.LSHConfig: the expert all-to-all sends bucket centroids (ep_lsh)
     lsh_auto: bool = False  # ep_compress=auto: the first step decides per layer (plait.scheduler.lsh_cost)
+    precision: Any = None  # a plait.parallel.precision.PrecisionConfig that quantizes (plait.parallel.lowp), or None
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class StepStats:
     # mean cosine of compressed to exact expert outputs on a probe step (None on other steps)
     lsh_ratio: list[float | None] | None = None
     lsh_fidelity: list[float | None] | None = None
+    # precision recipes that quantize: per linear module, its recipe and the step's amax / overflow / underflow
+    precision: dict[str, dict[str, Any]] | None = None
 
 
 def _is_moe(module: nn.Module) -> bool:
@@ -96,6 +99,11 @@ class ParallelEngine:
         self.is_moe = any(_is_moe(m) for m in model.modules())
         self.dim = model.cfg.dim
         self.hybrid = None
+        linears = None
+        if config.precision is not None:
+            from plait.parallel.lowp import linear_names
+
+            linears = linear_names(model)  # the whole model's, the same on every rank
         if config.hybrid_dp:
             from plait.parallel.hdp import HybridDP
 
@@ -123,6 +131,12 @@ class ParallelEngine:
             self.chunks = self.pipeline.chunks
         else:
             self.chunks = [model]
+        self.precision = None
+        if linears is not None:
+            from plait.parallel.lowp import apply_precision
+
+            self.precision = apply_precision(self.chunks, config.precision, linears, layers=model.cfg.layers,
+                                             base="bf16" if config.dtype == "bfloat16" else "fp32")
         named: dict[str, nn.Parameter] = {}
         for chunk in self.chunks:
             named.update(dict(chunk.named_parameters()))
@@ -165,6 +179,24 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ step
 
+    def begin_step(self, step: int) -> None:
+        """The 0-based index of the step about to run (the precision schedule's recipes depend on it)."""
+        if self.precision is not None:
+            self.precision.begin_step(step)
+
+    def _precision_stats(self) -> dict[str, dict[str, Any]] | None:
+        """The step's per-module quantization statistics over all ranks (two small all-reduces)."""
+        if self.precision is None:
+            return None
+        from plait.parallel.lowp import summarize
+
+        stats = self.precision.stats.to(self.device)
+        amax, counts = stats[:, :3].contiguous(), stats[:, 3:].contiguous()
+        world = self.meshes.group("world")
+        comm.all_reduce(amax, world, op=torch.distributed.ReduceOp.MAX)
+        comm.all_reduce(counts, world)
+        return summarize(self.precision, amax.cpu(), counts.cpu())
+
     def _forward_chunk(self, chunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with self._autocast:
             return chunk(x, self.positions)
@@ -202,7 +234,8 @@ class ParallelEngine:
         if self.compression is not None:
             ratio, fidelity = self.compression.end_step(sums[2:], ranks_per_layer=self.dims.world // self.dims.pp,
                                                         micro_steps=A)
-        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm, lsh_ratio=ratio, lsh_fidelity=fidelity)
+        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm, lsh_ratio=ratio, lsh_fidelity=fidelity,
+                         precision=self._precision_stats())
 
     def train_documents(self, lengths: list[int], fetch, lr: float) -> StepStats:
         """A hybrid data-parallel step of whole documents of ``lengths`` (``fetch(indices)`` loads some of them)."""
@@ -231,7 +264,7 @@ class ParallelEngine:
         balance.update(compute_s=seconds, measured=max(by_position) / mean if mean > 0 else 1.0)
         self.hybrid.observe(by_position)  # a position's seconds summed: its whole model's work, as calibrated
         return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance,
-                         lsh_ratio=ratio, lsh_fidelity=fidelity)
+                         lsh_ratio=ratio, lsh_fidelity=fidelity, precision=self._precision_stats())
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -31,6 +31,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         hdp_budget=config.hdp_budget(),
         hdp_schedule=p.hdp_schedule,
         max_len=config.max_len(),
+        precision=config.precision if config.precision.quantizes() else None,
     )
 
 

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: runs/<config name>-<time>)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override a config key, dotted (train.steps=50); repeatable")
+    train.add_argument("--ab", metavar="RECIPE", help="train a reference model in precision recipe RECIPE (e.g. fp32) "
+                       "alongside, on the same data and seed, and report the loss gap per step (sets precision.ab)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, "
                        "parameter count and memory estimate, then exit")
     train.add_argument("--resume", metavar="DIR|latest", help="start from a disk checkpoint, in any layout: a run "
@@ -227,6 +229,8 @@ def _load_train_config(args: argparse.Namespace, nproc: int | None):
     the planner, which chooses it too."""
     from plait.runtime.config import load_config
 
+    if getattr(args, "ab", None):
+        args.overrides = [*args.overrides, f"precision.ab={args.ab}"]
     try:
         return load_config(args.config, args.overrides, nproc=nproc, nnodes=args.nnodes)
     except ConfigError as err:

@@ -19,6 +19,7 @@ import yaml
 
 from plait.errors import ConfigError, did_you_mean
 from plait.parallel.config import ParallelConfig
+from plait.parallel.precision import PrecisionConfig
 from plait.runtime.data import DataConfig
 from plait.runtime.launch import LaunchConfig
 from plait.runtime.metrics import MetricsConfig
@@ -39,6 +40,7 @@ class JobConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def validate(self) -> None:
         """Check each section, then the rules that span sections."""
@@ -50,6 +52,7 @@ class JobConfig:
         dims = self.parallel.dims(world)
         self._check_documents(dims)
         self._check_compress(dims)
+        self._check_precision()
         documents = self.data.packing == "documents"
         # A step of documents is train.global_batch whole documents, not micro-batches of windows.
         dims.check_model(model_spec(self.model), vpp=self.parallel.vpp,
@@ -133,6 +136,27 @@ class JobConfig:
                               "every rank, with no all-to-all to compress", hint="set parallel.ep > 1, or "
                               "parallel.ep_compress=none")
         p.lsh.validate(self.model.dim)
+
+    def _check_precision(self) -> None:
+        """Every precision rule must match a linear layer of this model (a typo would silently do nothing)."""
+        if self.precision.ab:
+            if self.snapshot.enabled:
+                raise ConfigError("precision.ab", self.precision.ab, "the reference model of an A/B run is not held in "
+                                  "snapshots, so a restore could not bring it back", hint="set snapshot.enabled=false")
+            if self.data.packing == "documents":
+                raise ConfigError("precision.ab", self.precision.ab, "A/B runs take fixed-length windows",
+                                  hint="set data.packing to its default, or drop --ab")
+        if not (self.precision.policy or any(s.policy for s in self.precision.schedule)):
+            return
+        import torch
+
+        from plait.parallel.lowp import linear_names
+        from plait.parallel.precision import check_policy_matches
+        from plait.runtime.models import build_model
+
+        with torch.device("meta"):
+            names = linear_names(build_model(self.model))
+        check_policy_matches(self.precision, names)
 
     def max_len(self) -> int:
         """Longest document piece in tokens (``data.max_len``, default ``model.seq_len``)."""

@@ -65,5 +65,38 @@ def dry_run_report(config: JobConfig) -> str:
                else " (no parity: survives worker and daemon crashes, not a node loss)")
             + "; up to 3 versions held (the published one and 2 in flight)" + (f"; disk every {snap.disk_every} snapshots" if snap.disk_every else "")
         )
+    if config.precision.quantizes():
+        lines += ["", "# precision (module → recipe; forward x·W, dgrad dy·Wᵀ, wgrad dyᵀ·x formats)", precision_table(config)]
     lines += ["", "# rank layout (global rank → coordinates in both foldings)", dims.describe()]
+    return "\n".join(lines)
+
+
+def precision_table(config: JobConfig) -> str:
+    """Which module computes in which format, for each stage of the precision schedule."""
+    import torch
+
+    from plait.parallel.lowp import linear_names
+    from plait.parallel.precision import formats, resolve
+    from plait.runtime.models import build_model
+
+    with torch.device("meta"):
+        names = linear_names(build_model(config.model))
+    pc = config.precision
+    base = "bf16" if config.train.dtype == "bfloat16" else "fp32"
+    starts = [0, *pc.boundaries()]
+    lines = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else config.train.steps
+        if start >= config.train.steps:
+            break
+        recipes = resolve(pc, names, step=start, layers=config.model.layers, base=base)
+        lines.append(f"steps {start + 1}–{end}:")
+        width = max(len(n) for n in names)
+        for name in names:
+            r = recipes[name]
+            f = formats(r, stochastic_grads=pc.stochastic_grads, hadamard=pc.hadamard)
+            detail = "" if f is None else "  " + ", ".join(
+                f"{k} {op.fmt}" + (f"/{op.elem}" if op.fmt.startswith("fp8-") else "") + (" SR" if op.stochastic else "")
+                for k, op in f.operands().items()) + (" · Hadamard wgrad" if f.hadamard else "")
+            lines.append(f"  {name:<{width}}  {r:<10}{detail}".rstrip())
     return "\n".join(lines)

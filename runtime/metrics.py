@@ -77,6 +77,17 @@ class TrainingMetrics:
             "parallel.ep_compress=lsh: the last probe's mean cosine similarity of compressed to exact expert outputs",
             ["job", "layer"], registry=self.registry,
         )
+        self.precision_amax = Gauge(
+            "plait_precision_amax", "Quantized linears: the last step's largest |value| of x, w or dy, per module",
+            ["job", "module", "tensor"], registry=self.registry)
+        self.precision_overflow = Gauge(
+            "plait_precision_overflow",
+            "Quantized linears: the last step's fraction of x or dy elements beyond the format's largest value",
+            ["job", "module", "tensor"], registry=self.registry)
+        self.precision_underflow = Gauge(
+            "plait_precision_underflow",
+            "Quantized linears: the last step's fraction of non-zero x or dy elements quantized to zero",
+            ["job", "module", "tensor"], registry=self.registry)
         self.job = job
         self._health = {"status": "starting", "step": 0}
         self._lock = threading.Lock()
@@ -172,6 +183,14 @@ class MetricsHook(BaseHook):
             for layer, value in enumerate(values or []):
                 if value is not None:
                     gauge.labels(job=m.job, layer=str(layer)).set(value)
+        for module, stats in (result.precision or {}).items():
+            if "amax_x" not in stats:
+                continue
+            for tensor in ("x", "w", "dy"):
+                m.precision_amax.labels(job=m.job, module=module, tensor=tensor).set(stats[f"amax_{tensor}"])
+            for tensor in ("x", "dy"):
+                m.precision_overflow.labels(job=m.job, module=module, tensor=tensor).set(stats[f"overflow_{tensor}"])
+                m.precision_underflow.labels(job=m.job, module=module, tensor=tensor).set(stats[f"underflow_{tensor}"])
         counts = trainer.engine.tokens_per_expert()
         if counts is not None:
             for layer, row in enumerate(counts.tolist()):

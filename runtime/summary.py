@@ -24,6 +24,8 @@ Schema (version 1), every field always present:
 | ``ledger`` | {steps, last_step, total} | collectives issued by the parallel code, summed over all ranks: ``{axis: {op: {bytes, calls}}}`` for the last training step and for all of them (evaluation excluded); see plait.parallel.comm |
 | ``lsh`` | list[dict] | ``parallel.ep_compress=lsh``, per step: ``ratio`` per model layer (centroids sent / token copies over all ranks, the fraction of the expert all-to-all's row bytes sent; null for dense layers) and, on probe steps (``parallel.lsh.probe_every``), ``fidelity`` per layer (mean cosine similarity of the compressed expert outputs to the exact ones on one micro-batch), else null; [] otherwise |
 | ``lsh_auto`` | dict or null | ``parallel.ep_compress=auto``: the ep all-to-all's measured rate (``link_gbit_s``, ``latency_ms``) and, per MoE layer, the first step's decision (``compress``, ``ratio``, ``saved_ms`` of all-to-all and ``cost_ms`` of hashing per micro-batch); null otherwise |
+| ``precision`` | dict or null | when a precision recipe quantizes: ``step``, ``last`` (per linear module, the last step's ``recipe``, ``amax_x``/``amax_w``/``amax_dy``, ``overflow_x``/``underflow_x``/``overflow_dy``/``underflow_dy``: fractions of elements beyond the format's largest value / non-zero but quantized to zero) and ``peak`` (each module's largest value of each over all steps); null otherwise |
+| ``ab`` | dict or null | ``--ab RECIPE`` (``precision.ab``): ``recipe``, the reference model's ``losses`` and the ``gaps`` (job − reference) per step, and ``eval``: per evaluation ``{step, loss, reference, gap, relative}``; null otherwise |
 | ``tokens_per_expert`` | list[list[int]] or null | token copies routed to each expert in the last step's last micro-batch, all ranks of the first pipeline stage together, per MoE layer of that stage |
 | ``restarts`` | int | elastic restarts before this attempt finished |
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
@@ -76,6 +78,8 @@ class SummaryHook(BaseHook):
         self.step_tokens: list[int] = []
         self.balance: list[dict[str, Any]] = []  # hybrid DP: each step's plan, predicted vs measured
         self.lsh: list[dict[str, Any]] = []  # parallel.ep_compress=lsh: each step's ratio (and probe) per layer
+        self.precision: dict[str, Any] | None = None  # quantized recipes: last step's per-module stats and peaks
+        self.ab: dict[str, Any] | None = None  # precision.ab: the reference model's losses (set by ABHook)
         self._last_end: float | None = None
         self.evals: list[dict[str, float]] = []
         self.pace = Pace(config.train.steps)
@@ -98,7 +102,20 @@ class SummaryHook(BaseHook):
         if result.lsh_ratio is not None:
             self.lsh.append({"step": result.step, "ratio": result.lsh_ratio, "fidelity": result.lsh_fidelity
                              if any(f is not None for f in result.lsh_fidelity or []) else None})
+        if result.precision is not None:
+            self._precision(result)
         self.pace.add(result)
+
+    def _precision(self, result: StepResult) -> None:
+        """Keep the last step's statistics and each module's worst (largest) value of each over all steps."""
+        prev = self.precision or {"last": {}, "peak": {}}
+        peak = prev["peak"]
+        for name, stats in result.precision.items():
+            row = peak.setdefault(name, {})
+            for key, value in stats.items():
+                if key != "recipe":
+                    row[key] = max(row.get(key, value), value)
+        self.precision = {"step": result.step, "last": result.precision, "peak": peak}
 
     def on_eval(self, trainer: Trainer, step: int, loss: float) -> None:
         self.evals.append({"step": step, "loss": loss})
@@ -107,7 +124,7 @@ class SummaryHook(BaseHook):
         """The history so far, kept in snapshots so that a restored run reports every step once."""
         return {"losses": list(self.losses), "aux_losses": list(self.aux_losses), "grad_norms": list(self.grad_norms),
                 "step_times": list(self.step_times), "evals": list(self.evals), "step_tokens": list(self.step_tokens),
-                "balance": list(self.balance), "lsh": list(self.lsh)}
+                "balance": list(self.balance), "lsh": list(self.lsh), "precision": self.precision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses = list(state["losses"])
@@ -118,6 +135,7 @@ class SummaryHook(BaseHook):
         self.step_tokens = list(state.get("step_tokens", []))
         self.balance = list(state.get("balance", []))
         self.lsh = list(state.get("lsh", []))
+        self.precision = state.get("precision")
 
     def on_end(self, trainer: Trainer) -> None:
         self.write(trainer, status="completed")
@@ -144,6 +162,8 @@ class SummaryHook(BaseHook):
             "balance": self.balance,
             "lsh": self.lsh,
             "lsh_auto": compression.report() if (compression := getattr(trainer.engine, "compression", None)) else None,
+            "precision": self.precision,
+            "ab": self.ab,
             "tokens_per_s": self.pace.tokens_per_s,
             "step_seconds": self.pace.step_seconds,
             "world_size": self.world,

@@ -86,6 +86,7 @@ class StepResult:
     balance: dict[str, Any] | None = None  # hybrid DP: predicted and measured busiest-rank / mean work
     lsh_ratio: list[float | None] | None = None  # parallel.ep_compress=lsh: centroids sent / copies, per layer
     lsh_fidelity: list[float | None] | None = None  # its probe's mean cosine to exact expert outputs (probe steps)
+    precision: dict[str, dict[str, Any]] | None = None  # quantized recipes: per linear, recipe, amax, overflow, underflow
 
 
 class Hook(Protocol):
@@ -147,6 +148,8 @@ class Trainer:
         start = time.perf_counter()
         lr = self.config.lr_at(self.step)
         LEDGER.reset()
+        if hasattr(self.engine, "begin_step"):
+            self.engine.begin_step(self.step)
         if getattr(self.engine, "hybrid", None) is not None:  # whole documents (data.packing=documents)
             stats = self.engine.train_documents(self.loader.step_lengths(), self.loader.documents, lr)
             self.loader.advance()
@@ -171,6 +174,7 @@ class Trainer:
             balance=stats.balance,
             lsh_ratio=stats.lsh_ratio,
             lsh_fidelity=stats.lsh_fidelity,
+            precision=stats.precision,
         )
 
     def evaluate(self) -> float:

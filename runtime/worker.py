@@ -296,6 +296,11 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
             if config.metrics.enabled:
                 hooks.append(MetricsHook(config.metrics, job=run_dir.name, flops_per_token=flops, peak_flops_per_device=peak, world=world))
             hooks += [ConsoleHook(log_every=config.metrics.log_every), summary]
+        if config.precision.ab:
+            from plait.runtime.ab import ABHook
+
+            hooks.append(ABHook(config, world=world, device=device, summary=summary, loader=SequenceLoader(
+                corpus.train, seq_len=model_config.seq_len, global_batch=config.train.global_batch, seed=config.train.seed)))
         snapshot_hook, restore_args = _snapshot_parts(config, run_dir, engine, rank=rank, world=world,
                                                       placement=placement, attempt=attempt)
         lifecycle = restore_args["lifecycle"]
