@@ -211,3 +211,25 @@ def test_lsh_compressed_run_reports_ratio_and_fidelity(config, tmp_path):
     uncompressed = ranks * layers * micro_steps * (4 * 8 + 4 * copies * 64 * 4)  # counts, then 4 exchanges of rows
     assert sent < uncompressed
     assert "LSH" in done.stdout
+
+
+def test_fp8_block_run_with_ab_reference_reports_gap_and_statistics(config, tmp_path):
+    """precision.recipe=fp8-block with expert parallelism, --ab fp32: the reference trains alongside on the same data."""
+    run_dir = tmp_path / "fp8"
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(run_dir), "--ab", "fp32", "--set",
+                                "train.steps=4", "train.eval_every=4", "parallel.ep=2", "precision.recipe=fp8-block"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ab = summary["ab"]
+    assert ab["recipe"] == "fp32" and len(ab["gaps"]) == 4 and len(ab["losses"]) == 4
+    for loss, ref, gap in zip(summary["losses"], ab["losses"], ab["gaps"]):
+        assert gap == pytest.approx(loss - ref, abs=1e-12)
+    assert ab["eval"][-1]["step"] == 4 and abs(ab["eval"][-1]["relative"]) < 0.01  # the issue's target for fp8-block
+    last = summary["precision"]["last"]
+    layers = 2  # the test config's
+    assert last["output"] == {"recipe": "fp32"} and last[f"layers.{layers - 1}.attn.wq"] == {"recipe": "fp32"}
+    stats = last["layers.0.ffn.experts"]
+    assert stats["recipe"] == "fp8-block" and stats["amax_x"] > 0 and stats["amax_w"] > 0 and stats["amax_dy"] > 0
+    assert all(0 <= stats[k] <= 1 for k in ("overflow_x", "underflow_x", "overflow_dy", "underflow_dy"))
+    assert "A/B step 4" in done.stdout

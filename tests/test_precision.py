@@ -1,0 +1,189 @@
+"""Precision recipes, policy and schedule, and the quantized linear layer against plain PyTorch.
+
+The reference of a quantized linear is written here from the definition: each GEMM's
+operands quantized along its contraction dimension and dequantized
+(:func:`plait.ops.quant.quantize` / ``dequantize``, tested bit-exact against NumPy in
+test_ops_quant.py), then multiplied in float64 by torch.matmul. The layer's GEMMs
+accumulate in FP32, so they must agree within FP32 accumulation error: |err| ≤ γ_K·(|a|·|b|ᵀ),
+γ_K = K·u / (1 − K·u), u = 2⁻²⁴.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plait.errors import ConfigError
+from plait.ops.quant import dequantize, quantize
+from plait.parallel.lowp import PrecisionRuntime, _hadamard16, _rotate_tokens, apply_precision, linear_names, quant_linear
+from plait.parallel.precision import RECIPES, PolicyRule, PrecisionConfig, ScheduleStage, formats, resolve
+from plait.runtime.config import load_config
+from plait.runtime.models import build_model
+
+NAMES = ["layers.0.attn.wq", "layers.0.ffn.router", "layers.0.ffn.experts", "layers.1.attn.wq", "layers.1.ffn.experts",
+         "output"]
+
+
+def test_resolve_policy_first_match_and_edges():
+    cfg = PrecisionConfig(recipe="nvfp4", policy=[PolicyRule(match="*.attn.*", recipe="fp8-block"),
+                                                  PolicyRule(match="layers.0.*", recipe="mxfp8")])
+    r = resolve(cfg, NAMES, step=0, layers=2, base="fp32")
+    assert r["layers.0.attn.wq"] == "fp8-block"  # first match wins over layers.0.*
+    assert r["layers.0.ffn.experts"] == "mxfp8"
+    assert r["layers.0.ffn.router"] == "mxfp8"  # a user rule comes before the edge rules
+    assert r["layers.1.ffn.experts"] == "fp32"  # the last block stays high
+    assert r["layers.1.attn.wq"] == "fp8-block"  # ... unless a user rule says otherwise
+    assert r["output"] == "fp32"
+    bare = resolve(PrecisionConfig(recipe="nvfp4", keep_edges=False), NAMES, step=0, layers=2, base="bf16")
+    assert set(bare.values()) == {"nvfp4"}
+
+
+def test_schedule_stages_replace_recipe_and_policy():
+    cfg = PrecisionConfig(recipe="fp32", keep_edges=False, policy=[PolicyRule(match="*.attn.*", recipe="fp8-row")],
+                          schedule=[ScheduleStage(until=10, recipe="nvfp4"),
+                                    ScheduleStage(until=20, recipe="mxfp8", policy=[]),
+                                    ScheduleStage(recipe="bf16", policy=[])])
+    cfg.validate()
+    assert resolve(cfg, NAMES, step=9, layers=2, base="fp32")["layers.0.attn.wq"] == "fp8-row"
+    assert resolve(cfg, NAMES, step=9, layers=2, base="fp32")["output"] == "nvfp4"
+    assert set(resolve(cfg, NAMES, step=10, layers=2, base="fp32").values()) == {"mxfp8"}
+    assert set(resolve(cfg, NAMES, step=500, layers=2, base="fp32").values()) == {"bf16"}
+    assert cfg.boundaries() == [10, 20]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("precision.recipe=fp8", "precision.recipe"),
+    ("precision.ab=fp16", "precision.ab"),
+    ("precision.policy=[{match: '*.attn.wqq', recipe: fp8-row}]", "precision.policy[0].match"),
+    ("precision.policy=[{match: '*.attn.*', recipe: int8}]", "precision.policy[0].recipe"),
+    ("precision.schedule=[{until: 0, recipe: nvfp4}, {recipe: fp32}]", "precision.schedule[0].until"),
+    ("precision.schedule=[{until: 20, recipe: nvfp4}, {until: 10, recipe: fp32}]", "precision.schedule[1].until"),
+])
+def test_bad_precision_config_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert err.value.key == key
+
+
+def test_ab_refuses_snapshots():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", ["precision.ab=fp32", "snapshot.every=5"])
+    assert err.value.key == "precision.ab"
+
+
+def _qdq(t: torch.Tensor, op, seed: int | None = None) -> torch.Tensor:
+    kw = {} if not op.stochastic else {"rounding": "stochastic", "seed": seed}
+    return dequantize(quantize(t.contiguous(), op.fmt, elem=op.elem, **kw)).double()
+
+
+def _bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FP32 accumulation error bound of a @ bᵀ over K terms, elementwise, plus the output's own rounding."""
+    k = a.shape[1]
+    u = 2.0 ** -24
+    gamma = k * u / (1 - k * u)
+    mag = a.abs() @ b.abs().t()
+    return gamma * mag + u * mag + 1e-30
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ("fp32", "bf16", "nvfp4")])
+def test_quantized_linear_matches_its_definition(recipe):
+    """Forward, dgrad and wgrad: every operand quantized along the right dimension (transposes included)."""
+    torch.manual_seed(0)
+    M, K, N = 96, 256, 160  # partial 128-blocks in tokens and outputs
+    x = (torch.randn(M, K) * torch.linspace(0.1, 4, K)).requires_grad_()
+    w = (torch.randn(N, K) * 0.05).requires_grad_()
+    gy = torch.randn(M, N) * 1e-3
+    rt = PrecisionRuntime(PrecisionConfig(recipe=recipe, keep_edges=False), ["m"], layers=1, base="fp32")
+    rt.begin_step(0)
+    y = quant_linear(rt, "m", x, w)
+    dx, dw = torch.autograd.grad(y, (x, w), gy)
+    f = formats(recipe)
+    xq, wq = _qdq(x.detach(), f.x), _qdq(w.detach(), f.w)
+    assert ((y.double() - xq @ wq.t()).abs() <= _bound(xq, wq)).all()
+    dyq, wtq = _qdq(gy, f.dy), _qdq(w.detach().t(), f.wt)
+    assert ((dx.double() - dyq @ wtq.t()).abs() <= _bound(dyq, wtq)).all()
+    dytq, xtq = _qdq(gy.t(), f.dyt), _qdq(x.detach().t(), f.xt)
+    assert ((dw.double() - dytq @ xtq.t()).abs() <= _bound(dytq, xtq)).all()
+
+
+def test_nvfp4_stochastic_gradients_and_hadamard_wgrad():
+    torch.manual_seed(1)
+    M, K, N = 64, 128, 64
+    x = torch.randn(M, K, requires_grad=True)
+    w = (torch.randn(N, K) * 0.05).requires_grad_()
+    gy = torch.randn(M, N)
+
+    def grads(step: int, config: PrecisionConfig):
+        rt = PrecisionRuntime(config, ["m"], layers=1, base="fp32")
+        rt.begin_step(step)
+        return torch.autograd.grad(quant_linear(rt, "m", x, w), (x, w), gy)
+
+    cfg = PrecisionConfig(recipe="nvfp4", keep_edges=False)
+    a, b, c = grads(3, cfg), grads(3, cfg), grads(4, cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a replayed step rounds the same way
+    assert not torch.equal(a[0], c[0])  # another step draws other random bits
+    exact_dw = gy.t() @ x.detach()
+    plain = grads(3, PrecisionConfig(recipe="nvfp4", keep_edges=False, hadamard=False, stochastic_grads=False))
+    for dw in (a[1], plain[1]):
+        assert float((dw - exact_dw).norm() / exact_dw.norm()) < 0.35
+
+
+def test_hadamard_rotation_preserves_products():
+    r = _hadamard16(5)
+    torch.testing.assert_close(r.t() @ r, torch.eye(16), atol=1e-6, rtol=0)
+    a, b = torch.randn(8, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    ra, rb = _rotate_tokens(a.float(), r).double(), _rotate_tokens(b.float(), r).double()
+    torch.testing.assert_close(ra @ rb.t(), a @ b.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_quantized_once_per_step():
+    """Micro-batches of one step reuse the quantized weight; an optimizer update makes a new one."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(128, 128, bias=False)
+    model = torch.nn.ModuleDict({"output": lin})
+    rt = apply_precision([model], PrecisionConfig(recipe="fp8-block", keep_edges=False), ["output"], layers=1, base="fp32")
+    rt.begin_step(0)
+    for _ in range(3):
+        lin(torch.randn(16, 128)).sum().backward()
+    keys = [k for k in rt._cache if not k[2]]
+    assert len(keys) == 1
+    first = rt._cache[keys[0]][1]
+    lin(torch.randn(16, 128)).sum().backward()
+    assert rt._cache[keys[0]][1] is first  # same step, same parameter version: reused
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    lin(torch.randn(16, 128))
+    assert rt._cache[keys[0]][1] is not first
+    assert torch.equal(rt._cache[keys[0]][1].data, quantize(lin.weight.detach(), "fp8-128x128").data)
+
+
+def test_statistics_count_overflow_and_underflow():
+    rt = PrecisionRuntime(PrecisionConfig(recipe="mxfp8", keep_edges=False), ["m"], layers=1, base="fp32")
+    rt.begin_step(0)
+    # one block of 32, amax 1.9: X = floor(log2 1.9) − 8 = −8, scale 2⁻⁸; 1.9 scales to 486.4, beyond 448 and its
+    # rounding region (overflow); 1e-9 scales below half the smallest subnormal 2⁻⁹ (underflow)
+    x = torch.full((1, 32), 0.5)
+    x[0, 0], x[0, 1], x[0, 2] = 1.9, 1.0, 1e-9
+    w = torch.randn(4, 32)
+    quant_linear(rt, "m", x, w)
+    row = rt.stats[0]
+    assert row[0] == pytest.approx(1.9) and row[5] == 32
+    assert row[3] == 1  # 1.9 · 2⁸ = 486.4 rounds beyond 448
+    assert row[4] == 1  # 1e-9 became 0
+
+
+def test_linear_names_cover_the_model():
+    cfg = load_config("configs/demo.yaml", []).model
+    with torch.device("meta"):
+        names = linear_names(build_model(cfg))
+    assert "output" in names and "layers.0.ffn.experts" in names and "layers.3.attn.wo" in names
+    assert len(names) == cfg.layers * 6 + 1
+
+
+def test_bf16_recipe_is_bf16_matmul():
+    rt = PrecisionRuntime(PrecisionConfig(recipe="bf16", keep_edges=False), ["m"], layers=1, base="fp32")
+    x, w = torch.randn(8, 64), torch.randn(32, 64)
+    y = quant_linear(rt, "m", x, w)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x.bfloat16(), w.bfloat16()).float())
