@@ -187,3 +187,19 @@ def test_bf16_recipe_is_bf16_matmul():
     y = quant_linear(rt, "m", x, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, F.linear(x.bfloat16(), w.bfloat16()).float())
+
+
+def test_dry_run_lists_each_module_format_per_schedule_stage():
+    from plait.runtime.dryrun import dry_run_report
+
+    config = load_config("configs/demo.yaml", [
+        "precision.recipe=nvfp4", "precision.policy=[{match: '*.attn.*', recipe: fp8-block}]",
+        "precision.schedule=[{until: 240, recipe: nvfp4}, {recipe: bf16, policy: []}]"])
+    report = dry_run_report(config)
+    table = report.split("# precision")[1].split("# rank layout")[0]
+    assert "steps 1–240:" in table and "steps 241–300:" in table
+    first, second = table.split("steps 241–300:")
+    assert "layers.0.attn.wq      fp8-block   x fp8-1x128/e4m3, w fp8-128x128/e4m3" in first
+    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4, dy nvfp4 SR" in first
+    assert "output                fp32" in first and "layers.3.attn.wq      fp32" in first
+    assert "layers.0.ffn.experts  bf16" in second and "nvfp4" not in second
