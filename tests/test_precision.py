@@ -201,5 +201,6 @@ def test_dry_run_lists_each_module_format_per_schedule_stage():
     first, second = table.split("steps 241–300:")
     assert "layers.0.attn.wq      fp8-block   x fp8-1x128/e4m3, w fp8-128x128/e4m3" in first
     assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4, dy nvfp4 SR" in first
-    assert "output                fp32" in first and "layers.3.attn.wq      fp32" in first
+    assert "output                fp32" in first and "layers.3.ffn.experts  fp32" in first  # the edges
+    assert "layers.3.attn.wq      fp8-block" in first  # a user rule comes first
     assert "layers.0.ffn.experts  bf16" in second and "nvfp4" not in second
