@@ -92,3 +92,28 @@ def test_an_lsh_step_sets_ratio_and_fidelity_per_layer():
         assert 'plait_lsh_fidelity{job="lsh",layer="0"} 0.97' in body
     finally:
         hook.server.stop()
+
+
+def test_a_quantized_step_sets_precision_gauges_per_module():
+    from types import SimpleNamespace
+
+    from plait.runtime.metrics import MetricsConfig, MetricsHook
+    from plait.runtime.trainer import StepResult
+
+    hook = MetricsHook(MetricsConfig(port=0), job="fp8", flops_per_token=1.0, peak_flops_per_device=0.0, world=2)
+    hook.server.start()
+    try:
+        trainer = SimpleNamespace(engine=SimpleNamespace(tokens_per_expert=lambda: None), config=SimpleNamespace(steps=5))
+        stats = {"recipe": "mxfp8", "amax_x": 3.5, "amax_w": 0.25, "amax_dy": 0.125, "overflow_x": 0.5,
+                 "underflow_x": 0.0, "overflow_dy": 0.0, "underflow_dy": 0.75}
+        result = StepResult(step=1, loss=2.0, aux_loss=0.0, grad_norm=1.0, lr=1e-3, tokens=100, seconds=0.5, end=1.0,
+                            precision={"layers.0.attn.wq": stats, "output": {"recipe": "fp32"}})
+        hook.on_step(trainer, result)
+        _, _, body = get(hook.server.url + "/metrics")
+        assert 'plait_precision_amax{job="fp8",module="layers.0.attn.wq",tensor="x"} 3.5' in body
+        assert 'plait_precision_amax{job="fp8",module="layers.0.attn.wq",tensor="w"} 0.25' in body
+        assert 'plait_precision_overflow{job="fp8",module="layers.0.attn.wq",tensor="x"} 0.5' in body
+        assert 'plait_precision_underflow{job="fp8",module="layers.0.attn.wq",tensor="dy"} 0.75' in body
+        assert 'module="output"' not in body  # a module in high precision has no statistics
+    finally:
+        hook.server.stop()
