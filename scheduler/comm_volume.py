@@ -171,7 +171,7 @@ def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
 
 def step_volume(
     spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
-    centroids: int | None = None,
+    centroids: int | None = None, precision_modules: int = 0,
 ) -> dict[str, dict[str, int]]:
     """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
 
@@ -179,6 +179,9 @@ def step_volume(
     bucket centroids in all (every rank, layer and micro-step; dropless, the uncompressed step sends
     ``world/pp · layers · A · n·k`` copies). The four token exchanges then move centroids instead of
     copies, and the step's closing all-reduce carries 7 float64 counters per layer.
+
+    ``precision_modules``: a quantized ``precision`` recipe is on and the model has this many linear
+    modules; the step closes with two all-reduces of their statistics (3 amax and 6 counts, float64).
     """
     d = spec.dim
     T = spec.seq_len
@@ -202,7 +205,8 @@ def step_volume(
         if lay.etp > 1:
             vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
-        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0))
+        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0)
+                                                     + 72 * precision_modules)
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):
         out.setdefault(axis, {})[op] = b

@@ -204,3 +204,54 @@ def test_dry_run_lists_each_module_format_per_schedule_stage():
     assert "output                fp32" in first and "layers.3.ffn.experts  fp32" in first  # the edges
     assert "layers.3.attn.wq      fp8-block" in first  # a user rule comes first
     assert "layers.0.ffn.experts  bf16" in second and "nvfp4" not in second
+
+
+MODEL = dict(layers=2, dim=32, heads=4, ffn_dim=64, vocab=256, seq_len=16, experts=4, top_k=2)
+
+
+def _engine_body(rank: int, world: int, sizes: dict) -> dict:
+    from plait.parallel import comm
+    from plait.parallel.engine import EngineConfig, ParallelEngine
+    from plait.parallel.mesh import ParallelMeshes
+    from plait.runtime.models import ModelConfig
+    from plait.scheduler.dims import ParallelDims
+
+    meshes = ParallelMeshes(ParallelDims.resolve(world, **sizes))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="moe", **MODEL))
+    engine = ParallelEngine(model, meshes, EngineConfig(micro_batch=2, global_batch=8, seq_len=16, aux_loss_coef=0.01,
+                                                        precision=PrecisionConfig(recipe="mxfp8")), torch.device("cpu"))
+    tokens = torch.randint(0, 256, (8, 17), generator=torch.Generator().manual_seed(5))
+    comm.LEDGER.reset()
+    engine.begin_step(0)
+    stats = engine.train_step(tokens[:, :-1], tokens[:, 1:], 1e-3)
+    return {"ledger": comm.LEDGER.snapshot(), "precision": stats.precision}
+
+
+@pytest.mark.parametrize("world, sizes", [(2, dict(ep=2)), pytest.param(4, dict(tp=2, pp=2), marks=pytest.mark.slow)],
+                         ids=["ep2", "tp2-pp2"])
+def test_engine_step_statistics_span_all_ranks_and_the_ledger_counts_them(world: int, sizes: dict) -> None:
+    from harness import run_distributed
+
+    from plait.parallel import comm
+    from plait.runtime.config import model_spec
+    from plait.runtime.models import ModelConfig
+    from plait.scheduler.comm_volume import Layout, step_volume
+    from plait.scheduler.dims import ParallelDims
+
+    ranks = run_distributed(_engine_body, world=world, args=(sizes,), timeout=120)
+    dims = ParallelDims.resolve(world, **sizes)
+    layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep, etp=dims.etp)
+    cfg = ModelConfig(kind="moe", **MODEL)
+    with torch.device("meta"):
+        modules = len(linear_names(build_model(cfg)))
+    expected = step_volume(model_spec(cfg), layout, global_batch=8, micro_batch=2, precision_modules=modules)
+    measured = {axis: {op: v["bytes"] for op, v in ops.items()}
+                for axis, ops in comm.merge_snapshots([r["ledger"] for r in ranks]).items()}
+    assert measured == expected
+    stats = ranks[0]["precision"]
+    assert all(r["precision"] == stats for r in ranks)  # reduced over the world: every rank reports the same
+    assert stats["output"] == {"recipe": "fp32"} and stats["layers.1.attn.wq"] == {"recipe": "fp32"}  # the edges
+    for name in ("layers.0.attn.wq", "layers.0.attn.wo", "layers.0.ffn.experts"):
+        s = stats[name]
+        assert s["recipe"] == "mxfp8" and s["amax_x"] > 0 and s["amax_w"] > 0 and s["amax_dy"] > 0, (name, s)
