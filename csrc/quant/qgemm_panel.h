@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace plait::quant {
 namespace {
@@ -16,26 +17,38 @@ namespace {
 constexpr int64_t kMR = 6;
 constexpr int64_t kNR = 16;
 
+// Eight float32 lanes (GCC/Clang vector extension): one AVX register, two SSE ones.
+typedef float Lanes __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kVectors = kNR / kLanes;
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 // a: [kMR rows][lda], b: [kc][ldb] (kNR columns from b), c: [rows][ldc].
 inline void micro_tile(int64_t kc, const float* __restrict__ a, int64_t lda,
                        const float* __restrict__ b, int64_t ldb, float* __restrict__ c,
                        int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
-  float acc[kMR][kNR] = {};
+  Lanes acc[kMR][kVectors] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    const float* bk = b + k * ldb;
-#pragma GCC unroll 6
+    Lanes bk[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) bk[v] = load_lanes(b + k * ldb + v * kLanes);
     for (int64_t i = 0; i < kMR; ++i) {
       const float ai = a[i * lda + k];
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < kNR; ++j) acc[i][j] += ai * bk[j];
+      for (int64_t v = 0; v < kVectors; ++v) acc[i][v] += ai * bk[v];
     }
   }
+  float tile[kMR][kNR];
+  std::memcpy(tile, acc, sizeof(tile));
   for (int64_t i = 0; i < rows; ++i) {
     float* ci = c + i * ldc;
     if (accumulate) {
-      for (int64_t j = 0; j < cols; ++j) ci[j] += acc[i][j];
+      for (int64_t j = 0; j < cols; ++j) ci[j] += tile[i][j];
     } else {
-      for (int64_t j = 0; j < cols; ++j) ci[j] = acc[i][j];
+      for (int64_t j = 0; j < cols; ++j) ci[j] = tile[i][j];
     }
   }
 }
