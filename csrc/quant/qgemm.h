@@ -6,7 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include <cmath>
 #include <cstdint>
