@@ -65,7 +65,7 @@ def _blocks(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _unblock(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)[:, :k]
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2])[:, :k]
 
 
 def _amax(blocks: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ def _pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
 
 def _unpack_e2m1(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     packed = data.view(torch.uint8)
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], 2 * packed.shape[1])
     signs = torch.where(codes >= 8, -1.0, 1.0).to(dtype)
     return _E2M1_VALUES.to(dtype)[(codes & 7).long()] * signs
 
@@ -132,10 +132,10 @@ def quantize(x: torch.Tensor, fmt: str, *, elem: str = "e4m3") -> QTensor:
             return QTensor(q.contiguous(), scale.contiguous(), fmt, (m, k))
         rows = -(-m // 128) * 128
         padded = torch.nn.functional.pad(x, (0, -(-k // 128) * 128 - k, 0, rows - m))
-        tiles = padded.reshape(rows // 128, 128, -1, 128)
+        tiles = padded.reshape(rows // 128, 128, padded.shape[1] // 128, 128)
         amax = tiles.abs().amax(dim=(1, 3))
         scale = torch.where(amax == 0, 1.0, amax / fmax)
-        q = (tiles / scale[:, None, :, None]).reshape(rows, -1)[:m, :k]
+        q = (tiles / scale[:, None, :, None]).reshape(rows, padded.shape[1])[:m, :k]
         return QTensor(_to_fp8(q, dtype, fmax).contiguous(), scale.contiguous(), fmt, (m, k))
     if fmt in ("mxfp8", "mxfp4"):
         emax = 8 if fmt == "mxfp8" else 2
