@@ -41,6 +41,16 @@ inline void micro_tile(int64_t kc, const float* __restrict__ a, int64_t lda,
       for (int64_t v = 0; v < kVectors; ++v) acc[i][v] += ai * bk[v];
     }
   }
+  if (rows == kMR && cols == kNR) {
+    for (int64_t i = 0; i < kMR; ++i) {
+      for (int64_t v = 0; v < kVectors; ++v) {
+        float* ci = c + i * ldc + v * kLanes;
+        const Lanes sum = accumulate ? load_lanes(ci) + acc[i][v] : acc[i][v];
+        std::memcpy(ci, &sum, sizeof(sum));
+      }
+    }
+    return;
+  }
   float tile[kMR][kNR];
   std::memcpy(tile, acc, sizeof(tile));
   for (int64_t i = 0; i < rows; ++i) {
