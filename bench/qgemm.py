@@ -3,12 +3,12 @@
 For each shape and format pair, ``torch.ops.plait.block_scaled_mm`` (via ``plait.ops.qmm``)
 and its like-for-like peer, ``dequantize(a) @ dequantize(b).T`` in float32 with
 ``torch.matmul`` (same quantized inputs, same float32 output), run interleaved, round by
-round, on the same threads; each gets its median and best time of the rounds. For
-context, ``matmul_only`` is ``torch.matmul`` on operands that are already float32 (no
-decoding at all: what a dense float32 layer costs). Shapes: the demo model's expert
-layers (2,048 tokens, dim 128, ffn 256: K=128 -> N=256 and K=256 -> N=128) and
-M = N = K = 1024. Every result is checked against the float64 reference within
-gamma_{K+2} sum |a_k b_k| (``within_bound``).
+round, on the same threads (one thread, then all of torch's); each gets its median and
+best time of the rounds. For context, ``matmul_only`` is ``torch.matmul`` on operands
+that are already float32 (no decoding at all: what a dense float32 layer costs). Shapes:
+the demo model's expert layers (2,048 tokens, dim 128, ffn 256: K=128 -> N=256 and
+K=256 -> N=128) and M = N = K = 1024. Every result is checked against the float64
+reference within gamma_{K+2} sum |a_k b_k| (``within_bound``).
 
 Weight storage: bytes of an N x K weight in each format (data + scales + global) against
 bfloat16, for the same shapes.
@@ -77,7 +77,7 @@ def _case(m: int, n: int, k: int, a_fmt: str, b_fmt: str, rounds: int) -> dict:
         "speedup_vs_dequantize_matmul": round(median["dequantize_matmul"] / median["kernel"], 2),
         "speedup_vs_matmul_only": round(median["matmul_only"] / median["kernel"], 2),
     }
-    print(f"qgemm {m}x{n}x{k} {a_fmt} x {b_fmt}: kernel {row['median_ms']['kernel']:.2f} ms "
+    print(f"qgemm {torch.get_num_threads()} threads {m}x{n}x{k} {a_fmt} x {b_fmt}: kernel {row['median_ms']['kernel']:.2f} ms "
           f"({row['kernel_gflops']} GFLOP/s), dequantize+matmul {row['median_ms']['dequantize_matmul']:.2f} ms "
           f"({row['speedup_vs_dequantize_matmul']}x), matmul only {row['median_ms']['matmul_only']:.2f} ms; "
           f"within bound {row['within_bound']}", flush=True)
@@ -102,9 +102,18 @@ def run(quick: bool = False) -> dict:
     import torch
 
     rounds = 3 if quick else 9
-    cases = [_case(m, n, k, fa, fb, rounds) for m, n, k in SHAPES for _, fa, fb in PAIRS]
+    threads = torch.get_num_threads()
+    cases = []
+    try:
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            for m, n, k in SHAPES:
+                for _, fa, fb in PAIRS:
+                    cases.append({"threads": count, **_case(m, n, k, fa, fb, rounds)})
+    finally:
+        torch.set_num_threads(threads)
     storage = [_storage(n, k) for _, n, k in SHAPES]
     for s in storage:
         print(f"qgemm storage {s['n']}x{s['k']}: " + ", ".join(
             f"{fmt} {s[fmt]['vs_bf16']:.3f}" for fmt in ("fp8-128x128", "mxfp8", "mxfp4", "nvfp4")) + " of bf16", flush=True)
-    return {"threads": torch.get_num_threads(), "rounds": rounds, "cases": cases, "storage": storage}
+    return {"threads": threads, "rounds": rounds, "cases": cases, "storage": storage}
