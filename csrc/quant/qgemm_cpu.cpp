@@ -73,8 +73,8 @@ at::ScalarType scale_dtype(Format f) {
   return f == Format::nvfp4 ? at::kFloat8_e4m3fn : at::kFloat;
 }
 
-// Checks one operand (data [.., rows, cols], scale [.., srows, scols], leading dims
-// `lead` of length 0 or 1) and returns its logical K.
+// Checks one operand (data [.., rows, cols], scale [.., srows, scols], with lead_dims
+// leading expert dims, 0 or 1) and returns its logical K.
 int64_t check_operand(const char* op, const char* name, const at::Tensor& data,
                       const at::Tensor& scale, Format fmt, int64_t lead_dims) {
   const std::string scale_name = std::string(name) + "_scale";
@@ -84,7 +84,7 @@ int64_t check_operand(const char* op, const char* name, const at::Tensor& data,
               data.sizes());
   TORCH_CHECK(data_dtype_ok(fmt, data.scalar_type()), op, ": ", name, " in ",
               kFormatNames[static_cast<int>(fmt)], " must be ", data_dtypes(fmt), ", got ",
-              data.scalar_type(), "; quantize it with plait.ops.quantize(x, '",
+              data.scalar_type(), "; quantize it with plait.ops.quant.quantize(x, '",
               kFormatNames[static_cast<int>(fmt)], "')");
   TORCH_CHECK(data.is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
               data.strides(), "; pass ", name, ".contiguous()");
