@@ -45,6 +45,15 @@ TORCH_LIBRARY(plait, m) {
   // segment-major, then in order of their key's first row; means are float64 sums in row
   // order, divided and rounded once.
   m.def("lsh_bucket_reduce(Tensor x, Tensor keys, Tensor segments) -> (Tensor, Tensor, Tensor, Tensor)");
+  // qgemm: block-scaled GEMMs (plait/ops/qgemm.py, formats of plait/ops/qformats.py).
+  // out[M, N] float32 = dequant(a) [M, K] @ dequant(b) [N, K]^T with float32 accumulation;
+  // a [M, K] (FP4: uint4 pairs [M, K/2]) with its decode scales in a_fmt, b [N, K] in b_fmt.
+  // Pairs: fp8-1x128 x fp8-128x128 | fp8-1x128, mxfp8 x mxfp8, mxfp4 x mxfp4, nvfp4 x nvfp4
+  // (a_global, b_global: nvfp4's float32 0-d global scales, else None).
+  m.def("block_scaled_mm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, str a_fmt, str b_fmt, Tensor? a_global=None, Tensor? b_global=None) -> Tensor");
+  // Grouped (MoE experts): b [E, N, K], b_scale [E, ...], b_global [E]; rows
+  // offsets[e]:offsets[e + 1] of a (offsets int64 [E + 1]) are multiplied by expert e's b.
+  m.def("block_scaled_grouped_mm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offsets, str a_fmt, str b_fmt, Tensor? a_global=None, Tensor? b_global=None) -> Tensor");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

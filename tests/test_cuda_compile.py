@@ -26,7 +26,14 @@ CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 OP_NAME = "plait::gf256_mul_add_"
 # Every op with a CUDA kernel; each must be registered exactly where torch has CUDA.
-CUDA_OP_NAMES = (OP_NAME, "plait::gf256_matmul_", "plait::lsh_hash", "plait::lsh_bucket_reduce")
+CUDA_OP_NAMES = (
+    OP_NAME,
+    "plait::gf256_matmul_",
+    "plait::lsh_hash",
+    "plait::lsh_bucket_reduce",
+    "plait::block_scaled_mm",
+    "plait::block_scaled_grouped_mm",
+)
 NVCC_TIMEOUT_S = 400
 
 
@@ -66,7 +73,7 @@ def _has_cuda_kernel(name: str = OP_NAME) -> bool:
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CU_FILES}
-    assert {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu"} <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
+    assert {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "qgemm_cuda.cu"} <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):

@@ -24,6 +24,7 @@ from plait.ops.lsh import (
     lsh_hash_reference,
     lsh_signs,
 )
+from plait.ops.qgemm import qmm, qmm_grouped, qmm_grouped_reference, qmm_reference
 from plait.ops.rs import ReedSolomon
 
 __all__ = [
@@ -43,4 +44,8 @@ __all__ = [
     "lsh_hash",
     "lsh_hash_reference",
     "lsh_signs",
+    "qmm",
+    "qmm_grouped",
+    "qmm_grouped_reference",
+    "qmm_reference",
 ]

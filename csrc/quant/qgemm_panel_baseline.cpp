@@ -1,0 +1,12 @@
+// The GEMM core of qgemm_panel.h for the baseline instruction set (any x86-64 or other
+// CPU); the fallback where qgemm_panel_avx2.cpp cannot run.
+#include "quant/qgemm_panel.h"
+
+namespace plait::quant {
+
+void gemm_panel_baseline(int64_t rows, int64_t cols, int64_t kc, const float* a, int64_t lda,
+                         const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  gemm_panel(rows, cols, kc, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+}  // namespace plait::quant
