@@ -142,7 +142,7 @@ class JobConfig:
         if self.precision.ab:
             if self.snapshot.enabled:
                 raise ConfigError("precision.ab", self.precision.ab, "the reference model of an A/B run is not held in "
-                                  "snapshots, so a restore could not bring it back", hint="set snapshot.enabled=false")
+                                  "snapshots, so a restore could not bring it back", hint="set snapshot.every=0")
             if self.data.packing == "documents":
                 raise ConfigError("precision.ab", self.precision.ab, "A/B runs take fixed-length windows",
                                   hint="set data.packing to its default, or drop --ab")
