@@ -78,7 +78,8 @@ class StepStats:
     # mean cosine of compressed to exact expert outputs on a probe step (None on other steps)
     lsh_ratio: list[float | None] | None = None
     lsh_fidelity: list[float | None] | None = None
-    # precision recipes that quantize: per linear module, its recipe and the step's amax / overflow / underflow
+    # precision recipes that quantize, on steps that sample statistics (precision.stats_every): per linear module,
+    # its recipe and the step's amax / overflow / underflow
     precision: dict[str, dict[str, Any]] | None = None
 
 
@@ -186,7 +187,7 @@ class ParallelEngine:
 
     def _precision_stats(self) -> dict[str, dict[str, Any]] | None:
         """The step's per-module quantization statistics over all ranks (two small all-reduces)."""
-        if self.precision is None:
+        if self.precision is None or not self.precision.sampling:
             return None
         from plait.parallel.lowp import summarize
 

@@ -20,9 +20,11 @@ Works under tensor/sequence parallelism (the linears' weights are the local shar
 parallelism (the local experts' slices), pipeline stages (the modules a stage keeps) and
 ZeRO (parameters stay whole on every rank during forward and backward).
 
-Statistics: on the first forward and backward call of each module in a step, the amax of
-x, W and dy, and the fractions of their elements that overflow (would round beyond the
-element format's largest value) and underflow (non-zero, quantized to zero).
+Statistics: every ``precision.stats_every`` steps, on the first forward and backward call of
+each module in the step, the amax of x, W and dy, and the fractions of their elements that
+overflow (would round beyond the element format's largest value) and underflow (non-zero,
+quantized to zero). They cost about as much as the GEMMs themselves on the CPU, hence the
+sampling.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class PrecisionRuntime:
         self.base = base
         self.modules = {n: _Module(i, _hadamard16(config.seed * 7919 + i)) for i, n in enumerate(names)}
         self.step = 0
+        self.sampling = False
         self.recipes = resolve(config, names, step=0, layers=layers, base=base)
         self._formats: dict[str, Formats | None] = {}
         self._cache: dict[tuple, tuple[int, object]] = {}
@@ -125,8 +128,10 @@ class PrecisionRuntime:
             self._refresh()
             self._cache.clear()
         self.stats.zero_()
+        every = self.config.stats_every
+        self.sampling = bool(every) and step % every == 0
         for m in self.modules.values():
-            m.forward_seen = m.backward_seen = False
+            m.forward_seen = m.backward_seen = not self.sampling  # statistics on the first calls of a sampled step
             m.calls = 0
 
     def formats_of(self, name: str) -> Formats | None:

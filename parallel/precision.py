@@ -118,6 +118,7 @@ class PrecisionConfig:
     stochastic_grads: bool = True  # nvfp4: gradients (dy) stochastically rounded
     hadamard: bool = True  # nvfp4: random Hadamard transform of the wgrad inputs
     seed: int = 0  # of stochastic rounding and the Hadamard signs
+    stats_every: int = 10  # steps between quantization statistics (amax, overflow, underflow); 0: never
     ab: str = ""  # a recipe: train a reference model in it alongside, same data and seed (`plait train --ab`)
 
     def quantizes(self) -> bool:
@@ -133,6 +134,8 @@ class PrecisionConfig:
         _check_rules("precision.policy", self.policy)
         if self.ab:
             _check_recipe("precision.ab", self.ab)
+        if self.stats_every < 0:
+            raise ConfigError("precision.stats_every", self.stats_every, "accepted: 0 (never) or a positive number of steps")
         last = 0
         for i, stage in enumerate(self.schedule):
             key = f"precision.schedule[{i}]"

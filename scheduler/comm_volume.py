@@ -180,8 +180,9 @@ def step_volume(
     ``world/pp · layers · A · n·k`` copies). The four token exchanges then move centroids instead of
     copies, and the step's closing all-reduce carries 7 float64 counters per layer.
 
-    ``precision_modules``: a quantized ``precision`` recipe is on and the model has this many linear
-    modules; the step closes with two all-reduces of their statistics (3 amax and 6 counts, float64).
+    ``precision_modules``: a quantized ``precision`` recipe is on, the step samples statistics
+    (``precision.stats_every``) and the model has this many linear modules; the step closes with two
+    all-reduces of their statistics (3 amax and 6 counts, float64).
     """
     d = spec.dim
     T = spec.seq_len
