@@ -1,0 +1,354 @@
+// CPU kernels of plait::quantize_fp8 / quantize_mx / quantize_nvfp4 and their
+// dequantize_* inverses (the formats, scale rules, rounding and packing of the plait
+// low-precision contract; the element arithmetic is quant_math.h, shared with CUDA).
+//
+// Every quantize is two passes. First the amax of each (row, column block) — the block's
+// width is the format's: 128, 32, 16, or the whole row — threaded over rows; the FP8
+// granularities that span several rows (128x128, tensor) and NVFP4's tensor amax then
+// fold those per-row amaxes, which is exact (max is associative, and NaN wins however
+// they are grouped). Second, each element is scaled with its block's scale and encoded,
+// threaded over rows; the loops over a row are branch-light and free of cross-element
+// dependencies, so the compiler may vectorise them.
+#include "quant/quant.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace plait::quant {
+namespace {
+
+// Rows per task of at::parallel_for: enough work per task for short rows.
+constexpr int64_t kRowGrain = 16;
+
+void check_cpu(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", name, " on ", t.device());
+}
+
+// amax[r * nblocks + b] over x[r, b * block : (b + 1) * block] (the last block partial).
+template <typename scalar_t>
+std::vector<float> row_block_amax(const scalar_t* x, int64_t rows, int64_t cols, int64_t block) {
+  const int64_t nblocks = ceil_div(cols, block);
+  std::vector<float> amax(static_cast<size_t>(rows * nblocks), 0.0f);
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* row = x + r * cols;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t end = std::min(cols, (b + 1) * block);
+        float m = 0.0f;
+        for (int64_t c = b * block; c < end; ++c) m = amax_combine(m, static_cast<float>(row[c]));
+        amax[r * nblocks + b] = m;
+      }
+    }
+  });
+  return amax;
+}
+
+// The random bits of element i, or 0 for round-to-nearest.
+inline uint32_t random_bits(bool stochastic, uint64_t seed, int64_t i) {
+  return stochastic ? stochastic_bits(seed, static_cast<uint64_t>(i)) : 0u;
+}
+
+// ---------------------------------------------------------------------------------- FP8
+
+template <typename scalar_t>
+void fp8_quantize(const scalar_t* x, const Fp8Layout& layout, const Minifloat fmt,
+                  bool stochastic, uint64_t seed, float* scale, uint8_t* data) {
+  const int64_t rows = layout.rows, cols = layout.cols;
+  const std::vector<float> amax = row_block_amax(x, rows, cols, layout.block_cols);
+  const int64_t nblocks = layout.scale_cols;
+  at::parallel_for(0, layout.scale_rows, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t r_end = std::min(rows, (s + 1) * layout.block_rows);
+      for (int64_t b = 0; b < nblocks; ++b) {
+        float m = 0.0f;
+        for (int64_t r = s * layout.block_rows; r < r_end; ++r) {
+          m = amax_combine(m, amax[r * nblocks + b]);
+        }
+        scale[s * nblocks + b] = fp8_scale(m, fmt);
+      }
+    }
+  });
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row_scale = scale + (r / layout.block_rows) * nblocks;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        const float s = row_scale[b];
+        const int64_t end = std::min(cols, (b + 1) * layout.block_cols);
+        for (int64_t c = b * layout.block_cols; c < end; ++c) {
+          const int64_t i = r * cols + c;
+          const float v = static_cast<float>(x[i]) / s;
+          data[i] = encode(v, fmt, stochastic, random_bits(stochastic, seed, i));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x,
+                                                    const std::string& granularity,
+                                                    const std::string& elem, bool stochastic,
+                                                    int64_t seed) {
+  check_cpu("quantize_fp8", x, "x");
+  const Fp8Layout layout = quantize_fp8_check(x, granularity);
+  const Element element = fp8_element("quantize_fp8", elem);
+  const Minifloat fmt = minifloat(element);
+  const at::ScalarType data_type =
+      element == Element::kE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+  at::Tensor data = at::empty({layout.rows, layout.cols}, x.options().dtype(data_type));
+  at::Tensor scale = at::empty({layout.scale_rows, layout.scale_cols}, x.options().dtype(at::kFloat));
+  float* scale_ptr = scale.mutable_data_ptr<float>();
+  uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  if (x.scalar_type() == at::kFloat) {
+    fp8_quantize(x.const_data_ptr<float>(), layout, fmt, stochastic, useed, scale_ptr, data_ptr);
+  } else {
+    fp8_quantize(x.const_data_ptr<c10::BFloat16>(), layout, fmt, stochastic, useed, scale_ptr,
+                 data_ptr);
+  }
+  if (layout.per_tensor) scale = scale.reshape({});
+  return {data, scale};
+}
+
+// The 256 decoded values of a format's codes: one lookup per element.
+std::array<float, 256> decode_table(const Minifloat& fmt) {
+  std::array<float, 256> table{};
+  for (int code = 0; code < 256; ++code) table[code] = decode(static_cast<uint8_t>(code), fmt);
+  return table;
+}
+
+template <typename out_t>
+void fp8_dequantize(const uint8_t* data, const float* scale, const Fp8Layout& layout,
+                    const Minifloat& fmt, out_t* out) {
+  const std::array<float, 256> table = decode_table(fmt);
+  const int64_t cols = layout.cols;
+  at::parallel_for(0, layout.rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row_scale = scale + (r / layout.block_rows) * layout.scale_cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t i = r * cols + c;
+        out[i] = static_cast<out_t>(table[data[i]] * row_scale[c / layout.block_cols]);
+      }
+    }
+  });
+}
+
+at::Tensor dequantize_fp8_cpu(const at::Tensor& data, const at::Tensor& scale,
+                              const std::string& granularity, at::ScalarType dtype) {
+  check_cpu("dequantize_fp8", data, "data");
+  const Fp8Layout layout = dequantize_fp8_check(data, scale, granularity, dtype);
+  const Minifloat fmt = minifloat(data.scalar_type() == at::kFloat8_e4m3fn ? Element::kE4M3
+                                                                            : Element::kE5M2);
+  at::Tensor out = at::empty({layout.rows, layout.cols}, data.options().dtype(dtype));
+  const uint8_t* codes = static_cast<const uint8_t*>(data.const_data_ptr());
+  const float* s = scale.const_data_ptr<float>();
+  if (dtype == at::kFloat) {
+    fp8_dequantize(codes, s, layout, fmt, out.mutable_data_ptr<float>());
+  } else {
+    fp8_dequantize(codes, s, layout, fmt, out.mutable_data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------- MXFP8, MXFP4, NVFP4
+
+// Encodes row r of x with one multiplier or divisor per block of `block` elements:
+// v = x * factor[b] (MX: 2^-X), or v = x / factor[b] (NVFP4: d, with q = 0 where d == 0).
+// FP4 codes are packed two per byte, element 2j in the low nibble.
+template <typename scalar_t, bool kDivide>
+void encode_row(const scalar_t* x, int64_t r, int64_t cols, int64_t block, const float* factor,
+                Element element, bool stochastic, uint64_t seed, uint8_t* data) {
+  const Minifloat fmt = minifloat(element);
+  const bool fp4 = element == Element::kE2M1;
+  const int64_t nblocks = ceil_div(cols, block);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const float f = factor[r * nblocks + b];
+    const int64_t end = std::min(cols, (b + 1) * block);
+    for (int64_t c = b * block; c < end; ++c) {
+      const int64_t i = r * cols + c;
+      const float xf = static_cast<float>(x[i]);
+      uint8_t code;
+      if constexpr (kDivide) {
+        code = f == 0.0f ? 0 : encode(xf / f, fmt, stochastic, random_bits(stochastic, seed, i));
+      } else {
+        code = encode(xf * f, fmt, stochastic, random_bits(stochastic, seed, i));
+      }
+      if (!fp4) {
+        data[i] = code;
+      } else if (c % 2 == 0) {
+        data[i / 2] = code;
+      } else {
+        data[i / 2] |= static_cast<uint8_t>(code << 4);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void mx_quantize(const scalar_t* x, int64_t rows, int64_t cols, Element element,
+                 bool stochastic, uint64_t seed, uint8_t* scale, uint8_t* data) {
+  const int emax = element == Element::kE2M1 ? kMxEmaxE2M1 : kMxEmaxE4M3;
+  std::vector<float> factor = row_block_amax(x, rows, cols, kMxBlock);
+  for (size_t j = 0; j < factor.size(); ++j) {
+    scale[j] = mx_scale_code(factor[j], emax);
+    factor[j] = mx_inverse_scale(scale[j]);
+  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      encode_row<scalar_t, false>(x, r, cols, kMxBlock, factor.data(), element, stochastic, seed,
+                                  data);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_mx_cpu(const at::Tensor& x, const std::string& elem,
+                                                   bool stochastic, int64_t seed) {
+  check_cpu("quantize_mx", x, "x");
+  const Element element = quantize_mx_check(x, elem);
+  const bool fp4 = element == Element::kE2M1;
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor data = fp4 ? at::empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2))
+                        : at::empty({rows, cols}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scale =
+      at::empty({rows, ceil_div(cols, kMxBlock)}, x.options().dtype(at::kFloat8_e8m0fnu));
+  uint8_t* scale_ptr = static_cast<uint8_t*>(scale.mutable_data_ptr());
+  uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  if (x.scalar_type() == at::kFloat) {
+    mx_quantize(x.const_data_ptr<float>(), rows, cols, element, stochastic, useed, scale_ptr, data_ptr);
+  } else {
+    mx_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, element, stochastic, useed, scale_ptr,
+                data_ptr);
+  }
+  return {data, scale};
+}
+
+template <typename scalar_t>
+void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochastic,
+                    uint64_t seed, uint8_t* scale, float* global_scale, uint8_t* data) {
+  std::vector<float> factor = row_block_amax(x, rows, cols, kNvfp4Block);
+  float amax_tensor = 0.0f;
+  for (const float m : factor) amax_tensor = amax_combine(amax_tensor, m);
+  const float g = nvfp4_global_scale(amax_tensor);
+  *global_scale = g;
+  for (size_t j = 0; j < factor.size(); ++j) {
+    scale[j] = nvfp4_block_code(factor[j], g);
+    factor[j] = decode(scale[j], minifloat(Element::kE4M3)) * g;
+  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      encode_row<scalar_t, true>(x, r, cols, kNvfp4Block, factor.data(), Element::kE2M1, stochastic,
+                                 seed,
+                                 data);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cpu(const at::Tensor& x,
+                                                                  bool stochastic, int64_t seed) {
+  check_cpu("quantize_nvfp4", x, "x");
+  quantize_nvfp4_check(x);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor data = at::empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2));
+  at::Tensor scale =
+      at::empty({rows, ceil_div(cols, kNvfp4Block)}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor global_scale = at::empty({}, x.options().dtype(at::kFloat));
+  uint8_t* scale_ptr = static_cast<uint8_t*>(scale.mutable_data_ptr());
+  uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
+  float* g = global_scale.mutable_data_ptr<float>();
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  if (x.scalar_type() == at::kFloat) {
+    nvfp4_quantize(x.const_data_ptr<float>(), rows, cols, stochastic, useed, scale_ptr, g, data_ptr);
+  } else {
+    nvfp4_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, stochastic, useed, scale_ptr, g,
+                   data_ptr);
+  }
+  return {data, scale, global_scale};
+}
+
+// out[r, c] = value(code) * block_scale[r, c / block] (* global for NVFP4, after the
+// block scale: (q * sb) * g, the contract's order).
+template <typename out_t>
+void block_dequantize(const uint8_t* data, const float* block_scale, int64_t rows, int64_t cols,
+                      int64_t block, Element element, const float* global, out_t* out) {
+  const bool fp4 = element == Element::kE2M1;
+  const std::array<float, 256> table = decode_table(minifloat(element));
+  const int64_t nblocks = ceil_div(cols, block);
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t i = r * cols + c;
+        const uint8_t code = fp4 ? static_cast<uint8_t>((data[i / 2] >> (4 * (c % 2))) & 0xF)
+                                 : data[i];
+        float value = table[code] * block_scale[r * nblocks + c / block];
+        if (global != nullptr) value = value * *global;
+        out[i] = static_cast<out_t>(value);
+      }
+    }
+  });
+}
+
+template <typename Decode>
+std::vector<float> decoded_scales(const at::Tensor& scale, Decode decode_code) {
+  const uint8_t* codes = static_cast<const uint8_t*>(scale.const_data_ptr());
+  std::vector<float> values(static_cast<size_t>(scale.numel()));
+  for (size_t j = 0; j < values.size(); ++j) values[j] = decode_code(codes[j]);
+  return values;
+}
+
+at::Tensor block_dequantize_cpu(const at::Tensor& data, const std::vector<float>& block_scale,
+                                int64_t cols, int64_t block, Element element,
+                                const float* global, at::ScalarType dtype) {
+  const int64_t rows = data.size(0);
+  at::Tensor out = at::empty({rows, cols}, data.options().dtype(dtype));
+  const uint8_t* codes = static_cast<const uint8_t*>(data.const_data_ptr());
+  if (dtype == at::kFloat) {
+    block_dequantize(codes, block_scale.data(), rows, cols, block, element, global,
+                     out.mutable_data_ptr<float>());
+  } else {
+    block_dequantize(codes, block_scale.data(), rows, cols, block, element, global,
+                     out.mutable_data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+at::Tensor dequantize_mx_cpu(const at::Tensor& data, const at::Tensor& scale, at::ScalarType dtype) {
+  check_cpu("dequantize_mx", data, "data");
+  const int64_t cols = dequantize_mx_check(data, scale, dtype);
+  const Element element =
+      data.scalar_type() == at::kFloat4_e2m1fn_x2 ? Element::kE2M1 : Element::kE4M3;
+  const std::vector<float> block_scale = decoded_scales(scale, e8m0_decode);
+  return block_dequantize_cpu(data, block_scale, cols, kMxBlock, element, nullptr, dtype);
+}
+
+at::Tensor dequantize_nvfp4_cpu(const at::Tensor& data, const at::Tensor& scale,
+                                const at::Tensor& global_scale, at::ScalarType dtype) {
+  check_cpu("dequantize_nvfp4", data, "data");
+  const int64_t cols = dequantize_nvfp4_check(data, scale, global_scale, dtype);
+  const std::vector<float> block_scale =
+      decoded_scales(scale, [](uint8_t code) { return decode(code, minifloat(Element::kE4M3)); });
+  const float g = global_scale.item<float>();
+  return block_dequantize_cpu(data, block_scale, cols, kNvfp4Block, Element::kE2M1, &g, dtype);
+}
+
+}  // namespace
+}  // namespace plait::quant
+
+TORCH_LIBRARY_IMPL(plait, CPU, m) {
+  m.impl("quantize_fp8", &plait::quant::quantize_fp8_cpu);
+  m.impl("dequantize_fp8", &plait::quant::dequantize_fp8_cpu);
+  m.impl("quantize_mx", &plait::quant::quantize_mx_cpu);
+  m.impl("dequantize_mx", &plait::quant::dequantize_mx_cpu);
+  m.impl("quantize_nvfp4", &plait::quant::quantize_nvfp4_cpu);
+  m.impl("dequantize_nvfp4", &plait::quant::dequantize_nvfp4_cpu);
+}
