@@ -26,7 +26,18 @@ CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.rglob("*.cu"))
 OP_NAME = "plait::gf256_mul_add_"
 # Every op with a CUDA kernel; each must be registered exactly where torch has CUDA.
-CUDA_OP_NAMES = (OP_NAME, "plait::gf256_matmul_", "plait::lsh_hash", "plait::lsh_bucket_reduce")
+CUDA_OP_NAMES = (
+    OP_NAME,
+    "plait::gf256_matmul_",
+    "plait::lsh_hash",
+    "plait::lsh_bucket_reduce",
+    "plait::quantize_fp8",
+    "plait::dequantize_fp8",
+    "plait::quantize_mx",
+    "plait::dequantize_mx",
+    "plait::quantize_nvfp4",
+    "plait::dequantize_nvfp4",
+)
 NVCC_TIMEOUT_S = 400
 
 
@@ -66,7 +77,8 @@ def _has_cuda_kernel(name: str = OP_NAME) -> bool:
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CU_FILES}
-    assert {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu"} <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
+    expected = {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "quant_cuda.cu"}
+    assert expected <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
