@@ -66,7 +66,8 @@ def decode_table(elem: str) -> np.ndarray:
 def decode_e8m0(codes: np.ndarray) -> np.ndarray:
     """float32 2^(code - 127); NaN for 0xFF."""
     codes = np.asarray(codes, dtype=np.int64)
-    out = np.ldexp(np.float64(1.0), codes - 127).astype(np.float32)
+    with np.errstate(over="ignore"):
+        out = np.ldexp(np.float64(1.0), codes - 127).astype(np.float32)
     out[codes == 0xFF] = np.nan
     return out
 
