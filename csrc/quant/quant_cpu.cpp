@@ -30,6 +30,8 @@ namespace {
 
 // Rows per task of at::parallel_for: enough work per task for short rows.
 constexpr int64_t kRowGrain = 16;
+// Block scales per task.
+constexpr int64_t kScaleGrain = 4096;
 
 void check_cpu(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", name, " on ", t.device());
@@ -199,10 +201,13 @@ void mx_quantize(const scalar_t* x, int64_t rows, int64_t cols, Element element,
                  bool stochastic, uint64_t seed, uint8_t* scale, uint8_t* data) {
   const int emax = element == Element::kE2M1 ? kMxEmaxE2M1 : kMxEmaxE4M3;
   std::vector<float> factor = row_block_amax(x, rows, cols, kMxBlock);
-  for (size_t j = 0; j < factor.size(); ++j) {
-    scale[j] = mx_scale_code(factor[j], emax);
-    factor[j] = mx_inverse_scale(scale[j]);
-  }
+  const int64_t nscales = static_cast<int64_t>(factor.size());
+  at::parallel_for(0, nscales, kScaleGrain, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      scale[j] = mx_scale_code(factor[j], emax);
+      factor[j] = mx_inverse_scale(scale[j]);
+    }
+  });
   at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       encode_row<scalar_t, false>(x, r, cols, kMxBlock, factor.data(), element, stochastic, seed,
@@ -241,10 +246,13 @@ void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochast
   for (const float m : factor) amax_tensor = amax_combine(amax_tensor, m);
   const float g = nvfp4_global_scale(amax_tensor);
   *global_scale = g;
-  for (size_t j = 0; j < factor.size(); ++j) {
-    scale[j] = nvfp4_block_code(factor[j], g);
-    factor[j] = decode(scale[j], minifloat(Element::kE4M3)) * g;
-  }
+  const int64_t nscales = static_cast<int64_t>(factor.size());
+  at::parallel_for(0, nscales, kScaleGrain, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      scale[j] = nvfp4_block_code(factor[j], g);
+      factor[j] = decode(scale[j], minifloat(Element::kE4M3)) * g;
+    }
+  });
   at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       encode_row<scalar_t, true>(x, r, cols, kNvfp4Block, factor.data(), Element::kE2M1, stochastic,

@@ -31,7 +31,17 @@ stochastic (``"stochastic"``): up in magnitude with probability equal to the dis
 the lower neighbour over the gap, the random bits a hash of ``seed`` and the element's
 row-major index, so a seed reproduces the result on every device. Scales always round to
 nearest. The sign of zero is kept (-0.0 and values that round to zero from below encode
-to -0).
+to -0), except in NVFP4 blocks whose divisor is 0, which hold +0.
+
+Ops (x float32 or bfloat16 [M, K]; dtype float32 or bfloat16):
+
+- ``quantize_fp8(x, granularity, elem, stochastic=False, seed=0) -> (data, scale)``,
+  granularity "tensor" | "row" | "1x128" | "128x128", elem "e4m3" | "e5m2";
+  ``dequantize_fp8(data, scale, granularity, dtype)``.
+- ``quantize_mx(x, elem, stochastic=False, seed=0) -> (data, scale)``, elem "e4m3"
+  (MXFP8) | "e2m1" (MXFP4); ``dequantize_mx(data, scale, dtype)``.
+- ``quantize_nvfp4(x, stochastic=False, seed=0) -> (data, scale, global_scale)``;
+  ``dequantize_nvfp4(data, scale, global_scale, dtype)``.
 
 Non-finite policy (loud on purpose): a NaN or +-inf anywhere in a block makes the block
 decode to NaN everywhere: its float32 scale is NaN, its E8M0 code 0xFF, its NVFP4 block
@@ -106,7 +116,7 @@ def quantize(
     seed = operator.index(seed)
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"quantize: seed must fit an int64, got {seed}")
-    shape = (int(x.shape[0]), int(x.shape[1])) if x.dim() == 2 else tuple(x.shape)
+    shape = tuple(x.shape)
     if fmt.startswith("fp8-"):
         elem = _choice("elem", elem, FP8_ELEMENTS)
         data, scale = torch.ops.plait.quantize_fp8(x, fmt[4:], elem, stochastic, seed)
