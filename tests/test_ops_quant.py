@@ -246,6 +246,21 @@ def test_zero_blocks(fmt, elem):
 
 
 @pytest.mark.parametrize(("fmt", "elem"), CASES)
+def test_scale_underflow_becomes_one(fmt, elem):
+    """An amax so small that amax / fmax (or the NVFP4 global amax / 2688) is 0 in float32
+    gets scale 1, like an all-zero block: the block quantizes to zeros, not NaN."""
+    x = torch.zeros(2, 64)
+    x[0, 5], x[1, 40] = 1e-44, -3e-45
+    data, scale, g = _kernel(x, fmt, elem)
+    if fmt.startswith("fp8-"):
+        assert (scale.view(np.float32) == 1).all()
+    if g is not None:
+        assert g.view(np.float32) == 1
+    np.testing.assert_array_equal(np.abs(dequantize(quantize(x, fmt, elem=elem if fmt.startswith("fp8-") else "e4m3")).numpy()), 0)
+    _assert_matches_reference(x, fmt, elem)
+
+
+@pytest.mark.parametrize(("fmt", "elem"), CASES)
 def test_non_finite_blocks_decode_to_nan(fmt, elem):
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
     x[1, 3] = float("nan")
@@ -387,6 +402,8 @@ def test_bad_arguments_name_the_argument():
         torch.ops.plait.quantize_fp8(torch.randn(64), "row", "e4m3")
     with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
         torch.ops.plait.quantize_mx(x.double(), "e4m3")
+    with pytest.raises(RuntimeError, match="x must have at least one column"):
+        torch.ops.plait.quantize_fp8(torch.randn(4, 0), "tensor", "e4m3")
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         torch.ops.plait.quantize_nvfp4(torch.randn(64, 4).t())
     with pytest.raises(RuntimeError, match="granularity must be one of"):

@@ -16,6 +16,7 @@ void check_input(const char* op, const at::Tensor& x) {
               x.sizes(), "; flatten the leading dimensions with x.reshape(-1, x.shape[-1])");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
               ": x must be float32 or bfloat16, got ", x.scalar_type(), "; convert it with x.float()");
+  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one column, got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides(),
               "; pass x.contiguous()");
 }

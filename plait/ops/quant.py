@@ -178,6 +178,7 @@ def _check_input(op: str, x: torch.Tensor, even: bool = False) -> None:
         x.dtype in (torch.float32, torch.bfloat16),
         lambda: f"{op}: x must be float32 or bfloat16, got {x.dtype}; convert it with x.float()",
     )
+    torch._check(x.shape[1] >= 1, lambda: f"{op}: x must have at least one column, got shape {list(x.shape)}")
     if even:
         torch._check(x.shape[1] % 2 == 0, lambda: f"{op}: x must have an even number of columns K, got {x.shape[1]}")
 
