@@ -47,18 +47,31 @@ std::vector<float> row_block_amax(const scalar_t* x, int64_t rows, int64_t cols,
       const scalar_t* row = x + r * cols;
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t end = std::min(cols, (b + 1) * block);
-        float m = 0.0f;
-        for (int64_t c = b * block; c < end; ++c) m = amax_combine(m, static_cast<float>(row[c]));
-        amax[r * nblocks + b] = m;
+        uint32_t m = 0;
+        for (int64_t c = b * block; c < end; ++c) {
+          m = max_bits(m, magnitude_bits(static_cast<float>(row[c])));
+        }
+        amax[r * nblocks + b] = amax_from_bits(m);
       }
     }
   });
   return amax;
 }
 
-// The random bits of element i, or 0 for round-to-nearest.
-inline uint32_t random_bits(bool stochastic, uint64_t seed, int64_t i) {
-  return stochastic ? stochastic_bits(seed, static_cast<uint64_t>(i)) : 0u;
+// The code of element i of x in a block with factor f: x / f (FP8: f = s, never 0;
+// NVFP4: f = d, and q = 0 where d == 0), or x * f (MX: f = 2^-X). Rounding is a template
+// argument, so the round-to-nearest loops carry no hash and vectorise.
+template <bool kStochastic, bool kDivide, typename scalar_t>
+inline uint8_t encode_element(const scalar_t* x, int64_t i, float f, const Minifloat& fmt,
+                              uint64_t seed) {
+  const float xf = static_cast<float>(x[i]);
+  const uint32_t u = kStochastic ? stochastic_bits(seed, static_cast<uint64_t>(i)) : 0u;
+  if constexpr (kDivide) {
+    const uint8_t code = encode(xf / f, fmt, kStochastic, u);
+    return f == 0.0f ? uint8_t{0} : code;
+  } else {
+    return encode(xf * f, fmt, kStochastic, u);
+  }
 }
 
 // ---------------------------------------------------------------------------------- FP8
@@ -73,11 +86,11 @@ void fp8_quantize(const scalar_t* x, const Fp8Layout& layout, const Minifloat fm
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r_end = std::min(rows, (s + 1) * layout.block_rows);
       for (int64_t b = 0; b < nblocks; ++b) {
-        float m = 0.0f;
+        uint32_t m = 0;
         for (int64_t r = s * layout.block_rows; r < r_end; ++r) {
-          m = amax_combine(m, amax[r * nblocks + b]);
+          m = max_bits(m, magnitude_bits(amax[r * nblocks + b]));
         }
-        scale[s * nblocks + b] = fp8_scale(m, fmt);
+        scale[s * nblocks + b] = fp8_scale(amax_from_bits(m), fmt);
       }
     }
   });
@@ -87,10 +100,11 @@ void fp8_quantize(const scalar_t* x, const Fp8Layout& layout, const Minifloat fm
       for (int64_t b = 0; b < nblocks; ++b) {
         const float s = row_scale[b];
         const int64_t end = std::min(cols, (b + 1) * layout.block_cols);
-        for (int64_t c = b * layout.block_cols; c < end; ++c) {
-          const int64_t i = r * cols + c;
-          const float v = static_cast<float>(x[i]) / s;
-          data[i] = encode(v, fmt, stochastic, random_bits(stochastic, seed, i));
+        const int64_t first = r * cols + b * layout.block_cols, last = r * cols + end;
+        if (stochastic) {
+          for (int64_t i = first; i < last; ++i) data[i] = encode_element<true, true>(x, i, s, fmt, seed);
+        } else {
+          for (int64_t i = first; i < last; ++i) data[i] = encode_element<false, true>(x, i, s, fmt, seed);
         }
       }
     }
@@ -164,34 +178,41 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& data, const at::Tensor& scale,
 
 // ------------------------------------------------------------------- MXFP8, MXFP4, NVFP4
 
-// Encodes row r of x with one multiplier or divisor per block of `block` elements:
-// v = x * factor[b] (MX: 2^-X), or v = x / factor[b] (NVFP4: d, with q = 0 where d == 0).
-// FP4 codes are packed two per byte, element 2j in the low nibble.
-template <typename scalar_t, bool kDivide>
+// Encodes row r of x with one multiplier or divisor per block of `block` elements (see
+// encode_element). FP4 codes are packed two per byte, element 2j in the low nibble;
+// blocks and rows have even lengths there, so a byte never spans two blocks.
+template <bool kStochastic, bool kDivide, typename scalar_t>
 void encode_row(const scalar_t* x, int64_t r, int64_t cols, int64_t block, const float* factor,
-                Element element, bool stochastic, uint64_t seed, uint8_t* data) {
+                Element element, uint64_t seed, uint8_t* data) {
   const Minifloat fmt = minifloat(element);
-  const bool fp4 = element == Element::kE2M1;
   const int64_t nblocks = ceil_div(cols, block);
   for (int64_t b = 0; b < nblocks; ++b) {
     const float f = factor[r * nblocks + b];
-    const int64_t end = std::min(cols, (b + 1) * block);
-    for (int64_t c = b * block; c < end; ++c) {
-      const int64_t i = r * cols + c;
-      const float xf = static_cast<float>(x[i]);
-      uint8_t code;
-      if constexpr (kDivide) {
-        code = f == 0.0f ? 0 : encode(xf / f, fmt, stochastic, random_bits(stochastic, seed, i));
-      } else {
-        code = encode(xf * f, fmt, stochastic, random_bits(stochastic, seed, i));
+    const int64_t first = r * cols + b * block, last = r * cols + std::min(cols, (b + 1) * block);
+    if (element == Element::kE2M1) {
+      for (int64_t i = first; i < last; i += 2) {
+        const uint8_t low = encode_element<kStochastic, kDivide>(x, i, f, fmt, seed);
+        const uint8_t high = encode_element<kStochastic, kDivide>(x, i + 1, f, fmt, seed);
+        data[i / 2] = static_cast<uint8_t>(low | (high << 4));
       }
-      if (!fp4) {
-        data[i] = code;
-      } else if (c % 2 == 0) {
-        data[i / 2] = code;
-      } else {
-        data[i / 2] |= static_cast<uint8_t>(code << 4);
+    } else {
+      for (int64_t i = first; i < last; ++i) {
+        data[i] = encode_element<kStochastic, kDivide>(x, i, f, fmt, seed);
       }
+    }
+  }
+}
+
+// encode_row over rows [r0, r1), rounding chosen once.
+template <bool kDivide, typename scalar_t>
+void encode_rows(const scalar_t* x, int64_t r0, int64_t r1, int64_t cols, int64_t block,
+                 const float* factor, Element element, bool stochastic, uint64_t seed,
+                 uint8_t* data) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (stochastic) {
+      encode_row<true, kDivide>(x, r, cols, block, factor, element, seed, data);
+    } else {
+      encode_row<false, kDivide>(x, r, cols, block, factor, element, seed, data);
     }
   }
 }
@@ -209,10 +230,7 @@ void mx_quantize(const scalar_t* x, int64_t rows, int64_t cols, Element element,
     }
   });
   at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      encode_row<scalar_t, false>(x, r, cols, kMxBlock, factor.data(), element, stochastic, seed,
-                                  data);
-    }
+    encode_rows<false>(x, r0, r1, cols, kMxBlock, factor.data(), element, stochastic, seed, data);
   });
 }
 
@@ -242,9 +260,9 @@ template <typename scalar_t>
 void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochastic,
                     uint64_t seed, uint8_t* scale, float* global_scale, uint8_t* data) {
   std::vector<float> factor = row_block_amax(x, rows, cols, kNvfp4Block);
-  float amax_tensor = 0.0f;
-  for (const float m : factor) amax_tensor = amax_combine(amax_tensor, m);
-  const float g = nvfp4_global_scale(amax_tensor);
+  uint32_t amax_tensor = 0;
+  for (const float m : factor) amax_tensor = max_bits(amax_tensor, magnitude_bits(m));
+  const float g = nvfp4_global_scale(amax_from_bits(amax_tensor));
   *global_scale = g;
   const int64_t nscales = static_cast<int64_t>(factor.size());
   at::parallel_for(0, nscales, kScaleGrain, [&](int64_t j0, int64_t j1) {
@@ -254,11 +272,8 @@ void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochast
     }
   });
   at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      encode_row<scalar_t, true>(x, r, cols, kNvfp4Block, factor.data(), Element::kE2M1, stochastic,
-                                 seed,
-                                 data);
-    }
+    encode_rows<true>(x, r0, r1, cols, kNvfp4Block, factor.data(), Element::kE2M1, stochastic,
+                      seed, data);
   });
 }
 

@@ -58,14 +58,14 @@ __global__ void row_block_amax_kernel(const scalar_t* __restrict__ x, int64_t ro
   for (int64_t w = first_warp; w < rows * nblocks; w += warps) {
     const int64_t r = w / nblocks, b = w % nblocks;
     const int64_t end = (b + 1) * block < cols ? (b + 1) * block : cols;
-    float m = 0.0f;
+    uint32_t m = 0;
     for (int64_t c = b * block + lane; c < end; c += 32) {
-      m = amax_combine(m, static_cast<float>(x[r * cols + c]));
+      m = max_bits(m, magnitude_bits(static_cast<float>(x[r * cols + c])));
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
-      m = amax_combine(m, __shfl_down_sync(0xffffffffu, m, offset));
+      m = max_bits(m, __shfl_down_sync(0xffffffffu, m, offset));
     }
-    if (lane == 0) amax[w] = m;
+    if (lane == 0) amax[w] = amax_from_bits(m);
   }
 }
 
@@ -92,11 +92,11 @@ __global__ void fp8_scale_kernel(const float* __restrict__ amax, Fp8Layout layou
     const int64_t s = j / layout.scale_cols, b = j % layout.scale_cols;
     const int64_t r_end = (s + 1) * layout.block_rows < layout.rows ? (s + 1) * layout.block_rows
                                                                    : layout.rows;
-    float m = 0.0f;
+    uint32_t m = 0;
     for (int64_t r = s * layout.block_rows; r < r_end; ++r) {
-      m = amax_combine(m, amax[r * layout.scale_cols + b]);
+      m = max_bits(m, magnitude_bits(amax[r * layout.scale_cols + b]));
     }
-    scale[j] = fp8_scale(m, fmt);
+    scale[j] = fp8_scale(amax_from_bits(m), fmt);
   }
 }
 

@@ -77,11 +77,18 @@ PLAIT_QUANT_HD bool is_finite(float f) { return (float_to_bits(f) & 0x7F800000u)
 // 2^n as a float32, for normal exponents (-126 <= n <= 127).
 PLAIT_QUANT_HD float pow2(int n) { return bits_to_float(static_cast<uint32_t>(n + 127) << 23); }
 
-// The running amax of a block: the larger magnitude, and NaN once any element is NaN.
-PLAIT_QUANT_HD float amax_combine(float amax, float value) {
-  const float magnitude = bits_to_float(float_to_bits(value) & 0x7FFFFFFFu);
-  return (magnitude > amax || is_nan(magnitude)) ? magnitude : amax;
+// |v| as the bits of a float32: for non-negative floats, unsigned order is numeric order,
+// with +inf above every finite value and every NaN above +inf. So the unsigned max of
+// these bits is the block's amax, NaN if any element is NaN, with no float compares
+// (it vectorises as an integer max).
+PLAIT_QUANT_HD uint32_t magnitude_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
+
+// The amax that magnitude bits stand for (every NaN as the canonical quiet NaN).
+PLAIT_QUANT_HD float amax_from_bits(uint32_t bits) {
+  return bits > 0x7F800000u ? quiet_nan() : bits_to_float(bits);
 }
+
+PLAIT_QUANT_HD uint32_t max_bits(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
 // The contract's per-element random bits: a splitmix64 finaliser of seed + (i + 1) * the
 // golden-ratio increment, top 24 bits.
@@ -96,28 +103,27 @@ PLAIT_QUANT_HD uint32_t stochastic_bits(uint64_t seed, uint64_t index) {
 // The code of v: round to nearest, ties to even (stochastic: away from zero iff
 // u < frac * 2^24), finite values saturated to +-max. NaN gives fmt.nan_code; +-inf
 // saturates like a finite value. The sign of v (also of -0) goes to the sign bit.
+// Written without early returns (selects only), so loops over it vectorise. The
+// stochastic compare is in float32: u < 2^24 and rem * 2^24 are both exact there, so it
+// decides as the contract's float64 one does.
 PLAIT_QUANT_HD uint8_t encode(float v, const Minifloat& fmt, bool stochastic, uint32_t u) {
-  if (is_nan(v)) return fmt.nan_code;
   const uint32_t bits = float_to_bits(v);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 31) << fmt.sign_shift);
+  const uint32_t sign = (bits >> 31) << fmt.sign_shift;
   const float a = bits_to_float(bits & 0x7FFFFFFFu);
-  if (a >= fmt.max_value) return sign | static_cast<uint8_t>(fmt.max_code);
+  const bool in_range = a < fmt.max_value;  // false for NaN and for saturating values
+  const float a_in = in_range ? a : 0.0f;
   const int emin = 1 - fmt.bias;
-  int e = static_cast<int>((bits >> 23) & 0xFFu) - 127;
-  if (e < emin) e = emin;
-  const float m = a * pow2(fmt.mbits - e);
-  int k = static_cast<int>(m);
+  int e = static_cast<int>(float_to_bits(a_in) >> 23) - 127;
+  e = e < emin ? emin : e;
+  const float m = a_in * pow2(fmt.mbits - e);
+  const int k = static_cast<int>(m);
   const float rem = m - static_cast<float>(k);
-  bool up;
-  if (stochastic) {
-    up = static_cast<double>(u) < static_cast<double>(rem) * 16777216.0;
-  } else {
-    up = rem > 0.5f || (rem == 0.5f && (k & 1) != 0);
-  }
-  k += up ? 1 : 0;
-  int code = ((e - emin) << fmt.mbits) + k;
-  if (code > fmt.max_code) code = fmt.max_code;
-  return sign | static_cast<uint8_t>(code);
+  const bool up = stochastic ? static_cast<float>(u) < rem * 16777216.0f
+                             : (rem > 0.5f || (rem == 0.5f && (k & 1) != 0));
+  int code = ((e - emin) << fmt.mbits) + k + (up ? 1 : 0);
+  code = (code > fmt.max_code || !in_range) ? fmt.max_code : code;
+  const uint8_t signed_code = static_cast<uint8_t>(sign | static_cast<uint32_t>(code));
+  return is_nan(v) ? fmt.nan_code : signed_code;
 }
 
 // The value of a code (the low sign_shift + 1 bits of `code`).
