@@ -76,6 +76,25 @@ inline uint8_t encode_element(const scalar_t* x, int64_t i, float f, const Minif
 
 // ---------------------------------------------------------------------------------- FP8
 
+// Rows [r0, r1) of x encoded with their blocks' scales. A function of its own, with
+// everything by value: the code stores (uint8_t) may alias anything reached through a
+// lambda's captures, which would reload them every element and keep the loop scalar.
+template <bool kStochastic, typename scalar_t>
+void fp8_encode_rows(const scalar_t* x, int64_t r0, int64_t r1, Fp8Layout layout,
+                     const float* scale, Minifloat fmt, uint64_t seed, uint8_t* data) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row_scale = scale + (r / layout.block_rows) * layout.scale_cols;
+    for (int64_t b = 0; b < layout.scale_cols; ++b) {
+      const float s = row_scale[b];
+      const int64_t first = r * layout.cols + b * layout.block_cols;
+      const int64_t last = r * layout.cols + std::min(layout.cols, (b + 1) * layout.block_cols);
+      for (int64_t i = first; i < last; ++i) {
+        data[i] = encode_element<kStochastic, true>(x, i, s, fmt, seed);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void fp8_quantize(const scalar_t* x, const Fp8Layout& layout, const Minifloat fmt,
                   bool stochastic, uint64_t seed, float* scale, uint8_t* data) {
@@ -95,18 +114,10 @@ void fp8_quantize(const scalar_t* x, const Fp8Layout& layout, const Minifloat fm
     }
   });
   at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row_scale = scale + (r / layout.block_rows) * nblocks;
-      for (int64_t b = 0; b < nblocks; ++b) {
-        const float s = row_scale[b];
-        const int64_t end = std::min(cols, (b + 1) * layout.block_cols);
-        const int64_t first = r * cols + b * layout.block_cols, last = r * cols + end;
-        if (stochastic) {
-          for (int64_t i = first; i < last; ++i) data[i] = encode_element<true, true>(x, i, s, fmt, seed);
-        } else {
-          for (int64_t i = first; i < last; ++i) data[i] = encode_element<false, true>(x, i, s, fmt, seed);
-        }
-      }
+    if (stochastic) {
+      fp8_encode_rows<true>(x, r0, r1, layout, scale, fmt, seed, data);
+    } else {
+      fp8_encode_rows<false>(x, r0, r1, layout, scale, fmt, seed, data);
     }
   });
 }
