@@ -5,10 +5,12 @@
 // Every quantize is two passes. First the amax of each (row, column block) — the block's
 // width is the format's: 128, 32, 16, or the whole row — threaded over rows; the FP8
 // granularities that span several rows (128x128, tensor) and NVFP4's tensor amax then
-// fold those per-row amaxes, which is exact (max is associative, and NaN wins however
-// they are grouped). Second, each element is scaled with its block's scale and encoded,
-// threaded over rows; the loops over a row are branch-light and free of cross-element
-// dependencies, so the compiler may vectorise them.
+// fold those per-row amaxes, which is exact (an unsigned max over magnitude bits:
+// associative, and NaN wins however they are grouped). Second, each element is scaled
+// with its block's scale and encoded, threaded over rows. Both inner loops are free of
+// branches (encode only selects) and take the rounding as a template argument; GCC
+// vectorises the amax loop and the FP8 / MXFP8 encode loops at -O3 (the E2M1 pair loop
+// stays scalar).
 #include "quant/quant.h"
 
 #include <ATen/Parallel.h>
