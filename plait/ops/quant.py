@@ -49,9 +49,9 @@ scale the E4M3 NaN code; for NVFP4 the tensor amax is then non-finite too, so ``
 and the whole tensor decodes to NaN. FP8 elements of such blocks hold the NaN code, E2M1
 ones 0. :func:`amax_stats` counts these elements as overflow.
 
-Two cases the formulas leave open: an FP8 scale or NVFP4 global scale whose division
-underflows to 0 (an amax below ``fmax * 2^-149``) becomes 1, like an all-zero block (the
-block then quantizes to zeros and subnormals instead of dividing by zero).
+A case the formulas leave open: an FP8 scale or NVFP4 global scale whose division
+underflows to 0 in float32 (an amax below about ``fmax * 2^-150``) becomes 1, like an
+all-zero block, so the block quantizes to zeros instead of dividing by zero.
 """
 
 from __future__ import annotations
