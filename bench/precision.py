@@ -86,7 +86,7 @@ def quality(work: Path, quick: bool) -> dict:
 def storage() -> dict:
     import torch
 
-    from plait.ops.quant import quantize
+    from plait.ops.quant import quantize, storage_bytes
     from plait.parallel.precision import formats
     from plait.runtime.config import load_config
     from plait.runtime.models import build_model
@@ -106,9 +106,7 @@ def storage() -> dict:
         total = data = 0
         for w in weights:
             q = quantize(w.contiguous(), op.fmt, elem=op.elem)
-            size = q.data.numel() * q.data.element_size() + q.scale.numel() * q.scale.element_size()
-            size += 0 if q.global_scale is None else q.global_scale.numel() * q.global_scale.element_size()
-            total += size
+            total += storage_bytes(q)
             data += q.data.numel() * q.data.element_size()
         out["recipes"][recipe] = {"format": op.fmt, "bytes": total, "data_bytes": data, "vs_bf16": total / bf16}
     return out

@@ -41,7 +41,7 @@ def _case(m: int, n: int, k: int, a_fmt: str, b_fmt: str, rounds: int) -> dict:
     import torch
 
     from plait.ops import qmm, qmm_reference
-    from plait.ops.qformats import dequantize, quantize
+    from plait.ops.quant import dequantize, quantize
 
     gen = torch.Generator().manual_seed(m + n + k)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) * 0.05
@@ -87,7 +87,7 @@ def _case(m: int, n: int, k: int, a_fmt: str, b_fmt: str, rounds: int) -> dict:
 def _storage(n: int, k: int) -> dict:
     import torch
 
-    from plait.ops.qformats import quantize, storage_bytes
+    from plait.ops.quant import quantize, storage_bytes
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
     bf16 = n * k * 2

@@ -45,7 +45,7 @@ TORCH_LIBRARY(plait, m) {
   // segment-major, then in order of their key's first row; means are float64 sums in row
   // order, divided and rounded once.
   m.def("lsh_bucket_reduce(Tensor x, Tensor keys, Tensor segments) -> (Tensor, Tensor, Tensor, Tensor)");
-  // qgemm: block-scaled GEMMs (plait/ops/qgemm.py, formats of plait/ops/qformats.py).
+  // qgemm: block-scaled GEMMs (plait/ops/qgemm.py, formats of plait/ops/quant.py).
   // out[M, N] float32 = dequant(a) [M, K] @ dequant(b) [N, K]^T with float32 accumulation;
   // a [M, K] (FP4: uint4 pairs [M, K/2]) with its decode scales in a_fmt, b [N, K] in b_fmt.
   // Pairs: fp8-1x128 x fp8-128x128 | fp8-1x128, mxfp8 x mxfp8, mxfp4 x mxfp4, nvfp4 x nvfp4
@@ -54,6 +54,17 @@ TORCH_LIBRARY(plait, m) {
   // Grouped (MoE experts): b [E, N, K], b_scale [E, ...], b_global [E]; rows
   // offsets[e]:offsets[e + 1] of a (offsets int64 [E + 1]) are multiplied by expert e's b.
   m.def("block_scaled_grouped_mm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offsets, str a_fmt, str b_fmt, Tensor? a_global=None, Tensor? b_global=None) -> Tensor");
+  // quant: FP8/FP4 quantize and dequantize along the last dim of x [M, K] (float32 or
+  // bfloat16), as in plait/ops/quant.py (formats, decode scales x ~ q * s, rounding,
+  // FP4 packing, non-finite blocks). granularity: "tensor" | "row" | "1x128" | "128x128";
+  // elem: "e4m3" | "e5m2" (fp8), "e4m3" (MXFP8) | "e2m1" (MXFP4); stochastic rounding
+  // draws its bits from seed and each element's row-major index.
+  m.def("quantize_fp8(Tensor x, str granularity, str elem, bool stochastic=False, int seed=0) -> (Tensor, Tensor)");
+  m.def("dequantize_fp8(Tensor data, Tensor scale, str granularity, ScalarType dtype) -> Tensor");
+  m.def("quantize_mx(Tensor x, str elem, bool stochastic=False, int seed=0) -> (Tensor, Tensor)");
+  m.def("dequantize_mx(Tensor data, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def("quantize_nvfp4(Tensor x, bool stochastic=False, int seed=0) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize_nvfp4(Tensor data, Tensor scale, Tensor global_scale, ScalarType dtype) -> Tensor");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -33,6 +33,12 @@ CUDA_OP_NAMES = (
     "plait::lsh_bucket_reduce",
     "plait::block_scaled_mm",
     "plait::block_scaled_grouped_mm",
+    "plait::quantize_fp8",
+    "plait::dequantize_fp8",
+    "plait::quantize_mx",
+    "plait::dequantize_mx",
+    "plait::quantize_nvfp4",
+    "plait::dequantize_nvfp4",
 )
 NVCC_TIMEOUT_S = 400
 
@@ -73,7 +79,8 @@ def _has_cuda_kernel(name: str = OP_NAME) -> bool:
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CU_FILES}
-    assert {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "qgemm_cuda.cu"} <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
+    expected = {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "qgemm_cuda.cu", "quant_cuda.cu"}
+    assert expected <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):

@@ -25,17 +25,24 @@ from plait.ops.lsh import (
     lsh_signs,
 )
 from plait.ops.qgemm import qmm, qmm_grouped, qmm_grouped_reference, qmm_reference
+from plait.ops.quant import FORMATS as QUANT_FORMATS
+from plait.ops.quant import QTensor, QuantStats, amax_stats, dequantize, quantize
 from plait.ops.rs import ReedSolomon
 
 __all__ = [
     "GF256_POLY",
+    "QUANT_FORMATS",
     "Buckets",
+    "QTensor",
+    "QuantStats",
     "ReedSolomon",
     "bucket_reduce",
     "bucket_reduce_reference",
     "bucket_scatter",
+    "amax_stats",
     "checksum",
     "crc32c_kernels",
+    "dequantize",
     "gf256_matmul_",
     "gf256_matmul_kernels",
     "gf256_mul",
@@ -48,4 +55,5 @@ __all__ = [
     "qmm_grouped",
     "qmm_grouped_reference",
     "qmm_reference",
+    "quantize",
 ]

@@ -1,7 +1,7 @@
 """Block-scaled GEMMs on quantized operands: ``dequant(a) [M, K] @ dequant(b) [N, K]^T``.
 
 ``a`` holds activations (one row per token), ``b`` a weight ``[N, K]`` (out features by
-in features, as ``nn.Linear`` stores it), both quantized along K (:mod:`plait.ops.qformats`).
+in features, as ``nn.Linear`` stores it), both quantized along K (:mod:`plait.ops.quant`).
 The product is accumulated in float32 and returned as ``[M, N]``.
 
 Pairs (``a.fmt`` x ``b.fmt``):
@@ -14,7 +14,7 @@ Pairs (``a.fmt`` x ``b.fmt``):
 
 The op decodes tiles of a and b to float32 (``q * s``, nvfp4 ``(q * float(sb)) * g``,
 exactly the float32 dequantize) and multiplies them with float32 accumulation, so each
-output is within ``gamma_{K+2} * sum_k |a_k b_k|`` (``gamma_n = n u / (1 - n u)``,
+output is within ``gamma_K * sum_k |a_k b_k|`` (``gamma_n = n u / (1 - n u)``,
 ``u = 2^-24``) of the exact product of the decoded operands, :func:`qmm_reference`. A
 block that held NaN or infinity when it was quantized decodes to NaN, and so do the
 outputs it touches: loud on purpose, so training counts it as an overflow.
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 import plait  # noqa: F401  (loads plait._C, which defines torch.ops.plait.*)
-from plait.ops.qformats import QTensor, dequantize
+from plait.ops.quant import QTensor, dequantize
 
 __all__ = ["qmm", "qmm_grouped", "qmm_grouped_reference", "qmm_reference"]
 
@@ -110,7 +110,7 @@ def qmm_grouped(
 
 
 def qmm_reference(a: QTensor, b: QTensor) -> torch.Tensor:
-    """The exact product of the decoded operands: both decoded to float64 (exactly) and
+    """The exact product of the decoded operands: both decoded as :func:`dequantize` does (float32),
     multiplied in float64 [M, N]."""
     _check_pair(a, b)
     return dequantize(a, torch.float64) @ dequantize(b, torch.float64).T
