@@ -495,3 +495,18 @@ def test_cuda_kernels_match_cpu_kernels(fmt, elem):
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+
+
+def test_quantize_under_deterministic_algorithms():
+    """Workers run with torch.use_deterministic_algorithms(True), which fills new tensors first: the FP4 and E8M0
+    outputs are allocated as bytes, so no fill kernel for those dtypes is needed."""
+    x = torch.randn(8, 64)
+    expected = {fmt: quantize(x, fmt) for fmt in ("mxfp4", "nvfp4", "mxfp8", "fp8-1x128")}
+    torch.use_deterministic_algorithms(True)
+    try:
+        for fmt, ref in expected.items():
+            q = quantize(x, fmt)
+            assert torch.equal(q.data.view(torch.uint8), ref.data.view(torch.uint8)), fmt
+            assert torch.equal(dequantize(q), dequantize(ref)), fmt
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <string>
@@ -11,6 +12,14 @@
 #include "quant/quant_math.h"
 
 namespace plait::quant {
+
+
+// A new tensor of a one-byte low-precision dtype, allocated as bytes and viewed: under
+// torch.use_deterministic_algorithms(True) a new tensor is filled first, and that fill
+// has no kernel for float4_e2m1fn_x2 (nor, in some builds, the float8 kinds).
+inline at::Tensor empty_low_precision(at::IntArrayRef sizes, const at::TensorOptions& options, at::ScalarType dtype) {
+  return at::empty(sizes, options.dtype(at::kByte)).view(dtype);
+}
 
 constexpr int64_t kMxBlock = 32;
 constexpr int64_t kNvfp4Block = 16;

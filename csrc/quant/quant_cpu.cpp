@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x,
   const Minifloat fmt = minifloat(element);
   const at::ScalarType data_type =
       element == Element::kE4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
-  at::Tensor data = at::empty({layout.rows, layout.cols}, x.options().dtype(data_type));
+  at::Tensor data = empty_low_precision({layout.rows, layout.cols}, x.options(), data_type);
   at::Tensor scale = at::empty({layout.scale_rows, layout.scale_cols}, x.options().dtype(at::kFloat));
   float* scale_ptr = scale.mutable_data_ptr<float>();
   uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
@@ -253,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_mx_cpu(const at::Tensor& x, const st
   const Element element = quantize_mx_check(x, elem);
   const bool fp4 = element == Element::kE2M1;
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor data = fp4 ? at::empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2))
-                        : at::empty({rows, cols}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor data = fp4 ? empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2)
+                        : empty_low_precision({rows, cols}, x.options(), at::kFloat8_e4m3fn);
   at::Tensor scale =
-      at::empty({rows, ceil_div(cols, kMxBlock)}, x.options().dtype(at::kFloat8_e8m0fnu));
+      empty_low_precision({rows, ceil_div(cols, kMxBlock)}, x.options(), at::kFloat8_e8m0fnu);
   uint8_t* scale_ptr = static_cast<uint8_t*>(scale.mutable_data_ptr());
   uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
   const uint64_t useed = static_cast<uint64_t>(seed);
@@ -295,9 +295,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cpu(const at::Tens
   check_cpu("quantize_nvfp4", x, "x");
   quantize_nvfp4_check(x);
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor data = at::empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2));
+  at::Tensor data = empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2);
   at::Tensor scale =
-      at::empty({rows, ceil_div(cols, kNvfp4Block)}, x.options().dtype(at::kFloat8_e4m3fn));
+      empty_low_precision({rows, ceil_div(cols, kNvfp4Block)}, x.options(), at::kFloat8_e4m3fn);
   at::Tensor global_scale = at::empty({}, x.options().dtype(at::kFloat));
   uint8_t* scale_ptr = static_cast<uint8_t*>(scale.mutable_data_ptr());
   uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());

@@ -245,10 +245,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_mx_cuda(const at::Tensor& x, const s
   const Element element = quantize_mx_check(x, elem);
   const bool fp4 = element == Element::kE2M1;
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor data = fp4 ? x.new_empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2))
+  at::Tensor data = fp4 ? empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2)
                         : x.new_empty({rows, cols}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor scale =
-      x.new_empty({rows, ceil_div(cols, kMxBlock)}, x.options().dtype(at::kFloat8_e8m0fnu));
+      empty_low_precision({rows, ceil_div(cols, kMxBlock)}, x.options(), at::kFloat8_e8m0fnu);
   if (scale.numel() == 0) return {data, scale};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cuda(const at::Ten
   TORCH_CHECK(x.is_cuda(), "quantize_nvfp4: expected CUDA tensors, got x on ", x.device());
   quantize_nvfp4_check(x);
   const int64_t rows = x.size(0), cols = x.size(1);
-  at::Tensor data = x.new_empty({rows, cols / 2}, x.options().dtype(at::kFloat4_e2m1fn_x2));
+  at::Tensor data = empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2);
   at::Tensor scale =
       x.new_empty({rows, ceil_div(cols, kNvfp4Block)}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor global_scale = x.new_empty({}, x.options().dtype(at::kFloat));
