@@ -95,7 +95,7 @@ def test_cli_surface_is_frozen():
     assert _surface(build_parser()) == {
         "-h", "--help", "--version",
         "train", "train -h", "train --help", "train --config", "train --nproc", "train --run-dir",
-        "train --set", "train --dry-run", "train --nnodes", "train --nproc-per-node", "train --fault", "train --resume",
+        "train --set", "train --dry-run", "train --ab", "train --nnodes", "train --nproc-per-node", "train --fault", "train --resume",
         "train --node-rank", "train --rdzv", "train --node-addr", "train --cluster",
         "export", "export -h", "export --help", "export <run_dir>", "export --step", "export --out",
         "daemon", "daemon -h", "daemon --help", "daemon --job", "daemon --node", "daemon --nnodes", "daemon --nproc-per-node",
@@ -121,7 +121,7 @@ def test_every_cli_flag_is_in_the_readme():
                  "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
                  "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr",
                  "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster",
-                 "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto"):
+                 "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto", "--ab"):
         assert flag in readme, flag
 
 
