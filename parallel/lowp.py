@@ -16,6 +16,12 @@ model a forward that looks up the module's recipe for the current step
   random 16×16 Hadamard matrix R per module (RᵀR = I, so the product is unchanged in
   exact arithmetic while outliers are spread over 16 tokens before quantization).
 
+Stacked experts (:class:`_QuantGroupedLinear`): under fp8-block, mxfp8, mxfp4 and nvfp4 the
+forward and dgrad GEMMs of all local experts are one grouped GEMM each
+(:func:`plait.ops.qgemm.qmm_grouped`: the tokens quantized once, the experts' weights
+stacked and cached); wgrad contracts each expert's own tokens and runs per expert. Under
+fp8-tensor and fp8-row (``torch._scaled_mm``) the experts run one by one.
+
 Works under tensor/sequence parallelism (the linears' weights are the local shards), expert
 parallelism (the local experts' slices), pipeline stages (the modules a stage keeps) and
 ZeRO (parameters stay whole on every rank during forward and backward).
@@ -30,6 +36,7 @@ sampling.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -85,6 +92,16 @@ def _rotate_tokens(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     if pad:
         t = F.pad(t, (0, pad))
     return (t.float().reshape(rows, -1, 16) @ r.t().to(t.device)).reshape(rows, tokens + pad)
+
+
+def _even_tokens(dyt: torch.Tensor, xt: torch.Tensor, f: Formats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The wgrad operands [rows, tokens] with a zero token appended when FP4 packing needs an even count.
+
+    A zero column adds nothing to ``dyᵀ x`` and does not change any block's amax.
+    """
+    if xt.shape[1] % 2 and (f.dyt.fmt in ("mxfp4", "nvfp4") or f.xt.fmt in ("mxfp4", "nvfp4")):
+        return F.pad(dyt, (0, 1)), F.pad(xt, (0, 1))
+    return dyt, xt
 
 
 @dataclass
@@ -150,6 +167,21 @@ class PrecisionRuntime:
             return hit[1]
         src = w.detach()
         q = quantize((src.t() if transpose else src).contiguous(), op.fmt, elem=op.elem)
+        self._cache[full_key] = (version, q)
+        return q
+
+    def stacked_weight(self, name: str, tag: str, w: torch.Tensor, op: Operand, *, transpose: bool):
+        """Stacked experts ``w`` [E, N, K] (each ``w[e]`` or ``w[e]ᵀ``) quantized as one [E, ...] QTensor, cached."""
+        from plait.ops.qgemm import stack_experts
+        from plait.ops.quant import quantize
+
+        full_key = (name, ("stacked", tag), transpose, op)
+        version = w._version
+        hit = self._cache.get(full_key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        src = w.detach()
+        q = stack_experts([quantize((s.t() if transpose else s).contiguous(), op.fmt, elem=op.elem) for s in src])
         self._cache[full_key] = (version, q)
         return q
 
@@ -245,6 +277,7 @@ class _QuantLinear(torch.autograd.Function):
                 dyt, xt = gy2.t(), x2.t()
                 if f.hadamard:
                     dyt, xt = _rotate_tokens(dyt, m.rotation), _rotate_tokens(xt, m.rotation)
+                dyt, xt = _even_tokens(dyt, xt, f)
                 qdyt = rt.quantize(name, dyt, f.dyt, salt=2 * call + 1)
                 qxt = rt.quantize(name, xt, f.xt)
                 dw = qmm(qdyt, qxt).to(w.dtype)
@@ -269,10 +302,81 @@ def _linear_forward(module: nn.Linear, rt: PrecisionRuntime, name: str, x: torch
     return y if module.bias is None else y + module.bias
 
 
+# recipes whose forward and dgrad operand pairs plait's grouped block-scaled GEMM takes
+GROUPED = frozenset({"fp8-block", "mxfp8", "mxfp4", "nvfp4"})
+
+
+class _QuantGroupedLinear(torch.autograd.Function):
+    """Rows ``offsets[e]:offsets[e + 1]`` of ``x`` times ``w[e]ᵀ`` for stacked experts ``w`` [E, N, K].
+
+    Forward and dgrad are one grouped GEMM each over all local experts (x and dy quantized
+    once, the stacked weights from the cache); wgrad contracts each expert's own tokens,
+    so it runs per expert, exactly as :class:`_QuantLinear` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, rt: PrecisionRuntime, name: str,
+                tag: str) -> torch.Tensor:
+        from plait.ops.qgemm import qmm_grouped
+
+        f = rt.formats_of(name)
+        m = rt.modules[name]
+        first = not m.forward_seen
+        m.forward_seen = True
+        with torch.autocast(x.device.type, enabled=False):
+            qx = rt.quantize(name, x, f.x, stat="x" if first else None)
+            qw = rt.stacked_weight(name, tag, w, f.w, transpose=False)
+            if first:
+                rt.record_weight(name, w)
+            y = qmm_grouped(qx, qw, offsets)
+        m.calls += 1
+        ctx.save_for_backward(x, w, offsets)
+        ctx.meta = (rt, name, tag, f, x.dtype, m.calls)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        from plait.ops.qgemm import qmm, qmm_grouped
+
+        x, w, offsets = ctx.saved_tensors
+        rt, name, tag, f, dtype, call = ctx.meta
+        m = rt.modules[name]
+        first = not m.backward_seen
+        m.backward_seen = True
+        gy = gy.contiguous()
+        dx = dw = None
+        with torch.autocast(gy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                qdy = rt.quantize(name, gy, f.dy, salt=2 * call, stat="dy" if first else None)
+                dx = qmm_grouped(qdy, rt.stacked_weight(name, tag, w, f.wt, transpose=True), offsets).to(dtype)
+            if ctx.needs_input_grad[1]:
+                dw = torch.zeros_like(w)
+                bounds = offsets.tolist()
+                for e in range(w.shape[0]):
+                    lo, hi = bounds[e], bounds[e + 1]
+                    if hi == lo:
+                        continue
+                    dyt, xt = gy[lo:hi].t(), x[lo:hi].t()
+                    if f.hadamard:
+                        dyt, xt = _rotate_tokens(dyt, m.rotation), _rotate_tokens(xt, m.rotation)
+                    dyt, xt = _even_tokens(dyt, xt, f)
+                    qdyt = rt.quantize(name, dyt, f.dyt, salt=_mix(2 * call + 1, e))
+                    dw[e] = qmm(qdyt, rt.quantize(name, xt, f.xt)).to(w.dtype)
+        return dx, dw, None, None, None, None
+
+
 def _experts_forward(module: nn.Module, rt: PrecisionRuntime, name: str, x: torch.Tensor, counts) -> torch.Tensor:
     sizes = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if len(sizes) != module.num_experts:
         raise ValueError(f"got {len(sizes)} expert counts for {module.num_experts} experts")
+    if rt.recipes[name] in GROUPED and sum(sizes) > 0:
+        offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.long)
+        x = x.contiguous()
+
+        def g(inp: torch.Tensor, w: torch.Tensor, tag: str) -> torch.Tensor:
+            return _QuantGroupedLinear.apply(inp, w, offsets, rt, name, tag)
+
+        return g(F.silu(g(x, module.w1, "w1")) * g(x, module.w3, "w3"), module.w2, "w2")
     outs = []
     for e, xs in enumerate(torch.split(x, sizes, dim=0)):
         h = F.silu(quant_linear(rt, name, xs, module.w1[e], ("w1", e))) * quant_linear(rt, name, xs, module.w3[e], ("w3", e))

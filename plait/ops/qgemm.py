@@ -72,6 +72,11 @@ def _stack(b: QTensor | Sequence[QTensor]) -> QTensor:
         if b.data.dim() != 3:
             raise ValueError(f"qmm_grouped: a stacked b needs data [E, N, K], got shape {list(b.data.shape)}")
         return b
+    return stack_experts(b)
+
+
+def stack_experts(b: Sequence[QTensor]) -> QTensor:
+    """The experts' QTensors (same format and shape) as one: data ``[E, ...]``, scale ``[E, ...]``."""
     b = list(b)
     if not b:
         raise ValueError("qmm_grouped: b holds no experts")
