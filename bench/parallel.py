@@ -54,7 +54,8 @@ def _expected(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, dict
     layout = Layout(world=summary["world_size"], pp=p["pp"], dp=p["dp"], cp=p["cp"], tp=p["tp"], edp=p["edp"],
                     ep=p["ep"], etp=p["etp"], vpp=p["vpp"])
     return step_volume(model_spec(cfg.model), layout, global_batch=cfg.train.global_batch,
-                       micro_batch=cfg.train.micro_batch, stage_layers=cfg.parallel.pp_layers)
+                       micro_batch=cfg.train.micro_batch, stage_layers=cfg.parallel.pp_layers,
+                       control=cfg.control.enabled)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -25,7 +25,10 @@ backward collective, which is recorded when the backward pass runs.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,12 +36,33 @@ import torch.distributed as dist
 
 
 class Ledger:
-    """Bytes and calls per (axis, operation) on this rank since the last :meth:`reset`."""
+    """Bytes and calls per (axis, operation) on this rank since the last :meth:`reset`.
+
+    It also times the blocking collectives (:meth:`blocked`): ``comm_s`` is the time this
+    rank spent inside them since the reset (waiting for its peers included), and
+    ``current``/``since`` name the one in flight, and ``phase`` the part of the step, for the control plane's heartbeats
+    (read from another thread: plain attributes, written whole).
+    """
 
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.enabled = True
+        self.comm_s = 0.0
+        self.current = ""  # "axis:op" of the collective this rank is blocked in, "" when none
+        self.since = 0.0  # time.perf_counter() when it began
+        self.phase = "idle"  # forward | backward while the engine computes them; the runtime sets the others
+
+    @contextmanager
+    def blocked(self, axis: str, op: str) -> Iterator[None]:
+        """Time a blocking collective and name it while it runs."""
+        self.since = start = time.perf_counter()
+        self.current = f"{axis}:{op}"
+        try:
+            yield
+        finally:
+            self.current = ""
+            self.comm_s += time.perf_counter() - start
 
     def record(self, axis: str, op: str, nbytes: int) -> None:
         if self.enabled:
@@ -48,6 +72,7 @@ class Ledger:
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.comm_s = 0.0
 
     def snapshot(self) -> dict[str, dict[str, dict[str, int]]]:
         """``{axis: {op: {"bytes": b, "calls": c}}}``, sorted, as plain data."""
@@ -113,7 +138,8 @@ def all_reduce(t: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist
     """In place; returns ``t``."""
     if group.size > 1:
         LEDGER.record(group.axis, "all_reduce", _nbytes(t))
-        dist.all_reduce(t, op=op, group=group.pg)
+        with LEDGER.blocked(group.axis, "all_reduce"):
+            dist.all_reduce(t, op=op, group=group.pg)
     return t
 
 
@@ -121,7 +147,8 @@ def broadcast(t: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In place from group rank ``src``; returns ``t``."""
     if group.size > 1:
         LEDGER.record(group.axis, "broadcast", _nbytes(t))
-        dist.broadcast(t, src=group.ranks[src], group=group.pg)
+        with LEDGER.blocked(group.axis, "broadcast"):
+            dist.broadcast(t, src=group.ranks[src], group=group.pg)
     return t
 
 
@@ -132,7 +159,8 @@ def all_gather(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     LEDGER.record(group.axis, "all_gather", _nbytes(t))
     moved = t.movedim(dim, 0).contiguous()
     out = moved.new_empty((group.size * moved.shape[0], *moved.shape[1:]))
-    dist.all_gather_into_tensor(out, moved, group=group.pg)
+    with LEDGER.blocked(group.axis, "all_gather"):
+        dist.all_gather_into_tensor(out, moved, group=group.pg)
     return out.movedim(0, dim)
 
 
@@ -145,7 +173,8 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     LEDGER.record(group.axis, "reduce_scatter", _nbytes(t))
     moved = t.movedim(dim, 0).contiguous()
     out = moved.new_empty((moved.shape[0] // group.size, *moved.shape[1:]))
-    dist.reduce_scatter_tensor(out, moved, group=group.pg)
+    with LEDGER.blocked(group.axis, "reduce_scatter"):
+        dist.reduce_scatter_tensor(out, moved, group=group.pg)
     return out.movedim(0, dim)
 
 
@@ -156,7 +185,9 @@ def all_to_all(t: torch.Tensor, group: Group, send_splits: list[int], recv_split
     LEDGER.record(group.axis, "all_to_all", _nbytes(t))
     t = t.contiguous()
     out = t.new_empty((sum(recv_splits), *t.shape[1:]))
-    dist.all_to_all_single(out, t, output_split_sizes=list(recv_splits), input_split_sizes=list(send_splits), group=group.pg)
+    with LEDGER.blocked(group.axis, "all_to_all"):
+        dist.all_to_all_single(out, t, output_split_sizes=list(recv_splits), input_split_sizes=list(send_splits),
+                               group=group.pg)
     return out
 
 
@@ -168,7 +199,8 @@ def isend(t: torch.Tensor, dst: int, axis: str = "pp", tag: int = 0) -> dist.Wor
 
 def recv(t: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
     """Blocking receive into ``t`` from global rank ``src`` (not recorded: the sender records it)."""
-    dist.recv(t, src=src, tag=tag)
+    with LEDGER.blocked("pp", "recv"):
+        dist.recv(t, src=src, tag=tag)
     return t
 
 

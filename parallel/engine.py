@@ -65,6 +65,9 @@ class EngineConfig:
     lsh: Any = None  # a plait.parallel.config.LSHConfig: the expert all-to-all sends bucket centroids (ep_lsh)
     lsh_auto: bool = False  # ep_compress=auto: the first step decides per layer (plait.scheduler.lsh_cost)
     precision: Any = None  # a plait.parallel.precision.PrecisionConfig that quantizes (plait.parallel.lowp), or None
+    # The control plane's word rides on the step's closing all-reduce (8 more bytes): rank 0 puts the command the
+    # coordinator gave it into control_word, and after the step every rank reads the same control_agreed
+    control: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class ParallelEngine:
         else:
             self.chunks = [model]
         self.precision = None
+        self.control_word = 0.0
+        self.control_agreed = 0.0
         if linears is not None:
             from plait.parallel.lowp import apply_precision
 
@@ -198,6 +203,18 @@ class ParallelEngine:
         comm.all_reduce(counts, world)
         return summarize(self.precision, amax.cpu(), counts.cpu())
 
+    def _reduce_with_control(self, sums: torch.Tensor) -> torch.Tensor:
+        """The step's closing world all-reduce (a sum), with the control word appended when the control plane is on.
+
+        Only rank 0 sets a non-zero word, so the sum is its word on every rank (exact in float64).
+        """
+        if not self.config.control:
+            return comm.all_reduce(sums, self.meshes.group("world"))
+        word = torch.tensor([self.control_word], dtype=sums.dtype, device=sums.device)
+        both = comm.all_reduce(torch.cat([sums, word]), self.meshes.group("world"))
+        self.control_agreed = float(both[-1])
+        return both[:-1]
+
     def _forward_chunk(self, chunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with self._autocast:
             return chunk(x, self.positions)
@@ -216,6 +233,7 @@ class ParallelEngine:
         if self.pipeline is None:
             model = self.chunks[0]
             for i in range(A):
+                comm.LEDGER.phase = "forward"
                 logits = self._forward_chunk(model, self.local_rows(inputs, i))
                 ce = F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i).flatten(), reduction="sum")
                 aux = model.aux_loss() if self.is_moe else None
@@ -223,6 +241,7 @@ class ParallelEngine:
                 if aux is not None:
                     loss = loss + (coef / blocks) * aux
                     sums[1] += aux.detach().double() / blocks
+                comm.LEDGER.phase = "backward"
                 loss.backward()
                 sums[0] += ce.detach().double() * scale
         else:
@@ -230,7 +249,7 @@ class ParallelEngine:
         ratio = fidelity = None
         if self.compression is not None:  # the compression counters ride on the same all-reduce
             sums = torch.cat([sums, self.compression.sums()])
-        comm.all_reduce(sums, self.meshes.group("world"))
+        sums = self._reduce_with_control(sums)
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         if self.compression is not None:
             ratio, fidelity = self.compression.end_step(sums[2:], ranks_per_layer=self.dims.world // self.dims.pp,
@@ -252,7 +271,7 @@ class ParallelEngine:
         ratio = fidelity = None
         if self.compression is not None:
             sums = torch.cat([sums, self.compression.sums()])
-        comm.all_reduce(sums, self.meshes.group("world"))
+        sums = self._reduce_with_control(sums)
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
         if self.compression is not None:  # every rank makes every round's call (lockstep): rounds are micro-steps
             ratio, fidelity = self.compression.end_step(sums[2 + self.dims.world:], ranks_per_layer=self.dims.world // self.dims.pp,

@@ -179,6 +179,7 @@ def run_pipeline(
         shape = shape_of(i)
         if v % pp != pp_rank:
             raise ValueError(f"action {a} belongs to pp rank {v % pp}, not {pp_rank}")
+        comm.LEDGER.phase = "forward" if a.kind == "F" else "backward"
         if a.kind == "F":
             x = None if v == 0 else receive(v - 1, _tag(0, v - 1, i, stages), shape)
             with torch.enable_grad() if backward else torch.no_grad():

@@ -32,6 +32,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         hdp_schedule=p.hdp_schedule,
         max_len=config.max_len(),
         precision=config.precision if config.precision.quantizes() else None,
+        control=config.control.enabled,
     )
 
 

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fault", dest="faults", action="append", default=[], metavar="SPEC",
                        help="inject a fault, repeatable: kill-worker:rank=R:step=S, kill-node:node=N:step=S, "
                        "kill-daemon:node=N:step=S, corrupt-shard:node=N:step=S, corrupt-parity:node=N:step=S, "
-                       "hang-daemon:node=N:step=S[:seconds=D]; kill-* also at restore=N (during the N-th restart's "
-                       "restore); with --cluster also link-down:node=N:step=S[:seconds=T], slow-link:node=N:factor=F[:step=S]")
+                       "hang-daemon:node=N:step=S[:seconds=D], slow-rank:rank=R:factor=F[:step=S]; kill-* also at "
+                       "restore=N (during the N-th restart's restore); with --cluster also link-down:node=N:step=S[:seconds=T], slow-link:node=N:factor=F[:step=S]")
     train.add_argument("--run-dir", type=Path, metavar="DIR", help="where config.yaml, summary.json and logs go "
                        "(default: runs/<config name>-<time>)")
     train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, metavar="DIR", help="results directory (default: bench/results)")
     bench.add_argument("--quick", action="store_true", help="a short run for smoke tests, not for reporting")
     bench.add_argument("--cluster", type=Path, metavar="FILE", help="cluster file of a benchmark that takes one (links)")
+    from plait.runtime.control.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -180,6 +183,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{h.seed}, residual compensation {'on' if h.compensate else 'off'}, {probe})", flush=True)
     daemons = None
     secret_file = None
+    slow = [f for f in faults if f.kind == "slow-rank"]  # carried out by the workers themselves
+    faults = [f for f in faults if f.kind != "slow-rank"]
+    if slow:
+        env["PLAIT_SLOW_RANKS"] = json.dumps([str(f) for f in slow])
     if faults:
         env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
     if config.snapshot.enabled:
@@ -200,6 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"plait: snapshots every {snap.every} steps to {config.launch.nnodes} node daemon(s) "
               f"({', '.join(daemons.addresses)})" + (", erasure-coded k={} m={}".format(*daemons.code) if daemons.code[1] else ", no parity")
               + (f", disk every {snap.disk_every} snapshots" if snap.disk_every else ""), flush=True)
+    from plait.runtime.control.cli import launch_coordinator
+
+    coordinator, secret_file = launch_coordinator(config, run_dir, daemons=daemons.addresses if daemons else [],
+                                                  secret_file=secret_file, env=env)
     executor = None
     if faults:
         from plait.runtime.faults.executor import FaultExecutor
@@ -220,6 +231,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             executor.stop()  # before the daemons: it wakes a daemon it hung
         if daemons is not None:
             daemons.stop()
+        if coordinator is not None:
+            coordinator.stop()
+            (run_dir / "control.json").unlink(missing_ok=True)
     _report(run_dir)
     return 0
 
@@ -319,6 +333,9 @@ def _report(run_dir: Path, node: int | None = None) -> None:
         print(f"plait: node {node}: its workers finished; rank 0's summary is on the node that ran it", flush=True)
         return
     summary = json.loads(path.read_text())
+    if summary["status"] == "stopped":
+        print(f"plait: {summary['error']}: {summary['steps']} steps; summary at {path}", flush=True)
+        return
     if summary["status"] != "completed":  # the workers stopped the job: no restart could have helped
         raise LaunchError(f"{summary['error']}; the steps done so far are in {path}")
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
@@ -369,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             from plait.runtime.snapshot.daemon.main import cmd_daemon
 
             return cmd_daemon(args)
+        if args.command in ("status", "stop", "snapshot"):
+            from plait.runtime.control.cli import cmd_control
+
+            return cmd_control(args)
         if args.command == "cluster":
             from plait.runtime.rehearsal.cli import cmd_cluster
 

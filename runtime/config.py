@@ -22,6 +22,7 @@ from plait.parallel.config import ParallelConfig
 from plait.parallel.precision import PrecisionConfig
 from plait.runtime.data import DataConfig
 from plait.runtime.launch import LaunchConfig
+from plait.runtime.control.config import ControlConfig
 from plait.runtime.metrics import MetricsConfig
 from plait.runtime.snapshot.config import SnapshotConfig
 from plait.runtime.models.config import ModelConfig
@@ -41,6 +42,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def validate(self) -> None:
         """Check each section, then the rules that span sections."""

@@ -5,7 +5,7 @@ Schema (version 1), every field always present:
 | field | type | meaning |
 |---|---|---|
 | ``schema`` | int | 1 |
-| ``status`` | str | ``completed`` or ``failed`` |
+| ``status`` | str | ``completed``, ``failed``, or ``stopped`` (by ``plait stop``; ``error`` then says when and why) |
 | ``error`` | str or null | the exception, when ``failed`` |
 | ``version`` | str | plait version |
 | ``steps`` | int | optimizer steps completed |
@@ -138,7 +138,10 @@ class SummaryHook(BaseHook):
         self.precision = state.get("precision")
 
     def on_end(self, trainer: Trainer) -> None:
-        self.write(trainer, status="completed")
+        if trainer.stop_reason is not None and trainer.step < trainer.config.steps:
+            self.write(trainer, status="stopped", error=trainer.stop_reason)
+        else:
+            self.write(trainer, status="completed")
 
     def write(self, trainer: Trainer, *, status: str, error: str | None = None) -> dict[str, Any]:
         from plait.runtime.config import model_spec

@@ -143,6 +143,8 @@ class Trainer:
         self.ledger_last: dict = {}
         self.ledger_total: dict = {}
         self.ledger: dict[str, Any] = {}  # the job's ledger, summed over ranks, set at the end of fit()
+        # Set by a hook at a step's end (the same step on every rank: plait stop): the loop ends after it
+        self.stop_reason: str | None = None
 
     def train_step(self) -> StepResult:
         start = time.perf_counter()
@@ -199,7 +201,7 @@ class Trainer:
         for hook in self.hooks:
             hook.on_start(self)
         every = self.config.eval_every
-        while self.step < self.config.steps:
+        while self.step < self.config.steps and self.stop_reason is None:
             for hook in self.hooks:
                 if hasattr(hook, "on_step_begin"):
                     hook.on_step_begin(self, self.step + 1)

@@ -213,17 +213,36 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
                           "to the job's secret file")
     addresses = os.environ["PLAIT_SNAPSHOT_DAEMONS"].split(",")
     clients = [DaemonClient(a, secret=secret) for a in addresses]
-    disk = None
-    if snap.disk_every:
-        disk = CheckpointWriter(checkpoint_paths.checkpoint_base(snap.dir, run_dir), run=run, rank=rank, world=world,
-                                slices=local_slices(engine), layout=layout_of(engine), params=global_shapes(engine),
-                                keep=snap.keep_disk, secret=secret, attempt=attempt)
+    # The disk tier's writer; without the tier, plait stop --snapshot still writes its checkpoint through one.
+    writer = CheckpointWriter(checkpoint_paths.checkpoint_base(snap.dir, run_dir), run=run, rank=rank, world=world,
+                              slices=local_slices(engine), layout=layout_of(engine), params=global_shapes(engine),
+                              keep=snap.keep_disk, secret=secret, attempt=attempt)
+    disk = writer if snap.disk_every else None
     lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir))
                  if rank == 0 else None)
     hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,
                         secret=secret, disk=disk)
+    hook.stop_writer = writer
     args.update(clients=clients, disk=disk, secret=secret, lifecycle=lifecycle)
     return hook, args
+
+
+def _control_hook(config: JobConfig, *, rank: int, world: int, node: int, attempt: int,
+                  snapshots: SnapshotHook | None):
+    """This worker's reports to the job's coordinator (``PLAIT_CONTROL``, set by plait train); None without one."""
+    address = os.environ.get("PLAIT_CONTROL")
+    if not config.control.enabled or not address:
+        return None
+    from plait.runtime.control.client import CoordinatorClient
+    from plait.runtime.control.hook import ControlHook
+
+    secret = JobSecret.from_env()
+    if secret is None:
+        raise LaunchError(f"PLAIT_CONTROL is set but {SECRET_ENV} is not: the coordinator needs the job's secret")
+    # The reports run beside training, so a generous deadline costs nothing; a loaded machine needs it
+    client = CoordinatorClient(address, secret, timeout=max(10.0, config.control.heartbeat_s))
+    return ControlHook(client, rank=rank, world=world, node=node, attempt=attempt,
+                       heartbeat_s=config.control.heartbeat_s, snapshots=snapshots)
 
 
 def _die_with_parent() -> None:
@@ -307,6 +326,16 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)
         hooks.append(ProgressMarker(run_dir, rank))
+        control = _control_hook(config, rank=rank, world=world, node=placement.node_of(rank), attempt=attempt,
+                                snapshots=snapshot_hook)
+        if control is not None:
+            hooks.append(control)
+        for text in json.loads(os.environ.get("PLAIT_SLOW_RANKS", "[]")):
+            slow = parse_fault(text)
+            if slow.target == rank:  # after the control hook: its wait is inside the step the control plane times
+                from plait.runtime.faults.slow import SlowRankHook
+
+                hooks.append(SlowRankHook(slow))
         faults = [parse_fault(f) for f in json.loads(os.environ.get("PLAIT_FAULTS", "[]"))]
         fault_hook = None
         if faults:
@@ -324,6 +353,8 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
                 snapshot_hook.epoch = outcome.epoch
             if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
                 print(outcome.line, flush=True)
+                if control is not None:
+                    control.restore = outcome.line
             try:
                 trainer.fit()
             except BaseException as err:

@@ -171,7 +171,7 @@ def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
 
 def step_volume(
     spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
-    centroids: int | None = None, precision_modules: int = 0,
+    centroids: int | None = None, precision_modules: int = 0, control: bool = False,
 ) -> dict[str, dict[str, int]]:
     """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
 
@@ -183,6 +183,9 @@ def step_volume(
     ``precision_modules``: a quantized ``precision`` recipe is on, the step samples statistics
     (``precision.stats_every``) and the model has this many linear modules; the step closes with two
     all-reduces of their statistics (3 amax and 6 counts, float64).
+
+    ``control``: the job's control plane is on (``control.enabled``, the default of ``plait train``): its
+    word rides on the step's closing all-reduce, 8 bytes per rank.
     """
     d = spec.dim
     T = spec.seq_len
@@ -207,7 +210,7 @@ def step_volume(
             vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
         vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0)
-                                                     + 72 * precision_modules)
+                                                     + 72 * precision_modules + (8 if control else 0))
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):
         out.setdefault(axis, {})[op] = b

@@ -110,6 +110,12 @@ def test_cli_surface_is_frozen():
         "bench --cluster",
         "plan", "plan -h", "plan --help", "plan --config", "plan --cluster", "plan --nproc", "plan --set", "plan --top",
         "plan --placement", "plan --efficiency", "plan --json", "plan --emit",
+        "status", "status -h", "status --help", "status <target>", "status --json", "status --watch",
+        "status --secret-file",
+        "stop", "stop -h", "stop --help", "stop <target>", "stop --snapshot", "stop --no-wait", "stop --timeout",
+        "stop --secret-file",
+        "snapshot", "snapshot -h", "snapshot --help", "snapshot <target>", "snapshot --no-wait", "snapshot --timeout",
+        "snapshot --secret-file",
     }
 
 
@@ -121,7 +127,8 @@ def test_every_cli_flag_is_in_the_readme():
                  "--max-memory", "--ready-file", "--log-file", "--cleanup", "--secret-file", "--parent-pid", "plait daemon",
                  "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr",
                  "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster",
-                 "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto", "--ab"):
+                 "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto", "--ab",
+                 "plait status", "plait stop", "plait snapshot", "--watch", "--no-wait", "--timeout", "slow-rank"):
         assert flag in readme, flag
 
 

@@ -181,6 +181,24 @@ def test_faults_parse_and_refuse_what_cannot_happen():
                  world=3, nnodes=3, steps=10, snapshots=True, parity=1)
 
 
+def test_slow_rank_faults_parse_and_are_checked():
+    assert parse_fault("slow-rank:rank=1:factor=3") == Fault("slow-rank", 1, factor=3.0)
+    assert str(parse_fault("slow-rank:rank=0:factor=2.5:step=4")) == "slow-rank:rank=0:step=4:factor=2.5"
+    for bad, message in (("slow-rank:rank=1", "missing factor"), ("slow-rank:node=1:factor=2", "got the part 'node=1'"),
+                         ("slow-rank:rank=1:factor=1", "factor must be > 1 (the rank's compute time"),
+                         ("slow-rank:rank=1:factor=2:seconds=3", "got the part 'seconds=3'")):
+        with pytest.raises(CLIError, match=re.escape(message)):
+            parse_fault(bad)
+    check_faults([Fault("slow-rank", 2, factor=2.0)], world=3, nnodes=1, steps=10, snapshots=False)  # no snapshots needed
+    with pytest.raises(CLIError, match="rank 3 does not exist"):
+        check_faults([Fault("slow-rank", 3, factor=2.0)], world=3, nnodes=1, steps=10, snapshots=False)
+    with pytest.raises(CLIError, match="slowed twice"):
+        check_faults([Fault("slow-rank", 1, factor=2.0), Fault("slow-rank", 1, 3, factor=3.0)], world=3, nnodes=1,
+                     steps=10, snapshots=False)
+    with pytest.raises(CLIError, match="slow-link"):
+        check_faults([Fault("slow-rank", 1, factor=2.0)], world=3, nnodes=1, steps=10, snapshots=False, rehearsal=True)
+
+
 def test_random_faults_cover_every_kind_and_shape_and_are_seeded():
     trials = [random_faults(seed, world=3, nnodes=3, steps=12, every=2) for seed in range(300)]
     assert trials[:20] == [random_faults(seed, world=3, nnodes=3, steps=12, every=2) for seed in range(20)]

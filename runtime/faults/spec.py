@@ -15,10 +15,12 @@ from typing import Literal
 from plait.errors import CLIError
 
 FaultKind = Literal["kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon",
-                    "link-down", "slow-link"]
+                    "link-down", "slow-link", "slow-rank"]
 KINDS: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon")
 # A rehearsed cluster's links (plait train --cluster): a node's link goes down for a while, or runs slower.
 LINK_KINDS: tuple[FaultKind, ...] = ("link-down", "slow-link")
+# A worker computes slower (a degraded device): it carries this out itself, every step from ``step`` (or the start).
+RANK_KINDS: tuple[FaultKind, ...] = ("slow-rank",)
 # Kinds after which the elastic agent restarts the workers (and so restores them).
 RESTARTING: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "corrupt-shard", "corrupt-parity")
 # Kinds that may fire during a restore: those that act at once, without a snapshot to find.
@@ -34,11 +36,11 @@ class Fault:
     step: int | None = None  # fires after this step ...
     restore: int | None = None  # ... or during the restore of this restart (1: the first)
     seconds: float | None = None  # hang-daemon, link-down: for how long (None: HANG_SECONDS, LINK_DOWN_SECONDS)
-    factor: float | None = None  # slow-link: the link's rate is divided by it
+    factor: float | None = None  # slow-link: the link's rate is divided by it; slow-rank: its compute is multiplied
 
     @property
     def key(self) -> str:
-        return "rank" if self.kind == "kill-worker" else "node"
+        return "rank" if self.kind in ("kill-worker", "slow-rank") else "node"
 
     @property
     def point(self) -> str:
@@ -64,7 +66,9 @@ class Fault:
 
 
 def _usage(kind: str) -> str:
-    key = "rank=R" if kind == "kill-worker" else "node=N"
+    key = "rank=R" if kind in ("kill-worker", "slow-rank") else "node=N"
+    if kind == "slow-rank":
+        return f"{kind}:{key}:factor=F[:step=S] (from the start without step)"
     if kind in ("hang-daemon", "link-down"):
         return f"{kind}:{key}:step=S[:seconds=D]"
     if kind == "slow-link":
@@ -77,12 +81,13 @@ def _usage(kind: str) -> str:
 def parse_fault(text: str) -> Fault:
     """``kill-worker:rank=1:step=5`` → Fault; a CLIError naming the part that is wrong and the accepted form otherwise."""
     kind, *parts = text.strip().split(":")
-    if kind not in KINDS + LINK_KINDS:
-        raise CLIError(f"--fault {text!r}: unknown kind {kind!r}; accepted: {', '.join(KINDS + LINK_KINDS)}")
-    want = "rank" if kind == "kill-worker" else "node"
+    if kind not in KINDS + LINK_KINDS + RANK_KINDS:
+        raise CLIError(f"--fault {text!r}: unknown kind {kind!r}; accepted: {', '.join(KINDS + LINK_KINDS + RANK_KINDS)}")
+    want = "rank" if kind in ("kill-worker", "slow-rank") else "node"
+    slowed = kind in ("slow-link", "slow-rank")
     allowed = ({want, "step"} | ({"restore"} if kind in AT_RESTORE else set())
                | ({"seconds"} if kind in ("hang-daemon", "link-down") else set())
-               | ({"factor"} if kind == "slow-link" else set()))
+               | ({"factor"} if slowed else set()))
     values: dict[str, float] = {}
     for part in parts:
         key, sep, value = part.partition("=")
@@ -95,8 +100,8 @@ def parse_fault(text: str) -> Fault:
         except ValueError:
             what = {"seconds": "a number of seconds", "factor": "a number"}.get(key, "an integer")
             raise CLIError(f"--fault {text!r}: {key} must be {what}, got {value!r}") from None
-    missing = [k for k in (want, *(("factor",) if kind == "slow-link" else ())) if k not in values]
-    if "step" not in values and "restore" not in values and kind != "slow-link":
+    missing = [k for k in (want, *(("factor",) if slowed else ())) if k not in values]
+    if "step" not in values and "restore" not in values and not slowed:
         missing.append("step" if kind not in AT_RESTORE else "step (or restore)")
     if missing:
         raise CLIError(f"--fault {text!r}: missing {' and '.join(missing)}; expected {_usage(kind)}")
@@ -111,7 +116,8 @@ def parse_fault(text: str) -> Fault:
     if values.get("seconds", 1.0) <= 0:
         raise CLIError(f"--fault {text!r}: seconds must be > 0 (how long the {'link stays down' if kind == 'link-down' else 'daemon stays stopped'})")
     if values.get("factor", 2.0) <= 1:
-        raise CLIError(f"--fault {text!r}: factor must be > 1 (the link's rate is divided by it)")
+        what = "the link's rate is divided by it" if kind == "slow-link" else "the rank's compute time is multiplied by it"
+        raise CLIError(f"--fault {text!r}: factor must be > 1 ({what})")
     step, restore = values.get("step"), values.get("restore")
     return Fault(kind=kind, target=int(values[want]), step=None if step is None else int(step),  # type: ignore[arg-type]
                  restore=None if restore is None else int(restore), seconds=values.get("seconds"),
@@ -124,12 +130,21 @@ def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, sn
     nodes run in network namespaces, ``plait train --cluster``)."""
     restarts = sum(1 for f in faults if f.kind in RESTARTING and f.step is not None)
     seen: set[tuple[str, int, str]] = set()
+    seen_ranks: list[Fault] = []
     for f in faults:
-        limit, what = (world, "rank") if f.kind == "kill-worker" else (nnodes, "node")
+        limit, what = (world, "rank") if f.key == "rank" else (nnodes, "node")
         if f.target >= limit:
             raise CLIError(f"--fault {f}: {what} {f.target} does not exist; this job has {limit} {what}s (0..{limit - 1})")
         if f.step is not None and f.step >= steps:
             raise CLIError(f"--fault {f}: step {f.step} is not before the last step {steps}; pick a step in 1..{steps - 1}")
+        if f.kind in RANK_KINDS:
+            if rehearsal:
+                raise CLIError(f"--fault {f}: slow-rank runs on the workers of one machine (plait train without "
+                               "--cluster); in a rehearsed cluster, slow a node's link with slow-link")
+            if any(g.kind == f.kind and g.target == f.target for g in seen_ranks):
+                raise CLIError(f"--fault {f}: rank {f.target} is slowed twice; give one slow-rank per rank")
+            seen_ranks.append(f)
+            continue
         if f.kind in LINK_KINDS:
             if not rehearsal:
                 raise CLIError(f"--fault {f}: links exist only in a rehearsed cluster; add --cluster FILE")

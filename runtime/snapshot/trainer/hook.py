@@ -95,6 +95,7 @@ class SnapshotHook:
         self.local_rank = local_rank
         self.secret = secret
         self.disk = disk
+        self.stop_writer: CheckpointWriter | None = disk  # plait stop --snapshot's checkpoint (the worker sets one)
         self.epoch = 0  # the restore generation; restore() sets it
         self.stats = SnapshotStats()
         self._copy: _Copy | None = None
@@ -144,10 +145,20 @@ class SnapshotHook:
         No snapshot is taken at the last step (nothing would restore it), so the blob is
         written here into private memory, on the training thread: once per run.
         """
+        self.write_to_disk(trainer, step, self.disk)
+
+    def write_to_disk(self, trainer: Trainer, step: int, writer: CheckpointWriter) -> None:
+        """This rank's state of ``step`` as a disk checkpoint through ``writer`` (in the background; ``writer.wait()``)."""
         plan = blob_state.plan(trainer.engine.local_tensors(), trainer.snapshot_objects())
         blob = torch.empty(plan.size, dtype=torch.uint8)
         plan.write(blob, self.secret)
-        self.disk.save_async(step, blob)
+        writer.save_async(step, blob)
+
+    def take(self, trainer: Trainer, step: int) -> None:
+        """A snapshot of ``step`` now, off the ``snapshot.every`` grid (``plait snapshot``); every rank calls it."""
+        start = time.perf_counter()
+        self._take(trainer, step)
+        self.stats.take_s.append(time.perf_counter() - start)
 
     def _skip(self, version: int, reason: str, detail: str = "") -> None:
         self.stats.skipped += 1

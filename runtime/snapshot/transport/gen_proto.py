@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PROTO", "GENERATED", "generate"]
+__all__ = ["PROTO", "GENERATED", "generate", "generate_from"]
 
 HERE = Path(__file__).resolve().parent
 PROTO = HERE / "snapshot.proto"
@@ -29,6 +29,11 @@ GENERATED = ("snapshot_pb2.py", "snapshot_pb2_grpc.py")
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) on snapshot.proto; write the modules into ``out_dir``."""
+    return generate_from(PROTO, VIRTUAL_DIR, GENERATED, out_dir)
+
+
+def generate_from(proto: Path, virtual_dir: str, generated: tuple[str, ...], out_dir: Path) -> list[Path]:
+    """Run protoc on ``proto`` seen under ``virtual_dir`` (its package path); write ``generated`` into ``out_dir``."""
     try:
         from grpc_tools import protoc
     except ImportError:
@@ -40,20 +45,20 @@ def generate(out_dir: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="plait-protoc-") as tmp:
         args = [
             "grpc_tools.protoc",
-            f"-I{VIRTUAL_DIR}={HERE}",
+            f"-I{virtual_dir}={proto.parent}",
             f"-I{well_known}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
-            f"{VIRTUAL_DIR}/{PROTO.name}",
+            f"{virtual_dir}/{proto.name}",
         ]
         code = protoc.main(args)
         if code != 0:
-            raise SystemExit(f"gen_proto: protoc failed with exit code {code} on {PROTO}")
+            raise SystemExit(f"gen_proto: protoc failed with exit code {code} on {proto}")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in GENERATED:
+        for name in generated:
             target = out_dir / name
-            shutil.copyfile(Path(tmp) / VIRTUAL_DIR / name, target)
+            shutil.copyfile(Path(tmp) / virtual_dir / name, target)
             written.append(target)
     return written
 

@@ -1,0 +1,36 @@
+"""The ``control.*`` section: the job's coordinator (see :mod:`plait.runtime.control.service`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from plait.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class ControlConfig:
+    """``control.*``: where the coordinator listens, how often workers report, how stragglers are named."""
+
+    enabled: bool = True  # a coordinator on node 0; plait status / stop / snapshot need it
+    host: str = "127.0.0.1"  # its address; loopback unless the job spans machines (then the node's address)
+    port: int = 0  # 0: any free port (written to <run dir>/control.json)
+    heartbeat_s: float = 1.0  # seconds between a worker's reports besides the one after each step
+    straggler_window: int = 20  # steps the straggler test looks back over
+    straggler_min_excess: float = 0.05  # ... and the least excess worth naming, as a fraction of the step time
+
+    def validate(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError("control.host", self.host, "accepted: an IP address to listen on, e.g. 127.0.0.1 or "
+                              "the node's address") from None
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("control.port", self.port, "accepted: 0 (any free port) .. 65535")
+        if not 0.05 <= self.heartbeat_s <= 600:
+            raise ConfigError("control.heartbeat_s", self.heartbeat_s, "accepted: 0.05 .. 600 seconds")
+        if not 5 <= self.straggler_window <= 256:
+            raise ConfigError("control.straggler_window", self.straggler_window, "accepted: 5 .. 256 steps")
+        if not 0 <= self.straggler_min_excess < 10:
+            raise ConfigError("control.straggler_min_excess", self.straggler_min_excess,
+                              "accepted: a fraction of the step time in [0, 10), e.g. 0.05")

@@ -1,0 +1,40 @@
+"""``--fault slow-rank:rank=R:factor=F[:step=S]``: rank R computes F times slower, as a degraded device would.
+
+The worker carries it out itself (nothing is killed or changed outside it): from step S
+(or the first), at the start of each step it waits (F − 1) × the compute time of its
+previous step, that is, the step's time less the time it was blocked in collectives
+(the ledger's ``comm_s``). The wait is inside the step, before its first collective, so
+the other ranks wait for this one in that collective, as they would for a slow device.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from plait.parallel.comm import LEDGER
+from plait.runtime.faults.spec import Fault
+from plait.runtime.trainer import BaseHook, StepResult
+
+if TYPE_CHECKING:
+    from plait.runtime.trainer import Trainer
+
+
+class SlowRankHook(BaseHook):
+    """The slow-rank fault of this rank (after the control plane's hook, which times the step from its begin)."""
+
+    def __init__(self, fault: Fault):
+        if fault.kind != "slow-rank" or fault.factor is None:
+            raise ValueError(f"not a slow-rank fault: {fault}")
+        self.fault = fault
+        self.compute_s = 0.0  # the previous step's, without this hook's wait
+        self.waited_s = 0.0
+
+    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+        if step >= (self.fault.step or 1) and self.compute_s > 0:
+            wait = (self.fault.factor - 1.0) * self.compute_s
+            time.sleep(wait)
+            self.waited_s += wait
+
+    def on_step(self, trainer: Trainer, result: StepResult) -> None:
+        self.compute_s = max(0.0, result.seconds - LEDGER.comm_s)

@@ -1,0 +1,133 @@
+"""The control plane end to end: `plait train` on 2 real worker processes, asked and commanded by the CLI.
+
+* `plait status` reads a running job; `plait snapshot` takes one at the next step;
+  `plait stop --snapshot` stops every rank after the same step with a checkpoint, and
+  `plait train --resume` from it continues with losses bitwise equal to a run that was
+  never stopped;
+* a rank slowed by `--fault slow-rank` is named by the coordinator (rank, node, compute),
+  in `plait status` and in the launcher's log, and nobody else is;
+* commands a job cannot carry out are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = """
+model: {kind: moe, layers: 2, dim: 64, heads: 4, ffn_dim: 128, vocab: 256, seq_len: 64, experts: 4, top_k: 2}
+train: {steps: 30, global_batch: 8, micro_batch: 2, lr: 3.0e-3, warmup_steps: 3, seed: 7, eval_every: 0, eval_batches: 2}
+data: {max_bytes: 3000000}
+metrics: {log_every: 5}
+launch: {nproc: 2}
+"""
+
+
+def plait(*args: str) -> list[str]:
+    return [sys.executable, "-m", "plait.runtime.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _status(run_dir: Path) -> dict | None:
+    done = subprocess.run(plait("status", str(run_dir), "--json"), capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _wait_for(run_dir: Path, proc: subprocess.Popen, what, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the job ended before the condition held"
+        if (run_dir / "control.json").exists():
+            status = _status(run_dir)
+            if status is not None and what(status):
+                return status
+        time.sleep(0.3)
+    raise AssertionError(f"condition not reached within {timeout} s; last status {status}")
+
+
+def test_status_snapshot_and_stop_then_resume_bitwise(config, tmp_path):
+    run_dir = tmp_path / "a"
+    # rank 0 computes 10× slower (it only waits), so that the commands land long before the last step
+    sets = ["--fault", "slow-rank:rank=0:factor=10", "--set", "train.steps=60", "snapshot.every=50",
+            "control.heartbeat_s=0.2"]
+    proc = subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(run_dir), *sets),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        status = _wait_for(run_dir, proc, lambda s: s["registered"] == 2)
+        assert status["world"] == 2 and [r["rank"] for r in status["ranks"]] == [0, 1]
+        assert {r["phase"] for r in status["ranks"]} <= {"idle", "forward", "backward", "optimizer", "hooks", "snapshot"}
+        assert len(status["daemons"]) == 1 and "error" not in status["daemons"][0]
+        snap = subprocess.run(plait("snapshot", str(run_dir)), capture_output=True, text=True, timeout=120)
+        assert snap.returncode == 0, snap.stderr
+        assert "snapshot of step" in snap.stdout and "taken" in snap.stdout
+        stop = subprocess.run(plait("stop", str(run_dir), "--snapshot"), capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert "checkpoint of step" in stop.stdout
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["status"] == "stopped" and f"after step {stopped}" in summary["error"] and stopped < 60
+    assert summary["snapshot"]["taken"] >= 1
+    assert not (run_dir / "control.json").exists()
+    assert "finished: stopped" in subprocess.run(plait("status", str(run_dir)), capture_output=True, text=True).stdout
+    checkpoint = next((run_dir / "checkpoints").glob(f"*/step-{stopped:08d}"))
+
+    resumed, straight = tmp_path / "b", tmp_path / "c"
+    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(resumed), "--resume", str(checkpoint),
+                         "--set", "train.steps=60", "snapshot.every=50"), check=True, capture_output=True, timeout=600)
+    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(straight), "--set", "train.steps=60"),
+                   check=True, capture_output=True, timeout=600)
+    b = json.loads((resumed / "summary.json").read_text())
+    c = json.loads((straight / "summary.json").read_text())
+    assert c["losses"][:stopped] == summary["losses"]  # the stopped run trained what the straight one did
+    assert b["losses"] == c["losses"]  # the resumed run's history: the stopped part, then the same steps bitwise
+
+
+def test_a_slow_rank_is_named_and_refused_commands_say_why(config, tmp_path):
+    run_dir = tmp_path / "slow"
+    log = tmp_path / "launcher.log"
+    sets = ["--set", "train.steps=400", "control.heartbeat_s=0.2", "control.straggler_window=8"]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(run_dir),
+                                      "--fault", "slow-rank:rank=1:factor=3", *sets), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            status = _wait_for(run_dir, proc, lambda s: bool(s["stragglers"]), timeout=240)
+            assert [(s["rank"], s["node"], s["cause"]) for s in status["stragglers"]] == [(1, 0, "compute")]
+            named = status["stragglers"][0]
+            assert named["excess_s"] > named["threshold_s"] > 0
+            text = subprocess.run(plait("status", str(run_dir)), capture_output=True, text=True, timeout=60).stdout
+            assert "straggler: rank 1 on node 0: compute" in text
+            for command in (["snapshot", str(run_dir)], ["stop", str(run_dir), "--snapshot"]):
+                refused = subprocess.run(plait(*command), capture_output=True, text=True, timeout=60)
+                assert refused.returncode == 2 and "snapshot.every=0" in refused.stderr, refused.stderr
+            stop = subprocess.run(plait("stop", str(run_dir)), capture_output=True, text=True, timeout=120)
+            assert stop.returncode == 0 and "stopped after step" in stop.stdout, stop.stderr
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "rank 1 on node 0 is a straggler: its compute" in log.read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+def test_commands_for_no_job_say_so(tmp_path):
+    missing = subprocess.run(plait("status", str(tmp_path)), capture_output=True, text=True)
+    assert missing.returncode == 2 and "control.json" in missing.stderr
+    bad = subprocess.run(plait("stop", "nowhere"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "neither a directory nor HOST:PORT" in bad.stderr
+    address = subprocess.run(plait("status", "127.0.0.1:1"), capture_output=True, text=True, env={"PATH": "/usr/bin"})
+    assert address.returncode == 2 and "--secret-file" in address.stderr
