@@ -183,10 +183,10 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{h.seed}, residual compensation {'on' if h.compensate else 'off'}, {probe})", flush=True)
     daemons = None
     secret_file = None
-    slow = [f for f in faults if f.kind == "slow-rank"]  # carried out by the workers themselves
-    faults = [f for f in faults if f.kind != "slow-rank"]
-    if slow:
-        env["PLAIT_SLOW_RANKS"] = json.dumps([str(f) for f in slow])
+    local = [f for f in faults if f.kind in ("slow-rank", "hang")]  # carried out by the workers themselves
+    faults = [f for f in faults if f not in local]
+    if local:
+        env["PLAIT_RANK_FAULTS"] = json.dumps([str(f) for f in local])
     if faults:
         env["PLAIT_FAULTS"] = json.dumps([str(f) for f in faults])
     if config.snapshot.enabled:

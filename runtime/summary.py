@@ -31,6 +31,7 @@ Schema (version 1), every field always present:
 | ``steps_replayed`` | int | steps trained again after restores (each restore: last finished step − restored step) |
 | ``recoveries`` | list[{attempt, source, step, progress, replayed, seconds, ranks}] | every restore after a restart: where the state came from (``memory``: ranks per ``local``/``rebuild``; ``disk``; ``fresh``; ``lost``: the published snapshot of ``step`` could not be restored and the job stopped) |
 | ``faults`` | list[str] | faults injected with ``--fault`` that took effect (verified by plait train), e.g. ``kill-node:node=2:step=7`` |
+| ``hangs`` | list[{attempt, step, since_s, timeout_s, stuck, waiting, silent, killed, stacks, line}] | every hang the coordinator found: who was stuck where, the stacks directory, the ranks it killed for a restart |
 | ``fault_effects`` | list[{fault, ok, attempt, effect}] | every fault carried out, with what was verified (pids gone, memory removed, checksums no longer matching, a daemon in state T); ``ok`` false with ``error`` when it could not be |
 | ``snapshot`` | {taken, skipped, skip_reasons, published, abandoned, bytes_per_rank, stall_s, copy_s, alloc_s, take_s, update_wait_s, publish_latency_s} or null | rank 0's snapshots in this attempt: per-step stall of the training thread, per-snapshot copy and allocation times; published/abandoned/publish_latency_s come from rank 0's publisher (every node's versions) |
 | ``memory`` | {peak_bytes, steps, method} or null | with ``metrics.memory``: ``peak_bytes[r]`` is layout rank r's most tensor bytes alive at once during a training step (absolute, maximised over steps ``steps`` = [first, last], the attempt's first step left out as warm-up; null for a rank that measured no step), by ``method`` (see plait.runtime.memtrack); null when off or when the run stopped before the ranks' peaks were gathered at the end |
@@ -60,6 +61,14 @@ if TYPE_CHECKING:
     from plait.runtime.trainer import Trainer
 
 SCHEMA_VERSION = 1
+
+
+def hangs_of(run_dir: Path) -> list[dict[str, Any]]:
+    """The hangs the coordinator found (``<run dir>/hangs.jsonl``), oldest first."""
+    path = Path(run_dir) / "hangs.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class SummaryHook(BaseHook):
@@ -179,6 +188,7 @@ class SummaryHook(BaseHook):
             "restarts": int(os.environ.get("PLAIT_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))),
             **recovery_totals(self.path.parent),
             "faults": fired_faults(self.path.parent),
+            "hangs": hangs_of(self.path.parent),
             "fault_effects": fault_records(self.path.parent),
             "snapshot": self.snapshots.summary() if self.snapshots is not None else None,
             "memory": self.memory.summary() if self.memory is not None else None,

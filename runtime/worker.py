@@ -227,7 +227,23 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
     return hook, args
 
 
-def _control_hook(config: JobConfig, *, rank: int, world: int, node: int, attempt: int,
+def _stacks_on_signal(run_dir: Path, rank: int, attempt: int) -> None:
+    """SIGUSR1 appends every thread's Python stack to ``<run dir>/stacks/rank<R>.txt`` (the coordinator's hang report).
+
+    faulthandler writes from the signal handler in C, so it works while the main thread
+    is blocked in a collective or spinning in Python.
+    """
+    import faulthandler
+
+    path = run_dir / "stacks" / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = path.open("a")  # kept open for the process's life: the handler writes to its descriptor
+    sink.write(f"# rank {rank}, pid {os.getpid()}, attempt {attempt}: stacks follow each SIGUSR1\n")
+    sink.flush()
+    faulthandler.register(signal.SIGUSR1, file=sink, all_threads=True, chain=False)
+
+
+def _control_hook(config: JobConfig, run_dir: Path, *, rank: int, world: int, node: int, attempt: int,
                   snapshots: SnapshotHook | None):
     """This worker's reports to the job's coordinator (``PLAIT_CONTROL``, set by plait train); None without one."""
     address = os.environ.get("PLAIT_CONTROL")
@@ -240,6 +256,7 @@ def _control_hook(config: JobConfig, *, rank: int, world: int, node: int, attemp
     if secret is None:
         raise LaunchError(f"PLAIT_CONTROL is set but {SECRET_ENV} is not: the coordinator needs the job's secret")
     # The reports run beside training, so a generous deadline costs nothing; a loaded machine needs it
+    _stacks_on_signal(run_dir, rank, attempt)
     client = CoordinatorClient(address, secret, timeout=max(10.0, config.control.heartbeat_s))
     return ControlHook(client, rank=rank, world=world, node=node, attempt=attempt,
                        heartbeat_s=config.control.heartbeat_s, snapshots=snapshots)
@@ -326,22 +343,22 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
         if snapshot_hook is not None:
             hooks.append(snapshot_hook)
         hooks.append(ProgressMarker(run_dir, rank))
-        control = _control_hook(config, rank=rank, world=world, node=placement.node_of(rank), attempt=attempt,
-                                snapshots=snapshot_hook)
+        control = _control_hook(config, run_dir, rank=rank, world=world, node=placement.node_of(rank),
+                                attempt=attempt, snapshots=snapshot_hook)
         if control is not None:
             hooks.append(control)
-        for text in json.loads(os.environ.get("PLAIT_SLOW_RANKS", "[]")):
-            slow = parse_fault(text)
-            if slow.target == rank:  # after the control hook: its wait is inside the step the control plane times
-                from plait.runtime.faults.slow import SlowRankHook
+        mine = [f for f in map(parse_fault, json.loads(os.environ.get("PLAIT_RANK_FAULTS", "[]"))) if f.target == rank]
+        from plait.runtime.faults.local import HangHook, SlowRankHook
 
-                hooks.append(SlowRankHook(slow))
+        # after the control hook: the wait is inside the step the control plane times
+        hooks += [SlowRankHook(f) for f in mine if f.kind == "slow-rank"]
         faults = [parse_fault(f) for f in json.loads(os.environ.get("PLAIT_FAULTS", "[]"))]
         fault_hook = None
         if faults:
             fault_hook = FaultHook(faults, run_dir=run_dir, rank=rank, attempt=restore_args["attempt"],
                                    drain=snapshot_hook.drain if snapshot_hook is not None else None)
             hooks.append(fault_hook)
+        hooks += [HangHook(f) for f in mine if f.kind == "hang"]  # last: the step's snapshot and reports are done
         trainer = Trainer(config=config.train, engine=engine, loader=loader, eval_set=eval_set, hooks=hooks)
         if summary is not None:
             summary.snapshots = snapshot_hook

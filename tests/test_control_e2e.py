@@ -6,6 +6,9 @@
   never stopped;
 * a rank slowed by `--fault slow-rank` is named by the coordinator (rank, node, compute),
   in `plait status` and in the launcher's log, and nobody else is;
+* a rank that hangs (`--fault hang`) is found within the timeout, every rank's stacks are
+  written, the stuck rank and the collective the others wait in are named in one line, and
+  the workers restart from the newest snapshot with losses bitwise equal to a run without it;
 * commands a job cannot carry out are refused with the reason.
 """
 
@@ -122,6 +125,29 @@ def test_a_slow_rank_is_named_and_refused_commands_say_why(config, tmp_path):
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "rank 1 on node 0 is a straggler: its compute" in log.read_text()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
+def test_a_hang_is_found_reported_with_stacks_and_restarted_bitwise(config, tmp_path):
+    """Rank 1 stops after step 12 (in Python, reporting on); rank 0 waits in the next collective."""
+    run_dir, straight = tmp_path / "hung", tmp_path / "straight"
+    sets = ["--set", "snapshot.every=5", "control.heartbeat_s=0.2", "control.hang_min_s=3", "control.hang_factor=10"]
+    done = subprocess.run(plait("train", "--config", str(config), "--run-dir", str(run_dir), "--fault",
+                                "hang:rank=1:step=12", *sets), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("plait: hang:"))
+    assert "after step 12" in line and "stuck outside any collective: rank 1 (node 0" in line, line
+    assert "rank 0 waiting in world:all_reduce" in line or "rank 0 waiting in" in line, line
+    assert "killed rank 1 for a restart" in line, line
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1 and len(summary["hangs"]) == 1
+    hang = summary["hangs"][0]
+    assert hang["killed"] == [1] and hang["timeout_s"] >= 3.0 and hang["since_s"] > hang["timeout_s"]
+    stacks = (run_dir / "stacks" / "rank1.txt").read_text()
+    assert "most recent call first" in stacks and "local.py" in stacks  # where it hung: the fault's wait
+    assert "most recent call first" in (run_dir / "stacks" / "rank0.txt").read_text()
+    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(straight)), check=True,
+                   capture_output=True, timeout=600)
+    assert summary["losses"] == json.loads((straight / "summary.json").read_text())["losses"]
 
 
 def test_commands_for_no_job_say_so(tmp_path):

@@ -139,3 +139,42 @@ def test_the_window_waits_for_every_rank_and_restarts_forget_the_old_attempt():
     assert state.stragglers()["stragglers"]
     state.register(rank=0, world=4, node=0, pid=5, host="h", attempt=1)  # a restart begins
     assert state.stragglers() == {"steps": 0, "stragglers": [], "slowest": None}
+
+
+def test_a_hang_is_called_after_the_timeout_from_the_measured_step_time():
+    state, ids = _job(4)
+    clock = state.clock
+    for step in range(1, 11):
+        clock.t += 0.5
+        for r, mid in ids.items():
+            state.heartbeat(rank=r, member_id=mid, step=step, phase="hooks", step_s=0.5, comm_s=0.1, compute_s=0.4)
+    limits = dict(factor=10.0, min_s=2.0, first_s=600.0)
+    def report(waited: float, ranks=(0, 1, 2, 3)) -> None:
+        """rank 2 stops in its forward; the others wait in the dp all-reduce; all keep reporting."""
+        for r in ranks:
+            state.heartbeat(rank=r, member_id=ids[r], step=10, phase="forward" if r == 2 else "backward",
+                            collective="" if r == 2 else "dp:all_reduce", in_collective_s=0.0 if r == 2 else waited)
+
+    clock.t += 4.9
+    report(4.0)
+    assert state.hang(**limits) is None  # 10 × 0.5 s: not yet
+    clock.t += 0.2
+    report(4.0)
+    found = state.hang(**limits)
+    assert found["timeout_s"] == 5.0 and found["step"] == 10
+    assert found["stuck"] == [{"rank": 2, "node": 1, "phase": "forward"}]
+    assert found["waiting"] == [{"collective": "dp:all_reduce", "ranks": [0, 1, 3], "for_s": 4.0}]
+    assert found["silent"] == []
+    clock.t += 11
+    report(15.0, ranks=(0, 1, 3))  # rank 2's reports stop too (it holds the interpreter, or died)
+    found = state.hang(**limits)
+    assert found["stuck"] == [] and [s["rank"] for s in found["silent"]] == [2]
+    # a new attempt starts the clock again, with the first-step timeout
+    new = {r: state.register(rank=r, world=4, node=r // 2, pid=1, host="h", attempt=1) for r in range(4)}
+    assert state.hang(**limits) is None
+    clock.t += 601
+    assert state.hang(**limits)["timeout_s"] == 600.0
+    for r, mid in new.items():
+        state.heartbeat(rank=r, member_id=mid, step=11, phase="done")
+    clock.t += 700
+    assert state.hang(**limits) is None  # finishing is not hanging

@@ -192,7 +192,7 @@ def test_slow_rank_faults_parse_and_are_checked():
     check_faults([Fault("slow-rank", 2, factor=2.0)], world=3, nnodes=1, steps=10, snapshots=False)  # no snapshots needed
     with pytest.raises(CLIError, match="rank 3 does not exist"):
         check_faults([Fault("slow-rank", 3, factor=2.0)], world=3, nnodes=1, steps=10, snapshots=False)
-    with pytest.raises(CLIError, match="slowed twice"):
+    with pytest.raises(CLIError, match="given slow-rank twice"):
         check_faults([Fault("slow-rank", 1, factor=2.0), Fault("slow-rank", 1, 3, factor=3.0)], world=3, nnodes=1,
                      steps=10, snapshots=False)
     with pytest.raises(CLIError, match="slow-link"):

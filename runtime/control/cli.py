@@ -183,7 +183,7 @@ def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file
     """``plait train``'s coordinator (None when ``control.enabled`` is false); sets the workers' environment."""
     if not config.control.enabled:
         return None, secret_file
-    from plait.runtime.control.service import start_coordinator, write_control_file
+    from plait.runtime.control.service import HangPolicy, start_coordinator, write_control_file
     from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.launcher.spawn import job_secret_file
 
@@ -191,7 +191,10 @@ def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file
     c = config.control
     coordinator = start_coordinator(job=run_dir.name, world=config.launch.nproc, secret=JobSecret.load(secret_file),
                                     host=c.host, port=c.port, daemons=daemons, window=c.straggler_window,
-                                    min_excess=c.straggler_min_excess, snapshots=config.snapshot.enabled)
+                                    min_excess=c.straggler_min_excess, snapshots=config.snapshot.enabled,
+                                    hang=HangPolicy(run_dir, factor=c.hang_factor, min_s=c.hang_min_s,
+                                                    first_s=c.hang_first_s, restart=c.hang_restart,
+                                                    heartbeat_s=c.heartbeat_s))
     write_control_file(run_dir, coordinator.address)
     env.update(PLAIT_CONTROL=coordinator.address, PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
     print(f"plait: coordinator at {coordinator.address} (plait status {run_dir})", file=sys.stdout, flush=True)

@@ -19,7 +19,11 @@ import functools
 import json
 import logging
 import os
+import signal
+import socket
 import threading
+import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -122,11 +126,13 @@ class Coordinator:
     """
 
     def __init__(self, server: grpc.Server, state: JobState, address: str, refusals: RefusalLog,
-                 watch_s: float = 2.0):
+                 watch_s: float = 2.0, hang: HangPolicy | None = None):
         self.server = server
         self.state = state
         self.address = address
         self.refusals = refusals
+        self.hang = hang
+        self.hangs: list[dict[str, Any]] = []
         self.named: dict[int, str] = {}
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(watch_s,), name="plait-stragglers", daemon=True)
@@ -135,9 +141,11 @@ class Coordinator:
     def _watch(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
+                if self.hang is not None:
+                    self._check_hang(self.hang)
                 found = {s["rank"]: s for s in self.state.stragglers()["stragglers"]}
             except Exception:  # noqa: BLE001 - the watcher must outlive any bad state
-                log.exception("straggler test failed")
+                log.exception("the coordinator's checks failed")
                 continue
             for rank, s in found.items():
                 if rank not in self.named:
@@ -150,14 +158,76 @@ class Coordinator:
                 log.warning("plait: rank %d is no longer a straggler", rank)
                 del self.named[rank]
 
+    def _check_hang(self, policy: HangPolicy) -> None:
+        """A hang of the current attempt, handled once: stacks, one line, a record, and the restart."""
+        found = self.state.hang(factor=policy.factor, min_s=policy.min_s, first_s=policy.first_s,
+                                silent_s=3 * policy.heartbeat_s + 2.0)
+        if found is None or any(h["attempt"] == found["attempt"] for h in self.hangs):
+            return
+        here = socket.gethostname()
+        local = {r: pid for r, (host, pid) in found.pop("pids").items() if host == here[:255]}
+        stacks = policy.run_dir / "stacks"
+        for pid in local.values():
+            _signal(pid, signal.SIGUSR1)
+        time.sleep(1.0)  # faulthandler writes at once; a second covers a loaded machine
+        victims = [s["rank"] for s in found["stuck"]] or [s["rank"] for s in found["silent"]] or sorted(local)
+        killed = []
+        if policy.restart:
+            for r in victims:
+                if r in local and _signal(local[r], signal.SIGKILL):
+                    killed.append(r)
+        found.update(stacks=str(stacks), killed=killed, line=hang_line(found, stacks, killed))
+        self.hangs.append(found)
+        print(f"plait: {found['line']}", flush=True)
+        with (policy.run_dir / "hangs.jsonl").open("a") as f:
+            f.write(json.dumps(found) + "\n")
+
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
         self.server.stop(grace).wait(grace + 1.0)
 
 
+@dataclass(frozen=True)
+class HangPolicy:
+    """When the coordinator calls the job hung (``control.hang_*``) and what it does about it."""
+
+    run_dir: Path  # stacks/ and hangs.jsonl go there
+    factor: float = 10.0
+    min_s: float = 30.0
+    first_s: float = 600.0
+    restart: bool = True
+    heartbeat_s: float = 1.0  # the workers' report interval: three missed reports and more make a rank silent
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def hang_line(found: dict[str, Any], stacks: Path, killed: list[int]) -> str:
+    """The one line that says who is stuck where."""
+    parts = []
+    if found["stuck"]:
+        parts.append("stuck outside any collective: " + ", ".join(f"rank {s['rank']} (node {s['node']}, {s['phase']})"
+                                                                  for s in found["stuck"]))
+    for w in found["waiting"]:
+        ranks = ",".join(map(str, w["ranks"]))
+        parts.append(f"rank{'s' if len(w['ranks']) > 1 else ''} {ranks} waiting in {w['collective']} for {w['for_s']:.1f} s")
+    if found["silent"]:
+        parts.append("silent: " + ", ".join(f"rank {s['rank']} (no report for {s['seen_s_ago']:.0f} s)"
+                                            for s in found["silent"]))
+    action = f"; killed rank{'s' if len(killed) > 1 else ''} {', '.join(map(str, killed))} for a restart from the " \
+             "newest snapshot" if killed else ""
+    return (f"hang: no step finished for {found['since_s']:.1f} s after step {found['step']} (timeout "
+            f"{found['timeout_s']:.1f} s): {'; '.join(parts) or 'no rank reports where it is'}; stacks in {stacks}{action}")
+
+
 def start_coordinator(*, job: str, world: int, secret: JobSecret, host: str = "127.0.0.1", port: int = 0,
                       daemons: list[str] | None = None, window: int = 20, min_excess: float = 0.05,
-                      snapshots: bool = True) -> Coordinator:
+                      snapshots: bool = True, hang: HangPolicy | None = None) -> Coordinator:
     """Serve a coordinator for ``job`` on ``host:port`` (0: any free port) in this process's threads."""
     state = JobState(job, world, window=window, min_excess=min_excess, snapshots=snapshots)
     refusals = RefusalLog()
@@ -176,7 +246,7 @@ def start_coordinator(*, job: str, world: int, secret: JobSecret, host: str = "1
         raise CLIError(f"control.port: cannot listen on {bind} (address in use?); choose a free port, or 0 for any")
     server.start()
     address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-    return Coordinator(server, state, address, refusals)
+    return Coordinator(server, state, address, refusals, hang=hang)
 
 
 def write_control_file(run_dir: Path, address: str) -> None:

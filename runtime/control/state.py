@@ -274,6 +274,41 @@ class JobState:
         out["stragglers"] = found
         return out
 
+    def hang(self, *, factor: float, min_s: float, first_s: float, silent_s: float = 10.0) -> dict[str, Any] | None:
+        """A hang of the current attempt, or None: no rank finished a step for longer than the timeout.
+
+        The timeout is ``max(factor × the median step time, min_s)`` over the steps the
+        attempt measured (``first_s`` before any). The report names the ranks that are not
+        inside a collective (the stuck ones: computing, or hung in Python), the collectives
+        the others wait in and for how long, and the ranks whose reports stopped for more than
+        ``silent_s`` (a process that holds the interpreter, or is gone).
+        """
+        with self._lock:
+            members = [m for m in self.members.values() if m.attempt == self.attempt]
+            if len(members) < self.world or any(m.phase == "done" for m in members):
+                return None  # not all here yet, or finishing (past the last step)
+            now = self.clock()
+            recent = [h[1] for m in members for h in list(m.history)[-self.window:]]
+            timeout = max(factor * statistics.median(recent), min_s) if recent else first_s
+            last = max(m.progress_at for m in members)
+            if now - last <= timeout:
+                return None
+            silent = sorted(m.rank for m in members if now - m.last_seen > silent_s)
+            stuck = sorted(m.rank for m in members if not m.collective and m.rank not in silent)
+            waiting: dict[str, list[int]] = {}
+            for m in members:
+                if m.collective and m.rank not in silent:
+                    waiting.setdefault(m.collective, []).append(m.rank)
+            return {
+                "attempt": self.attempt, "since_s": now - last, "timeout_s": timeout, "step": min(m.step for m in members),
+                "stuck": [{"rank": r, "node": self.members[r].node, "phase": self.members[r].phase} for r in stuck],
+                "waiting": [{"collective": c, "ranks": sorted(rs),
+                             "for_s": max(self.members[r].in_collective_s for r in rs)} for c, rs in sorted(waiting.items())],
+                "silent": [{"rank": r, "node": self.members[r].node, "seen_s_ago": now - self.members[r].last_seen}
+                           for r in silent],
+                "pids": {m.rank: (m.host, m.pid) for m in members},
+            }
+
     def status(self) -> dict[str, Any]:
         """The document ``plait status --json`` prints (daemons are added by the service)."""
         analysis = self.stragglers()

@@ -15,12 +15,13 @@ from typing import Literal
 from plait.errors import CLIError
 
 FaultKind = Literal["kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon",
-                    "link-down", "slow-link", "slow-rank"]
+                    "link-down", "slow-link", "slow-rank", "hang"]
 KINDS: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "kill-daemon", "corrupt-shard", "corrupt-parity", "hang-daemon")
 # A rehearsed cluster's links (plait train --cluster): a node's link goes down for a while, or runs slower.
 LINK_KINDS: tuple[FaultKind, ...] = ("link-down", "slow-link")
-# A worker computes slower (a degraded device): it carries this out itself, every step from ``step`` (or the start).
-RANK_KINDS: tuple[FaultKind, ...] = ("slow-rank",)
+# A worker computes slower (a degraded device) every step from ``step`` (or the start), or hangs after ``step``:
+# it carries these out itself.
+RANK_KINDS: tuple[FaultKind, ...] = ("slow-rank", "hang")
 # Kinds after which the elastic agent restarts the workers (and so restores them).
 RESTARTING: tuple[FaultKind, ...] = ("kill-worker", "kill-node", "corrupt-shard", "corrupt-parity")
 # Kinds that may fire during a restore: those that act at once, without a snapshot to find.
@@ -40,7 +41,7 @@ class Fault:
 
     @property
     def key(self) -> str:
-        return "rank" if self.kind in ("kill-worker", "slow-rank") else "node"
+        return "rank" if self.kind in ("kill-worker", "slow-rank", "hang") else "node"
 
     @property
     def point(self) -> str:
@@ -66,7 +67,7 @@ class Fault:
 
 
 def _usage(kind: str) -> str:
-    key = "rank=R" if kind in ("kill-worker", "slow-rank") else "node=N"
+    key = "rank=R" if kind in ("kill-worker", "slow-rank", "hang") else "node=N"
     if kind == "slow-rank":
         return f"{kind}:{key}:factor=F[:step=S] (from the start without step)"
     if kind in ("hang-daemon", "link-down"):
@@ -83,7 +84,7 @@ def parse_fault(text: str) -> Fault:
     kind, *parts = text.strip().split(":")
     if kind not in KINDS + LINK_KINDS + RANK_KINDS:
         raise CLIError(f"--fault {text!r}: unknown kind {kind!r}; accepted: {', '.join(KINDS + LINK_KINDS + RANK_KINDS)}")
-    want = "rank" if kind in ("kill-worker", "slow-rank") else "node"
+    want = "rank" if kind in ("kill-worker", "slow-rank", "hang") else "node"
     slowed = kind in ("slow-link", "slow-rank")
     allowed = ({want, "step"} | ({"restore"} if kind in AT_RESTORE else set())
                | ({"seconds"} if kind in ("hang-daemon", "link-down") else set())
@@ -139,10 +140,11 @@ def check_faults(faults: list[Fault], *, world: int, nnodes: int, steps: int, sn
             raise CLIError(f"--fault {f}: step {f.step} is not before the last step {steps}; pick a step in 1..{steps - 1}")
         if f.kind in RANK_KINDS:
             if rehearsal:
-                raise CLIError(f"--fault {f}: slow-rank runs on the workers of one machine (plait train without "
-                               "--cluster); in a rehearsed cluster, slow a node's link with slow-link")
+                raise CLIError(f"--fault {f}: {f.kind} runs on the workers of one machine (plait train without "
+                               "--cluster)" + ("; in a rehearsed cluster, slow a node's link with slow-link"
+                                               if f.kind == "slow-rank" else ""))
             if any(g.kind == f.kind and g.target == f.target for g in seen_ranks):
-                raise CLIError(f"--fault {f}: rank {f.target} is slowed twice; give one slow-rank per rank")
+                raise CLIError(f"--fault {f}: rank {f.target} is given {f.kind} twice; give one per rank")
             seen_ranks.append(f)
             continue
         if f.kind in LINK_KINDS:
