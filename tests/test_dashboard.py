@@ -179,10 +179,26 @@ SERIES_SUFFIXES = {
 }
 
 
+def _coordinator_registry():
+    """The coordinator's registry over a job with reports and a named straggler (so every family has samples)."""
+    from plait.runtime.control.metrics import CoordinatorMetrics
+    from plait.runtime.control.state import JobState
+
+    state = JobState("dashboard-test", 2)
+    ids = [state.register(rank=r, world=2, node=r, pid=1 + r, host="h", attempt=0) for r in range(2)]
+    for step in range(1, 8):
+        for r in range(2):
+            state.heartbeat(rank=r, member_id=ids[r], step=step, phase="hooks", step_s=1.0,
+                            comm_s=0.5 if r == 0 else 0.0, compute_s=0.5 if r == 0 else 1.0)
+    assert state.stragglers()["stragglers"]
+    return CoordinatorMetrics(state).registry
+
+
 def exported_families() -> dict[str, set[str]]:
-    """Family name -> its series names, from the registry MetricsHook serves (labelled families included)."""
-    registry = TrainingMetrics("dashboard-test").registry
-    return {f.name: {f.name + s for s in SERIES_SUFFIXES[f.type]} for f in registry.collect()}
+    """Family name -> its series names, from the registries plait serves (labelled families included):
+    rank 0's (MetricsHook) and the coordinator's (every rank's numbers)."""
+    families = [*TrainingMetrics("dashboard-test").registry.collect(), *_coordinator_registry().collect()]
+    return {f.name: {f.name + s for s in SERIES_SUFFIXES[f.type]} for f in families}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +209,7 @@ def dashboard() -> dict:
 def test_the_exporter_registers_the_families_this_test_reasons_about():
     families = exported_families()
     assert "plait_loss" in families and "plait_precision_amax" in families  # labelled families are listed too
+    assert "plait_straggler" in families and "plait_hangs" in families  # and the coordinator's
     assert NOT_ON_DASHBOARD <= families.keys(), "an exclusion names a family the exporter no longer has"
 
 
@@ -228,8 +245,8 @@ def test_the_job_variable_lists_a_label_the_exporter_sets(dashboard):
     job = next(v for v in dashboard["templating"]["list"] if v["name"] == "job")
     (expr,) = variable_exprs(job)
     (family,) = metric_names(expr)
-    registry = TrainingMetrics("dashboard-test").registry
-    labels = {k for f in registry.collect() if f.name == family for s in f.samples for k in s.labels}
+    families = [*TrainingMetrics("dashboard-test").registry.collect(), *_coordinator_registry().collect()]
+    labels = {k for f in families if f.name == family for s in f.samples for k in s.labels}
     assert "job" in labels
 
 

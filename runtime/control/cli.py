@@ -195,7 +195,9 @@ def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file
                                     hang=HangPolicy(run_dir, factor=c.hang_factor, min_s=c.hang_min_s,
                                                     first_s=c.hang_first_s, restart=c.hang_restart,
                                                     heartbeat_s=c.heartbeat_s))
-    write_control_file(run_dir, coordinator.address)
+    metrics = coordinator.serve_metrics(c.host, c.metrics_port) if c.metrics_port >= 0 else None
+    write_control_file(run_dir, coordinator.address, f"{metrics}/metrics" if metrics else None)
     env.update(PLAIT_CONTROL=coordinator.address, PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
-    print(f"plait: coordinator at {coordinator.address} (plait status {run_dir})", file=sys.stdout, flush=True)
+    every = f", every rank's metrics at {metrics}/metrics" if metrics else ""
+    print(f"plait: coordinator at {coordinator.address} (plait status {run_dir}){every}", file=sys.stdout, flush=True)
     return coordinator, secret_file

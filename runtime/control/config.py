@@ -15,6 +15,7 @@ class ControlConfig:
     enabled: bool = True  # a coordinator on node 0; plait status / stop / snapshot need it
     host: str = "127.0.0.1"  # its address; loopback unless the job spans machines (then the node's address)
     port: int = 0  # 0: any free port (written to <run dir>/control.json)
+    metrics_port: int = 0  # the coordinator's /metrics (every rank's numbers) on host; 0: any free port; -1: none
     heartbeat_s: float = 1.0  # seconds between a worker's reports besides the one after each step
     straggler_window: int = 20  # steps the straggler test looks back over
     straggler_min_excess: float = 0.05  # ... and the least excess worth naming, as a fraction of the step time
@@ -33,6 +34,8 @@ class ControlConfig:
                               "the node's address") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("control.port", self.port, "accepted: 0 (any free port) .. 65535")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("control.metrics_port", self.metrics_port, "accepted: -1 (none), 0 (any free port) .. 65535")
         if not 0.05 <= self.heartbeat_s <= 600:
             raise ConfigError("control.heartbeat_s", self.heartbeat_s, "accepted: 0.05 .. 600 seconds")
         if not 5 <= self.straggler_window <= 256:

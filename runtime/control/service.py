@@ -133,6 +133,7 @@ class Coordinator:
         self.refusals = refusals
         self.hang = hang
         self.hangs: list[dict[str, Any]] = []
+        self.metrics = None  # its MetricsServer, when it serves /metrics
         self.named: dict[int, str] = {}
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(watch_s,), name="plait-stragglers", daemon=True)
@@ -182,7 +183,21 @@ class Coordinator:
         with (policy.run_dir / "hangs.jsonl").open("a") as f:
             f.write(json.dumps(found) + "\n")
 
+    def serve_metrics(self, host: str, port: int) -> str:
+        """Serve every rank's numbers at ``http://host:port/metrics``; return the URL."""
+        from plait.runtime.control.metrics import CoordinatorMetrics
+        from plait.runtime.metrics import MetricsServer
+
+        try:
+            self.metrics = MetricsServer(CoordinatorMetrics(self.state, lambda: len(self.hangs)), host, port).start()
+        except OSError as err:
+            raise CLIError(f"control.metrics_port: cannot listen on {host}:{port} ({err}); choose a free port, 0 for "
+                           "any, or -1 for none") from None
+        return self.metrics.url
+
     def stop(self, grace: float = 1.0) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self._stop.set()
         self.server.stop(grace).wait(grace + 1.0)
 
@@ -249,10 +264,10 @@ def start_coordinator(*, job: str, world: int, secret: JobSecret, host: str = "1
     return Coordinator(server, state, address, refusals, hang=hang)
 
 
-def write_control_file(run_dir: Path, address: str) -> None:
+def write_control_file(run_dir: Path, address: str, metrics: str | None = None) -> None:
     """``<run dir>/control.json``: where ``plait status``/``stop``/``snapshot`` find the coordinator."""
     tmp = run_dir / f"{CONTROL_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}) + "\n")
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), "metrics": metrics}) + "\n")
     os.replace(tmp, run_dir / CONTROL_FILE)
 
 

@@ -2,8 +2,8 @@
 
 ``--fault slow-rank:rank=R:factor=F[:step=S]``: rank R computes F times slower, as a
 degraded device would. The worker carries it out itself (nothing outside it changes): from step S
-(or the first), at the start of each step it waits (F − 1) × the compute time of its
-previous step, that is, the step's time less the time it was blocked in collectives
+(or the first), at the start of each step it waits (F − 1) × the median compute time of its
+last five steps, that is, each step's time less the time it was blocked in collectives
 (the ledger's ``comm_s``). The wait is inside the step, before its first collective, so
 the other ranks wait for this one in that collective, as they would for a slow device.
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from plait.parallel.comm import LEDGER
@@ -35,17 +37,18 @@ class SlowRankHook(BaseHook):
         if fault.kind != "slow-rank" or fault.factor is None:
             raise ValueError(f"not a slow-rank fault: {fault}")
         self.fault = fault
-        self.compute_s = 0.0  # the previous step's, without this hook's wait
+        self.compute_s: deque[float] = deque(maxlen=5)  # the last steps', without this hook's wait
         self.waited_s = 0.0
 
     def on_step_begin(self, trainer: Trainer, step: int) -> None:
-        if step >= (self.fault.step or 1) and self.compute_s > 0:
-            wait = (self.fault.factor - 1.0) * self.compute_s
+        if step >= (self.fault.step or 1) and self.compute_s:
+            # the median of the last few: a degraded device is steadily slower, not noisier
+            wait = (self.fault.factor - 1.0) * statistics.median(self.compute_s)
             time.sleep(wait)
             self.waited_s += wait
 
     def on_step(self, trainer: Trainer, result: StepResult) -> None:
-        self.compute_s = max(0.0, result.seconds - LEDGER.comm_s)
+        self.compute_s.append(max(0.0, result.seconds - LEDGER.comm_s))
 
 
 class HangHook(BaseHook):
