@@ -227,22 +227,6 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
     return hook, args
 
 
-def _stacks_on_signal(run_dir: Path, rank: int, attempt: int) -> None:
-    """SIGUSR1 appends every thread's Python stack to ``<run dir>/stacks/rank<R>.txt`` (the coordinator's hang report).
-
-    faulthandler writes from the signal handler in C, so it works while the main thread
-    is blocked in a collective or spinning in Python.
-    """
-    import faulthandler
-
-    path = run_dir / "stacks" / f"rank{rank}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sink = path.open("a")  # kept open for the process's life: the handler writes to its descriptor
-    sink.write(f"# rank {rank}, pid {os.getpid()}, attempt {attempt}: stacks follow each SIGUSR1\n")
-    sink.flush()
-    faulthandler.register(signal.SIGUSR1, file=sink, all_threads=True, chain=False)
-
-
 def _control_hook(config: JobConfig, run_dir: Path, *, rank: int, world: int, node: int, attempt: int,
                   snapshots: SnapshotHook | None):
     """This worker's reports to the job's coordinator (``PLAIT_CONTROL``, set by plait train); None without one."""
@@ -256,10 +240,10 @@ def _control_hook(config: JobConfig, run_dir: Path, *, rank: int, world: int, no
     if secret is None:
         raise LaunchError(f"PLAIT_CONTROL is set but {SECRET_ENV} is not: the coordinator needs the job's secret")
     # The reports run beside training, so a generous deadline costs nothing; a loaded machine needs it
-    _stacks_on_signal(run_dir, rank, attempt)
     client = CoordinatorClient(address, secret, timeout=max(10.0, config.control.heartbeat_s))
     return ControlHook(client, rank=rank, world=world, node=node, attempt=attempt,
-                       heartbeat_s=config.control.heartbeat_s, snapshots=snapshots)
+                       heartbeat_s=config.control.heartbeat_s, snapshots=snapshots,
+                       stacks=run_dir / "stacks" / f"rank{rank}.txt")
 
 
 def _die_with_parent() -> None:

@@ -72,11 +72,11 @@ def test_commands_go_to_rank_0_until_it_reports_them_done():
     first = state.command("snapshot")
     assert state.command("snapshot").id == first.id  # the same pending command, not a second
     stop = state.command("stop", snapshot=True)
-    assert state.heartbeat(rank=1, member_id=ids[1], step=1, phase="hooks") is None  # only rank 0 carries them
-    assert state.heartbeat(rank=0, member_id=ids[0], step=1, phase="hooks").id == first.id
+    assert state.heartbeat(rank=1, member_id=ids[1], step=1, phase="hooks").command is None  # only rank 0 does
+    assert state.heartbeat(rank=0, member_id=ids[0], step=1, phase="hooks").command.id == first.id
     got = state.heartbeat(rank=0, member_id=ids[0], step=2, phase="hooks", command_done=first.id, command_note="ok")
-    assert got.id == stop.id
-    assert state.heartbeat(rank=0, member_id=ids[0], step=3, phase="hooks", command_done=stop.id) is None
+    assert got.command.id == stop.id
+    assert state.heartbeat(rank=0, member_id=ids[0], step=3, phase="hooks", command_done=stop.id).command is None
     done = {c["id"]: c for c in state.status()["commands"]}
     assert done[first.id]["state"] == "done" and done[first.id]["step"] == 2 and done[first.id]["note"] == "ok"
     with pytest.raises(ControlStateError, match="already stopped"):
@@ -165,6 +165,12 @@ def test_a_hang_is_called_after_the_timeout_from_the_measured_step_time():
     assert found["stuck"] == [{"rank": 2, "node": 1, "phase": "forward"}]
     assert found["waiting"] == [{"collective": "dp:all_reduce", "ranks": [0, 1, 3], "for_s": 4.0}]
     assert found["silent"] == []
+    state.instruct([0, 2], dump_stacks=True)
+    state.instruct([2], exit=True)
+    replies = {r: state.heartbeat(rank=r, member_id=ids[r], step=10, phase="backward") for r in (0, 1, 2)}
+    assert [(replies[r].dump_stacks, replies[r].exit) for r in (0, 1, 2)] == [(True, False), (False, False), (True, True)]
+    again = state.heartbeat(rank=2, member_id=ids[2], step=10, phase="forward")
+    assert not again.dump_stacks and not again.exit  # once
     clock.t += 11
     report(15.0, ranks=(0, 1, 3))  # rank 2's reports stop too (it holds the interpreter, or died)
     found = state.hang(**limits)

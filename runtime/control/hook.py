@@ -19,15 +19,22 @@ same agreed word after that step and carries the command out at its end:
   snapshots go with the daemons), which ``plait train --resume`` continues from.
 
 Rank 0 reports the command done, with what was done, in its next heartbeat.
+
+**Hangs.** A reply may also tell the worker to dump every thread's stack into
+``<run dir>/stacks/rank<R>.txt`` and to end its process (the coordinator found it stuck):
+the report thread does both while the main thread is blocked, on whatever node it runs.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plait.parallel.comm import LEDGER
@@ -41,6 +48,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("plait.control")
 
 KINDS = {1: ("stop", False), 2: ("stop", True), 3: ("snapshot", False)}
+
+
+def _stacks_sink(path: Path, rank: int, attempt: int):
+    """``<run dir>/stacks/rank<R>.txt``, open for appending for the process's life; SIGUSR1 dumps into it too.
+
+    faulthandler writes from C, so a dump works while the main thread is blocked in a
+    collective or spinning in Python; the signal covers a rank whose reports stopped.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = path.open("a")
+    sink.write(f"# rank {rank}, pid {os.getpid()}, attempt {attempt}: stacks follow each hang report\n")
+    sink.flush()
+    faulthandler.register(signal.SIGUSR1, file=sink, all_threads=True, chain=False)
+    return sink
 
 
 def encode(command_id: int, command: str, snapshot: bool) -> float:
@@ -61,8 +82,9 @@ class ControlHook(BaseHook):
     """One per worker (see the module docstring)."""
 
     def __init__(self, client: CoordinatorClient, *, rank: int, world: int, node: int, attempt: int,
-                 heartbeat_s: float = 1.0, snapshots: SnapshotHook | None = None):
+                 heartbeat_s: float = 1.0, snapshots: SnapshotHook | None = None, stacks: Path | None = None):
         self.client = client
+        self.stacks = _stacks_sink(stacks, rank, attempt) if stacks is not None else None
         self.rank = rank
         self.world = world
         self.node = node
@@ -186,6 +208,14 @@ class ControlHook(BaseHook):
                 command_done=self.done_id if self.rank == 0 else 0, command_note=self.done_note[:256])
             if self.rank == 0 and reply.command_id > self.done_id:
                 self.pending = (reply.command_id, reply.command, reply.snapshot)
+            if reply.dump_stacks and self.stacks is not None:
+                self.stacks.write(f"# the coordinator found a hang: stacks at step {self.step}, phase {LEDGER.phase}\n")
+                self.stacks.flush()
+                faulthandler.dump_traceback(file=self.stacks, all_threads=True)
+            if reply.exit:
+                log.error("rank %d: the coordinator found this worker stuck; ending it so the workers restart",
+                          self.rank)
+                os.kill(os.getpid(), signal.SIGKILL)
             if self.failures:
                 log.warning("rank %d: the coordinator answers again after %d failed reports", self.rank, self.failures)
             self.failures = 0

@@ -79,14 +79,14 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     @_rpc
     def Heartbeat(self, request, context):
-        command = self.state.heartbeat(
+        reply = self.state.heartbeat(
             rank=request.rank, member_id=request.member_id, step=request.step, phase=request.phase,
             collective=request.collective, in_collective_s=request.in_collective_s, step_s=request.step_s,
             comm_s=request.comm_s, compute_s=request.compute_s, command_done=request.command_done,
             command_note=request.command_note)
-        if command is None:
-            return pb.HeartbeatReply()
-        return pb.HeartbeatReply(command_id=command.id, command=command.command, snapshot=command.snapshot)
+        c = reply.command
+        return pb.HeartbeatReply(command_id=c.id if c else 0, command=c.command if c else "",
+                                 snapshot=bool(c and c.snapshot), dump_stacks=reply.dump_stacks, exit=reply.exit)
 
     @_rpc
     def Status(self, request, context):
@@ -165,18 +165,22 @@ class Coordinator:
                                 silent_s=3 * policy.heartbeat_s + 2.0)
         if found is None or any(h["attempt"] == found["attempt"] for h in self.hangs):
             return
-        here = socket.gethostname()
-        local = {r: pid for r, (host, pid) in found.pop("pids").items() if host == here[:255]}
+        here = socket.gethostname()[:255]
+        pids = found.pop("pids")
+        silent = {s["rank"] for s in found["silent"]}
         stacks = policy.run_dir / "stacks"
-        for pid in local.values():
-            _signal(pid, signal.SIGUSR1)
-        time.sleep(1.0)  # faulthandler writes at once; a second covers a loaded machine
-        victims = [s["rank"] for s in found["stuck"]] or [s["rank"] for s in found["silent"]] or sorted(local)
+        victims = [s["rank"] for s in found["stuck"]] or sorted(silent) or sorted(pids)
+        # Ranks that still report get their instructions in their next reply, on whatever node they run;
+        # silent ones on this machine get signals (faulthandler dumps on SIGUSR1).
+        self.state.instruct(sorted(set(pids) - silent), dump_stacks=True)
+        for r in silent:
+            if pids[r][0] == here:
+                _signal(pids[r][1], signal.SIGUSR1)
+        time.sleep(2 * policy.heartbeat_s + 1.0)  # every reporting rank's next reply, and its dump
         killed = []
         if policy.restart:
-            for r in victims:
-                if r in local and _signal(local[r], signal.SIGKILL):
-                    killed.append(r)
+            self.state.instruct([r for r in victims if r not in silent], exit=True)
+            killed = [r for r in victims if r not in silent or (pids[r][0] == here and _signal(pids[r][1], signal.SIGKILL))]
         found.update(stacks=str(stacks), killed=killed, line=hang_line(found, stacks, killed))
         self.hangs.append(found)
         print(f"plait: {found['line']}", flush=True)

@@ -87,6 +87,8 @@ class Member:
     comm_s: float = 0.0
     compute_s: float = 0.0
     progress_at: float = 0.0  # when its step last advanced
+    dump_stacks: bool = False  # instructions for its next heartbeat reply (a hang)
+    exit: bool = False
     history: deque = field(default_factory=lambda: deque(maxlen=256))  # (step, step_s, comm_s, compute_s)
 
 
@@ -99,6 +101,15 @@ class Command:
     state: str = "pending"  # pending | done
     step: int | None = None  # the step boundary it was carried out at
     note: str = ""
+
+
+@dataclass
+class Reply:
+    """What a heartbeat's reply carries."""
+
+    command: Command | None = None
+    dump_stacks: bool = False
+    exit: bool = False
 
 
 def _int(name: str, value: int, lo: int, hi: int) -> int:
@@ -179,8 +190,9 @@ class JobState:
 
     def heartbeat(self, *, rank: int, member_id: int, step: int, phase: str, collective: str = "",
                   in_collective_s: float = 0.0, step_s: float = 0.0, comm_s: float = 0.0, compute_s: float = 0.0,
-                  command_done: int = 0, command_note: str = "") -> Command | None:
-        """Record a worker's progress; return the command pending for it (rank 0 carries commands out)."""
+                  command_done: int = 0, command_note: str = "") -> Reply:
+        """Record a worker's progress; return what its reply carries: the pending command (rank 0 carries
+        commands out) and the coordinator's instructions for it (dump stacks, exit)."""
         _int("rank", rank, 0, self.world - 1)
         _int("step", step, 0, 1 << 62)
         if phase not in PHASES:
@@ -212,9 +224,20 @@ class JobState:
                 for c in self.commands[:command_done]:
                     if c.state == "pending":
                         c.state, c.step, c.note = "done", step, command_note
-            if rank != 0:
-                return None
-            return next((c for c in self.commands if c.state == "pending"), None)
+            reply = Reply(dump_stacks=m.dump_stacks, exit=m.exit)
+            m.dump_stacks = m.exit = False
+            if rank == 0:
+                reply.command = next((c for c in self.commands if c.state == "pending"), None)
+            return reply
+
+    def instruct(self, ranks: list[int], *, dump_stacks: bool = False, exit: bool = False) -> None:
+        """Have these ranks' next heartbeat replies tell them to dump their stacks and/or exit."""
+        with self._lock:
+            for r in ranks:
+                m = self.members.get(r)
+                if m is not None:
+                    m.dump_stacks |= dump_stacks
+                    m.exit |= exit
 
     def command(self, command: str, snapshot: bool = False) -> Command:
         """Queue a user's command (the same pending command again returns the queued one)."""
