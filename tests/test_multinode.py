@@ -93,6 +93,33 @@ def test_two_agents_train_bitwise_like_one(config, one_agent, tmp_path):
     assert run["run_id"].startswith("run-")
 
 
+def test_the_leaders_coordinator_hears_every_node_and_stops_them_all(config, tmp_path):
+    """Node 0 starts the coordinator on its address; node 1's workers report to it; plait stop ends both."""
+    run_dir = tmp_path / "run"
+    sets = ["train.steps=2000", "control.heartbeat_s=0.2"]
+    procs = start_nodes(config, run_dir, sets=[sets, sets])
+    try:
+        deadline, status = time.monotonic() + 180, None
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs.values()), "a node ended before every rank reported"
+            if (run_dir / "control.json").exists():
+                done = subprocess.run(plait("status", str(run_dir), "--json"), capture_output=True, text=True)
+                status = json.loads(done.stdout) if done.returncode == 0 else None
+                if status and status["registered"] == 4 and all(r["step"] >= 1 for r in status["ranks"]):
+                    break
+            time.sleep(0.5)
+        assert status and status["nodes"] == [0, 1] and [r["node"] for r in status["ranks"]] == [0, 0, 1, 1], status
+        stop = subprocess.run(plait("stop", str(run_dir)), capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "stopped after step" in stop.stdout, stop.stdout + stop.stderr
+        outs = {node: p.communicate(timeout=120)[0] for node, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    assert "coordinator at 127.0.0.1:" in outs[0]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "stopped"
+
+
 def test_placement_moves_ranks_not_results(config, one_agent, tmp_path):
     """Ranks 0 and 3 on node 1, 1 and 2 on node 0: the same layout, so the same losses; snapshots follow the placement."""
     run_dir = tmp_path / "run"

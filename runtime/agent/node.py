@@ -82,7 +82,7 @@ def train_node(config: JobConfig, args: NodeArgs, *, run_dir: Path | None, defau
         (run_dir / "config.yaml").write_text(config_text)
         run = new_run(run_dir, resume_path)
         secret_file = None
-        if snapshots:
+        if snapshots or config.control.enabled:  # the daemons' and the coordinator's authentication
             from plait.runtime.snapshot.launcher.spawn import job_secret_file
 
             secret_file = job_secret_file(run_dir)
@@ -100,7 +100,7 @@ def train_node(config: JobConfig, args: NodeArgs, *, run_dir: Path | None, defau
         tmp.write_text(config_text)
         os.replace(tmp, run_dir / "config.yaml")
         secret_file = (jobs.follower_secret(run_dir, record.run_dir, record.secret_fingerprint, timeout=timeout)
-                       if snapshots else None)
+                       if snapshots else _control_secret(run_dir, record) if config.control.enabled else None)
     print(f"plait: node {args.node_rank} of {args.nnodes} at {address}, "
           f"{'hosting' if leader else 'joined'} the rendezvous at {args.endpoint}; run directory {run_dir}", flush=True)
 
@@ -123,6 +123,10 @@ def train_node(config: JobConfig, args: NodeArgs, *, run_dir: Path | None, defau
         daemons.start()
         node_env.update(PLAIT_SNAPSHOT_DAEMONS=",".join(daemons.addresses), PLAIT_JOB=record.job,
                         PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
+    coordinator = None
+    if config.control.enabled and secret_file is not None:
+        coordinator = _control(config, store, run_dir, leader=leader, address=address, secret_file=secret_file,
+                               daemons=daemons.addresses if daemons is not None else [], env=node_env, timeout=timeout)
     holds_rank0 = placement.node_of(0) == args.node_rank
     launch = NodeLaunch(nnodes=args.nnodes, node_rank=args.node_rank, endpoint=str(args.endpoint), hosts_store=leader,
                         local_addr=address, run_id=f"plait-{record.job}", terminal=0 if holds_rank0 else None)
@@ -132,7 +136,47 @@ def train_node(config: JobConfig, args: NodeArgs, *, run_dir: Path | None, defau
         if daemons is not None:
             daemons.stop()
         _finish(store, args.nnodes, leader)
+        if coordinator is not None:
+            coordinator.stop()
+        (run_dir / "control.json").unlink(missing_ok=True)
     return run_dir
+
+
+CONTROL_KEY = "plait/control"
+
+
+def _control_secret(run_dir: Path, record: jobs.JobRecord) -> Path | None:
+    """A follower's secret for the coordinator alone (no snapshots): there now, and the leader's; else None (warned)."""
+    from plait.runtime.snapshot.auth import SECRET_ENV
+
+    given = os.environ.get(SECRET_ENV)
+    path = Path(given) if given else run_dir / "secret"
+    if path.exists() and record.secret_fingerprint and jobs.fingerprint(path) == record.secret_fingerprint:
+        return path
+    print(f"plait: warning: this node's workers will not report to the coordinator: the job's secret is not at {path} "
+          f"(copy the leader's {record.run_dir}/secret here and set {SECRET_ENV}, or share --run-dir)", flush=True)
+    return None
+
+
+def _control(config: JobConfig, store, run_dir: Path, *, leader: bool, address: str, secret_file: Path,
+             daemons: list[str], env: dict[str, str], timeout: float):
+    """The leader starts the coordinator on its address and publishes it; every node's workers get it."""
+    import ipaddress
+
+    from plait.runtime.control.cli import launch_coordinator
+    from plait.runtime.control.service import write_control_file
+
+    if leader:
+        # loopback is no good to the other nodes: listen where they reach this node, as the daemons do
+        host = address if ipaddress.ip_address(config.control.host).is_loopback else config.control.host
+        coordinator, _ = launch_coordinator(config, run_dir, daemons=daemons, secret_file=secret_file, env=env,
+                                            host=host)
+        store.set(CONTROL_KEY, coordinator.address)
+        return coordinator
+    where = wait_key(store, CONTROL_KEY, timeout=timeout, what="the leader's coordinator address").decode()
+    write_control_file(run_dir, where)
+    env.update(PLAIT_CONTROL=where, PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
+    return None
 
 
 def _finish(store, nnodes: int, leader: bool, seconds: float = 10.0) -> None:

@@ -179,8 +179,12 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file: Path | None, env: dict[str, str]):
-    """``plait train``'s coordinator (None when ``control.enabled`` is false); sets the workers' environment."""
+def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file: Path | None, env: dict[str, str],
+                       host: str | None = None):
+    """``plait train``'s coordinator (None when ``control.enabled`` is false); sets the workers' environment.
+
+    ``host``: where to listen instead of ``control.host`` (a node of a multi-node job: its address).
+    """
     if not config.control.enabled:
         return None, secret_file
     from plait.runtime.control.service import HangPolicy, start_coordinator, write_control_file
@@ -189,13 +193,14 @@ def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file
 
     secret_file = secret_file or job_secret_file(run_dir)
     c = config.control
+    host = host or c.host
     coordinator = start_coordinator(job=run_dir.name, world=config.launch.nproc, secret=JobSecret.load(secret_file),
-                                    host=c.host, port=c.port, daemons=daemons, window=c.straggler_window,
+                                    host=host, port=c.port, daemons=daemons, window=c.straggler_window,
                                     min_excess=c.straggler_min_excess, snapshots=config.snapshot.enabled,
                                     hang=HangPolicy(run_dir, factor=c.hang_factor, min_s=c.hang_min_s,
                                                     first_s=c.hang_first_s, restart=c.hang_restart,
                                                     heartbeat_s=c.heartbeat_s))
-    metrics = coordinator.serve_metrics(c.host, c.metrics_port) if c.metrics_port >= 0 else None
+    metrics = coordinator.serve_metrics(host, c.metrics_port) if c.metrics_port >= 0 else None
     write_control_file(run_dir, coordinator.address, f"{metrics}/metrics" if metrics else None)
     env.update(PLAIT_CONTROL=coordinator.address, PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
     every = f", every rank's metrics at {metrics}/metrics" if metrics else ""
