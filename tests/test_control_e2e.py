@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -128,12 +129,22 @@ def test_a_slow_rank_is_named_and_refused_commands_say_why(config, tmp_path):
                     break
                 time.sleep(0.5)
             assert gauge in scraped and 'plait_rank_compute_seconds{job="slow",node="0",rank="0"}' in scraped
+            address = json.loads((run_dir / "control.json").read_text())["address"]
+            secret = os.environ.get("PLAIT_SNAPSHOT_SECRET_FILE") or str(run_dir / "secret")  # the job's
+            by_address = subprocess.run(plait("status", address, "--secret-file", secret, "--json"),
+                                        capture_output=True, text=True, timeout=60)
+            assert by_address.returncode == 0 and json.loads(by_address.stdout)["job"] == "slow", by_address.stderr
+            watch = subprocess.Popen(plait("status", str(run_dir), "--watch", "0.5"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
             for command in (["snapshot", str(run_dir)], ["stop", str(run_dir), "--snapshot"]):
                 refused = subprocess.run(plait(*command), capture_output=True, text=True, timeout=60)
                 assert refused.returncode == 2 and "snapshot.every=0" in refused.stderr, refused.stderr
             stop = subprocess.run(plait("stop", str(run_dir)), capture_output=True, text=True, timeout=120)
             assert stop.returncode == 0 and "stopped after step" in stop.stdout, stop.stderr
             proc.wait(timeout=120)
+            watched, _ = watch.communicate(timeout=60)  # --watch ends by itself with the job
+            assert watch.returncode == 0 and watched.count("job slow: 2/2 ranks") >= 2, watched
+            assert watched.rstrip().endswith("the job has ended (its coordinator is gone)"), watched[-500:]
         finally:
             proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]
