@@ -193,3 +193,12 @@ def test_callers_without_the_secret_are_refused_before_parsing(job, tmp_path):
         channel.close()
     assert _stable(client.status()) == before  # no stop was queued
     assert coordinator.refusals.total == 7  # two of the stranger, three malformed, a replay, a stale token
+
+
+def test_generated_modules_are_current(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from plait.runtime.control import gen_proto
+
+    for path in gen_proto.generate(tmp_path):
+        checked_in = gen_proto.HERE / path.name
+        assert path.read_bytes() == checked_in.read_bytes(), f"{path.name} is stale: run python -m {gen_proto.__name__}"

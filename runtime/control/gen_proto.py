@@ -10,12 +10,10 @@ regenerating is byte-identical wherever the repository is checked out.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from plait.runtime.snapshot.transport.gen_proto import generate_from
+from plait.runtime.snapshot.transport.gen_proto import generate_from, run
 
 __all__ = ["PROTO", "GENERATED", "generate"]
 
@@ -30,20 +28,8 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plait.runtime.control.gen_proto", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only compare with the checked-in modules")
-    args = parser.parse_args(argv)
-    if not args.check:
-        for path in generate(HERE):
-            print(f"wrote {path}")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="plait-gen-") as tmp:
-        stale = [p.name for p in generate(Path(tmp)) if p.read_bytes() != (HERE / p.name).read_bytes()]
-    if stale:
-        print(f"stale: {', '.join(stale)}; run python -m plait.runtime.control.gen_proto", file=sys.stderr)
-        return 1
-    print("generated modules are current")
-    return 0
+    return run(argv, module="plait.runtime.control.gen_proto", description=__doc__.split("\n")[0], generate=generate,
+               here=HERE)
 
 
 if __name__ == "__main__":

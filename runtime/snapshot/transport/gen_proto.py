@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PROTO", "GENERATED", "generate", "generate_from"]
+__all__ = ["PROTO", "GENERATED", "generate", "generate_from", "run"]
 
 HERE = Path(__file__).resolve().parent
 PROTO = HERE / "snapshot.proto"
@@ -64,17 +64,23 @@ def generate_from(proto: Path, virtual_dir: str, generated: tuple[str, ...], out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plait.runtime.snapshot.transport.gen_proto", description=__doc__.split("\n")[0])
+    return run(argv, module="plait.runtime.snapshot.transport.gen_proto", description=__doc__.split("\n")[0],
+               generate=generate, here=HERE)
+
+
+def run(argv: list[str] | None, *, module: str, description: str, generate, here: Path) -> int:
+    """The command line of a ``gen_proto`` module: rewrite its generated modules, or ``--check`` them."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument("--check", action="store_true", help="only compare with the checked-in modules")
     args = parser.parse_args(argv)
     if not args.check:
-        for path in generate(HERE):
+        for path in generate(here):
             print(f"wrote {path}")
         return 0
     with tempfile.TemporaryDirectory(prefix="plait-gen-") as tmp:
-        stale = [p.name for p in generate(Path(tmp)) if p.read_bytes() != (HERE / p.name).read_bytes()]
+        stale = [p.name for p in generate(Path(tmp)) if p.read_bytes() != (here / p.name).read_bytes()]
     if stale:
-        print(f"stale: {', '.join(stale)}; run python -m plait.runtime.snapshot.transport.gen_proto", file=sys.stderr)
+        print(f"stale: {', '.join(stale)}; run python -m {module}", file=sys.stderr)
         return 1
     print("generated modules are current")
     return 0
