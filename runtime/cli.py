@@ -209,7 +209,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               + (f", disk every {snap.disk_every} snapshots" if snap.disk_every else ""), flush=True)
     from plait.runtime.control.cli import launch_coordinator
 
-    coordinator, secret_file = launch_coordinator(config, run_dir, daemons=daemons.addresses if daemons else [],
+    coordinator, secret_file = launch_coordinator(config.control, run_dir, world=config.launch.nproc,
+                                                  snapshots=config.snapshot.enabled,
+                                                  daemons=daemons.addresses if daemons else [],
                                                   secret_file=secret_file, env=env)
     executor = None
     if faults:
@@ -386,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             from plait.runtime.snapshot.daemon.main import cmd_daemon
 
             return cmd_daemon(args)
+        if args.command == "coordinator":
+            from plait.runtime.control.cli import cmd_coordinator
+
+            return cmd_coordinator(args)
         if args.command in ("status", "stop", "snapshot"):
             from plait.runtime.control.cli import cmd_control
 

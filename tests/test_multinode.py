@@ -8,6 +8,8 @@ leader's job record, daemons found through the store, ranks from the placement.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -164,12 +166,48 @@ def test_two_nodes_with_one_node_rank_fail_saying_so(config, tmp_path):
     assert "is claimed twice" in logs and "every node needs its own --node-rank" in logs
 
 
-def torchrun(node: int, port: int, config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+def torchrun(node: int, port: int, config: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "plaittest",
          "-m", "plait.runtime.worker", "--config", str(config), "--run-dir", str(run_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def test_a_coordinator_started_by_hand_serves_the_users_torchrun(config, tmp_path):
+    """plait coordinator, then torchrun on two nodes with its two variables: status sees all 4, stop ends them."""
+    control = tmp_path / "control"
+    coordinator = subprocess.Popen(plait("coordinator", "--run-dir", str(control), "--world", "4"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = []
+    try:
+        line = next(x for x in coordinator.stdout if x.startswith("plait: give the workers: export"))
+        env = dict(kv.split("=", 1) for kv in line.split("export", 1)[1].split())
+        assert set(env) == {"PLAIT_CONTROL", "PLAIT_SNAPSHOT_SECRET_FILE"}
+        port = free_ports(1)[0]
+        procs = [torchrun(node, port, config, tmp_path / "run", "--set", "train.steps=5000", "control.heartbeat_s=0.2",
+                          env=env) for node in (0, 1)]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), "torchrun ended before every rank reported"
+            done = subprocess.run(plait("status", str(control), "--json"), capture_output=True, text=True)
+            if done.returncode == 0 and json.loads(done.stdout)["registered"] == 4:
+                break
+            time.sleep(0.5)
+        status = json.loads(done.stdout)
+        assert status["registered"] == 4 and status["nodes"] == [0, 1], status
+        stop = subprocess.run(plait("stop", str(control)), capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "stopped after step" in stop.stdout, stop.stdout + stop.stderr
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "stopped"
+    finally:
+        for p in procs:
+            p.kill()
+        coordinator.send_signal(signal.SIGINT)
+        rest, _ = coordinator.communicate(timeout=30)
+    assert coordinator.returncode == 0 and "coordinator stopped" in rest
+    assert not (control / "control.json").exists()
 
 
 def test_the_users_own_torchrun_trains(config, one_agent, tmp_path):

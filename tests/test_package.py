@@ -116,6 +116,9 @@ def test_cli_surface_is_frozen():
         "stop --secret-file",
         "snapshot", "snapshot -h", "snapshot --help", "snapshot <target>", "snapshot --no-wait", "snapshot --timeout",
         "snapshot --secret-file",
+        "coordinator", "coordinator -h", "coordinator --help", "coordinator --run-dir", "coordinator --world",
+        "coordinator --host", "coordinator --port", "coordinator --metrics-port", "coordinator --snapshots",
+        "coordinator --secret-file",
     }
 
 
@@ -128,7 +131,8 @@ def test_every_cli_flag_is_in_the_readme():
                  "--resume", "plait export", "--step", "--node-rank", "--rdzv", "--node-addr",
                  "plait cluster up", "plait cluster down", "plait cluster status", "--all", "--cluster",
                  "plait plan", "--top", "--placement", "--efficiency", "--emit", "parallel.auto", "--ab",
-                 "plait status", "plait stop", "plait snapshot", "--watch", "--no-wait", "--timeout", "slow-rank"):
+                 "plait status", "plait stop", "plait snapshot", "--watch", "--no-wait", "--timeout", "slow-rank",
+                 "plait coordinator", "--world", "--metrics-port", "--snapshots"):
         assert flag in readme, flag
 
 

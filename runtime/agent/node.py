@@ -169,8 +169,9 @@ def _control(config: JobConfig, store, run_dir: Path, *, leader: bool, address: 
     if leader:
         # loopback is no good to the other nodes: listen where they reach this node, as the daemons do
         host = address if ipaddress.ip_address(config.control.host).is_loopback else config.control.host
-        coordinator, _ = launch_coordinator(config, run_dir, daemons=daemons, secret_file=secret_file, env=env,
-                                            host=host)
+        coordinator, _ = launch_coordinator(config.control, run_dir, world=config.launch.nproc,
+                                            snapshots=config.snapshot.enabled, daemons=daemons,
+                                            secret_file=secret_file, env=env, host=host)
         store.set(CONTROL_KEY, coordinator.address)
         return coordinator
     where = wait_key(store, CONTROL_KEY, timeout=timeout, what="the leader's coordinator address").decode()

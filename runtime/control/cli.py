@@ -3,6 +3,7 @@
     plait status RUN_DIR|HOST:PORT [--json] [--watch [SECONDS]]
     plait stop RUN_DIR|HOST:PORT [--snapshot] [--no-wait]
     plait snapshot RUN_DIR|HOST:PORT [--no-wait]
+    plait coordinator --run-dir DIR --world N [--host H] [--port P] [--metrics-port P] [--snapshots]
 
 A run directory gives the coordinator's address (``control.json``) and the job's secret
 (``secret``); with HOST:PORT the secret comes from ``$PLAIT_SNAPSHOT_SECRET_FILE`` or
@@ -21,10 +22,11 @@ from typing import Any
 
 from plait.errors import CLIError
 
-__all__ = ["add_commands", "cmd_control", "launch_coordinator"]
+__all__ = ["add_commands", "add_coordinator_command", "cmd_control", "cmd_coordinator", "launch_coordinator"]
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    add_coordinator_command(commands)
     target = dict(metavar="RUN_DIR|HOST:PORT", help="the job's run directory, or its coordinator's address")
     secret = dict(type=Path, metavar="FILE", help="the job's secret (default: RUN_DIR/secret, or "
                                                   "$PLAIT_SNAPSHOT_SECRET_FILE)")
@@ -53,6 +55,60 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     snap.add_argument("--no-wait", action="store_true", help="return once the coordinator has the command")
     snap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it to be carried out")
     snap.add_argument("--secret-file", **secret)
+
+
+def add_coordinator_command(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "coordinator", help="run a job's coordinator by hand (workers started by your own torchrun report to it)",
+        description="Serve the control plane of a job whose workers you start yourself: give them "
+                    "PLAIT_CONTROL=HOST:PORT and PLAIT_SNAPSHOT_SECRET_FILE (printed at start). plait status, stop "
+                    "and snapshot then work with --run-dir or HOST:PORT. Runs until interrupted.")
+    run.add_argument("--run-dir", type=Path, required=True, help="where control.json, the secret (made when missing), "
+                                                                  "stacks/ and hangs.jsonl go")
+    run.add_argument("--world", type=int, required=True, help="the job's number of workers")
+    run.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the workers must "
+                                                         "reach it)")
+    run.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    run.add_argument("--metrics-port", type=int, default=0, help="the /metrics port (0: any free port; -1: none)")
+    run.add_argument("--snapshots", action="store_true", help="the job takes snapshots (plait snapshot and "
+                                                              "stop --snapshot are accepted)")
+    run.add_argument("--secret-file", type=Path, metavar="FILE", help="the job's secret (default: RUN_DIR/secret, "
+                                                                      "or $PLAIT_SNAPSHOT_SECRET_FILE)")
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    """``plait coordinator``: the control plane of a job launched by other means, until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    from plait.runtime.control.config import ControlConfig
+    from plait.runtime.snapshot.auth import SECRET_ENV
+
+    if args.world < 1:
+        raise CLIError(f"--world: got {args.world}; accepted: the job's number of workers (1 or more)")
+    control = ControlConfig(host=args.host, port=args.port, metrics_port=args.metrics_port)
+    try:
+        control.validate()
+    except Exception as err:  # noqa: BLE001 - the config's words name control.*; here they are flags
+        raise CLIError(str(err).replace("config key 'control.", "--").replace("_", "-")) from None
+
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    secret = args.secret_file or (Path(os.environ[SECRET_ENV]) if os.environ.get(SECRET_ENV) else None)
+    env: dict[str, str] = {}
+    coordinator, _ = launch_coordinator(control, args.run_dir, world=args.world, snapshots=args.snapshots, daemons=[],
+                                        secret_file=secret, env=env)
+    print(f"plait: give the workers: export PLAIT_CONTROL={env['PLAIT_CONTROL']} "
+          f"{SECRET_ENV}={env[SECRET_ENV]}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        coordinator.stop()
+        (args.run_dir / "control.json").unlink(missing_ok=True)
+    print("plait: coordinator stopped", flush=True)
+    return 0
 
 
 def _client(args: argparse.Namespace):
@@ -179,24 +235,24 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def launch_coordinator(config, run_dir: Path, *, daemons: list[str], secret_file: Path | None, env: dict[str, str],
-                       host: str | None = None):
-    """``plait train``'s coordinator (None when ``control.enabled`` is false); sets the workers' environment.
+def launch_coordinator(c, run_dir: Path, *, world: int, snapshots: bool, daemons: list[str], secret_file: Path | None,
+                       env: dict[str, str], host: str | None = None):
+    """The coordinator of a job (``c``: its ``control.*``; None when disabled); sets the workers' environment.
 
     ``host``: where to listen instead of ``control.host`` (a node of a multi-node job: its address).
+    Returns the coordinator and the secret file (made in the run directory when none was given).
     """
-    if not config.control.enabled:
+    if not c.enabled:
         return None, secret_file
     from plait.runtime.control.service import HangPolicy, start_coordinator, write_control_file
     from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.launcher.spawn import job_secret_file
 
     secret_file = secret_file or job_secret_file(run_dir)
-    c = config.control
     host = host or c.host
-    coordinator = start_coordinator(job=run_dir.name, world=config.launch.nproc, secret=JobSecret.load(secret_file),
+    coordinator = start_coordinator(job=run_dir.name, world=world, secret=JobSecret.load(secret_file),
                                     host=host, port=c.port, daemons=daemons, window=c.straggler_window,
-                                    min_excess=c.straggler_min_excess, snapshots=config.snapshot.enabled,
+                                    min_excess=c.straggler_min_excess, snapshots=snapshots,
                                     hang=HangPolicy(run_dir, factor=c.hang_factor, min_s=c.hang_min_s,
                                                     first_s=c.hang_first_s, restart=c.hang_restart,
                                                     heartbeat_s=c.heartbeat_s))
