@@ -233,6 +233,20 @@ def _mix(*values: int) -> int:
     return z >> 1
 
 
+def _wgrad(rt: PrecisionRuntime, name: str, f: Formats, gy: torch.Tensor, x: torch.Tensor, *, salt: int) -> torch.Tensor:
+    """``dW = q(dyᵀ) q(xᵀ)ᵀ`` (float32) over the tokens of ``gy`` [tokens, out] and ``x`` [tokens, in]: both
+    quantized along tokens, after the module's Hadamard rotation when the recipe has one."""
+    from plait.ops.qgemm import qmm
+
+    dyt, xt = gy.t(), x.t()
+    if f.hadamard:
+        rotation = rt.modules[name].rotation
+        dyt, xt = _rotate_tokens(dyt, rotation), _rotate_tokens(xt, rotation)
+    dyt, xt = _even_tokens(dyt, xt, f)
+    qdyt = rt.quantize(name, dyt, f.dyt, salt=salt)
+    return qmm(qdyt, rt.quantize(name, xt, f.xt))
+
+
 class _QuantLinear(torch.autograd.Function):
     """``y = x Wᵀ`` with the three GEMMs on quantized operands (FP32 accumulation)."""
 
@@ -274,13 +288,7 @@ class _QuantLinear(torch.autograd.Function):
                 qwt = rt.weight(name, key, w, f.wt, transpose=True)
                 dx = qmm(qdy, qwt).to(dtype).reshape(shape)
             if ctx.needs_input_grad[1]:
-                dyt, xt = gy2.t(), x2.t()
-                if f.hadamard:
-                    dyt, xt = _rotate_tokens(dyt, m.rotation), _rotate_tokens(xt, m.rotation)
-                dyt, xt = _even_tokens(dyt, xt, f)
-                qdyt = rt.quantize(name, dyt, f.dyt, salt=2 * call + 1)
-                qxt = rt.quantize(name, xt, f.xt)
-                dw = qmm(qdyt, qxt).to(w.dtype)
+                dw = _wgrad(rt, name, f, gy2, x2, salt=2 * call + 1).to(w.dtype)
         return dx, dw, None, None, None
 
 
@@ -336,7 +344,7 @@ class _QuantGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        from plait.ops.qgemm import qmm, qmm_grouped
+        from plait.ops.qgemm import qmm_grouped
 
         x, w, offsets = ctx.saved_tensors
         rt, name, tag, f, dtype, call = ctx.meta
@@ -356,12 +364,7 @@ class _QuantGroupedLinear(torch.autograd.Function):
                     lo, hi = bounds[e], bounds[e + 1]
                     if hi == lo:
                         continue
-                    dyt, xt = gy[lo:hi].t(), x[lo:hi].t()
-                    if f.hadamard:
-                        dyt, xt = _rotate_tokens(dyt, m.rotation), _rotate_tokens(xt, m.rotation)
-                    dyt, xt = _even_tokens(dyt, xt, f)
-                    qdyt = rt.quantize(name, dyt, f.dyt, salt=_mix(2 * call + 1, e))
-                    dw[e] = qmm(qdyt, rt.quantize(name, xt, f.xt)).to(w.dtype)
+                    dw[e] = _wgrad(rt, name, f, gy[lo:hi], x[lo:hi], salt=_mix(2 * call + 1, e)).to(w.dtype)
         return dx, dw, None, None, None, None
 
 
