@@ -355,7 +355,7 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
             if rank == 0 and (outcome.source != "fresh" or restore_args["attempt"] > 0):
                 print(outcome.line, flush=True)
                 if control is not None:
-                    control.restore = outcome.line
+                    control.restored(outcome.line)
             try:
                 trainer.fit()
             except BaseException as err:

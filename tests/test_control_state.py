@@ -180,6 +180,8 @@ def test_a_hang_is_called_after_the_timeout_from_the_measured_step_time():
     assert state.hang(**limits) is None
     clock.t += 601
     assert state.hang(**limits)["timeout_s"] == 600.0
+    state.heartbeat(rank=1, member_id=new[1], step=11, phase="fault")
+    assert state.hang(**limits) is None  # a rank held at a fault's point on purpose
     for r, mid in new.items():
         state.heartbeat(rank=r, member_id=mid, step=11, phase="done")
     clock.t += 700

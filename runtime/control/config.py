@@ -22,7 +22,7 @@ class ControlConfig:
     # A hang: no rank finished a step for max(hang_factor × the median step time, hang_min_s) seconds
     # (hang_first_s before any step was measured in the attempt): stacks, one line, and a restart
     hang_factor: float = 10.0
-    hang_min_s: float = 30.0
+    hang_min_s: float = 120.0  # below gloo's and NCCL's usual collective timeouts (300 s, 600 s), above slow restores
     hang_first_s: float = 600.0
     hang_restart: bool = True  # kill the stuck workers so the elastic agent restarts them (from the newest snapshot)
 

@@ -105,16 +105,25 @@ class ControlHook(BaseHook):
         self._engine = None
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Reports start now, before the restore, so the coordinator knows a restarted attempt is restoring
+        LEDGER.phase = "restore"
+        self._thread = threading.Thread(target=self._run, name="plait-control", daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------------ hook protocol
+
+    def restored(self, line: str) -> None:
+        """Rank 0: how this attempt began (the restore's line); registers again to tell the coordinator."""
+        self.restore = line
+        self.member_id = 0
+        self._wake.set()
 
     def on_start(self, trainer: Trainer) -> None:
         self._engine = trainer.engine
         self.step = trainer.step
+        LEDGER.phase = "idle"
         trainer.engine.optimizer.before_update.append(self._before_update)
-        self._thread = threading.Thread(target=self._run, name="plait-control", daemon=True)
-        self._thread.start()
+        self._wake.set()
 
     def on_step_begin(self, trainer: Trainer, step: int) -> None:
         self._t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from plait.errors import PlaitError
 
 __all__ = ["PHASES", "COMMANDS", "ControlError", "ControlRequestError", "ControlStateError", "JobState", "Member"]
 
-PHASES = ("idle", "restore", "forward", "backward", "optimizer", "hooks", "eval", "snapshot", "done")
+PHASES = ("idle", "restore", "forward", "backward", "optimizer", "hooks", "eval", "snapshot", "fault", "done")
 COMMANDS = ("stop", "snapshot")
 MAX_WORLD = 1 << 20
 MAX_TEXT = 256  # host names, collectives, notes
@@ -308,8 +308,8 @@ class JobState:
         """
         with self._lock:
             members = [m for m in self.members.values() if m.attempt == self.attempt]
-            if len(members) < self.world or any(m.phase == "done" for m in members):
-                return None  # not all here yet, or finishing (past the last step)
+            if len(members) < self.world or any(m.phase in ("restore", "fault", "done") for m in members):
+                return None  # not all here yet; restoring or held at a fault (bounded waits of their own); finishing
             now = self.clock()
             recent = [h[1] for m in members for h in list(m.history)[-self.window:]]
             timeout = max(factor * statistics.median(recent), min_s) if recent else first_s

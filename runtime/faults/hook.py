@@ -77,6 +77,9 @@ class FaultHook(BaseHook):
         due = [i for i, f in enumerate(self.faults) if f.point == point and records.read_record(self.run_dir, i) is None]
         if not due:
             return
+        from plait.parallel.comm import LEDGER
+
+        LEDGER.phase = "fault"  # the control plane does not call a wait for the launcher a hang
         if drain and self.drain is not None:
             self.drain()
         records.write_atomic(records.request_path(self.run_dir, attempt=self.attempt, point=point, rank=self.rank),
