@@ -259,6 +259,7 @@ def launch_coordinator(c, run_dir: Path, *, world: int, snapshots: bool, daemons
     metrics = coordinator.serve_metrics(host, c.metrics_port) if c.metrics_port >= 0 else None
     write_control_file(run_dir, coordinator.address, f"{metrics}/metrics" if metrics else None)
     env.update(PLAIT_CONTROL=coordinator.address, PLAIT_SNAPSHOT_SECRET_FILE=str(Path(secret_file).resolve()))
-    every = f", every rank's metrics at {metrics}/metrics" if metrics else ""
+    # not "metrics at URL": that is rank 0's exporter line, which scripts look for
+    every = f"; every rank's numbers: {metrics}/metrics" if metrics else ""
     print(f"plait: coordinator at {coordinator.address} (plait status {run_dir}){every}", file=sys.stdout, flush=True)
     return coordinator, secret_file
