@@ -25,6 +25,7 @@ weight (``torch.ops.plait.block_scaled_grouped_mm``), for MoE layers with stacke
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 
@@ -36,6 +37,17 @@ from plait.ops.quant import QTensor, dequantize
 __all__ = ["qmm", "qmm_grouped", "qmm_grouped_reference", "qmm_reference"]
 
 _SCALED_MM_FORMATS = ("fp8-tensor", "fp8-row")
+
+
+@functools.cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` takes row-wise scales (2.13 does; 2.11 raises)."""
+    one = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(one, one.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_pair(a: QTensor, b: QTensor) -> None:
@@ -60,6 +72,11 @@ def qmm(a: QTensor, b: QTensor, out_dtype: torch.dtype = torch.float32) -> torch
             scale_a = a.scale.expand(a.shape[0], 1).contiguous()
         elif b.fmt == "fp8-tensor":
             scale_b = b.scale.expand(1, b.shape[0]).contiguous()
+        if a.data.device.type == "cpu" and scale_a.numel() * scale_b.numel() > 1 and not _cpu_rowwise_scaled_mm():
+            # This torch's CPU _scaled_mm takes per-tensor scales only (2.11 asserts): the same product of
+            # the FP8 codes (exact in float32), accumulated in float32, then the outer product of the scales.
+            codes = a.data.float() @ b.data.float().t()
+            return (codes * scale_a * scale_b).to(out_dtype)
         return torch._scaled_mm(a.data, b.data.t(), scale_a, scale_b, out_dtype=out_dtype)
     out = torch.ops.plait.block_scaled_mm(
         a.data, a.scale, b.data, b.scale, a.fmt, b.fmt, a.global_scale, b.global_scale
