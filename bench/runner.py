@@ -57,12 +57,13 @@ def machine_info() -> dict[str, Any]:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gib = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    # A copy of the tree without its .git (as on a machine it was shipped to) names its commit here.
-    commit = commit or os.environ.get("PLAIT_COMMIT") or None
+    # PLAIT_COMMIT names the commit of a tree copied without (or with a stale) .git, as on a machine it was shipped to.
+    commit = os.environ.get("PLAIT_COMMIT") or None
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     return {
         "host": platform.node(),
         "cpu": cpu,
