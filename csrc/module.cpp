@@ -61,9 +61,9 @@ TORCH_LIBRARY(plait, m) {
   // draws its bits from seed and each element's row-major index.
   m.def("quantize_fp8(Tensor x, str granularity, str elem, bool stochastic=False, int seed=0) -> (Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor data, Tensor scale, str granularity, ScalarType dtype) -> Tensor");
-  m.def("quantize_mx(Tensor x, str elem, bool stochastic=False, int seed=0) -> (Tensor, Tensor)");
+  m.def("quantize_mx(Tensor x, str elem, bool stochastic=False, int seed=0, bool scale_up=False) -> (Tensor, Tensor)");
   m.def("dequantize_mx(Tensor data, Tensor scale, ScalarType dtype) -> Tensor");
-  m.def("quantize_nvfp4(Tensor x, bool stochastic=False, int seed=0) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_nvfp4(Tensor x, bool stochastic=False, int seed=0, int block_rows=1) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_nvfp4(Tensor data, Tensor scale, Tensor global_scale, ScalarType dtype) -> Tensor");
 }
 

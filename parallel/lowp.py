@@ -134,7 +134,7 @@ class PrecisionRuntime:
 
     def _refresh(self) -> None:
         c = self.config
-        self._formats = {n: formats(r, stochastic_grads=c.stochastic_grads, hadamard=c.hadamard) for n, r in self.recipes.items()}
+        self._formats = {n: c.formats(r) for n, r in self.recipes.items()}
 
     def begin_step(self, step: int) -> None:
         """Set the 0-based step (the schedule's recipes) and start its statistics."""
@@ -166,7 +166,8 @@ class PrecisionRuntime:
         if hit is not None and hit[0] == version:
             return hit[1]
         src = w.detach()
-        q = quantize((src.t() if transpose else src).contiguous(), op.fmt, elem=op.elem)
+        q = quantize((src.t() if transpose else src).contiguous(), op.fmt, elem=op.elem, mx_scale=op.mx_scale,
+                     block_rows=op.block_rows)
         self._cache[full_key] = (version, q)
         return q
 
@@ -181,7 +182,8 @@ class PrecisionRuntime:
         if hit is not None and hit[0] == version:
             return hit[1]
         src = w.detach()
-        q = stack_experts([quantize((s.t() if transpose else s).contiguous(), op.fmt, elem=op.elem) for s in src])
+        q = stack_experts([quantize((s.t() if transpose else s).contiguous(), op.fmt, elem=op.elem, mx_scale=op.mx_scale,
+                                    block_rows=op.block_rows) for s in src])
         self._cache[full_key] = (version, q)
         return q
 
@@ -194,7 +196,8 @@ class PrecisionRuntime:
         if op.stochastic:
             rounding = "stochastic"
             seed = _mix(self.config.seed, self.step, m.index, m.calls, salt)
-        q = quantize(t.contiguous(), op.fmt, elem=op.elem, rounding=rounding, seed=seed)
+        q = quantize(t.contiguous(), op.fmt, elem=op.elem, rounding=rounding, seed=seed, mx_scale=op.mx_scale,
+                     block_rows=op.block_rows)
         if stat is not None:
             self._record(m.index, t, q, op, stat)
         return q

@@ -44,6 +44,8 @@ class Operand:
     fmt: str  # a plait.ops.quant format: fp8-tensor | fp8-row | fp8-1x128 | fp8-128x128 | mxfp8 | mxfp4 | nvfp4
     elem: str = "e4m3"  # fp8-* formats: e4m3 | e5m2
     stochastic: bool = False  # seeded stochastic rounding (gradients)
+    block_rows: int = 1  # nvfp4: 16 for 16×16 tiles (2-D weight scaling)
+    mx_scale: str = "floor"  # mxfp8/mxfp4 block scales: floor (OCP) | up (never saturates a block's largest element)
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,21 @@ def _same(op: Operand, recipe: str, *, grad: Operand | None = None, hadamard: bo
     return Formats(recipe, x=op, w=op, dy=g, wt=op, dyt=g, xt=op, hadamard=hadamard)
 
 
-def formats(recipe: str, *, stochastic_grads: bool = True, hadamard: bool = True) -> Formats | None:
-    """The formats of ``recipe``; None for the recipes that do not quantize (fp32, bf16)."""
+def formats(recipe: str, *, stochastic_grads: bool = True, hadamard: bool = True, weight_tiles: bool = False,
+            mx_scale: str = "floor") -> Formats | None:
+    """The formats of ``recipe``; None for the recipes that do not quantize (fp32, bf16).
+
+    ``weight_tiles`` (nvfp4): W and Wᵀ scaled per 16×16 tile, so the forward and the dgrad
+    GEMMs see the same quantized weights (the NVFP4 paper's 2-D weight scaling).
+    ``mx_scale`` (mxfp8, mxfp4): "floor" (OCP) or "up" (Mishra et al. 2025).
+    """
     if recipe in HIGH:
         return None
+    if recipe in ("mxfp8", "mxfp4"):
+        fp4, fp8 = Operand("mxfp4", mx_scale=mx_scale), Operand("mxfp8", mx_scale=mx_scale)
+        if recipe == "mxfp8":
+            return _same(fp8, recipe)
+        return Formats(recipe, x=fp4, w=fp4, dy=fp8, wt=fp8, dyt=fp8, xt=fp8)
     if recipe == "fp8-tensor":
         return _same(Operand("fp8-tensor"), recipe, grad=Operand("fp8-tensor", "e5m2"))
     if recipe == "fp8-row":
@@ -79,14 +92,10 @@ def formats(recipe: str, *, stochastic_grads: bool = True, hadamard: bool = True
     if recipe == "fp8-block":
         tile, block = Operand("fp8-1x128"), Operand("fp8-128x128")
         return Formats(recipe, x=tile, w=block, dy=tile, wt=block, dyt=tile, xt=tile)
-    if recipe == "mxfp8":
-        return _same(Operand("mxfp8"), recipe)
-    if recipe == "mxfp4":
-        fp4, fp8 = Operand("mxfp4"), Operand("mxfp8")
-        return Formats(recipe, x=fp4, w=fp4, dy=fp8, wt=fp8, dyt=fp8, xt=fp8)
     if recipe == "nvfp4":
         fp4, grad = Operand("nvfp4"), Operand("nvfp4", stochastic=stochastic_grads)
-        return Formats(recipe, x=fp4, w=fp4, dy=grad, wt=fp4, dyt=grad, xt=fp4, hadamard=hadamard)
+        weight = Operand("nvfp4", block_rows=16) if weight_tiles else fp4
+        return Formats(recipe, x=fp4, w=weight, dy=grad, wt=weight, dyt=grad, xt=fp4, hadamard=hadamard)
     raise ValueError(f"unknown recipe {recipe!r}; accepted: {' | '.join(RECIPES)}")
 
 
@@ -117,6 +126,8 @@ class PrecisionConfig:
     schedule: list[ScheduleStage] = field(default_factory=list)  # recipes by step range (replaces recipe)
     stochastic_grads: bool = True  # nvfp4: gradients (dy) stochastically rounded
     hadamard: bool = True  # nvfp4: random Hadamard transform of the wgrad inputs
+    weight_tiles: bool = False  # nvfp4: weights scaled per 16×16 tile, the same quantized W in forward and dgrad
+    mx_scale: str = "floor"  # mxfp8/mxfp4 block scales: floor (OCP v1.0) | up (Mishra et al. 2025: no block saturates)
     seed: int = 0  # of stochastic rounding and the Hadamard signs
     stats_every: int = 10  # steps between quantization statistics (amax, overflow, underflow); 0: never
     ab: str = ""  # a recipe: train a reference model in it alongside, same data and seed (`plait train --ab`)
@@ -129,8 +140,16 @@ class PrecisionConfig:
             recipes.update(r.recipe for r in stage.policy or [])
         return bool(recipes - set(HIGH))
 
+    def formats(self, recipe: str) -> Formats | None:
+        """:func:`formats` of ``recipe`` with this config's options."""
+        return formats(recipe, stochastic_grads=self.stochastic_grads, hadamard=self.hadamard,
+                       weight_tiles=self.weight_tiles, mx_scale=self.mx_scale)
+
     def validate(self) -> None:
         _check_recipe("precision.recipe", self.recipe)
+        if self.mx_scale not in ("floor", "up"):
+            raise ConfigError("precision.mx_scale", self.mx_scale,
+                              "accepted: floor (OCP: floor(log2 amax) - emax) | up (the smallest scale that saturates nothing)")
         _check_rules("precision.policy", self.policy)
         if self.ab:
             _check_recipe("precision.ab", self.ab)

@@ -30,7 +30,8 @@ class ABHook(BaseHook):
         ref = copy.deepcopy(config)
         ref.precision = PrecisionConfig(recipe=self.recipe, keep_edges=config.precision.keep_edges,
                                         stochastic_grads=config.precision.stochastic_grads,
-                                        hadamard=config.precision.hadamard, seed=config.precision.seed)
+                                        hadamard=config.precision.hadamard, weight_tiles=config.precision.weight_tiles,
+                                        mx_scale=config.precision.mx_scale, seed=config.precision.seed)
         if self.recipe == "bf16":
             ref.train.dtype = "bfloat16"
         self.engine = build_engine(ref, world, device)

@@ -76,7 +76,7 @@ def precision_table(config: JobConfig) -> str:
     import torch
 
     from plait.parallel.lowp import linear_names
-    from plait.parallel.precision import formats, resolve
+    from plait.parallel.precision import resolve
     from plait.runtime.models import build_model
 
     with torch.device("meta"):
@@ -94,9 +94,10 @@ def precision_table(config: JobConfig) -> str:
         width = max(len(n) for n in names)
         for name in names:
             r = recipes[name]
-            f = formats(r, stochastic_grads=pc.stochastic_grads, hadamard=pc.hadamard)
+            f = pc.formats(r)
             detail = "" if f is None else "  " + ", ".join(
                 f"{k} {op.fmt}" + (f"/{op.elem}" if op.fmt.startswith("fp8-") else "") + (" SR" if op.stochastic else "")
+                + (" 16×16" if op.block_rows > 1 else "") + (" scale-up" if op.mx_scale == "up" else "")
                 for k, op in f.operands().items()) + (" · Hadamard wgrad" if f.hadamard else "")
             lines.append(f"  {name:<{width}}  {r:<10}{detail}".rstrip())
     return "\n".join(lines)

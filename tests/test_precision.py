@@ -59,6 +59,7 @@ def test_schedule_stages_replace_recipe_and_policy():
     ("precision.policy=[{match: '*.attn.*', recipe: int8}]", "precision.policy[0].recipe"),
     ("precision.schedule=[{until: 0, recipe: nvfp4}, {recipe: fp32}]", "precision.schedule[0].until"),
     ("precision.schedule=[{until: 20, recipe: nvfp4}, {until: 10, recipe: fp32}]", "precision.schedule[1].until"),
+    ("precision.mx_scale=ceil", "precision.mx_scale"),
 ])
 def test_bad_precision_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -74,7 +75,8 @@ def test_ab_refuses_snapshots():
 
 def _qdq(t: torch.Tensor, op, seed: int | None = None) -> torch.Tensor:
     kw = {} if not op.stochastic else {"rounding": "stochastic", "seed": seed}
-    return dequantize(quantize(t.contiguous(), op.fmt, elem=op.elem, **kw)).double()
+    return dequantize(quantize(t.contiguous(), op.fmt, elem=op.elem, mx_scale=op.mx_scale, block_rows=op.block_rows,
+                               **kw)).double()
 
 
 def _bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,19 +88,22 @@ def _bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return gamma * mag + u * mag + 1e-30
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in ("fp32", "bf16", "nvfp4")])
-def test_quantized_linear_matches_its_definition(recipe):
+@pytest.mark.parametrize("recipe,options", [(r, {}) for r in RECIPES if r not in ("fp32", "bf16", "nvfp4")]
+                         + [("mxfp8", {"mx_scale": "up"}), ("mxfp4", {"mx_scale": "up"})])
+def test_quantized_linear_matches_its_definition(recipe, options):
     """Forward, dgrad and wgrad: every operand quantized along the right dimension (transposes included)."""
     torch.manual_seed(0)
     M, K, N = 96, 256, 160  # partial 128-blocks in tokens and outputs
     x = (torch.randn(M, K) * torch.linspace(0.1, 4, K)).requires_grad_()
     w = (torch.randn(N, K) * 0.05).requires_grad_()
     gy = torch.randn(M, N) * 1e-3
-    rt = PrecisionRuntime(PrecisionConfig(recipe=recipe, keep_edges=False), ["m"], layers=1, base="fp32")
+    config = PrecisionConfig(recipe=recipe, keep_edges=False, **options)
+    rt = PrecisionRuntime(config, ["m"], layers=1, base="fp32")
     rt.begin_step(0)
     y = quant_linear(rt, "m", x, w)
     dx, dw = torch.autograd.grad(y, (x, w), gy)
-    f = formats(recipe)
+    f = config.formats(recipe)
+    assert all(op.mx_scale == options.get("mx_scale", "floor") for op in f.operands().values())
     xq, wq = _qdq(x.detach(), f.x), _qdq(w.detach(), f.w)
     assert ((y.double() - xq @ wq.t()).abs() <= _bound(xq, wq)).all()
     dyq, wtq = _qdq(gy, f.dy), _qdq(w.detach().t(), f.wt)
@@ -204,6 +209,20 @@ def test_nvfp4_stochastic_gradients_and_hadamard_wgrad():
         assert float((dw - exact_dw).norm() / exact_dw.norm()) < 0.35
 
 
+def test_nvfp4_weight_tiles_give_forward_and_dgrad_the_same_weights():
+    torch.manual_seed(3)
+    x = torch.randn(48, 96, requires_grad=True)
+    w = (torch.randn(80, 96) * 0.05).requires_grad_()
+    for tiles in (True, False):
+        rt = PrecisionRuntime(PrecisionConfig(recipe="nvfp4", keep_edges=False, weight_tiles=tiles), ["m"], layers=1,
+                              base="fp32")
+        rt.begin_step(0)
+        torch.autograd.grad(quant_linear(rt, "m", x, w), (x, w), torch.randn(48, 80))
+        cached = {key[2]: q for key, (_, q) in rt._cache.items()}  # transpose flag -> the quantized W or Wᵀ
+        forward, dgrad = dequantize(cached[False]), dequantize(cached[True])
+        assert torch.equal(forward, dgrad.t()) == tiles, tiles
+
+
 def test_hadamard_rotation_preserves_products():
     r = _hadamard16(5)
     torch.testing.assert_close(r.t() @ r, torch.eye(16), atol=1e-6, rtol=0)
@@ -279,6 +298,10 @@ def test_dry_run_lists_each_module_format_per_schedule_stage():
     assert "output                fp32" in first and "layers.3.ffn.experts  fp32" in first  # the edges
     assert "layers.3.attn.wq      fp8-block" in first  # a user rule comes first
     assert "layers.0.ffn.experts  bf16" in second and "nvfp4" not in second
+    tiles = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=nvfp4", "precision.weight_tiles=true"]))
+    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4 16×16, dy nvfp4 SR, wt nvfp4 16×16" in tiles
+    up = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=mxfp8", "precision.mx_scale=up"]))
+    assert "layers.0.ffn.experts  mxfp8       x mxfp8 scale-up, w mxfp8 scale-up" in up
 
 
 MODEL = dict(layers=2, dim=32, heads=4, ffn_dim=64, vocab=256, seq_len=16, experts=4, top_k=2)

@@ -59,7 +59,7 @@ int64_t dequantize_mx_check(const at::Tensor& data, const at::Tensor& scale,
                             at::ScalarType dtype);
 
 // Checks x [M, K] (float32 or bfloat16, contiguous, K even).
-void quantize_nvfp4_check(const at::Tensor& x);
+void quantize_nvfp4_check(const at::Tensor& x, int64_t block_rows);
 
 // Checks data (float4_e2m1fn_x2 [M, K/2]), scale (float8_e4m3fn [M, ceil(K/16)]) and
 // global_scale (float32 0-d); returns K.

@@ -134,9 +134,11 @@ int64_t dequantize_mx_check(const at::Tensor& data, const at::Tensor& scale, at:
   return cols;
 }
 
-void quantize_nvfp4_check(const at::Tensor& x) {
+void quantize_nvfp4_check(const at::Tensor& x, int64_t block_rows) {
   check_input("quantize_nvfp4", x);
   check_even_cols("quantize_nvfp4", x);
+  TORCH_CHECK(block_rows == 1 || block_rows == 16, "quantize_nvfp4: block_rows must be 1 (1x16 blocks) or 16 ",
+              "(16x16 tiles, the 2-D weight scaling), got ", block_rows);
 }
 
 int64_t dequantize_nvfp4_check(const at::Tensor& data, const at::Tensor& scale,

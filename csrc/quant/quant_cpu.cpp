@@ -232,13 +232,13 @@ void encode_rows(const scalar_t* x, int64_t r0, int64_t r1, int64_t cols, int64_
 
 template <typename scalar_t>
 void mx_quantize(const scalar_t* x, int64_t rows, int64_t cols, Element element,
-                 bool stochastic, uint64_t seed, uint8_t* scale, uint8_t* data) {
+                 bool stochastic, uint64_t seed, bool scale_up, uint8_t* scale, uint8_t* data) {
   const int emax = element == Element::kE2M1 ? kMxEmaxE2M1 : kMxEmaxE4M3;
   std::vector<float> factor = row_block_amax(x, rows, cols, kMxBlock);
   const int64_t nscales = static_cast<int64_t>(factor.size());
   at::parallel_for(0, nscales, kScaleGrain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      scale[j] = mx_scale_code(factor[j], emax);
+      scale[j] = scale_up ? mx_scale_code_up(factor[j], emax) : mx_scale_code(factor[j], emax);
       factor[j] = mx_inverse_scale(scale[j]);
     }
   });
@@ -248,7 +248,7 @@ void mx_quantize(const scalar_t* x, int64_t rows, int64_t cols, Element element,
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_mx_cpu(const at::Tensor& x, const std::string& elem,
-                                                   bool stochastic, int64_t seed) {
+                                                   bool stochastic, int64_t seed, bool scale_up) {
   check_cpu("quantize_mx", x, "x");
   const Element element = quantize_mx_check(x, elem);
   const bool fp4 = element == Element::kE2M1;
@@ -261,18 +261,38 @@ std::tuple<at::Tensor, at::Tensor> quantize_mx_cpu(const at::Tensor& x, const st
   uint8_t* data_ptr = static_cast<uint8_t*>(data.mutable_data_ptr());
   const uint64_t useed = static_cast<uint64_t>(seed);
   if (x.scalar_type() == at::kFloat) {
-    mx_quantize(x.const_data_ptr<float>(), rows, cols, element, stochastic, useed, scale_ptr, data_ptr);
-  } else {
-    mx_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, element, stochastic, useed, scale_ptr,
+    mx_quantize(x.const_data_ptr<float>(), rows, cols, element, stochastic, useed, scale_up, scale_ptr,
                 data_ptr);
+  } else {
+    mx_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, element, stochastic, useed, scale_up,
+                scale_ptr, data_ptr);
   }
   return {data, scale};
 }
 
+// Each block amax of `amax` [rows, nblocks] replaced by the largest of its column over the
+// `group` rows of its row group: the amax of a group x 16 tile, kept once per row.
+void fold_row_groups(std::vector<float>& amax, int64_t rows, int64_t nblocks, int64_t group) {
+  const int64_t groups = ceil_div(rows, group);
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = g * group, r1 = std::min(rows, r0 + group);
+      for (int64_t b = 0; b < nblocks; ++b) {
+        uint32_t m = 0;
+        for (int64_t r = r0; r < r1; ++r) m = max_bits(m, magnitude_bits(amax[r * nblocks + b]));
+        const float tile = amax_from_bits(m);
+        for (int64_t r = r0; r < r1; ++r) amax[r * nblocks + b] = tile;
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochastic,
-                    uint64_t seed, uint8_t* scale, float* global_scale, uint8_t* data) {
+                    uint64_t seed, int64_t block_rows, uint8_t* scale, float* global_scale,
+                    uint8_t* data) {
   std::vector<float> factor = row_block_amax(x, rows, cols, kNvfp4Block);
+  if (block_rows > 1) fold_row_groups(factor, rows, ceil_div(cols, kNvfp4Block), block_rows);
   uint32_t amax_tensor = 0;
   for (const float m : factor) amax_tensor = max_bits(amax_tensor, magnitude_bits(m));
   const float g = nvfp4_global_scale(amax_from_bits(amax_tensor));
@@ -291,9 +311,10 @@ void nvfp4_quantize(const scalar_t* x, int64_t rows, int64_t cols, bool stochast
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cpu(const at::Tensor& x,
-                                                                  bool stochastic, int64_t seed) {
+                                                                  bool stochastic, int64_t seed,
+                                                                  int64_t block_rows) {
   check_cpu("quantize_nvfp4", x, "x");
-  quantize_nvfp4_check(x);
+  quantize_nvfp4_check(x, block_rows);
   const int64_t rows = x.size(0), cols = x.size(1);
   at::Tensor data = empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2);
   at::Tensor scale =
@@ -304,10 +325,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cpu(const at::Tens
   float* g = global_scale.mutable_data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed);
   if (x.scalar_type() == at::kFloat) {
-    nvfp4_quantize(x.const_data_ptr<float>(), rows, cols, stochastic, useed, scale_ptr, g, data_ptr);
-  } else {
-    nvfp4_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, stochastic, useed, scale_ptr, g,
+    nvfp4_quantize(x.const_data_ptr<float>(), rows, cols, stochastic, useed, block_rows, scale_ptr, g,
                    data_ptr);
+  } else {
+    nvfp4_quantize(x.const_data_ptr<c10::BFloat16>(), rows, cols, stochastic, useed, block_rows,
+                   scale_ptr, g, data_ptr);
   }
   return {data, scale, global_scale};
 }

@@ -188,12 +188,27 @@ at::Tensor dequantize_fp8_cuda(const at::Tensor& data, const at::Tensor& scale,
 // ------------------------------------------------------------------- MXFP8, MXFP4, NVFP4
 
 // Block amax -> E8M0 code and the multiplier 2^-X.
-__global__ void mx_scale_kernel(const float* __restrict__ amax, int64_t n, int emax,
+__global__ void mx_scale_kernel(const float* __restrict__ amax, int64_t n, int emax, bool up,
                                 uint8_t* __restrict__ scale, float* __restrict__ factor) {
   for (int64_t j = thread_index(); j < n; j += thread_stride()) {
-    const uint8_t code = mx_scale_code(amax[j], emax);
+    const uint8_t code = up ? mx_scale_code_up(amax[j], emax) : mx_scale_code(amax[j], emax);
     scale[j] = code;
     factor[j] = mx_inverse_scale(code);
+  }
+}
+
+// amax [rows, nblocks]: each block amax replaced by the largest of its column over its group
+// of `group` rows (the amax of a group x 16 tile, kept once per row); one thread per
+// (row group, block).
+__global__ void fold_row_groups_kernel(float* __restrict__ amax, int64_t rows, int64_t nblocks,
+                                       int64_t group, int64_t groups) {
+  for (int64_t i = thread_index(); i < groups * nblocks; i += thread_stride()) {
+    const int64_t g = i / nblocks, b = i % nblocks;
+    const int64_t r0 = g * group, r1 = r0 + group < rows ? r0 + group : rows;
+    uint32_t m = 0;
+    for (int64_t r = r0; r < r1; ++r) m = max_bits(m, magnitude_bits(amax[r * nblocks + b]));
+    const float tile = amax_from_bits(m);
+    for (int64_t r = r0; r < r1; ++r) amax[r * nblocks + b] = tile;
   }
 }
 
@@ -241,7 +256,7 @@ __global__ void block_quantize_kernel(const scalar_t* __restrict__ x, const floa
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_mx_cuda(const at::Tensor& x, const std::string& elem,
-                                                    bool stochastic, int64_t seed) {
+                                                    bool stochastic, int64_t seed, bool scale_up) {
   TORCH_CHECK(x.is_cuda(), "quantize_mx: expected CUDA tensors, got x on ", x.device());
   const Element element = quantize_mx_check(x, elem);
   const bool fp4 = element == Element::kE2M1;
@@ -258,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_mx_cuda(const at::Tensor& x, const s
     const at::Tensor amax = row_block_amax(in, rows, cols, kMxBlock, x, stream);
     at::Tensor factor = x.new_empty(amax.sizes(), x.options().dtype(at::kFloat));
     mx_scale_kernel<<<blocks_for(amax.numel()), kThreads, 0, stream>>>(
-        amax.const_data_ptr<float>(), amax.numel(), fp4 ? kMxEmaxE2M1 : kMxEmaxE4M3,
+        amax.const_data_ptr<float>(), amax.numel(), fp4 ? kMxEmaxE2M1 : kMxEmaxE4M3, scale_up,
         static_cast<uint8_t*>(scale.mutable_data_ptr()), factor.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     block_quantize_kernel<scalar_t, false><<<blocks_for(data.numel()), kThreads, 0, stream>>>(
@@ -275,9 +290,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_mx_cuda(const at::Tensor& x, const s
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cuda(const at::Tensor& x,
-                                                                   bool stochastic, int64_t seed) {
+                                                                   bool stochastic, int64_t seed,
+                                                                   int64_t block_rows) {
   TORCH_CHECK(x.is_cuda(), "quantize_nvfp4: expected CUDA tensors, got x on ", x.device());
-  quantize_nvfp4_check(x);
+  quantize_nvfp4_check(x, block_rows);
   const int64_t rows = x.size(0), cols = x.size(1);
   at::Tensor data = empty_low_precision({rows, cols / 2}, x.options(), at::kFloat4_e2m1fn_x2);
   at::Tensor scale =
@@ -289,6 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_cuda(const at::Ten
     using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
     const at::Tensor amax = row_block_amax(in, rows, cols, kNvfp4Block, x, stream);
     const int64_t n = amax.numel();
+    if (block_rows > 1 && n > 0) {
+      const int64_t nblocks = ceil_div(cols, kNvfp4Block), groups = ceil_div(rows, block_rows);
+      fold_row_groups_kernel<<<blocks_for(groups * nblocks), kThreads, 0, stream>>>(
+          amax.mutable_data_ptr<float>(), rows, nblocks, block_rows, groups);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     // The tensor amax: the block amaxes folded kAmaxFold at a time (one warp each) until one
     // is left. (One warp over all of them took 20 ms for a [16384, 8192] x on an H200.)
     at::Tensor amax_tensor = x.new_zeros({1, 1}, x.options().dtype(at::kFloat));

@@ -181,6 +181,18 @@ PLAIT_QUANT_HD float mx_inverse_scale(uint8_t code) {
   return pow2(127 - static_cast<int>(code));
 }
 
+// The round-up rule (Mishra et al. 2025, "Recipes for Pre-training LLMs with MXFP8"): the
+// smallest X with amax * 2^-X <= the element's largest value (448 for E4M3, 6 for E2M1), so
+// no block's largest element saturates. OCP's floor(log2 amax) - emax leaves amax * 2^-X in
+// [2^emax, 2^(emax+1)), which exceeds 448 (or 6) for the top of that range: then X is one
+// more. amax * 2^-X is exact (a power-of-two scaling of a normal range).
+PLAIT_QUANT_HD uint8_t mx_scale_code_up(float amax, int emax_elem) {
+  const uint8_t code = mx_scale_code(amax, emax_elem);
+  if (code == kE8M0Nan || code >= 254 || amax == 0.0f) return code;
+  const float largest = emax_elem == kMxEmaxE2M1 ? 6.0f : 448.0f;
+  return amax * mx_inverse_scale(code) > largest ? static_cast<uint8_t>(code + 1) : code;
+}
+
 // The E8M0 value 2^(code - 127) (code 0: 2^-127, a float32 subnormal); NaN for 0xFF.
 PLAIT_QUANT_HD float e8m0_decode(uint8_t code) {
   if (code == kE8M0Nan) return quiet_nan();

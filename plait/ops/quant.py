@@ -70,6 +70,7 @@ __all__ = ["FORMATS", "QTensor", "QuantStats", "amax_stats", "dequantize", "quan
 FORMATS = ("fp8-tensor", "fp8-row", "fp8-1x128", "fp8-128x128", "mxfp8", "mxfp4", "nvfp4")
 FP8_ELEMENTS = ("e4m3", "e5m2")
 ROUNDINGS = ("nearest", "stochastic")
+MX_SCALES = ("floor", "up")
 # Per element dtype: the largest finite magnitude code, and (max + ulp/2) / max: beyond
 # that many times its decoded max an element was clipped, not merely rounded to max.
 _MAX_CODE = {torch.float8_e4m3fn: 0x7E, torch.float8_e5m2: 0x7B, torch.float4_e2m1fn_x2: 0x7}
@@ -103,13 +104,20 @@ def _choice(name: str, value: object, accepted: tuple[str, ...]) -> str:
 
 
 def quantize(
-    x: torch.Tensor, fmt: str, *, elem: str = "e4m3", rounding: str = "nearest", seed: int = 0
+    x: torch.Tensor, fmt: str, *, elem: str = "e4m3", rounding: str = "nearest", seed: int = 0,
+    mx_scale: str = "floor", block_rows: int = 1,
 ) -> QTensor:
     """Quantize x [M, K] (float32 or bfloat16) to ``fmt`` along its last dimension.
 
     ``elem`` ("e4m3" | "e5m2") applies to the fp8-* formats only; ``rounding`` is
-    "nearest" or "stochastic" (with ``seed``, an int64). Raises ValueError for an unknown
-    fmt, elem or rounding, RuntimeError naming the bad argument for a bad x.
+    "nearest" or "stochastic" (with ``seed``, an int64). ``mx_scale`` (mxfp8, mxfp4):
+    "floor", OCP's ``floor(log2 amax) - emax``, or "up", the smallest power of two that
+    keeps every element of the block unsaturated (Mishra et al. 2025). ``block_rows``
+    (nvfp4): 1, or 16 for 16x16 tiles (the NVFP4 paper's 2-D weight scaling: a tile's scale
+    is stored in each of its rows, so the layout is nvfp4's and quantizing x^T gives the
+    transpose of quantizing x). Raises ValueError for an unknown fmt, elem, rounding or
+    mx_scale, or an option its format does not take; RuntimeError naming the bad argument
+    for a bad x.
     """
     fmt = _choice("fmt", fmt, FORMATS)
     stochastic = _choice("rounding", rounding, ROUNDINGS) == "stochastic"
@@ -117,14 +125,20 @@ def quantize(
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"quantize: seed must fit an int64, got {seed}")
     shape = tuple(x.shape)
+    scale_up = _choice("mx_scale", mx_scale, MX_SCALES) == "up"
+    if scale_up and fmt not in ("mxfp8", "mxfp4"):
+        raise ValueError(f"quantize: mx_scale='up' applies to mxfp8 and mxfp4, not {fmt}")
+    block_rows = operator.index(block_rows)
+    if block_rows != 1 and fmt != "nvfp4":
+        raise ValueError(f"quantize: block_rows={block_rows} applies to nvfp4 (1 or 16), not {fmt}")
     if fmt.startswith("fp8-"):
         elem = _choice("elem", elem, FP8_ELEMENTS)
         data, scale = torch.ops.plait.quantize_fp8(x, fmt[4:], elem, stochastic, seed)
         return QTensor(data, scale, fmt, shape)
     if fmt == "nvfp4":
-        data, scale, global_scale = torch.ops.plait.quantize_nvfp4(x, stochastic, seed)
+        data, scale, global_scale = torch.ops.plait.quantize_nvfp4(x, stochastic, seed, block_rows)
         return QTensor(data, scale, fmt, shape, global_scale)
-    data, scale = torch.ops.plait.quantize_mx(x, "e4m3" if fmt == "mxfp8" else "e2m1", stochastic, seed)
+    data, scale = torch.ops.plait.quantize_mx(x, "e4m3" if fmt == "mxfp8" else "e2m1", stochastic, seed, scale_up)
     return QTensor(data, scale, fmt, shape)
 
 
@@ -219,7 +233,7 @@ def _dequantize_fp8_fake(data, scale, granularity, dtype):
 
 
 @torch.library.register_fake("plait::quantize_mx")
-def _quantize_mx_fake(x, elem, stochastic=False, seed=0):
+def _quantize_mx_fake(x, elem, stochastic=False, seed=0, scale_up=False):
     torch._check(elem in ("e4m3", "e2m1"), lambda: f"quantize_mx: elem must be 'e4m3' or 'e2m1', got {elem!r}")
     _check_input("quantize_mx", x, even=elem == "e2m1")
     rows, cols = x.shape
@@ -237,8 +251,10 @@ def _dequantize_mx_fake(data, scale, dtype):
 
 
 @torch.library.register_fake("plait::quantize_nvfp4")
-def _quantize_nvfp4_fake(x, stochastic=False, seed=0):
+def _quantize_nvfp4_fake(x, stochastic=False, seed=0, block_rows=1):
     _check_input("quantize_nvfp4", x, even=True)
+    torch._check(block_rows in (1, 16), lambda: f"quantize_nvfp4: block_rows must be 1 (1x16 blocks) or 16 "
+                 f"(16x16 tiles, the 2-D weight scaling), got {block_rows}")
     rows, cols = x.shape
     return (
         x.new_empty((rows, cols // 2), dtype=torch.float4_e2m1fn_x2),

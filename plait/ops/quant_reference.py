@@ -172,19 +172,27 @@ def _unpack_fp4(packed: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _mx_scale_codes(amax: np.ndarray, elem: str) -> np.ndarray:
-    """E8M0 codes: floor(log2(amax)) - emax_elem, clamped to [-127, 127], + 127."""
+def _mx_scale_codes(amax: np.ndarray, elem: str, up: bool = False) -> np.ndarray:
+    """E8M0 codes: floor(log2(amax)) - emax_elem (up: ceil(log2(amax / elem max)), the
+    smallest X with amax / 2^X <= the element's largest value), clamped to [-127, 127], + 127."""
     amax64 = amax.astype(np.float64)
-    _, exponent = np.frexp(np.where(np.isfinite(amax64) & (amax64 > 0), amax64, 1.0))
-    x = np.clip(exponent.astype(np.int64) - 1 - MX_EMAX[elem], -127, 127)
+    safe = np.where(np.isfinite(amax64) & (amax64 > 0), amax64, 1.0)
+    if up:
+        largest = float(decode_table(elem)[FORMATS[elem][3]])
+        # ceil(log2(a / largest)) from frexp (exact): a / largest = m * 2^e with m in [0.5, 1)
+        m, e = np.frexp(safe / largest)
+        x = np.clip(np.where(m == 0.5, e - 1, e).astype(np.int64), -127, 127)
+    else:
+        _, exponent = np.frexp(safe)
+        x = np.clip(exponent.astype(np.int64) - 1 - MX_EMAX[elem], -127, 127)
     codes = np.where(amax64 == 0, 0, x + 127)
     return np.where(np.isfinite(amax64), codes, 0xFF).astype(np.uint8)
 
 
-def quantize_mx_reference(x, elem: str, stochastic: bool = False, seed: int = 0):
+def quantize_mx_reference(x, elem: str, stochastic: bool = False, seed: int = 0, scale_up: bool = False):
     """(uint8 codes [M, K] or packed FP4 bytes [M, K/2], uint8 E8M0 codes [M, ceil(K/32)])."""
     x = _as_float32(x)
-    scale_codes = _mx_scale_codes(_block_amax(x, 1, 32), elem)
+    scale_codes = _mx_scale_codes(_block_amax(x, 1, 32), elem, scale_up)
     exponent = np.where(scale_codes == 0xFF, 0, 127 - scale_codes.astype(np.int64))
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         v = np.ldexp(x, _expand(exponent, 1, 32, x.shape)).astype(np.float32)
@@ -200,10 +208,11 @@ def dequantize_mx_reference(data, scale_codes, elem: str) -> np.ndarray:
         return (q * _expand(decode_e8m0(scale_codes), 1, 32, codes.shape)).astype(np.float32)
 
 
-def quantize_nvfp4_reference(x, stochastic: bool = False, seed: int = 0):
-    """(packed FP4 bytes [M, K/2], uint8 E4M3 codes [M, ceil(K/16)], float32 global scale)."""
+def quantize_nvfp4_reference(x, stochastic: bool = False, seed: int = 0, block_rows: int = 1):
+    """(packed FP4 bytes [M, K/2], uint8 E4M3 codes [M, ceil(K/16)], float32 global scale);
+    block_rows 16: each scale is its 16x16 tile's, repeated in the tile's rows."""
     x = _as_float32(x)
-    amax = _block_amax(x, 1, 16)
+    amax = np.repeat(_block_amax(x, block_rows, 16), block_rows, axis=0)[: x.shape[0]]
     amax_tensor = np.float32(np.max(amax)) if amax.size else np.float32(0)
     with np.errstate(under="ignore"):
         g = np.float32(amax_tensor / np.float32(448.0 * 6.0))
