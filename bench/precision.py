@@ -2,7 +2,8 @@
 
 **Quality** (4 processes, loopback). ``plait train`` of the demo config, 300 steps
 (``--quick``: 20), held-out loss every 50 steps, once per recipe under the default policy
-(output head, routers and the last block in fp32): fp8-tensor, fp8-row, fp8-block, mxfp8,
+(output head, routers and the last block in fp32) and the default options (nvfp4 weights in
+16×16 tiles, MX scales rounded up): fp8-tensor, fp8-row, fp8-block, mxfp8,
 mxfp4, nvfp4; then the FP4 paper's policy (nvfp4 in the FFN/experts, fp8-block in the
 attention projections) and the same with its target-precision schedule (the last 20 % of
 the steps in bf16). The nvfp4 run is an A/B run (``--ab fp32``): its reference model is the
@@ -87,7 +88,7 @@ def storage() -> dict:
     import torch
 
     from plait.ops.quant import quantize, storage_bytes
-    from plait.parallel.precision import formats
+    from plait.parallel.precision import PrecisionConfig
     from plait.runtime.config import load_config
     from plait.runtime.models import build_model
 
@@ -102,10 +103,10 @@ def storage() -> dict:
     bf16 = sum(w.numel() * 2 for w in weights)
     out = {"bf16_bytes": bf16, "weights": len(weights), "recipes": {}}
     for recipe in ("fp8-tensor", "fp8-row", "fp8-block", "mxfp8", "mxfp4", "nvfp4"):
-        op = formats(recipe).w
+        op = PrecisionConfig().formats(recipe).w  # the defaults' weight format (nvfp4: 16×16 tiles)
         total = data = 0
         for w in weights:
-            q = quantize(w.contiguous(), op.fmt, elem=op.elem)
+            q = quantize(w.contiguous(), op.fmt, elem=op.elem, mx_scale=op.mx_scale, block_rows=op.block_rows)
             total += storage_bytes(q)
             data += q.data.numel() * q.data.element_size()
         out["recipes"][recipe] = {"format": op.fmt, "bytes": total, "data_bytes": data, "vs_bf16": total / bf16}

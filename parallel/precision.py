@@ -70,13 +70,14 @@ def _same(op: Operand, recipe: str, *, grad: Operand | None = None, hadamard: bo
     return Formats(recipe, x=op, w=op, dy=g, wt=op, dyt=g, xt=op, hadamard=hadamard)
 
 
-def formats(recipe: str, *, stochastic_grads: bool = True, hadamard: bool = True, weight_tiles: bool = False,
-            mx_scale: str = "floor") -> Formats | None:
-    """The formats of ``recipe``; None for the recipes that do not quantize (fp32, bf16).
+def formats(recipe: str, *, stochastic_grads: bool = True, hadamard: bool = True, weight_tiles: bool = True,
+            mx_scale: str = "up") -> Formats | None:
+    """The formats of ``recipe``; None for the recipes that do not quantize (fp32, bf16). The
+    defaults are :class:`PrecisionConfig`'s.
 
     ``weight_tiles`` (nvfp4): W and Wᵀ scaled per 16×16 tile, so the forward and the dgrad
-    GEMMs see the same quantized weights (the NVFP4 paper's 2-D weight scaling).
-    ``mx_scale`` (mxfp8, mxfp4): "floor" (OCP) or "up" (Mishra et al. 2025).
+    GEMMs see the same quantized weights (the NVFP4 paper's 2-D weight scaling); False: 1×16.
+    ``mx_scale`` (mxfp8, mxfp4): "up" (Mishra et al. 2025) or "floor" (OCP).
     """
     if recipe in HIGH:
         return None
@@ -126,8 +127,8 @@ class PrecisionConfig:
     schedule: list[ScheduleStage] = field(default_factory=list)  # recipes by step range (replaces recipe)
     stochastic_grads: bool = True  # nvfp4: gradients (dy) stochastically rounded
     hadamard: bool = True  # nvfp4: random Hadamard transform of the wgrad inputs
-    weight_tiles: bool = False  # nvfp4: weights scaled per 16×16 tile, the same quantized W in forward and dgrad
-    mx_scale: str = "floor"  # mxfp8/mxfp4 block scales: floor (OCP v1.0) | up (Mishra et al. 2025: no block saturates)
+    weight_tiles: bool = True  # nvfp4: weights scaled per 16×16 tile, the same quantized W in forward and dgrad
+    mx_scale: str = "up"  # mxfp8/mxfp4 block scales: up (Mishra et al. 2025: no block saturates) | floor (OCP v1.0)
     seed: int = 0  # of stochastic rounding and the Hadamard signs
     stats_every: int = 10  # steps between quantization statistics (amax, overflow, underflow); 0: never
     ab: str = ""  # a recipe: train a reference model in it alongside, same data and seed (`plait train --ab`)

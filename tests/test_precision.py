@@ -89,7 +89,7 @@ def _bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("recipe,options", [(r, {}) for r in RECIPES if r not in ("fp32", "bf16", "nvfp4")]
-                         + [("mxfp8", {"mx_scale": "up"}), ("mxfp4", {"mx_scale": "up"})])
+                         + [("mxfp8", {"mx_scale": "floor"}), ("mxfp4", {"mx_scale": "floor"})])
 def test_quantized_linear_matches_its_definition(recipe, options):
     """Forward, dgrad and wgrad: every operand quantized along the right dimension (transposes included)."""
     torch.manual_seed(0)
@@ -103,7 +103,8 @@ def test_quantized_linear_matches_its_definition(recipe, options):
     y = quant_linear(rt, "m", x, w)
     dx, dw = torch.autograd.grad(y, (x, w), gy)
     f = config.formats(recipe)
-    assert all(op.mx_scale == options.get("mx_scale", "floor") for op in f.operands().values())
+    expected = options.get("mx_scale", "up" if recipe.startswith("mx") else "floor")  # "up" is the default
+    assert all(op.mx_scale == expected for op in f.operands().values())
     xq, wq = _qdq(x.detach(), f.x), _qdq(w.detach(), f.w)
     assert ((y.double() - xq @ wq.t()).abs() <= _bound(xq, wq)).all()
     dyq, wtq = _qdq(gy, f.dy), _qdq(w.detach().t(), f.wt)
@@ -253,18 +254,20 @@ def test_weights_quantized_once_per_step():
 
 
 def test_statistics_count_overflow_and_underflow():
-    rt = PrecisionRuntime(PrecisionConfig(recipe="mxfp8", keep_edges=False), ["m"], layers=1, base="fp32")
-    rt.begin_step(0)
-    # one block of 32, amax 1.9: X = floor(log2 1.9) − 8 = −8, scale 2⁻⁸; 1.9 scales to 486.4, beyond 448 and its
-    # rounding region (overflow); 1e-9 scales below half the smallest subnormal 2⁻⁹ (underflow)
+    # one block of 32, amax 1.9: OCP's X = floor(log2 1.9) − 8 = −8, scale 2⁻⁸; 1.9 scales to 486.4, beyond 448 and
+    # its rounding region (overflow); 1e-9 scales below half the smallest subnormal 2⁻⁹ (underflow). The default
+    # scale rule (up) takes 2⁻⁷: 1.9 → 243.2, no overflow; 1e-9 still underflows
     x = torch.full((1, 32), 0.5)
     x[0, 0], x[0, 1], x[0, 2] = 1.9, 1.0, 1e-9
     w = torch.randn(4, 32)
-    quant_linear(rt, "m", x, w)
-    row = rt.stats[0]
-    assert row[0] == pytest.approx(1.9) and row[5] == 32
-    assert row[3] == 1  # 1.9 · 2⁸ = 486.4 rounds beyond 448
-    assert row[4] == 1  # 1e-9 became 0
+    for options, overflows in (({"mx_scale": "floor"}, 1), ({}, 0)):
+        rt = PrecisionRuntime(PrecisionConfig(recipe="mxfp8", keep_edges=False, **options), ["m"], layers=1, base="fp32")
+        rt.begin_step(0)
+        quant_linear(rt, "m", x, w)
+        row = rt.stats[0]
+        assert row[0] == pytest.approx(1.9) and row[5] == 32
+        assert row[3] == overflows
+        assert row[4] == 1  # 1e-9 became 0
 
 
 def test_linear_names_cover_the_model():
@@ -294,14 +297,16 @@ def test_dry_run_lists_each_module_format_per_schedule_stage():
     assert "steps 1–240:" in table and "steps 241–300:" in table
     first, second = table.split("steps 241–300:")
     assert "layers.0.attn.wq      fp8-block   x fp8-1x128/e4m3, w fp8-128x128/e4m3" in first
-    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4, dy nvfp4 SR" in first
+    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4 16×16, dy nvfp4 SR, wt nvfp4 16×16" in first  # the defaults
     assert "output                fp32" in first and "layers.3.ffn.experts  fp32" in first  # the edges
     assert "layers.3.attn.wq      fp8-block" in first  # a user rule comes first
     assert "layers.0.ffn.experts  bf16" in second and "nvfp4" not in second
-    tiles = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=nvfp4", "precision.weight_tiles=true"]))
-    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4 16×16, dy nvfp4 SR, wt nvfp4 16×16" in tiles
-    up = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=mxfp8", "precision.mx_scale=up"]))
-    assert "layers.0.ffn.experts  mxfp8       x mxfp8 scale-up, w mxfp8 scale-up" in up
+    rows = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=nvfp4", "precision.weight_tiles=false"]))
+    assert "layers.0.ffn.experts  nvfp4       x nvfp4, w nvfp4, dy nvfp4 SR" in rows and "16×16" not in rows
+    up = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=mxfp8"]))
+    assert "layers.0.ffn.experts  mxfp8       x mxfp8 scale-up, w mxfp8 scale-up" in up  # the default
+    floor = dry_run_report(load_config("configs/demo.yaml", ["precision.recipe=mxfp8", "precision.mx_scale=floor"]))
+    assert "layers.0.ffn.experts  mxfp8       x mxfp8, w mxfp8" in floor and "scale-up" not in floor
 
 
 MODEL = dict(layers=2, dim=32, heads=4, ffn_dim=64, vocab=256, seq_len=16, experts=4, top_k=2)
