@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS_STAMP := $(VENV)/.plait-deps
 BUILD_STAMP := $(VENV)/.plait-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
-PYTEST_ARGS ?= -m "not slow" --durations=20
+PYTEST_ARGS ?= -m "not slow" --durations=40
 
 .PHONY: setup demo test test-parallel test-faults bench cuda-check clean
 

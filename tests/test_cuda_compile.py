@@ -60,7 +60,9 @@ def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [
         nvcc,
-        "-arch=sm_90a",
+        # SASS for sm_90a only, as the build's CMAKE_CUDA_ARCHITECTURES=90a does (-arch=sm_90a would also
+        # run the front end a second time for compute_90 PTX)
+        "-gencode=arch=compute_90a,code=sm_90a",
         # The CPU wheel ships c10/cuda headers but not the CMake-generated config one.
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
         "-std=c++20",
