@@ -273,9 +273,9 @@ class ParallelEngine:
             sums = torch.cat([sums, self.compression.sums()])
         sums = self._reduce_with_control(sums)
         grad_norm = self.optimizer.step(lr, self.config.grad_clip)
-        if self.compression is not None:  # every rank makes every round's call (lockstep): rounds are micro-steps
+        if self.compression is not None:  # every rank makes every round's call (lockstep): a call is a micro-step
             ratio, fidelity = self.compression.end_step(sums[2 + self.dims.world:], ranks_per_layer=self.dims.world // self.dims.pp,
-                                                        micro_steps=max(1, balance.get("rounds", 1)))
+                                                        micro_steps=max(1, balance["calls"]))
         seconds = sums[2:2 + self.dims.world].tolist()
         # a position of the dp space is a tensor-parallel group and a pipeline: the sum of its ranks' seconds
         spaces = self.dims.groups((MeshAxis.DP, MeshAxis.CP))

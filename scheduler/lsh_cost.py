@@ -78,9 +78,10 @@ class Decision:
     saved_s: float  # all-to-all and expert seconds saved per micro-step
     cost_s: float  # compression seconds added per micro-step
     saved_a2a_s: float = 0.0  # the all-to-all's share of saved_s
+    copies: float = 0.0  # token copies one rank sends per micro-step, uncompressed
 
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "compress": self.compress, "ratio": self.ratio,
+        return {"layer": self.layer, "compress": self.compress, "ratio": self.ratio, "copies": self.copies,
                 "saved_ms": self.saved_s * 1e3, "saved_a2a_ms": self.saved_a2a_s * 1e3, "cost_ms": self.cost_s * 1e3}
 
 
@@ -92,7 +93,8 @@ def decide(layers: dict[int, LayerMeasure], link: LinkFit, row_bytes: int) -> li
         saved = a2a + EXPERT_PASSES * (m.copies - m.centroids) * m.expert_row_s
         cost = BACKWARD_FACTOR * m.compress_s
         ratio = m.centroids / m.copies if m.copies else 1.0
-        out.append(Decision(layer=layer, compress=saved > cost, ratio=ratio, saved_s=saved, cost_s=cost, saved_a2a_s=a2a))
+        out.append(Decision(layer=layer, compress=saved > cost, ratio=ratio, saved_s=saved, cost_s=cost, saved_a2a_s=a2a,
+                            copies=m.copies))
     return out
 
 
