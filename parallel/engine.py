@@ -73,7 +73,8 @@ class EngineConfig:
 @dataclass(frozen=True)
 class StepStats:
     loss: float  # mean cross-entropy over the global batch
-    aux_loss: float  # balancing loss (summed over MoE layers), mean over the step's micro-batch blocks
+    aux_loss: float  # balancing loss (summed over MoE layers), mean over the step's micro-batch blocks (documents
+    # under hybrid DP)
     grad_norm: float
     tokens: int | None = None  # tokens of a step of documents
     balance: dict[str, Any] | None = None  # hybrid DP: the plan's predicted and the measured imbalance
@@ -264,9 +265,11 @@ class ParallelEngine:
         if self.compression is not None:
             self.compression.begin_step()
         with self._autocast:
-            loss_sum, balance = self.hybrid.step(self.chunks, lengths, fetch, pipeline=self.pipeline)
+            local, balance = self.hybrid.step(self.chunks, lengths, fetch, pipeline=self.pipeline,
+                                              aux_coef=self.config.aux_loss_coef if self.is_moe else None)
         sums = torch.zeros(2 + self.dims.world, dtype=torch.float64, device=self.device)
-        sums[0] = loss_sum / sum(lengths)
+        sums[0] = local[0] / sum(lengths)
+        sums[1] = local[1]
         sums[2 + self.meshes.rank] = balance["compute_s"]
         ratio = fidelity = None
         if self.compression is not None:
@@ -283,7 +286,7 @@ class ParallelEngine:
         mean = statistics.fmean(by_position)
         balance.update(compute_s=seconds, measured=max(by_position) / mean if mean > 0 else 1.0)
         self.hybrid.observe(by_position)  # a position's seconds summed: its whole model's work, as calibrated
-        return StepStats(loss=float(sums[0]), aux_loss=0.0, grad_norm=grad_norm, tokens=sum(lengths), balance=balance,
+        return StepStats(loss=float(sums[0]), aux_loss=float(sums[1]), grad_norm=grad_norm, tokens=sum(lengths), balance=balance,
                          lsh_ratio=ratio, lsh_fidelity=fidelity, precision=self._precision_stats())
 
     @torch.no_grad()

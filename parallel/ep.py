@@ -174,22 +174,26 @@ def _global_stats(moe: nn.Module, routing, counts: torch.Tensor, sent: torch.Ten
 
     Returns the stage's sums ``[counts (E), N, dropped]``. This rank's share of its block's
     Switch loss is ``E·Σ_e f_e·(Σ_local p_te)/N_b``; when the block lies on this rank alone
-    (cp·tp = 1) the layer's own operations are used, so the result is bit-identical to it.
+    (cp·tp = 1) the layer's own operations are used, so the result is bit-identical to it. Under whole-document
+    training (``moe.documents`` set) the loss is per document instead (:class:`~plait.runtime.models.moe.DocumentBalance`).
     """
     e, k, probs = moe.num_experts, moe.top_k, routing.probs
     mine = torch.cat([counts, counts.new_tensor([routing.indices.shape[0]]), (counts - sent).sum().reshape(1)]).detach()
     table = mine.new_zeros(st.dp, e + 2)
     table[st.block] = mine
     comm.all_reduce(table, st.stage)
-    if st.stage.size == st.dp:  # cp·tp = 1: the block is this rank's tokens
-        f = counts.to(probs.dtype) / routing.indices.numel()
-        p = probs.mean(dim=0)
+    if getattr(moe, "documents", None) is not None:  # whole documents (hybrid DP): the loss is per document
+        moe.aux_loss = moe.documents.loss(routing, e)
     else:
-        row = table[st.block]
-        n_block = row[e].to(probs.dtype)
-        f = row[:e].to(probs.dtype) / (n_block * k)
-        p = probs.sum(dim=0) / n_block
-    moe.aux_loss = e * torch.sum(f * p)
+        if st.stage.size == st.dp:  # cp·tp = 1: the block is this rank's tokens
+            f = counts.to(probs.dtype) / routing.indices.numel()
+            p = probs.mean(dim=0)
+        else:
+            row = table[st.block]
+            n_block = row[e].to(probs.dtype)
+            f = row[:e].to(probs.dtype) / (n_block * k)
+            p = probs.sum(dim=0) / n_block
+        moe.aux_loss = e * torch.sum(f * p)
     stats = table.sum(0)
     moe.tokens_per_expert = stats[:e].clone()
     return stats

@@ -73,9 +73,11 @@ class BlockGroups:
 
 def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
                      documents: Sequence[tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]],
-                     total_tokens: int, row_tokens: int | None = None, tp: Group | None = None) -> torch.Tensor:
+                     total_tokens: int, row_tokens: int | None = None, tp: Group | None = None,
+                     aux_coef: float | None = None) -> torch.Tensor:
     """Run this rank's calls of a step's plan, forward and backward, in free order (no collective spans ranks
-    with different documents): gradients accumulate into ``model``. Returns this rank's loss sum (float64).
+    with different documents): gradients accumulate into ``model``. Returns this rank's loss sum and its share
+    of the per-document balancing loss (float64 [2]; ``aux_coef`` None: a model without one, 0 reported).
 
     Split sequences are padded, cut zig-zag and attended with their K and V gathered over their block; whole
     sequences are packed into rows of at most ``row_tokens`` tokens (default: one row); see
@@ -84,8 +86,9 @@ def forward_backward(model: nn.Module, blocks: BlockGroups, plan: Plan,
     lengths = _lengths(plan, documents)
     calls = rounds(plan, lengths, blocks.size, row_tokens=row_tokens).of(blocks.index)
     device = next(model.parameters()).device
-    prepared = [prepare(c, documents, blocks.block, blocks.index, tp, device) for c in calls]
-    return run_calls(model, prepared, total_tokens)
+    weight = None if aux_coef is None else 1.0 / sum(len(g.sequences) for g in plan.groups)
+    prepared = [prepare(c, documents, blocks.block, blocks.index, tp, device, balance_weight=weight) for c in calls]
+    return run_calls(model, prepared, total_tokens, aux_coef or 0.0)
 
 
 def _lengths(plan: Plan, documents) -> list[int]:
@@ -206,9 +209,11 @@ class HybridDP:
             return static_plan(lengths, self.blocks.size, self.static_cp, self.cost, window=self.max_len)
         return balance(lengths, self.blocks.size, self.cost, budget=self.budget, capacity=sum(lengths))
 
-    def step(self, chunks: Sequence[nn.Module], lengths: Sequence[int], fetch, *, pipeline=None) -> tuple[float, dict]:
+    def step(self, chunks: Sequence[nn.Module], lengths: Sequence[int], fetch, *, pipeline=None,
+             aux_coef: float | None = None) -> tuple[torch.Tensor, dict]:
         """Plan, load this rank's documents, forward and backward (through ``pipeline``'s schedule when given);
-        returns (loss sum, the plan's balance)."""
+        returns (float64 [2]: the loss sum and this rank's share of the balancing loss, the plan's balance).
+        ``aux_coef``: the weight of a mixture-of-experts model's per-document balancing loss (None: no MoE)."""
         start = time.perf_counter()
         plan = self.plan(lengths)
         table = rounds(plan, lengths, self.blocks.size, row_tokens=self.budget, multiple=self.multiple)
@@ -220,13 +225,15 @@ class HybridDP:
         documents = dict(zip(mine, fetch(mine)))
         device = next((p.device for c in chunks for p in c.parameters()), None)
         cpu = time.process_time()
-        prepared = [prepare(c, documents, self.blocks.block, me, self.tp, device) for c in calls]
+        weight = None if aux_coef is None else 1.0 / len(lengths)
+        prepared = [prepare(c, documents, self.blocks.block, me, self.tp, device, balance_weight=weight) for c in calls]
         if pipeline is None:
-            loss = run_calls(chunks[0], prepared, sum(lengths))
+            sums = run_calls(chunks[0], prepared, sum(lengths), aux_coef or 0.0)
         else:
-            loss = run_pipelined(pipeline, prepared, sum(lengths), dim=chunks[0].cfg.dim, device=device)
+            sums = run_pipelined(pipeline, prepared, sum(lengths), dim=chunks[0].cfg.dim, device=device,
+                                 aux_coef=aux_coef or 0.0)
         compute = time.process_time() - cpu
-        return float(loss), {"predicted": plan.imbalance, "schedule_ms": planned * 1e3, "compute_s": compute,
+        return sums, {"predicted": plan.imbalance, "schedule_ms": planned * 1e3, "compute_s": compute,
                              "split": sum(1 for g in plan.groups if g.size > 1),
                              "largest_block": max(g.size for g in plan.groups),
                              "calls": table.count if self.lockstep else len(calls),

@@ -14,7 +14,11 @@ object serves every model chunk of a pipeline, so a micro-batch's stages agree o
   still runs, and nothing reaches the loss or the gradients.
 
 The loss of a call is the sum of its token losses over ``total_tokens`` (the token mean of the whole
-global batch), so summing gradients over the ranks gives one process's gradients.
+global batch), so summing gradients over the ranks gives one process's gradients. A mixture-of-experts
+model's balancing loss is defined per document (:class:`~plait.runtime.models.moe.DocumentBalance`, the mean
+over the step's documents): each call tells its MoE layers which document each of its tokens belongs to, and
+a document's expert counts are summed over the ranks that share it (its block and tp), so the loss is the
+same whatever the grouping.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from plait.parallel import comm
 from plait.parallel.comm import Group
 from plait.parallel.cp import attention_modules, zigzag_positions
+from plait.runtime.models.moe import MoE, DocumentBalance
 from plait.scheduler.hdp_calls import Call
 
 IGNORE = -100  # target of a padding token: no loss
@@ -84,6 +89,7 @@ class Prepared:
     positions: torch.Tensor | None = None  # split: rotary positions of the share
     documents: list[list[int]] | None = None  # row: the lengths packed into it (the whole row, before tp)
     attend: DocumentContextParallelAttention | None = None  # split: attention over the block
+    balance: DocumentBalance | None = None  # the MoE layers' per-document balancing loss (None: not asked for)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,16 +99,23 @@ class Prepared:
         """``chunk`` (the whole model or a pipeline stage's part) on this call: on its tokens, or on ``hidden``
         (the previous stage's activations)."""
         x = self.tokens if hidden is None else hidden
-        if self.attend is None:
-            return chunk(x, documents=self.documents)
-        modules = attention_modules(chunk)
-        for m in modules:
-            m.attend = self.attend
+        experts = [m for m in chunk.modules() if isinstance(m, MoE)] if self.balance is not None else []
+        for m in experts:
+            m.documents = self.balance
         try:
-            return chunk(x, positions=self.positions)
-        finally:
+            if self.attend is None:
+                return chunk(x, documents=self.documents)
+            modules = attention_modules(chunk)
             for m in modules:
-                del m.attend
+                m.attend = self.attend
+            try:
+                return chunk(x, positions=self.positions)
+            finally:
+                for m in modules:
+                    del m.attend
+        finally:
+            for m in experts:
+                m.documents = None
 
     def loss(self, out: torch.Tensor) -> torch.Tensor:
         """Sum of the token losses of this share (padding excluded)."""
@@ -116,10 +129,34 @@ def _pad(x: torch.Tensor, y: torch.Tensor, to: int) -> tuple[torch.Tensor, torch
     return x, y, pad
 
 
+def _balance(sizes: list[int], pad: int, share: torch.Tensor | None, t: int, tp: Group | None,
+             group: Group | None, weight: float, device) -> DocumentBalance:
+    """The per-document balancing terms of a call whose documents have ``sizes`` (then ``pad`` padding
+    tokens): each token of this rank's share (``share``: its positions in the call, None: all, then cut
+    into t parts) with its document, counts summed over ``tp`` and the split call's block ``group``."""
+    ids = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.tensor([*sizes, pad]))
+    ids[ids == len(sizes)] = -1
+    if share is not None:
+        ids = ids[share]
+    if t > 1:
+        ids = ids.chunk(t)[tp.rank]
+    groups = [g for g in (tp if t > 1 else None, group) if g is not None]
+
+    def reduce(counts: torch.Tensor) -> torch.Tensor:
+        for g in groups:
+            comm.all_reduce(counts, g)
+        return counts
+
+    return DocumentBalance(document=ids.to(device), tokens=torch.tensor(sizes, dtype=torch.float64), weight=weight,
+                           reduce=reduce if groups else None)
+
+
 def prepare(call: Call | None, documents: Documents, block: Callable[[int, int], Group], position: int,
-            tp: Group | None = None, device: torch.device | None = None) -> Prepared:
+            tp: Group | None = None, device: torch.device | None = None, *, balance_weight: float | None = None) -> Prepared:
     """This rank's share of ``call`` (None: an empty round's padding call); ``block(start, size)`` gives the
-    block's group; ``position`` is this rank's place in its dp × cp space."""
+    block's group; ``position`` is this rank's place in its dp × cp space. ``balance_weight`` (each document's
+    weight in the step's balancing loss, 1 / documents of the step; None: no balancing terms) tells the MoE
+    layers each token's document."""
     t = tp.size if tp is not None and tp.size > 1 else 1
     if call is None:
         x, y = torch.zeros(t, dtype=torch.long), torch.full((t,), IGNORE, dtype=torch.long)
@@ -141,42 +178,63 @@ def prepare(call: Call | None, documents: Documents, block: Callable[[int, int],
         gathered = torch.cat([zigzag_positions(x.numel(), g, r) for r in range(g)])
         attend = DocumentContextParallelAttention(group, mine, gathered, document, device, x.numel() // (2 * g))
         x, y, positions = x[mine], y[mine], within[mine]
+        terms = None
+        if balance_weight is not None:
+            terms = _balance(sizes[:len(call.sequences)], pad, mine, t, tp, group, balance_weight, device)
         if t > 1:
             x, y = x.chunk(t)[tp.rank], y.chunk(t)[tp.rank]
-        return Prepared(x[None].to(device), y.to(device), positions=positions.to(device), attend=attend)
+        return Prepared(x[None].to(device), y.to(device), positions=positions.to(device), attend=attend, balance=terms)
+    pad = 0
     if call is not None:
         x, y, pad = _pad(x, y, t)
         sizes += [pad] if pad else []
+    terms = None
+    if balance_weight is not None:
+        whole = [] if call is None else sizes[:len(call.sequences)]
+        terms = _balance(whole, x.numel() - sum(whole), None, t, tp, None, balance_weight, device)
     if t > 1:
         x, y = x.chunk(t)[tp.rank], y.chunk(t)[tp.rank]
-    return Prepared(x[None].to(device), y.to(device), documents=[sizes])
+    return Prepared(x[None].to(device), y.to(device), documents=[sizes], balance=terms)
 
 
-def run_calls(model: nn.Module, calls: Sequence[Prepared], total_tokens: int) -> torch.Tensor:
-    """Forward and backward of each call in turn (each backward before the next forward); the loss sum (float64)."""
-    total = torch.zeros((), dtype=torch.float64)
+def run_calls(model: nn.Module, calls: Sequence[Prepared], total_tokens: int, aux_coef: float = 0.0) -> torch.Tensor:
+    """Forward and backward of each call in turn (each backward before the next forward); float64 [2]: the token
+    loss sum and this rank's share of the step's balancing loss (0 without balancing terms), which enters the
+    loss times ``aux_coef``."""
+    total = torch.zeros(2, dtype=torch.float64)
     for call in calls:
         loss = call.loss(call.run(model))
-        (loss / total_tokens).backward()
-        total += loss.detach().double().cpu()
+        objective = loss / total_tokens
+        if call.balance is not None:
+            aux = model.aux_loss()
+            objective = objective + aux_coef * aux
+            total[1] += aux.detach().double().cpu()
+        objective.backward()
+        total[0] += loss.detach().double().cpu()
     return total
 
 
 def run_pipelined(pipeline, calls: Sequence[Prepared], total_tokens: int, *, dim: int,
-                  device: torch.device | None = None) -> torch.Tensor:
+                  device: torch.device | None = None, aux_coef: float = 0.0) -> torch.Tensor:
     """The calls as the micro-batches of this rank's pipeline schedule (1F1B or interleaved, built for their
-    number); every pipeline of the step has the same number of calls. The loss sum on the last stage, else 0."""
+    number); every pipeline of the step has the same number of calls. float64 [2]: the loss sum on the last
+    stage (else 0) and this stage's share of the balancing loss (as :func:`run_calls`)."""
     from plait.parallel.pp import schedule
 
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)
 
     def forward(j: int, x: torch.Tensor | None, i: int):
-        return calls[i].run(pipeline.chunks[j], x), None
+        chunk = pipeline.chunks[j]
+        out = calls[i].run(chunk, x)
+        if calls[i].balance is None:
+            return out, None
+        aux = chunk.aux_loss()
+        total[1] += aux.detach().double().cpu()
+        return out, aux * aux_coef
 
     def loss(i: int, out: torch.Tensor) -> torch.Tensor:
-        nonlocal total
         value = calls[i].loss(out)
-        total += value.detach().double().cpu()
+        total[0] += value.detach().double().cpu()
         return value / total_tokens
 
     actions = schedule(pipeline.pp, pipeline.vpp, len(calls), pipeline.pp_rank)

@@ -103,11 +103,6 @@ class JobConfig:
             raise ConfigError("launch.nproc", self.launch.nproc,
                               f"hybrid data parallelism splits documents over power-of-two blocks of ranks, so dp "
                               f"({dims.dp}) must be a power of two", hint="use 1, 2, 4, 8, ... processes")
-        if m.kind == "moe" and m.aux_loss_coef:
-            raise ConfigError("model.aux_loss_coef", m.aux_loss_coef,
-                              "the balancing loss's statistics span each forward call, and hybrid data parallelism "
-                              "groups documents into calls differently on each layout",
-                              hint="set model.aux_loss_coef=0 with parallel.hybrid_dp")
         unit = 2 * dims.dp * dims.tp
         if m.seq_len % unit:
             raise ConfigError("model.seq_len", m.seq_len,

@@ -65,7 +65,10 @@ def _documents():
     return [(torch.randint(0, 61, (n,), generator=gen), torch.randint(0, 61, (n,), generator=gen)) for n in LENGTHS]
 
 
-def hybrid_step(rank: int, world: int, kind: str, schedule: str = "balance") -> dict:
+AUX = 0.1  # a balancing loss weight large enough that a wrong one moves the gradients well past rounding
+
+
+def hybrid_step(rank: int, world: int, kind: str, schedule: str = "balance", aux_coef: float | None = None) -> dict:
     from plait.parallel.hdp import forward_backward, reduce_gradients
     from plait.scheduler.balance import Cost, balance, static_plan
 
@@ -77,40 +80,48 @@ def hybrid_step(rank: int, world: int, kind: str, schedule: str = "balance") -> 
     else:  # windows of 64 tokens packed in batch order, dealt to 2 replicas of cp = 2
         plan = static_plan(LENGTHS, world, 2, Cost(a=1.0, b=1 / 16), window=64)
         assert any(len(g.sequences) > 1 for g in plan.groups) and all(g.packed for g in plan.groups)
-    loss = forward_backward(model, blocks, plan, _documents(), sum(LENGTHS))
+    sums = forward_backward(model, blocks, plan, _documents(), sum(LENGTHS), aux_coef=aux_coef)
     reduce_gradients(model, blocks)
-    dist.all_reduce(loss, group=blocks.block(0, world).pg)
-    return {"loss": loss.item(), "grads": {n: p.grad for n, p in model.named_parameters()},
+    dist.all_reduce(sums, group=blocks.block(0, world).pg)
+    return {"loss": sums[0].item(), "aux": sums[1].item(), "grads": {n: p.grad for n, p in model.named_parameters()},
             "split": [g.size for g in plan.groups if g.size > 1]}
 
 
-@pytest.mark.parametrize("kind,schedule", [("gpt", "balance"), ("moe", "balance"), ("gpt", "static")])
-def test_hybrid_dp_gives_one_processs_loss_and_gradients(kind, schedule):
+@pytest.mark.parametrize("kind,schedule,aux", [("gpt", "balance", None), ("moe", "balance", None), ("gpt", "static", None),
+                                               ("moe", "balance", AUX), ("moe", "static", AUX)],
+                         ids=["gpt", "moe", "gpt-static", "moe-aux", "moe-aux-static"])
+def test_hybrid_dp_gives_one_processs_loss_and_gradients(kind, schedule, aux):
     """Both the balance plan and the static mesh's packed windows (each document attending only itself,
-    rotary positions restarting per document, across a zig-zag split) equal plain PyTorch."""
-    results = run_distributed(hybrid_step, 4, args=(kind, schedule), timeout=180)
+    rotary positions restarting per document, across a zig-zag split) equal plain PyTorch; with the balancing
+    loss on, each document's loss is its own whether it runs whole, packed with others or split."""
+    results = run_distributed(hybrid_step, 4, args=(kind, schedule, aux), timeout=180)
     assert results[0]["split"]  # the plan splits some sequences over blocks and runs others whole
-    assert_equals_plain_pytorch(results, kind)
+    assert_equals_plain_pytorch(results, kind, aux)
 
 
-def assert_equals_plain_pytorch(results: list[dict], kind: str) -> None:
+def assert_equals_plain_pytorch(results: list[dict], kind: str, aux_coef: float | None = None) -> None:
     """Every rank's summed loss and reduced gradients against plain PyTorch: every document alone, token-mean
-    over the whole batch."""
+    over the whole batch; with ``aux_coef``, plus that times the mean over documents of each one's balancing loss
+    (the layer's own Switch loss of a forward over that document alone)."""
     import torch.nn.functional as F
 
     model = _model(kind)
-    total = 0
+    total = balancing = 0
     for x, y in _documents():
         total = total + F.cross_entropy(model(x[None]).flatten(0, 1), y, reduction="sum")
-    (total / sum(LENGTHS)).backward()
+        if aux_coef is not None:
+            balancing = balancing + model.aux_loss() / len(LENGTHS)
+    (total / sum(LENGTHS) + (aux_coef or 0.0) * balancing).backward()
     for got in results:
         assert got["loss"] == pytest.approx(total.item(), rel=1e-6)
+        if aux_coef is not None:
+            assert got["aux"] == pytest.approx(balancing.item(), rel=1e-6)
         for name, p in model.named_parameters():
             # the same sums in another order over 4 ranks: float32 rounding only
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def lockstep_expert_step(rank: int, world: int) -> dict:
+def lockstep_expert_step(rank: int, world: int, aux_coef: float | None = None) -> dict:
     """Experts over ep 2 × edp 2: ranks 0 and 1 share two long sequences, rank 2 has four rows and rank 3 one,
     so ranks 0, 1 and 3 make padding calls that must still run every expert all-to-all."""
     from plait.parallel.ep import apply_ep
@@ -129,9 +140,10 @@ def lockstep_expert_step(rank: int, world: int) -> dict:
     table = rounds(plan, LENGTHS, world, row_tokens=20)
     calls = table.of(blocks.index, lockstep=True)
     docs = _documents()
-    prepared = [prepare(c, dict(enumerate(docs)), blocks.block, blocks.index) for c in calls]
-    loss = run_calls(model, prepared, sum(LENGTHS))
-    dist.all_reduce(loss)
+    weight = None if aux_coef is None else 1 / len(LENGTHS)
+    prepared = [prepare(c, dict(enumerate(docs)), blocks.block, blocks.index, balance_weight=weight) for c in calls]
+    sums = run_calls(model, prepared, sum(LENGTHS), aux_coef or 0.0)
+    dist.all_reduce(sums)
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -141,7 +153,8 @@ def lockstep_expert_step(rank: int, world: int) -> dict:
         else:
             dist.all_reduce(g)
         grads[name] = g
-    return {"loss": loss.item(), "grads": grads, "calls": len(calls), "padding": sum(c is None for c in calls)}
+    return {"loss": sums[0].item(), "aux": sums[1].item(), "grads": grads, "calls": len(calls),
+            "padding": sum(c is None for c in calls)}
 
 
 def dist_gather_experts(g: torch.Tensor, group) -> torch.Tensor:
@@ -150,8 +163,9 @@ def dist_gather_experts(g: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def test_lockstep_padding_calls_run_the_expert_all_to_alls_and_add_nothing():
-    results = run_distributed(lockstep_expert_step, 4, timeout=180)
+@pytest.mark.parametrize("aux", [None, AUX], ids=["no-aux", "aux"])
+def test_lockstep_padding_calls_run_the_expert_all_to_alls_and_add_nothing(aux):
+    results = run_distributed(lockstep_expert_step, 4, args=(aux,), timeout=180)
     assert {r["calls"] for r in results} == {4}  # rank 2's rows, first fit: 5+12+3 | 33 | 7 | 20
     assert [r["padding"] for r in results] == [2, 2, 0, 3]
-    assert_equals_plain_pytorch(results, "moe")
+    assert_equals_plain_pytorch(results, "moe", aux)

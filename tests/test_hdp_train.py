@@ -38,7 +38,6 @@ def plait(*args: str) -> subprocess.CompletedProcess:
     (["parallel.hybrid_dp=true"], "parallel.hybrid_dp", "data.packing=documents"),
     ([*HYBRID, "parallel.cp=2"], "parallel.cp", "parallel.cp=1"),
     ([*HYBRID, "parallel.tp=2", "model.seq_len=132"], "model.seq_len", "multiple of 8"),
-    ([*HYBRID, "model.kind=moe", "model.aux_loss_coef=0.01"], "model.aux_loss_coef", "aux_loss_coef=0"),
     ([*HYBRID, "model.seq_len=36"], "model.seq_len", "multiple of 8"),
     ([*HYBRID, "data.max_len=256"], "data.max_len", "at most 128"),
     ([*HYBRID, "parallel.hdp_budget=16"], "parallel.hdp_budget", "at least 32"),
@@ -120,29 +119,35 @@ def test_a_run_of_documents_resumes_bitwise_from_its_checkpoint(runs, tmp_path):
     assert all(sec > 0 for *_, sec in balance["observed"])
 
 
-def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp_path):
-    """tp 2 × a dp space of 2: every row (split or packed) padded to a multiple of tp and cut sequence-parallel."""
-    from plait.bench.hdp import plain_losses
+@pytest.mark.parametrize("model", [[], ["model.kind=moe", "model.aux_loss_coef=0.05"]], ids=["gpt", "moe-aux"])
+def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp_path, model):
+    """tp 2 × a dp space of 2: every row (split or packed) padded to a multiple of tp and cut sequence-parallel; a
+    document's expert counts are summed over tp (each tp rank routes its part of the row) and over its block."""
+    from plait.bench.hdp import plain_run
 
     run = tmp_path / "tp2"
     plait("train", "--config", str(runs["config"]), "--nproc", "4", "--run-dir", str(run), "--set", "parallel.tp=2",
-          "parallel.hdp_budget=32", "snapshot.every=0", "snapshot.disk_every=0")
+          "parallel.hdp_budget=32", "snapshot.every=0", "snapshot.disk_every=0", *model)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["parallel"]["tp"] == 2 and summary["parallel"]["dp"] == 2
     assert any(b["split"] for b in summary["balance"])
-    for got, want in zip(summary["losses"], plain_losses(4, runs["config"]), strict=True):
+    plain = plain_run(4, runs["config"], model)
+    for got, want in zip(summary["losses"], plain["losses"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    for got, want in zip(summary["aux_losses"], plain["aux_losses"], strict=True):
         assert got == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("sets", [
-    # experts over ep 2 × edp 2 and pipeline stages: every rank makes every round's call
-    ["model.kind=moe", "model.aux_loss_coef=0", "parallel.ep=2", "parallel.pp=2", "parallel.hdp_budget=32"],
+    # experts over ep 2 × edp 2 and pipeline stages: every rank makes every round's call; the balancing loss is
+    # each document's own (its expert counts summed over the block that splits it)
+    ["model.kind=moe", "model.aux_loss_coef=0.05", "parallel.ep=2", "parallel.pp=2", "parallel.hdp_budget=32"],
     # the interleaved schedule: calls padded to a multiple of pp micro-batches
     ["model.layers=4", "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "parallel.hdp_budget=32"],
 ], ids=["moe-ep2-pp2", "pp2-vpp2"])
 def test_expert_and_pipeline_parallelism_around_hybrid_dp_train_like_plain_pytorch(runs, tmp_path, sets):
     """Padding calls themselves are checked in test_hdp (a plan that needs them, against plain PyTorch)."""
-    from plait.bench.hdp import plain_losses
+    from plait.bench.hdp import plain_run
 
     run = tmp_path / "run"
     plait("train", "--config", str(runs["config"]), "--nproc", "4", "--run-dir", str(run), "--set", *sets,
@@ -154,8 +159,11 @@ def test_expert_and_pipeline_parallelism_around_hybrid_dp_train_like_plain_pytor
     # every document of a step is split over the dp space of 2 (64 tokens, a budget of 32): one call each
     assert all(b["split"] == 8 and b["calls"] == 8 and b["padding_calls"] == 0 for b in summary["balance"])
     model = [s for s in sets if s.startswith("model.")]
-    for got, want in zip(summary["losses"], plain_losses(4, runs["config"], model), strict=True):
+    plain = plain_run(4, runs["config"], model)
+    for got, want in zip(summary["losses"], plain["losses"], strict=True):
         assert got == pytest.approx(want, rel=1e-5)
+    for got, want in zip(summary["aux_losses"], plain["aux_losses"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)  # 0.0 for the dense model on both sides
 
 
 def test_lsh_auto_under_hybrid_dp_measures_each_call(runs, tmp_path):

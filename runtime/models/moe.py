@@ -11,6 +11,7 @@ put an all-to-all between ``permute`` and ``experts`` (and back before ``combine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,41 @@ class Permutation:
     order: torch.Tensor  # [N*k] positions in the flattened [N, k] assignment list, sorted by expert
     token_ids: torch.Tensor  # [N*k] token of each sorted copy (order // k)
     counts: torch.Tensor  # [E] int64 copies per expert (sum N*k)
+
+
+@dataclass
+class DocumentBalance:
+    """The balancing loss defined per document (whole-document training, hybrid data parallelism).
+
+    A document's Switch loss is ``E·Σ_e f_de·P_de`` over its own tokens (DeepSeek-V3's sequence-wise
+    balance loss): ``f_de`` the fraction of its N_d·k copies routed to expert e, ``P_de`` its tokens' mean
+    router probability. A step's balancing loss is the mean over its documents. Neither depends on how
+    documents are grouped into forward calls or split over ranks, so every layout computes the same loss.
+    A layer's ``aux_loss`` is this rank's share: ``Σ_d weight·E·Σ_e f_de·(Σ_mine p_te)/N_d`` over the
+    documents it holds tokens of, which summed over the ranks sharing a document is the document's loss.
+    """
+
+    document: torch.Tensor  # int64 [n]: each of this rank's tokens' document (0 … D−1); −1: padding
+    tokens: torch.Tensor  # float64 [D]: each document's whole token count N_d (all ranks' shares)
+    weight: float  # each document's weight (1 / documents of the step)
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # sums [D, E] counts over the ranks sharing them
+
+    def loss(self, routing: "Routing", experts: int) -> torch.Tensor:
+        """This rank's share of the weighted per-document losses (a scalar in the autograd graph)."""
+        probs, k = routing.probs, routing.indices.shape[1]
+        d = self.tokens.numel()
+        mine = self.document >= 0
+        doc = self.document[mine]
+        counts = torch.zeros(d * experts, dtype=torch.long, device=probs.device)
+        slots = (doc[:, None] * experts + routing.indices[mine]).flatten()
+        counts.index_add_(0, slots, torch.ones_like(slots))
+        counts = counts.view(d, experts)
+        if self.reduce is not None:
+            counts = self.reduce(counts)
+        n = self.tokens.to(device=probs.device, dtype=probs.dtype)
+        f = counts.to(probs.dtype) / (n[:, None] * k)
+        p = probs.new_zeros(d, experts).index_add(0, doc, probs[mine]) / n[:, None]
+        return experts * self.weight * torch.sum(f * p)
 
 
 class GroupedExperts(nn.Module):
@@ -76,7 +112,9 @@ class MoE(nn.Module):
 
     After each forward pass ``self.aux_loss`` holds the (unweighted) load-balancing loss,
     a scalar in the autograd graph, and ``self.tokens_per_expert`` the detached int64 [E]
-    count of token copies sent to each expert.
+    count of token copies sent to each expert. With ``self.documents`` set (a
+    :class:`DocumentBalance`, for one forward call), the loss is that call's share of the
+    per-document losses instead.
     """
 
     def __init__(self, dim: int, ffn_dim: int, experts: int, top_k: int):
@@ -90,6 +128,7 @@ class MoE(nn.Module):
         self.reset_parameters(0.02, 0.02)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
+        self.documents: DocumentBalance | None = None
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.weight, mean=0.0, std=std)
@@ -136,6 +175,9 @@ class MoE(nn.Module):
         xs, perm = self.permute(x2d, routing.indices)
         ys = self.experts(xs, perm.counts)
         out = self.combine(ys, perm, routing.weights, x2d.shape[0])
-        self.aux_loss = self.balancing_loss(routing, perm.counts)
+        if self.documents is not None:
+            self.aux_loss = self.documents.loss(routing, self.num_experts)
+        else:
+            self.aux_loss = self.balancing_loss(routing, perm.counts)
         self.tokens_per_expert = perm.counts.detach()
         return out.reshape(shape)
