@@ -27,7 +27,8 @@ buffer, padded to a multiple of the group size. After the backward passes of a s
 
 Ledger per step and bucket of ``n`` padded elements (fp32), each rank of a group of
 size g > 1: reduce_scatter ``4·n`` bytes, all_gather ``4·n/g`` bytes; plus one
-all_reduce of 8 bytes (the squared norm, float64) over the world.
+all_reduce of 8 bytes (the squared norm, float64) over the world, which the engine's closing
+numbers (loss sums, MoE statistics, the control word) join.
 
 Parameters stay whole between steps (no FSDP-style parameter sharding): a later step
 can add it behind the same buckets.
@@ -136,8 +137,12 @@ class ShardedAdamW:
             for p in b.params:
                 p.grad = None
 
-    def step(self, lr: float, max_norm: float) -> float:
-        """Reduce gradients, clip to ``max_norm`` (0: no clipping), update; returns the global grad norm."""
+    def step(self, lr: float, max_norm: float, closing: torch.Tensor | None = None) -> float | tuple[float, torch.Tensor]:
+        """Reduce gradients, clip to ``max_norm`` (0: no clipping), update; returns the global grad norm.
+
+        ``closing`` (float64): more numbers to sum over the world on the same all-reduce as the squared norm (one
+        collective instead of two); then returns (norm, their sums).
+        """
         sq = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(self.buckets):
             grad = comm.reduce_scatter(b.flat_grads(), b.group) if b.group.size > 1 else b.flat_grads()
@@ -145,8 +150,9 @@ class ShardedAdamW:
             if self.keep_grads:
                 self.last_grads[i] = grad.detach().clone()
             sq += grad.double().pow(2).sum()
-        comm.all_reduce(sq, self.world)
-        norm = float(sq.sqrt())
+        both = sq.reshape(1) if closing is None else torch.cat([sq.reshape(1), closing.to(torch.float64)])
+        comm.all_reduce(both, self.world)
+        norm = float(both[0].sqrt())
         if max_norm > 0:
             coef = min(1.0, max_norm / (norm + 1e-6))
             for b in self.buckets:
@@ -161,7 +167,7 @@ class ShardedAdamW:
             full = comm.all_gather(b.shard.detach(), b.group) if b.group.size > 1 else b.shard.detach()
             b.write_back(full)
         self.zero_grad()
-        return norm
+        return norm if closing is None else (norm, both[1:])
 
     # ------------------------------------------------------------------ state in per-parameter form
 

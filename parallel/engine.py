@@ -102,6 +102,15 @@ class ParallelEngine:
         self.coords = meshes.coordinates()
         self.accumulation = max(1, config.global_batch // (config.micro_batch * self.dims.dp))
         self.is_moe = any(_is_moe(m) for m in model.modules())
+        # Every MoE layer of the whole model, numbered before the pipeline splits it: the step's closing all-reduce
+        # sums each layer's statistics over the ranks (tokens_per_expert)
+        self.moe_layers = 0
+        for m in model.modules():
+            if _is_moe(m):
+                m._plait_moe_index = self.moe_layers
+                self.moe_layers += 1
+        self.experts = getattr(model.cfg, "experts", 0)
+        self.expert_stats: torch.Tensor | None = None  # float64 [MoE layers, E + 2] of the last step, summed
         self.dim = model.cfg.dim
         self.hybrid = None
         linears = None
@@ -204,17 +213,39 @@ class ParallelEngine:
         comm.all_reduce(counts, world)
         return summarize(self.precision, amax.cpu(), counts.cpu())
 
-    def _reduce_with_control(self, sums: torch.Tensor) -> torch.Tensor:
-        """The step's closing world all-reduce (a sum), with the control word appended when the control plane is on.
+    def _close_step(self, sums: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
+        """Reduce the gradients and update (the optimizer's step); returns (the sums over the world, grad norm).
 
-        Only rank 0 sets a non-zero word, so the sum is its word on every rank (exact in float64).
+        The step's closing world all-reduce rides on the optimizer's one for the squared gradient norm: ``sums``,
+        then each MoE layer's statistics of this rank's last forward (``[copies per expert, tokens, dropped]``,
+        zeros for layers on other pipeline stages), then the control word when the control plane is on. Only
+        rank 0 sets a non-zero word, so the sum is its word on every rank (exact in float64). The layers'
+        ``tokens_per_expert`` and ``dropped_tokens`` become the stage's sums.
         """
-        if not self.config.control:
-            return comm.all_reduce(sums, self.meshes.group("world"))
-        word = torch.tensor([self.control_word], dtype=sums.dtype, device=sums.device)
-        both = comm.all_reduce(torch.cat([sums, word]), self.meshes.group("world"))
-        self.control_agreed = float(both[-1])
-        return both[:-1]
+        parts = [sums]
+        width = self.experts + 2
+        if self.moe_layers:
+            table = torch.zeros(self.moe_layers, width, dtype=torch.float64, device=sums.device)
+            for m in self._moe_modules():
+                if m.local_stats is not None:
+                    table[m._plait_moe_index] = m.local_stats.to(torch.float64)
+            parts.append(table.flatten())
+        if self.config.control:
+            parts.append(torch.tensor([self.control_word], dtype=torch.float64, device=sums.device))
+        closing = torch.cat(parts) if len(parts) > 1 else sums
+        grad_norm, closing = self.optimizer.step(lr, self.config.grad_clip, closing=closing)
+        if self.config.control:
+            self.control_agreed = float(closing[-1])
+        if self.moe_layers:
+            self.expert_stats = closing[sums.numel():sums.numel() + self.moe_layers * width].view(self.moe_layers, width)
+            for m in self._moe_modules():
+                row = self.expert_stats[m._plait_moe_index]
+                m.tokens_per_expert = row[:self.experts].round().long()
+                m.dropped_tokens = int(row[-1])
+        return closing[:sums.numel()], grad_norm
+
+    def _moe_modules(self) -> list[nn.Module]:
+        return [m for c in self.chunks for m in c.modules() if _is_moe(m)]
 
     def _forward_chunk(self, chunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with self._autocast:
@@ -250,8 +281,7 @@ class ParallelEngine:
         ratio = fidelity = None
         if self.compression is not None:  # the compression counters ride on the same all-reduce
             sums = torch.cat([sums, self.compression.sums()])
-        sums = self._reduce_with_control(sums)
-        grad_norm = self.optimizer.step(lr, self.config.grad_clip)
+        sums, grad_norm = self._close_step(sums, lr)
         if self.compression is not None:
             ratio, fidelity = self.compression.end_step(sums[2:], ranks_per_layer=self.dims.world // self.dims.pp,
                                                         micro_steps=A)
@@ -274,8 +304,7 @@ class ParallelEngine:
         ratio = fidelity = None
         if self.compression is not None:
             sums = torch.cat([sums, self.compression.sums()])
-        sums = self._reduce_with_control(sums)
-        grad_norm = self.optimizer.step(lr, self.config.grad_clip)
+        sums, grad_norm = self._close_step(sums, lr)
         if self.compression is not None:  # every rank makes every round's call (lockstep): a call is a micro-step
             ratio, fidelity = self.compression.end_step(sums[2 + self.dims.world:], ranks_per_layer=self.dims.world // self.dims.pp,
                                                         micro_steps=max(1, balance["calls"]))
@@ -356,9 +385,11 @@ class ParallelEngine:
         return sums
 
     def tokens_per_expert(self) -> torch.Tensor | None:
-        """Global token copies per expert [MoE layers of this stage, E] from the last forward."""
-        counts = [m.tokens_per_expert for c in self.chunks for m in c.modules() if _is_moe(m) and m.tokens_per_expert is not None]
-        return torch.stack(counts) if counts else None
+        """Token copies per expert, int64 [MoE layers of the model, E]: each layer's last forward of the last step,
+        summed over the ranks of its stage (None before the first step, or without MoE layers)."""
+        if self.expert_stats is None:
+            return None
+        return self.expert_stats[:, :self.experts].round().long()
 
     # ------------------------------------------------------------------ state in the single-process layout
 

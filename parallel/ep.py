@@ -11,17 +11,18 @@ The router stays whole on every rank (its gradient is summed over ``dp+cp+tp`` e
 Phases of one MoE layer's forward on a rank with N tokens, top-k of E experts, EL = E/ep:
 
 1. route (local): gate weights, expert ids, router softmax.
-2. statistics: one detached all-reduce over ``dp+cp+tp`` of an int64 [dp, E + 2] table whose
-   row ``d`` is ``[copies per expert (E), N, copies dropped]`` of the micro-batch block the
-   dp rank ``d`` holds (zeros in the other rows). The balancing loss is defined per block of
-   ``micro_batch`` sequences, the same set of tokens in every layout: a block is split over
-   its rank's ``cp`` and ``tp`` peers only, so ``aux_loss = E·Σ_e f_e·(Σ_local p_te)/N_b``
-   with ``f_e = count_e/(N_b·k)`` from row ``d`` (``N_b`` the block's tokens), summed over
-   the cp·tp ranks of a block, is exactly the single-process loss of that block, and so is
-   the sum of their gradients. When cp·tp = 1 the layer's own operations are used, so the
-   loss is bit-identical to the plain model's on the block. The engine averages the blocks
-   (``aux_coef / (A·dp)`` per block). ``tokens_per_expert`` (the sum of the rows) is the
-   stage's count; ``dropped_tokens`` the stage's number dropped.
+2. statistics: the balancing loss is defined per block of ``micro_batch`` sequences, the
+   same set of tokens in every layout: a block is split over its rank's ``cp`` and ``tp``
+   peers only, so ``aux_loss = E·Σ_e f_e·(Σ_local p_te)/N_b`` with ``f_e = count_e/(N_b·k)``
+   (``N_b`` the block's tokens), summed over the cp·tp ranks of a block, is exactly the
+   single-process loss of that block, and so is the sum of their gradients. When cp·tp = 1
+   the layer's own operations are used on its own counts, with no collective, so the loss is
+   bit-identical to the plain model's on the block. Otherwise one detached all-reduce over
+   ``dp+cp+tp`` of an int64 [dp, E + 2] table whose row ``d`` is ``[copies per expert (E), N,
+   copies dropped]`` of the block dp rank ``d`` holds (zeros in the other rows) gives the
+   block's counts. The engine averages the blocks (``aux_coef / (A·dp)`` per block).
+   ``local_stats`` keeps this rank's row; the engine sums every layer's over the ranks on the
+   step's closing all-reduce (``tokens_per_expert`` and ``dropped_tokens`` of the stage).
 3. dispatch: permute (copies sorted by expert), exchange per-expert counts over ``ep``
    (all-to-all, E int64), all-to-all-v the T rows over ``ep``, regroup the M received rows
    expert-major (all sources of local expert 0, then expert 1, ...). If ``etp > 1``: all-gather
@@ -48,7 +49,7 @@ group). A size-1 group records nothing.
 axis              op               bytes (calls)
 ================  ===============  ==========================================================
 forward
-``dp+cp+tp``      all_reduce       dp·(E + 2)·8 (1)
+``dp+cp+tp``      all_reduce       dp·(E + 2)·8 (1), only when cp·tp > 1
 ``ep``            all_to_all       E·8 counts + T·d·b dispatch + M·d·b combine (3)
 ``etp``           all_gather       EL·8 (1)
 ``etp``           all_to_all       etp·M·d·b gather + G·d·b reduce-scatter (2)
@@ -160,7 +161,7 @@ class _Plan:
     recv: list[int]  # rows from each ep peer
     peer_rows: list[int]  # rows each etp peer received over ep
     expert_counts: list[int]  # rows per local expert after both gathers
-    dropped: int  # copies dropped over the stage
+    dropped: int  # copies this rank dropped
     ep_index: torch.Tensor | None  # source-major -> expert-major after the ep exchange
     etp_index: torch.Tensor | None  # peer-major -> expert-major after the etp gather
 
@@ -170,33 +171,36 @@ class _Plan:
 
 
 def _global_stats(moe: nn.Module, routing, counts: torch.Tensor, sent: torch.Tensor, st: _EPState) -> torch.Tensor:
-    """Phase 2: all-reduce the [dp, E + 2] block table over the stage; set ``aux_loss`` and ``tokens_per_expert``.
+    """Phase 2: the balancing loss (``aux_loss``) and this rank's statistics ``[counts (E), N, dropped]``.
 
-    Returns the stage's sums ``[counts (E), N, dropped]``. This rank's share of its block's
-    Switch loss is ``E·Σ_e f_e·(Σ_local p_te)/N_b``; when the block lies on this rank alone
-    (cp·tp = 1) the layer's own operations are used, so the result is bit-identical to it. Under whole-document
-    training (``moe.documents`` set) the loss is per document instead (:class:`~plait.runtime.models.moe.DocumentBalance`).
+    The Switch loss of a block is ``E·Σ_e f_e·(Σ_local p_te)/N_b`` summed over the ranks that split the block.
+    When the block lies on this rank alone (cp·tp = 1) the layer's own operations are used on its own counts,
+    with no collective, so the result is bit-identical to the plain layer; otherwise one detached all-reduce over
+    the stage of an int64 [dp, E + 2] table whose row ``d`` is the block of dp rank ``d`` gives the block's counts.
+    Under whole-document training (``moe.documents`` set) the loss is per document instead
+    (:class:`~plait.runtime.models.moe.DocumentBalance`). The statistics are this rank's (``local_stats``); the
+    engine sums them over the ranks at the step's end.
     """
     e, k, probs = moe.num_experts, moe.top_k, routing.probs
     mine = torch.cat([counts, counts.new_tensor([routing.indices.shape[0]]), (counts - sent).sum().reshape(1)]).detach()
-    table = mine.new_zeros(st.dp, e + 2)
-    table[st.block] = mine
-    comm.all_reduce(table, st.stage)
+    moe.local_stats = mine
+    moe.tokens_per_expert = counts.detach()
     if getattr(moe, "documents", None) is not None:  # whole documents (hybrid DP): the loss is per document
         moe.aux_loss = moe.documents.loss(routing, e)
-    else:
-        if st.stage.size == st.dp:  # cp·tp = 1: the block is this rank's tokens
-            f = counts.to(probs.dtype) / routing.indices.numel()
-            p = probs.mean(dim=0)
-        else:
-            row = table[st.block]
-            n_block = row[e].to(probs.dtype)
-            f = row[:e].to(probs.dtype) / (n_block * k)
-            p = probs.sum(dim=0) / n_block
+    elif st.stage.size == st.dp:  # cp·tp = 1: the block is this rank's tokens
+        f = counts.to(probs.dtype) / routing.indices.numel()
+        p = probs.mean(dim=0)
         moe.aux_loss = e * torch.sum(f * p)
-    stats = table.sum(0)
-    moe.tokens_per_expert = stats[:e].clone()
-    return stats
+    else:
+        table = mine.new_zeros(st.dp, e + 2)
+        table[st.block] = mine
+        comm.all_reduce(table, st.stage)
+        row = table[st.block]
+        n_block = row[e].to(probs.dtype)
+        f = row[:e].to(probs.dtype) / (n_block * k)
+        p = probs.sum(dim=0) / n_block
+        moe.aux_loss = e * torch.sum(f * p)
+    return mine
 
 
 def _plan(sent: torch.Tensor, stats: torch.Tensor, st: _EPState) -> _Plan:
@@ -306,9 +310,9 @@ def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float
     shards are pieces of the same weights. Parameter names are unchanged; each layer's
     class becomes a run-time subclass (``ExpertParallelMoE``) whose forward runs the phases of
     the module docstring, so ``isinstance`` checks still hold. After each forward a layer holds
-    ``aux_loss`` (this rank's share of its micro-batch block's loss), ``tokens_per_expert``
-    (global int64 [E]) and ``dropped_tokens`` (copies dropped over the whole stage; 0 when
-    dropless). ``lsh`` (an :class:`plait.parallel.ep_lsh.LSHSettings`) sends bucket centroids
+    ``aux_loss`` (this rank's share of its micro-batch block's loss), ``local_stats``,
+    ``tokens_per_expert`` and ``dropped_tokens`` (this rank's; the engine replaces the last two by
+    the stage's sums at the end of a step). ``lsh`` (an :class:`plait.parallel.ep_lsh.LSHSettings`) sends bucket centroids
     instead of token copies (:mod:`plait.parallel.ep_lsh`). Raises ConfigError
     (``parallel.ep`` / ``parallel.etp`` / ``parallel.lsh.*``) when experts or hidden size do not
     divide, or the hash settings do not fit the hidden size.

@@ -21,8 +21,9 @@ S = W / pp ranks per pipeline stage.
 * **ep / etp / dp+cp+tp for MoE**: see :func:`layer_ops` (dropless dispatch).
 * **data parallel** (:mod:`plait.parallel.dp`): each bucket of ``b`` parameters, padded
   to a multiple of its group size g, is reduce-scattered (``⌈b/g⌉·g``) and all-gathered
-  (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes) and the step's
-  loss sums (16 bytes) are all-reduced over the world.
+  (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes), the step's
+  loss sums (16 bytes) and, for MoE, every layer's routing statistics (float64 [E + 2]) are
+  all-reduced over the world, in one call.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int) -> list[Op]:
     if spec.is_moe:
         E, k = spec.experts, spec.top_k
         stage = lay.world // lay.pp
-        if stage > 1:  # routing statistics of each dp rank's micro-batch block (int64 [dp, E + 2])
+        if lay.cp * lay.tp > 1:  # routing counts of each dp rank's micro-batch block (int64 [dp, E + 2])
             ops.append(Op("dp+cp+tp", "all_reduce", stage, 1, 8 * lay.dp * (E + 2)))
         if lay.ep > 1:
             # per-expert counts to each expert's rank (int64); dispatch sends n·k rows and combine sends back the
@@ -209,8 +210,9 @@ def step_volume(
         if lay.etp > 1:
             vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
+        moe_stats = 8 * spec.layers * (spec.experts + 2) if spec.is_moe else 0
         vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0)
-                                                     + 72 * precision_modules + (8 if control else 0))
+                                                     + 72 * precision_modules + (8 if control else 0) + moe_stats)
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):
         out.setdefault(axis, {})[op] = b

@@ -447,13 +447,15 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     else:
         pipeline = A * slowest_rank + (pp - 1) * busy / stages
     bubble = max(0.0, 1.0 - A * busy / (pp * pipeline)) if pipeline > 0 else 0.0
-    if lay.world > 1:  # the gradient norm's and the loss sums' all-reduces over the world
-        data_parallel += 2 * (topo.stage(lay.world, 0).latency if topo.per_node < lay.world else transport.intra_latency_s)
+    if lay.world > 1:  # the gradient norm's all-reduce over the world, which the loss sums join
+        data_parallel += topo.stage(lay.world, 0).latency if topo.per_node < lay.world else transport.intra_latency_s
     # Totals per axis (the critical rank's share is what the table shows) and per link class (all ranks).
     by_axis: dict[str, float] = {}
     link_bytes: dict[str, float] = {}
     link_seconds: dict[str, float] = {}
-    ledger: dict[str, int] = {"world": lay.world * 24} if lay.world > 1 else {}  # the norm and loss all-reduces
+    # the closing all-reduce: the squared norm, the loss sums and each MoE layer's routing statistics (float64)
+    closing = 24 + (8 * spec.layers * (spec.experts + 2) if spec.is_moe else 0)
+    ledger: dict[str, int] = {"world": lay.world * closing} if lay.world > 1 else {}
     for (kind, key), times in weights.items():
         ranks = round(times * A) * costs.stage
         if kind == "layer":

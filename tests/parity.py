@@ -78,13 +78,13 @@ def _inject(engine: ParallelEngine, rank: int, bug: InjectedBug | None, step: li
         return
     optimizer_step = engine.optimizer.step
 
-    def buggy_step(lr: float, max_norm: float) -> float:
+    def buggy_step(lr: float, max_norm: float, **closing):
         if step[0] == bug.step:
             if bug.kind == "expert_grad":
                 engine.params[bug.param].grad[bug.expert] *= bug.scale
             else:
                 lr = lr * bug.scale
-        return optimizer_step(lr, max_norm)
+        return optimizer_step(lr, max_norm, **closing)
 
     engine.optimizer.step = buggy_step
 

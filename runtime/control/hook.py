@@ -10,7 +10,7 @@ A coordinator that is down or hangs costs the thread its deadline, never the ste
 **Commands reach every rank at the same step.** Only rank 0 takes commands from the
 coordinator (in its heartbeat replies). It puts the oldest one not yet done into the
 engine's control word, which rides on the step's closing all-reduce
-(:meth:`plait.parallel.engine.ParallelEngine._reduce_with_control`); every rank reads the
+(:meth:`plait.parallel.engine.ParallelEngine._close_step`); every rank reads the
 same agreed word after that step and carries the command out at its end:
 
 * ``snapshot``: a snapshot of this step (to the daemons, as ``snapshot.every`` would);

@@ -128,6 +128,9 @@ class MoE(nn.Module):
         self.reset_parameters(0.02, 0.02)
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
+        # int64 [E + 2] of the last forward on this rank: copies per expert, tokens, copies dropped (the engine sums
+        # them over the ranks at the step's end, see ParallelEngine.tokens_per_expert)
+        self.local_stats: torch.Tensor | None = None
         self.documents: DocumentBalance | None = None
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -180,4 +183,5 @@ class MoE(nn.Module):
         else:
             self.aux_loss = self.balancing_loss(routing, perm.counts)
         self.tokens_per_expert = perm.counts.detach()
+        self.local_stats = torch.cat([perm.counts, perm.counts.new_tensor([x2d.shape[0], 0])]).detach()
         return out.reshape(shape)
