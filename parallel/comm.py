@@ -178,6 +178,23 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+def reduce_scatter_async(out: torch.Tensor, t: torch.Tensor, group: Group):
+    """Start summing the contiguous 1-D ``t`` over ranks into this rank's ``1/size`` slice ``out``; returns the
+    handle to pass to :func:`wait` (None: a group of one, copied at once)."""
+    if group.size == 1:
+        out.copy_(t)
+        return None
+    LEDGER.record(group.axis, "reduce_scatter", _nbytes(t))
+    return dist.reduce_scatter_tensor(out, t, group=group.pg, async_op=True)
+
+
+def wait(work, group: Group, op: str) -> None:
+    """Wait for an asynchronous collective (timed as a blocking one: what is left of it when the caller needs it)."""
+    if work is not None:
+        with LEDGER.blocked(group.axis, op):
+            work.wait()
+
+
 def all_to_all(t: torch.Tensor, group: Group, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
     """Rows ``send_splits[j]`` of ``t`` go to group rank j; returns the rows received, in source order."""
     if group.size == 1:

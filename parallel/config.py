@@ -87,6 +87,10 @@ class ParallelConfig:
     # the all-to-all time it saves exceeds its hashing time (plait.scheduler.lsh_cost).
     ep_compress: Literal["none", "lsh", "auto"] = "none"
     lsh: LSHConfig = field(default_factory=LSHConfig)
+    # Data-parallel gradients are reduce-scattered in pieces of bucket_mb MiB (fp32), each as soon as the backward
+    # pass has made all of its gradients (grad_overlap), while the rest of the backward pass runs.
+    grad_overlap: bool = True
+    bucket_mb: float = 25.0
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -103,6 +107,11 @@ class ParallelConfig:
         if self.vpp > 1 and self.pp_schedule != "interleaved":
             raise ConfigError("parallel.vpp", self.vpp, "virtual stages need parallel.pp_schedule=interleaved",
                               hint="set parallel.pp_schedule=interleaved, or parallel.vpp=1")
+        if not isinstance(self.bucket_mb, (int, float)) or isinstance(self.bucket_mb, bool) or not self.bucket_mb > 0 \
+                or self.bucket_mb == float("inf"):
+            raise ConfigError("parallel.bucket_mb", self.bucket_mb, "accepted: a positive number of MiB such as 1 or 0.5")
+        if not isinstance(self.grad_overlap, bool):
+            raise ConfigError("parallel.grad_overlap", self.grad_overlap, "accepted: true or false")
         if self.hdp_budget < 0:
             raise ConfigError("parallel.hdp_budget", self.hdp_budget,
                               "accepted: 0 (train.micro_batch × model.seq_len) or a positive number of tokens")

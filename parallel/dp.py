@@ -59,24 +59,53 @@ class AdamWSettings:
 
 
 class _Bucket:
-    def __init__(self, label: str, decay: bool, named: list[tuple[str, nn.Parameter]], group: Group):
+    """One reduction group's parameters of one weight-decay class, as a flat fp32 buffer cut into pieces.
+
+    The flat layout puts the parameters in reverse order of the model (the backward pass makes their gradients
+    roughly in that order). The buffer, padded to a multiple of the group size g, is cut into *pieces* of about
+    ``piece`` elements, each a multiple of g: a piece is reduce-scattered on its own as soon as every gradient in
+    it is ready. Rank r owns the r-th g-th of every piece; its shard is those parts in piece order. With one
+    piece that is the contiguous r-th g-th of the buffer.
+    """
+
+    def __init__(self, label: str, decay: bool, named: list[tuple[str, nn.Parameter]], group: Group, piece: int = 0):
         self.label = label
         self.decay = decay
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
         self.numel = sum(p.numel() for p in self.params)
-        self.padded = math.ceil(self.numel / group.size) * group.size
-        self.shard_size = self.padded // group.size
+        g = group.size
+        self.padded = math.ceil(self.numel / g) * g
+        self.shard_size = self.padded // g
         self.offsets = []
         offset = 0
         for p in self.params:
             self.offsets.append(offset)
             offset += p.numel()
-        lo = group.rank * self.shard_size
-        flat = self.flat_params()
+        step = self.padded if piece <= 0 else max(g, piece // g * g)
+        self.pieces = [(lo, min(lo + step, self.padded)) for lo in range(0, self.padded, step)]
+        # piece j's part: shard[part_at[j] : part_at[j] + (hi - lo) // g]
+        self.part_at = [0]
+        for lo, hi in self.pieces[:-1]:
+            self.part_at.append(self.part_at[-1] + (hi - lo) // g)
+        r = group.rank
+        self.owned = torch.cat([torch.arange(lo + r * (hi - lo) // g, lo + (r + 1) * (hi - lo) // g)
+                                for lo, hi in self.pieces])
+        # which parameters overlap each piece
+        self.piece_params: list[list[int]] = []
+        for lo, hi in self.pieces:
+            self.piece_params.append([i for i, (p, o) in enumerate(zip(self.params, self.offsets))
+                                      if o < hi and o + p.numel() > lo])
+        self.param_pieces: list[list[int]] = [[] for _ in self.params]
+        for j, members in enumerate(self.piece_params):
+            for i in members:
+                self.param_pieces[i].append(j)
+        device = self.params[0].device
+        self.grad_flat = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
         # The owned slice of the parameters, which the optimizer updates.
-        self.shard = nn.Parameter(flat[lo : lo + self.shard_size].clone())
+        self.shard = nn.Parameter(self.flat_params()[self.owned.to(device)].clone())
 
     def flat_params(self) -> torch.Tensor:
         flat = torch.zeros(self.padded, dtype=torch.float32, device=self.params[0].device)
@@ -84,11 +113,36 @@ class _Bucket:
             flat[o : o + p.numel()].copy_(p.detach().reshape(-1))
         return flat
 
-    def flat_grads(self) -> torch.Tensor:
-        flat = torch.zeros(self.padded, dtype=torch.float32, device=self.params[0].device)
-        for p, o in zip(self.params, self.offsets):
-            if p.grad is not None:
-                flat[o : o + p.numel()].copy_(p.grad.reshape(-1))
+    def fill(self, j: int) -> None:
+        """Copy the gradients (zeros where none) into piece ``j`` of the flat buffer, and nowhere else (another
+        piece may be on the wire)."""
+        lo, hi = self.pieces[j]
+        for i in self.piece_params[j]:
+            p, o = self.params[i], self.offsets[i]
+            a, b = max(lo, o), min(hi, o + p.numel())
+            if p.grad is None:
+                self.grad_flat[a:b].zero_()
+            else:
+                self.grad_flat[a:b].copy_(p.grad.reshape(-1)[a - o:b - o])
+
+    def owned_ranges(self) -> list[tuple[int, int, int]]:
+        """(flat start, flat end, position in the shard) of each range of the flat buffer this rank owns."""
+        g, r = self.group.size, self.group.rank
+        return [(lo + r * (hi - lo) // g, lo + (r + 1) * (hi - lo) // g, at)
+                for (lo, hi), at in zip(self.pieces, self.part_at)]
+
+    def part(self, j: int) -> torch.Tensor:
+        lo, hi = self.pieces[j]
+        return self.grad_shard[self.part_at[j]:self.part_at[j] + (hi - lo) // self.group.size]
+
+    def unshard(self, gathered: torch.Tensor) -> torch.Tensor:
+        """The flat buffer from the all-gather of every rank's shard ([g·shard_size], group-rank order)."""
+        g = self.group.size
+        rows = gathered.view(g, self.shard_size)
+        flat = torch.empty(self.padded, dtype=gathered.dtype, device=gathered.device)
+        for j, (lo, hi) in enumerate(self.pieces):
+            q = (hi - lo) // g
+            flat[lo:hi].view(g, q).copy_(rows[:, self.part_at[j]:self.part_at[j] + q])
         return flat
 
     def write_back(self, flat: torch.Tensor) -> None:
@@ -103,13 +157,24 @@ class ShardedAdamW:
     ``groups`` maps a reduction-group label (``"dp+cp"``, ``"dp+cp+tp"``, ``"edp"``) to this
     rank's :class:`Group`; ``world`` is the group of all ranks (for the gradient norm).
     Parameters without grad requirement are ignored. Bucket order is by (label, decay)
-    and, within a bucket, by parameter name, so every rank of a group lays out a bucket
-    identically.
+    and, within a bucket, the reverse of the order ``named_params`` gives (the model's), so every
+    rank of a group lays out a bucket identically.
+
+    **Overlap** (``piece`` > 0 elements, ``overlap``): a hook on every parameter notes when its
+    gradient is final; after :meth:`arm` (before the last backward pass of a step) each piece of
+    each bucket starts its reduce-scatter as soon as all its gradients are in, while the backward
+    pass goes on. Pieces start in one fixed order on every rank (by the model position of their
+    earliest parameter, latest first, which is roughly when the backward pass finishes them), a
+    piece only after every piece before it, so each group's collectives line up across its
+    ranks. :meth:`step` starts whatever is left (a parameter with no gradient this step, or no
+    :meth:`arm`) and waits for each piece before it uses its part.
     """
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group, settings: AdamWSettings):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group,
+                 settings: AdamWSettings, *, piece: int = 0, overlap: bool = False):
         self.settings = settings
         self.world = world
+        position = {name: i for i, (name, _) in enumerate(named_params)}
         by_key: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
         for name, p in named_params:
             if not p.requires_grad:
@@ -117,9 +182,13 @@ class ShardedAdamW:
             label = getattr(p, "_plait_reduce", "dp+cp+tp")
             by_key.setdefault((label, p.ndim >= 2), []).append((name, p))
         self.buckets = [
-            _Bucket(label, decay, sorted(named, key=lambda x: x[0]), groups[label])
+            _Bucket(label, decay, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece)
             for (label, decay), named in sorted(by_key.items())
         ]
+        # the order pieces start in: latest-ready last (ready when the model's earliest parameter in it is)
+        earliest = [[min(position[b.names[i]] for i in members) for members in b.piece_params] for b in self.buckets]
+        self.sequence = sorted(((bi, j) for bi, b in enumerate(self.buckets) for j in range(len(b.pieces))),
+                               key=lambda t: (-earliest[t[0]][t[1]], t[0], t[1]))
         param_groups = [
             {"params": [b.shard], "weight_decay": settings.weight_decay if b.decay else 0.0} for b in self.buckets
         ]
@@ -131,6 +200,43 @@ class ShardedAdamW:
         self.optimizer = torch.optim.AdamW(
             param_groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps, fused=True
         )
+        self.overlap = overlap
+        self.armed = False
+        self._pending: list[list[int]] = []
+        self._next = 0  # index into sequence of the next piece to start
+        self._works: dict[tuple[int, int], Any] = {}
+        if overlap:
+            for bi, b in enumerate(self.buckets):
+                for i, p in enumerate(b.params):
+                    p.register_post_accumulate_grad_hook(lambda _p, bi=bi, i=i: self._ready(bi, i))
+
+    def arm(self) -> None:
+        """The next backward pass is the step's last: start each piece's reduce-scatter when its gradients are in."""
+        if not self.overlap:
+            return
+        self.armed = True
+        self._pending = [[len(members) for members in b.piece_params] for b in self.buckets]
+        self._next = 0
+        self._works = {}
+
+    def _ready(self, bi: int, i: int) -> None:
+        if not self.armed:
+            return
+        b = self.buckets[bi]
+        for j in b.param_pieces[i]:
+            self._pending[bi][j] -= 1
+        while self._next < len(self.sequence):
+            bj, j = self.sequence[self._next]
+            if self._pending[bj][j] > 0:
+                break
+            self._start(bj, j)
+
+    def _start(self, bi: int, j: int) -> None:
+        b = self.buckets[bi]
+        b.fill(j)
+        lo, hi = b.pieces[j]
+        self._works[(bi, j)] = comm.reduce_scatter_async(b.part(j), b.grad_flat[lo:hi], b.group)
+        self._next += 1
 
     def zero_grad(self) -> None:
         for b in self.buckets:
@@ -143,9 +249,19 @@ class ShardedAdamW:
         ``closing`` (float64): more numbers to sum over the world on the same all-reduce as the squared norm (one
         collective instead of two); then returns (norm, their sums).
         """
+        if not self.armed:
+            self._next = 0
+            self._works = {}
+        self.armed = False
+        while self._next < len(self.sequence):
+            self._start(*self.sequence[self._next])
+        for (bi, j), work in sorted(self._works.items()):
+            comm.wait(work, self.buckets[bi].group, "reduce_scatter")
+        self._works = {}
+        self._next = 0
         sq = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(self.buckets):
-            grad = comm.reduce_scatter(b.flat_grads(), b.group) if b.group.size > 1 else b.flat_grads()
+            grad = b.grad_shard
             b.shard.grad = grad
             if self.keep_grads:
                 self.last_grads[i] = grad.detach().clone()
@@ -164,7 +280,7 @@ class ShardedAdamW:
         self.optimizer.step()
         for b in self.buckets:
             b.shard.grad = None
-            full = comm.all_gather(b.shard.detach(), b.group) if b.group.size > 1 else b.shard.detach()
+            full = b.unshard(comm.all_gather(b.shard.detach(), b.group)) if b.group.size > 1 else b.shard.detach()
             b.write_back(full)
         self.zero_grad()
         return norm if closing is None else (norm, both[1:])
@@ -174,7 +290,7 @@ class ShardedAdamW:
     def _unshard(self, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for b, shard in zip(self.buckets, shards):
-            full = comm.all_gather(shard.detach(), b.group) if b.group.size > 1 else shard.detach()
+            full = b.unshard(comm.all_gather(shard.detach(), b.group)) if b.group.size > 1 else shard.detach()
             for name, p, o in zip(b.names, b.params, b.offsets):
                 out[name] = full[o : o + p.numel()].view_as(p).clone()
         return out
@@ -198,13 +314,13 @@ class ShardedAdamW:
     def load_local_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`local_state` (every name of this rank's buckets must be present)."""
         for b in self.buckets:
-            lo = b.group.rank * b.shard_size
+            owned = b.owned.to(b.shard.device)
             entry: dict[str, torch.Tensor] = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 flat = torch.zeros(b.padded, dtype=torch.float32, device=b.shard.device)
                 for name, p, o in zip(b.names, b.params, b.offsets):
                     flat[o : o + p.numel()].copy_(state[key][name].reshape(-1))
-                entry[key] = flat[lo : lo + b.shard_size].clone()
+                entry[key] = flat[owned]
             entry["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=b.shard.device)
             self.optimizer.state[b.shard] = entry
         self.sync_shards_from_params()
@@ -237,5 +353,4 @@ class ShardedAdamW:
         """Refresh the owned slices from the parameters (after the parameters were loaded)."""
         with torch.no_grad():
             for b in self.buckets:
-                lo = b.group.rank * b.shard_size
-                b.shard.copy_(b.flat_params()[lo : lo + b.shard_size])
+                b.shard.copy_(b.flat_params()[b.owned.to(b.shard.device)])

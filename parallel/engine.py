@@ -68,6 +68,8 @@ class EngineConfig:
     # The control plane's word rides on the step's closing all-reduce (8 more bytes): rank 0 puts the command the
     # coordinator gave it into control_word, and after the step every rank reads the same control_agreed
     control: bool = False
+    grad_overlap: bool = True  # reduce-scatter each gradient piece as soon as it is ready, during the backward pass
+    bucket_mb: float = 25.0  # size of a gradient piece (fp32 MiB): the unit of that overlap
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,10 @@ class ParallelEngine:
             named.update(dict(chunk.named_parameters()))
         self.params = named
         groups = {label: meshes.group(label) for label in ("dp+cp", "dp+cp+tp", "edp")}
-        self.optimizer = ShardedAdamW(sorted(named.items()), groups, meshes.group("world"), config.adamw)
+        # Gradients reduce-scatter piece by piece during the last backward pass of a step (train_step without a
+        # pipeline); elsewhere every piece at the optimizer step.
+        self.optimizer = ShardedAdamW(list(named.items()), groups, meshes.group("world"), config.adamw,
+                                      piece=int(config.bucket_mb * 2**20) // 4, overlap=config.grad_overlap)
         self._autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext()
         cp, tp = self.dims.cp, self.dims.tp
         T = config.seq_len
@@ -274,6 +279,8 @@ class ParallelEngine:
                     loss = loss + (coef / blocks) * aux
                     sums[1] += aux.detach().double() / blocks
                 comm.LEDGER.phase = "backward"
+                if i == A - 1:
+                    self.optimizer.arm()
                 loss.backward()
                 sums[0] += ce.detach().double() * scale
         else:

@@ -10,8 +10,8 @@ chunks its local state is made of, with no collective and no copy:
   box of the global one, at offsets composed from ``_plait_shards`` in the order the
   apply_* functions split it (``chunk(group.size, dim)[group.rank]`` each time);
 * the AdamW moments live in flat ZeRO buckets (:mod:`plait.parallel.dp`): each rank owns
-  a contiguous range of a bucket, which covers whole parameters and possibly the tail of
-  one and the head of another. A contiguous range of a row-major tensor is a union of at
+  a contiguous range of each piece of a bucket, which covers whole parameters and possibly
+  the tail of one and the head of another. A contiguous range of a row-major tensor is a union of at
   most ``2·ndim − 1`` boxes (:func:`flat_range_boxes`); each box is stored under
   ``optim.exp_avg.<name>`` / ``optim.exp_avg_sq.<name>`` at its global offsets;
 * the optimizer's step count, the same in every bucket, is ``optim.step`` (a scalar).
@@ -119,18 +119,17 @@ def local_slices(engine: ParallelEngine) -> list[Slice]:
         reduce_group = engine.meshes.group(getattr(param, "_plait_reduce", "dp+cp+tp"))
         out.append(Slice(f"param.{name}", 0, name, shape, offsets, tuple(param.shape), reduce_group.rank == 0))
     for i, bucket in enumerate(engine.optimizer.buckets):
-        lo = bucket.group.rank * bucket.shard_size
-        hi = lo + bucket.shard_size
-        for name, p, at in zip(bucket.names, bucket.params, bucket.offsets):
-            a, b = max(lo, at), min(hi, at + p.numel())
-            if a >= b:
-                continue
-            shape, base = boxes[name]
-            for box_offsets, sizes, start in flat_range_boxes(tuple(p.shape), a - at, b - at):
-                global_offsets = tuple(o + g for o, g in zip(box_offsets, base))
-                for moment in MOMENTS:
-                    out.append(Slice(f"optim.{i}.{moment}", at - lo + start, optim_name(moment, name), shape,
-                                     global_offsets, sizes, True))
+        for lo, hi, shard_at in bucket.owned_ranges():  # the rank's part of each piece of the flat buffer
+            for name, p, at in zip(bucket.names, bucket.params, bucket.offsets):
+                a, b = max(lo, at), min(hi, at + p.numel())
+                if a >= b:
+                    continue
+                shape, base = boxes[name]
+                for box_offsets, sizes, start in flat_range_boxes(tuple(p.shape), a - at, b - at):
+                    global_offsets = tuple(o + g for o, g in zip(box_offsets, base))
+                    for moment in MOMENTS:
+                        out.append(Slice(f"optim.{i}.{moment}", shard_at + at + start - lo, optim_name(moment, name),
+                                         shape, global_offsets, sizes, True))
     if engine.optimizer.buckets:
         out.append(Slice("optim.0.step", 0, OPTIM_STEP, (), (), (), engine.meshes.rank == 0))
     return out

@@ -33,6 +33,8 @@ def engine_config(config: JobConfig) -> EngineConfig:
         max_len=config.max_len(),
         precision=config.precision if config.precision.quantizes() else None,
         control=config.control.enabled,
+        grad_overlap=p.grad_overlap,
+        bucket_mb=p.bucket_mb,
     )
 
 

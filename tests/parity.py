@@ -74,7 +74,12 @@ class InjectedBug:
 
 def _inject(engine: ParallelEngine, rank: int, bug: InjectedBug | None, step: list[int]) -> None:
     """Wrap the optimizer step for ``expert_grad`` and ``lr`` bugs (``route`` goes through :class:`RoutingLog`)."""
-    if bug is None or bug.kind == "route" or rank != bug.rank:
+    if bug is None or bug.kind == "route":
+        return
+    # The bug edits a gradient after the backward pass: every rank reduces at the optimizer step (with
+    # parallel.grad_overlap the pieces would be on the wire by then; the ranks of a group must agree on it).
+    engine.optimizer.overlap = False
+    if rank != bug.rank:
         return
     optimizer_step = engine.optimizer.step
 
