@@ -5,7 +5,8 @@ threads per worker) in the same invocation, alternating, for several rounds. A s
 time is the wall clock from the previous step's end to its own on both sides, so
 plait's hooks, metrics server and loss all-reduce count against it. A run's throughput
 is tokens per step over its median step time (steps 2..N; robust to the stalls a shared
-2-core machine has), and each side's figure is the median over rounds.
+2-core machine has), and each side's figure is the median over rounds. At 2 and 4 processes
+plait also runs with gradient pieces of 1 and 4 MiB and with the overlap off (rounds − 1 each).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import yaml
 NAME = "overhead"
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 GOAL_MAX_OVERHEAD = 0.10
+PIECES_MB = (1, 4)  # gradient piece sizes measured beside the default (parallel.bucket_mb)
 
 
-def _plait(config: Path, nproc: int, steps: int, work: Path) -> float:
+def _plait(config: Path, nproc: int, steps: int, work: Path, sets: tuple[str, ...] = ()) -> float:
     run_dir = work / f"plait-{nproc}-{len(list(work.iterdir()))}"
     cmd = [sys.executable, "-m", "plait.runtime.cli", "train", "--config", str(config), "--nproc", str(nproc),
-           "--run-dir", str(run_dir), "--set", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1"]
+           "--run-dir", str(run_dir), "--set", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
+           *sets]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary["tokens"] / summary["steps"] / median(summary["step_times"][1:])
@@ -72,6 +75,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "ddp_rounds": [round(r, 1) for r in base_runs],
             })
             print(f"overhead: nproc={nproc} plait {plait_tps:,.0f} tok/s, DDP {ddp_tps:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
+        # The gradient pieces' size (parallel.bucket_mb; the rows above run the default, whole buckets of this
+        # model): smaller pieces start earlier in the backward pass but each is a round of its own.
+        if nproc > 1:
+            sweep = {}
+            for mb in (PIECES_MB if not quick else PIECES_MB[:1]):
+                sweep[str(mb)] = [round(_plait(config, nproc, steps, work, (f"parallel.bucket_mb={mb}",)), 1)
+                                  for _ in range(max(1, rounds - 1))]
+            sweep["overlap_off"] = [round(_plait(config, nproc, steps, work, ("parallel.grad_overlap=false",)), 1)
+                                    for _ in range(max(1, rounds - 1))]
+            rows[-1]["bucket_mb_tokens_per_s"] = sweep
+            print(f"overhead: nproc={nproc} plait tok/s by bucket_mb: " + ", ".join(
+                f"{k} {median(v):,.0f}" for k, v in sweep.items()), flush=True)
     worst = max(r["overhead"] for r in rows)
     return {
         "config": cfg,
