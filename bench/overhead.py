@@ -75,18 +75,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "ddp_rounds": [round(r, 1) for r in base_runs],
             })
             print(f"overhead: nproc={nproc} plait {plait_tps:,.0f} tok/s, DDP {ddp_tps:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
-        # The gradient pieces' size (parallel.bucket_mb; the rows above run the default, whole buckets of this
-        # model): smaller pieces start earlier in the backward pass but each is a round of its own.
-        if nproc > 1:
-            sweep = {}
-            for mb in (PIECES_MB if not quick else PIECES_MB[:1]):
-                sweep[str(mb)] = [round(_plait(config, nproc, steps, work, (f"parallel.bucket_mb={mb}",)), 1)
-                                  for _ in range(max(1, rounds - 1))]
-            sweep["overlap_off"] = [round(_plait(config, nproc, steps, work, ("parallel.grad_overlap=false",)), 1)
-                                    for _ in range(max(1, rounds - 1))]
-            rows[-1]["bucket_mb_tokens_per_s"] = sweep
-            print(f"overhead: nproc={nproc} plait tok/s by bucket_mb: " + ", ".join(
-                f"{k} {median(v):,.0f}" for k, v in sweep.items()), flush=True)
+            # The gradient pieces' size (parallel.bucket_mb; the rows above run the default, whole buckets of this
+            # model): smaller pieces start earlier in the backward pass but each is a round of its own.
+            if nproc > 1:
+                sweep = {}
+                for mb in (PIECES_MB if not quick else PIECES_MB[:1]):
+                    sweep[str(mb)] = [round(_plait(config, nproc, steps, work, (f"parallel.bucket_mb={mb}",)), 1)
+                                      for _ in range(max(1, rounds - 1))]
+                sweep["overlap_off"] = [round(_plait(config, nproc, steps, work, ("parallel.grad_overlap=false",)), 1)
+                                        for _ in range(max(1, rounds - 1))]
+                rows[-1]["bucket_mb_tokens_per_s"] = sweep
+                print(f"overhead: nproc={nproc} plait tok/s by bucket_mb: " + ", ".join(
+                    f"{k} {median(v):,.0f}" for k, v in sweep.items()), flush=True)
     worst = max(r["overhead"] for r in rows)
     return {
         "config": cfg,
