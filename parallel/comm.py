@@ -143,6 +143,14 @@ def all_reduce(t: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist
     return t
 
 
+def all_reduce_async(t: torch.Tensor, group: Group):
+    """Start summing ``t`` over ``group`` in place; returns the handle for :func:`wait` (None: a group of one)."""
+    if group.size == 1:
+        return None
+    LEDGER.record(group.axis, "all_reduce", _nbytes(t))
+    return dist.all_reduce(t, group=group.pg, async_op=True)
+
+
 def broadcast(t: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In place from group rank ``src``; returns ``t``."""
     if group.size > 1:

@@ -58,6 +58,37 @@ class LSHConfig:
 
 
 @dataclass(kw_only=True)
+class CO2Config:
+    """``parallel.co2.*``: local steps and the outer update of ``parallel.dp_mode=co2`` (see :mod:`plait.parallel.co2`).
+
+    Defaults are the CO2 paper's public ones (τ = 48, outer momentum 0.5, outer lr 1.0). A round's parameter
+    all-reduce runs during the next round, so a short run, or one whose link moves the parameters in fewer
+    steps, wants a smaller ``tau``.
+    """
+
+    tau: int = 48  # local AdamW steps per round
+    outer_lr: float = 1.0  # α: x_next = x_start − α·m
+    outer_momentum: float = 0.5  # β: m = β·m + Δ/Λ
+    gap_penalty: bool = True  # Λ = 1 + ‖gap‖/‖Δ‖ (the staleness gap, in units of the update it corrects); false: Λ = 1
+    clip: float = 0.0  # each element of the outer momentum is clamped to [−clip, clip]; 0: no clipping
+
+    def validate(self) -> None:
+        if not isinstance(self.tau, int) or isinstance(self.tau, bool) or self.tau < 1:
+            raise ConfigError("parallel.co2.tau", self.tau, "accepted: a positive number of local steps per round, e.g. 48")
+        for name, lo_open in (("outer_lr", True), ("outer_momentum", False), ("clip", False)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"parallel.co2.{name}", value, "accepted: a finite number")
+            if value < 0 or (lo_open and value == 0):
+                raise ConfigError(f"parallel.co2.{name}", value,
+                                  "accepted: a positive number, e.g. 1.0" if lo_open else "accepted: 0 or a positive number")
+        if self.outer_momentum >= 1:
+            raise ConfigError("parallel.co2.outer_momentum", self.outer_momentum, "accepted: 0 ≤ β < 1, e.g. 0.5")
+        if not isinstance(self.gap_penalty, bool):
+            raise ConfigError("parallel.co2.gap_penalty", self.gap_penalty, "accepted: true or false")
+
+
+@dataclass(kw_only=True)
 class ParallelConfig:
     """Parallel sizes of both foldings (attention: pp·dp·cp·tp; experts: pp·edp·ep·etp) and the pipeline schedule."""
 
@@ -91,6 +122,11 @@ class ParallelConfig:
     # pass has made all of its gradients (grad_overlap), while the rest of the backward pass runs.
     grad_overlap: bool = True
     bucket_mb: float = 25.0
+    # sync: every step's gradients are reduced over dp. co2: each dp replica takes parallel.co2.tau local steps,
+    # then its parameters are averaged over dp while the next round runs, and an outer update with momentum uses
+    # that average one round late (CO2); cp, tp, pp and ep stay synchronous inside a replica.
+    dp_mode: Literal["sync", "co2"] = "sync"
+    co2: CO2Config = field(default_factory=CO2Config)
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -104,6 +140,9 @@ class ParallelConfig:
         if self.capacity_factor < 0:
             raise ConfigError("parallel.capacity_factor", self.capacity_factor, "accepted: 0 (dropless) or a positive number such as 1.25")
         self.lsh.validate()
+        if self.dp_mode not in ("sync", "co2"):
+            raise ConfigError("parallel.dp_mode", self.dp_mode, "accepted: sync or co2")
+        self.co2.validate()
         if self.vpp > 1 and self.pp_schedule != "interleaved":
             raise ConfigError("parallel.vpp", self.vpp, "virtual stages need parallel.pp_schedule=interleaved",
                               hint="set parallel.pp_schedule=interleaved, or parallel.vpp=1")

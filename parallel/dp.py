@@ -171,9 +171,15 @@ class ShardedAdamW:
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group,
-                 settings: AdamWSettings, *, piece: int = 0, overlap: bool = False):
+                 settings: AdamWSettings, *, piece: int = 0, overlap: bool = False,
+                 replicas: tuple[int, int] | None = None):
         self.settings = settings
         self.world = world
+        # replicas = (this rank's replica, replicas): the groups stay inside a data-parallel replica, which steps on
+        # its own (CO2). Its gradient, summed over the replica only, is 1/replicas of its rows' mean (the loss is
+        # scaled to the global batch), and it is clipped by its own norm.
+        self.replicas = replicas
+        self.outer = None  # a plait.parallel.co2.CO2 run after each update, before the shards are gathered
         position = {name: i for i, (name, _) in enumerate(named_params)}
         by_key: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
         for name, p in named_params:
@@ -262,15 +268,22 @@ class ShardedAdamW:
         sq = torch.zeros((), dtype=torch.float64)
         for i, b in enumerate(self.buckets):
             grad = b.grad_shard
+            if self.replicas is not None and self.replicas[1] > 1:
+                grad.mul_(self.replicas[1])
             b.shard.grad = grad
             if self.keep_grads:
                 self.last_grads[i] = grad.detach().clone()
             sq += grad.double().pow(2).sum()
-        both = sq.reshape(1) if closing is None else torch.cat([sq.reshape(1), closing.to(torch.float64)])
+        # one slot per replica (one in sync mode): each replica's squared norm, on the one world all-reduce
+        index, count = self.replicas or (0, 1)
+        slots = torch.zeros(count, dtype=torch.float64)
+        slots[index] = sq
+        both = slots if closing is None else torch.cat([slots, closing.to(torch.float64)])
         comm.all_reduce(both, self.world)
-        norm = float(both[0].sqrt())
+        mine = float(both[index].sqrt())
+        norm = float(both[:count].mean().sqrt())  # reported: the replicas' root mean square
         if max_norm > 0:
-            coef = min(1.0, max_norm / (norm + 1e-6))
+            coef = min(1.0, max_norm / (mine + 1e-6))
             for b in self.buckets:
                 b.shard.grad.mul_(coef)
         for group in self.optimizer.param_groups:
@@ -278,12 +291,14 @@ class ShardedAdamW:
         for wait in self.before_update:
             wait()
         self.optimizer.step()
+        if self.outer is not None:
+            self.outer.after_local_step()
         for b in self.buckets:
             b.shard.grad = None
             full = b.unshard(comm.all_gather(b.shard.detach(), b.group)) if b.group.size > 1 else b.shard.detach()
             b.write_back(full)
         self.zero_grad()
-        return norm if closing is None else (norm, both[1:])
+        return norm if closing is None else (norm, both[count:])
 
     # ------------------------------------------------------------------ state in per-parameter form
 

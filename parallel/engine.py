@@ -70,6 +70,7 @@ class EngineConfig:
     control: bool = False
     grad_overlap: bool = True  # reduce-scatter each gradient piece as soon as it is ready, during the backward pass
     bucket_mb: float = 25.0  # size of a gradient piece (fp32 MiB): the unit of that overlap
+    co2: Any = None  # a plait.parallel.config.CO2Config: dp replicas take local steps, averaged by CO2's outer update
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,23 @@ class ParallelEngine:
             named.update(dict(chunk.named_parameters()))
         self.params = named
         groups = {label: meshes.group(label) for label in ("dp+cp", "dp+cp+tp", "edp")}
+        replicas = None
+        if config.co2 is not None:
+            # CO2: gradients are reduced inside the replica only; the replicas meet in the outer update
+            meshes.add_replica_groups()
+            groups = {"dp+cp": meshes.group(MeshAxis.CP), "dp+cp+tp": meshes.group("cp+tp"), "edp": meshes.group("edp@dp")}
+            replicas = (self.coords[MeshAxis.DP], self.dims.dp)
         # Gradients reduce-scatter piece by piece during the last backward pass of a step (train_step without a
         # pipeline); elsewhere every piece at the optimizer step.
         self.optimizer = ShardedAdamW(list(named.items()), groups, meshes.group("world"), config.adamw,
-                                      piece=int(config.bucket_mb * 2**20) // 4, overlap=config.grad_overlap)
+                                      piece=int(config.bucket_mb * 2**20) // 4, overlap=config.grad_overlap,
+                                      replicas=replicas)
+        self.co2 = None
+        if config.co2 is not None:
+            from plait.parallel.co2 import CO2
+
+            self.co2 = CO2(self.optimizer.buckets, meshes.group(MeshAxis.DP), meshes.group("replica"), config.co2)
+            self.optimizer.outer = self.co2
         self._autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.dtype == "bfloat16" else nullcontext()
         cp, tp = self.dims.cp, self.dims.tp
         T = config.seq_len
@@ -478,15 +492,25 @@ class ParallelEngine:
         """
         out = {f"param.{name}": p.detach() for name, p in sorted(self.params.items())}
         out.update({f"optim.{key}": value for key, value in self.optimizer.raw_state().items()})
+        if self.co2 is not None:
+            out.update({f"outer.{key}": value for key, value in self.co2.state().items()})
         return out
+
+    def drain(self) -> None:
+        """Wait for communication still in flight after the last step (CO2's parameter all-reduce)."""
+        if self.co2 is not None:
+            self.co2.drain()
 
     def layout_key(self) -> dict[str, Any]:
         """What must match for :meth:`load_local_tensors` to accept another rank's tensors."""
-        return {
+        key = {
             "dims": [self.dims.pp, self.dims.dp, self.dims.cp, self.dims.tp, self.dims.edp, self.dims.ep, self.dims.etp],
             "rank": self.meshes.rank,
             "params": [[n, list(p.shape)] for n, p in sorted(self.params.items())],
         }
+        if self.co2 is not None:  # its optimizer shards are cut inside a replica, and it has outer state
+            key["dp_mode"] = "co2"
+        return key
 
     def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`local_tensors` (same layout and rank)."""
@@ -497,6 +521,12 @@ class ParallelEngine:
             for name, param in self.params.items():
                 param.copy_(tensors[f"param.{name}"])
         self.optimizer.load_raw_state({k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")})
+        if self.co2 is not None:
+            outer = {k[len("outer."):]: v for k, v in tensors.items() if k.startswith("outer.")}
+            if outer:
+                self.co2.load_state(outer)
+            else:  # a resharding checkpoint holds replica 0's model and moments, no outer state: a new first round
+                self.co2.reset()
 
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Take this rank's shards of a single-process-layout state (from :meth:`full_state_dict`)."""
@@ -513,3 +543,5 @@ class ParallelEngine:
             "exp_avg_sq": {n: self._slice_local(n, opt["exp_avg_sq"][n]) for n in self.params},
         }
         self.optimizer.load_local_state(local)
+        if self.co2 is not None:  # the single-process layout has one model (replica 0's): a new first round from it
+            self.co2.reset()

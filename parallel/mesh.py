@@ -53,6 +53,26 @@ class ParallelMeshes:
         assert mine is not None
         return mine
 
+    def add_replica_groups(self) -> None:
+        """The groups of local steps inside one data-parallel replica (``parallel.dp_mode=co2``); a collective.
+
+        ``cp``/``cp+tp`` reduce what ``dp+cp``/``dp+cp+tp`` reduce, but inside the replica; ``edp@dp`` the
+        expert weights' replicas inside it (ranks with the same dp, ep and etp coordinates: needs every expert
+        group inside one replica, ep·etp dividing cp·tp); ``replica`` is every rank of the replica (all stages).
+        """
+        if "replica" in self._groups:
+            return
+        dims = self.dims
+        self._groups["cp+tp"] = self._new_group("cp+tp", dims.groups((MeshAxis.CP, MeshAxis.TP)))
+        by_key: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(dims.world):
+            dense = dims.coordinates(rank, DENSE_AXES)
+            expert = dims.coordinates(rank, EXPERT_AXES)
+            key = (dense[MeshAxis.PP], dense[MeshAxis.DP], expert[MeshAxis.EP], expert[MeshAxis.ETP])
+            by_key.setdefault(key, []).append(rank)
+        self._groups["edp@dp"] = self._new_group("edp@dp", list(by_key.values()))
+        self._groups["replica"] = self._new_group("replica", dims.groups((MeshAxis.PP, MeshAxis.CP, MeshAxis.TP)))
+
     def __getitem__(self, axis: MeshAxis) -> DeviceMesh:
         mesh = self.expert if axis in (MeshAxis.EDP, MeshAxis.EP, MeshAxis.ETP) else self.dense
         return mesh[axis.value]

@@ -118,6 +118,8 @@ def local_slices(engine: ParallelEngine) -> list[Slice]:
         shape, offsets = boxes[name]
         reduce_group = engine.meshes.group(getattr(param, "_plait_reduce", "dp+cp+tp"))
         out.append(Slice(f"param.{name}", 0, name, shape, offsets, tuple(param.shape), reduce_group.rank == 0))
+    # Under CO2 each replica owns every range once (its groups stay inside it): replica 0 writes the moments.
+    moment_writer = engine.optimizer.replicas is None or engine.optimizer.replicas[0] == 0
     for i, bucket in enumerate(engine.optimizer.buckets):
         for lo, hi, shard_at in bucket.owned_ranges():  # the rank's part of each piece of the flat buffer
             for name, p, at in zip(bucket.names, bucket.params, bucket.offsets):
@@ -129,7 +131,7 @@ def local_slices(engine: ParallelEngine) -> list[Slice]:
                     global_offsets = tuple(o + g for o, g in zip(box_offsets, base))
                     for moment in MOMENTS:
                         out.append(Slice(f"optim.{i}.{moment}", shard_at + at + start - lo, optim_name(moment, name),
-                                         shape, global_offsets, sizes, True))
+                                         shape, global_offsets, sizes, moment_writer))
     if engine.optimizer.buckets:
         out.append(Slice("optim.0.step", 0, OPTIM_STEP, (), (), (), engine.meshes.rank == 0))
     return out

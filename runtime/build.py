@@ -35,6 +35,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         control=config.control.enabled,
         grad_overlap=p.grad_overlap,
         bucket_mb=p.bucket_mb,
+        co2=p.co2 if p.dp_mode == "co2" else None,
     )
 
 

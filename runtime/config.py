@@ -54,6 +54,7 @@ class JobConfig:
         dims = self.parallel.dims(world)
         self._check_documents(dims)
         self._check_compress(dims)
+        self._check_co2(dims)
         self._check_precision()
         documents = self.data.packing == "documents"
         # A step of documents is train.global_batch whole documents, not micro-batches of windows.
@@ -83,6 +84,21 @@ class JobConfig:
                 f"must be a multiple of train.micro_batch × dp = {self.train.micro_batch} × {dp} = {per_rank}",
                 hint=f"e.g. {suggestion}",
             )
+
+    def _check_co2(self, dims) -> None:
+        """CO2's replicas train apart for a round: nothing a replica computes may need another replica's ranks."""
+        p = self.parallel
+        if p.dp_mode != "co2":
+            return
+        if p.hybrid_dp:
+            raise ConfigError("parallel.dp_mode", p.dp_mode, "hybrid data parallelism places each step's documents "
+                              "across the dp ranks, so they cannot train apart", hint="set parallel.hybrid_dp=false, "
+                              "or parallel.dp_mode=sync")
+        if self.model.kind == "moe" and (dims.cp * dims.tp) % (dims.ep * dims.etp):
+            raise ConfigError("parallel.dp_mode", p.dp_mode,
+                              f"co2 trains each data-parallel replica (cp·tp = {dims.cp * dims.tp} ranks) on its own, but "
+                              f"an expert group (ep·etp = {dims.ep * dims.etp} ranks) would span replicas",
+                              hint="choose ep·etp dividing cp·tp (e.g. parallel.ep=1), or parallel.dp_mode=sync")
 
     def _check_documents(self, dims) -> None:
         """data.packing=documents and parallel.hybrid_dp go together; hybrid DP replaces a static cp."""

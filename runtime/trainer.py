@@ -215,6 +215,7 @@ class Trainer:
             for hook in self.hooks:
                 if hasattr(hook, "on_step_end"):
                     hook.on_step_end(self, self.step)
+        self.engine.drain()
         self.ledger = self.job_ledger()  # collective: before the hooks, which run on rank 0 only
         for hook in self.hooks:
             hook.on_end(self)
