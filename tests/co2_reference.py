@@ -1,13 +1,14 @@
-"""CO2 written from the paper's equations over whole tensors, with plain PyTorch replicas (no plait.parallel).
+"""CO2 written from its equations over whole tensors, with plain PyTorch replicas (no plait.parallel).
 
 Replica ``d`` of ``dp`` is a :class:`~plain_reference.PlainTrainer` on its own rows of each global batch (the
 rows ``parallel.engine`` gives dp rank ``d``: ``micro`` rows of every block of ``micro·dp``). It takes AdamW
-steps on its mean loss, clipped by its own gradient norm. After every ``tau`` steps, round ``t`` ends:
+steps on its mean loss, clipped by its own gradient norm. The replicas agree on a start x; replica d begins
+round t at x_t − own_d (its progress of the round before, not yet averaged). After every ``tau`` steps round t
+ends, with p_d = (where replica d began the round) − (where it is):
 
-    pending   ← mean over replicas of their parameters        (arrives one round later)
-    t = 0:      every replica restarts from x_0
-    t ≥ 1:      Δ = x_{t−1,0} − pending_{t−1};  gap = x_{t,0} − x_{t−1,0};  Λ = 1 + ‖gap‖/‖Δ‖ (whole model)
-                m = clamp(β·m + Δ/Λ, −φ, φ);  x_{t+1,0} = x_{t,0} − α·m;  every replica restarts from it
+    t ≥ 1:   Δ = mean_d of round t−1's p_d;  gap = x_t − x_{t−1};  Λ = 1 + ‖gap‖/‖Δ‖ (whole model)
+             m = clamp(β·m + Δ/Λ, −φ, φ);  x_{t+1} = x_t − α·m        (t = 0: x_1 = x_0)
+    every replica: own_d = p_d, and it continues from x_{t+1} − own_d
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class CO2Reference:
         self.start = self._params(0)
         self.previous = {n: t.clone() for n, t in self.start.items()}
         self.momentum = {n: torch.zeros_like(t) for n, t in self.start.items()}
-        self.pending: dict[str, torch.Tensor] | None = None
+        self.own = [{n: torch.zeros_like(t) for n, t in self.start.items()} for _ in range(dp)]
+        self.pending: list[dict[str, torch.Tensor]] = []
         self.penalties: list[float] = []
 
     def _params(self, d: int) -> dict[str, torch.Tensor]:
@@ -57,9 +59,9 @@ class CO2Reference:
     @torch.no_grad()
     def _end_round(self) -> None:
         ends = [self._params(d) for d in range(self.dp)]
-        average = {n: sum(e[n] for e in ends) / self.dp for n in self.start}
+        progress = [{n: self.start[n] - self.own[d][n] - ends[d][n] for n in self.start} for d in range(self.dp)]
         if self.round >= 1:
-            delta = {n: self.previous[n] - self.pending[n] for n in self.start}
+            delta = {n: sum(p[n] for p in self.pending) / self.dp for n in self.start}
             penalty = 1.0
             if self.gap_penalty:
                 gap = math.sqrt(sum(float((self.start[n] - self.previous[n]).double().pow(2).sum()) for n in self.start))
@@ -71,10 +73,9 @@ class CO2Reference:
                 self.momentum[n] = m.clamp(-self.clip, self.clip) if self.clip > 0 else m
             self.previous = {n: t.clone() for n, t in self.start.items()}
             self.start = {n: self.start[n] - self.alpha * self.momentum[n] for n in self.start}
-        else:
-            self.previous = {n: t.clone() for n, t in self.start.items()}
-        self.pending = average
+        self.pending = progress
+        self.own = progress
         self.round += 1
-        for r in self.replicas:
+        for d, r in enumerate(self.replicas):
             for n, p in r.params.items():
-                p.copy_(self.start[n])
+                p.copy_(self.start[n] - self.own[d][n])

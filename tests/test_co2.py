@@ -2,7 +2,7 @@
 
 The engine's replicas take local AdamW steps with gradients reduced inside the replica only, and every
 ``tau`` steps the outer update (one round stale, staleness gap penalty, clipped outer momentum) moves the
-round's start. The reference (:mod:`co2_reference`) trains one plain model per replica. Tolerances: fp32
+start the replicas agree on; each keeps its own progress of the last round on top of it. The reference (:mod:`co2_reference`) trains one plain model per replica. Tolerances: fp32
 sums in another order (the ZeRO shards, tp's partial sums, the dp all-reduce) over a few steps of AdamW,
 whose update is about lr per element whatever the gradient, so differences stay near 1e-6 of the weights.
 """
@@ -14,6 +14,7 @@ import torch
 from co2_reference import CO2Reference
 from harness import run_distributed
 from parity import GLOBAL_BATCH, loader, model_config, train_config
+from plain_reference import PlainTrainer
 
 from plait.errors import ConfigError
 from plait.parallel.config import CO2Config
@@ -51,16 +52,17 @@ def co2_run(rank: int, world: int, sizes: dict, co2: dict) -> dict:
 
     engine, train = engine_for(world, sizes, co2)
     data = loader()
-    losses, flats, ledgers = [], [], []
+    losses, flats, ledgers, starts = [], [], [], []
     for step in range(STEPS):
         inputs, targets = data.next_batch()
         comm.LEDGER.reset()
         losses.append(engine.train_step(inputs, targets, train.lr_at(step)).loss)
         ledgers.append(comm.LEDGER.snapshot())
         flats.append(torch.cat([p.detach().reshape(-1) for _, p in sorted(engine.params.items())]))
+        starts.append(torch.cat([t.clone() for t in engine.co2.start]))
     state = engine.full_state_dict()
     engine.drain()
-    return {"losses": losses, "flats": flats, "ledgers": ledgers, "penalty": engine.co2.last_penalty,
+    return {"losses": losses, "flats": flats, "ledgers": ledgers, "starts": starts, "penalty": engine.co2.last_penalty,
             "model": state["model"] if state else None}
 
 
@@ -95,10 +97,12 @@ def test_the_penalty_and_the_clipping_change_the_result():
         assert max(float((clipped[n] - other[n]).abs().max()) for n in clipped) > 1e-3, change
 
 
-def test_replicas_train_apart_and_meet_at_each_round_start(dp2):
+def test_replicas_train_apart_and_agree_on_each_start(dp2):
     for step in range(STEPS):
-        same = torch.equal(dp2[0]["flats"][step], dp2[1]["flats"][step])
-        assert same == ((step + 1) % TAU == 0), step  # equal exactly after a round's end, different inside one
+        assert not torch.equal(dp2[0]["flats"][step], dp2[1]["flats"][step]), step  # each keeps its own progress
+        assert torch.equal(dp2[0]["starts"][step], dp2[1]["starts"][step]), step  # the outer update agrees exactly
+    assert not torch.equal(dp2[0]["starts"][2], dp2[0]["starts"][3])  # the start moved at the end of round 1 (step 4)
+    assert torch.equal(dp2[0]["starts"][0], dp2[0]["starts"][2])  # and not before: round 0 has no average yet
 
 
 def test_no_step_talks_over_dp_except_the_round_ends_parameter_all_reduce(dp2):
@@ -120,7 +124,8 @@ def test_with_tensor_parallelism_inside_each_replica():
     assert max(abs(a - b) for a, b in zip(got[0]["losses"], losses)) < 1e-5
     assert max(float((got[0]["model"][n] - model[n]).abs().max()) for n in model) < 1e-5
     for step in range(STEPS):  # ranks 0, 1 are replica 0 (tp 0, 1); ranks 2, 3 replica 1
-        assert torch.equal(got[0]["flats"][step], got[2]["flats"][step]) == ((step + 1) % TAU == 0)
+        assert torch.equal(got[0]["starts"][step], got[2]["starts"][step])
+        assert not torch.equal(got[0]["flats"][step], got[2]["flats"][step])
 
 
 def restore_run(rank: int, world: int, cut: int) -> dict:
@@ -156,12 +161,25 @@ def test_a_restore_mid_round_is_exact(cut):
     assert "outer.round" in got[0]["keys"] and "outer.0.momentum" in got[0]["keys"]
 
 
-def test_one_process_runs_co2_as_lookahead():
-    """The smallest case: one replica. Its average is itself, so the outer update is a lookahead on its own path."""
+def test_one_process_runs_co2_from_its_equations():
+    """The smallest case: one replica, whose average is its own progress."""
     got = run_distributed(co2_run, 1, args=({}, settings()), timeout=120)
     losses, model, _ = reference(1, settings())
     assert max(abs(a - b) for a, b in zip(got[0]["losses"], losses)) < 1e-5
     assert max(float((got[0]["model"][n] - model[n]).abs().max()) for n in model) < 1e-5
+
+
+def test_one_replica_with_a_plain_outer_step_is_plain_adamw():
+    """τ = 1, α = 1, β = 0, no penalty: each round's progress reaches the start one round late, and the replica
+    keeps it meanwhile, so its parameters follow plain AdamW on the whole batch (in exact arithmetic; here the
+    start less the progress rounds once per step)."""
+    plain = dict(tau=1, outer_lr=1.0, outer_momentum=0.0, gap_penalty=False, clip=0.0)
+    got = run_distributed(co2_run, 1, args=({}, plain), timeout=120)
+    trainer = PlainTrainer(model_config("gpt"), train_config(STEPS, MICRO), micro_rows=MICRO, aux_coef=0.0)
+    data, train = loader(), train_config(STEPS, MICRO)
+    losses = [trainer.step(*data.next_batch(), train.lr_at(step))[0] for step in range(STEPS)]
+    assert max(abs(a - b) for a, b in zip(got[0]["losses"], losses)) < 1e-5
+    assert max(float((got[0]["model"][n] - p.detach()).abs().max()) for n, p in trainer.params.items()) < 1e-5
 
 
 @pytest.mark.parametrize("field,value", [("tau", 0), ("tau", 2.5), ("outer_lr", 0.0), ("outer_momentum", 1.0),
