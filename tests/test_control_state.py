@@ -67,6 +67,32 @@ def test_registration_and_heartbeats_are_checked_and_ordered():
     assert state.status()["attempt"] == 1
 
 
+def test_a_report_carries_the_steps_since_the_last_one_and_the_stragglers_see_every_step():
+    """Workers report once per interval: the steps before the reported one come in ``earlier``, oldest first."""
+    rng = random.Random(7)
+    state, ids = _job()
+    for first in (1, 11, 21):  # three reports of ten steps each
+        for r, mid in ids.items():
+            times = []
+            for step in range(first, first + 10):
+                base = 0.2 * (1 + 0.05 * rng.random())
+                compute = 1.6 * base if r == 1 else base
+                comm = 0.05 + (0.32 * 0.2 if r != 1 else 0.0)
+                times.append((step, compute + comm, comm, compute))
+            *earlier, (step, step_s, comm_s, compute_s) = times
+            state.heartbeat(rank=r, member_id=mid, step=step, phase="hooks", step_s=step_s, comm_s=comm_s,
+                            compute_s=compute_s, earlier=earlier)
+    assert [h[0] for h in state.members[1].history] == list(range(1, 31))
+    found = state.stragglers()
+    assert [(x["rank"], x["cause"]) for x in found["stragglers"]] == [(1, "compute")] and found["steps"] == 20
+    mid = ids[0]
+    for bad, match in (([(31, 1.0, 0.0, 1.0), (31, 1.0, 0.0, 1.0)], "increasing"), ([(40, 1.0, 0.0, 1.0)], "before step"),
+                       ([(31, -1.0, 0.0, 1.0)], "earlier.step_s"), ([(31, 1.0, float("inf"), 1.0)], "earlier.comm_s")):
+        with pytest.raises(ControlRequestError, match=match):
+            state.heartbeat(rank=0, member_id=mid, step=35, phase="hooks", earlier=bad)
+    assert state.members[0].step == 30  # each refusal left the state as it was
+
+
 def test_commands_go_to_rank_0_until_it_reports_them_done():
     state, ids = _job(2)
     first = state.command("snapshot")

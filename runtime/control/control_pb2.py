@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/runtime/control/control.proto\x12\rplait.control\"y\n\x0fRegisterRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05world\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0f\n\x07restore\x18\x07 \x01(\t\"/\n\rRegisterReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\x03\"\xdc\x01\n\x10HeartbeatRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tmember_id\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x12\n\ncollective\x18\x05 \x01(\t\x12\x17\n\x0fin_collective_s\x18\x06 \x01(\x01\x12\x0e\n\x06step_s\x18\x07 \x01(\x01\x12\x0e\n\x06\x63omm_s\x18\x08 \x01(\x01\x12\x11\n\tcompute_s\x18\t \x01(\x01\x12\x14\n\x0c\x63ommand_done\x18\n \x01(\x03\x12\x14\n\x0c\x63ommand_note\x18\x0b \x01(\t\"j\n\x0eHeartbeatReply\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x13\n\x0b\x64ump_stacks\x18\x04 \x01(\x08\x12\x0c\n\x04\x65xit\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"3\n\x0e\x43ommandRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\"1\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t2\xaf\x02\n\x0b\x43oordinator\x12H\n\x08Register\x12\x1e.plait.control.RegisterRequest\x1a\x1c.plait.control.RegisterReply\x12K\n\tHeartbeat\x12\x1f.plait.control.HeartbeatRequest\x1a\x1d.plait.control.HeartbeatReply\x12\x42\n\x06Status\x12\x1c.plait.control.StatusRequest\x1a\x1a.plait.control.StatusReply\x12\x45\n\x07\x43ommand\x12\x1d.plait.control.CommandRequest\x1a\x1b.plait.control.CommandReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/runtime/control/control.proto\x12\rplait.control\"y\n\x0fRegisterRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05world\x18\x02 \x01(\x05\x12\x0c\n\x04node\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0f\n\x07restore\x18\x07 \x01(\t\"/\n\rRegisterReply\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\x03\"\x86\x02\n\x10HeartbeatRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tmember_id\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x12\n\ncollective\x18\x05 \x01(\t\x12\x17\n\x0fin_collective_s\x18\x06 \x01(\x01\x12\x0e\n\x06step_s\x18\x07 \x01(\x01\x12\x0e\n\x06\x63omm_s\x18\x08 \x01(\x01\x12\x11\n\tcompute_s\x18\t \x01(\x01\x12\x14\n\x0c\x63ommand_done\x18\n \x01(\x03\x12\x14\n\x0c\x63ommand_note\x18\x0b \x01(\t\x12(\n\x07\x65\x61rlier\x18\x0c \x03(\x0b\x32\x17.plait.control.StepTime\"K\n\x08StepTime\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0e\n\x06step_s\x18\x02 \x01(\x01\x12\x0e\n\x06\x63omm_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"j\n\x0eHeartbeatReply\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x10\n\x08snapshot\x18\x03 \x01(\x08\x12\x13\n\x0b\x64ump_stacks\x18\x04 \x01(\x08\x12\x0c\n\x04\x65xit\x18\x05 \x01(\x08\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"3\n\x0e\x43ommandRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\"1\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t2\xaf\x02\n\x0b\x43oordinator\x12H\n\x08Register\x12\x1e.plait.control.RegisterRequest\x1a\x1c.plait.control.RegisterReply\x12K\n\tHeartbeat\x12\x1f.plait.control.HeartbeatRequest\x1a\x1d.plait.control.HeartbeatReply\x12\x42\n\x06Status\x12\x1c.plait.control.StatusRequest\x1a\x1a.plait.control.StatusReply\x12\x45\n\x07\x43ommand\x12\x1d.plait.control.CommandRequest\x1a\x1b.plait.control.CommandReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=177
   _globals['_REGISTERREPLY']._serialized_end=224
   _globals['_HEARTBEATREQUEST']._serialized_start=227
-  _globals['_HEARTBEATREQUEST']._serialized_end=447
-  _globals['_HEARTBEATREPLY']._serialized_start=449
-  _globals['_HEARTBEATREPLY']._serialized_end=555
-  _globals['_STATUSREQUEST']._serialized_start=557
-  _globals['_STATUSREQUEST']._serialized_end=572
-  _globals['_STATUSREPLY']._serialized_start=574
-  _globals['_STATUSREPLY']._serialized_end=601
-  _globals['_COMMANDREQUEST']._serialized_start=603
-  _globals['_COMMANDREQUEST']._serialized_end=654
-  _globals['_COMMANDREPLY']._serialized_start=656
-  _globals['_COMMANDREPLY']._serialized_end=705
-  _globals['_COORDINATOR']._serialized_start=708
-  _globals['_COORDINATOR']._serialized_end=1011
+  _globals['_HEARTBEATREQUEST']._serialized_end=489
+  _globals['_STEPTIME']._serialized_start=491
+  _globals['_STEPTIME']._serialized_end=566
+  _globals['_HEARTBEATREPLY']._serialized_start=568
+  _globals['_HEARTBEATREPLY']._serialized_end=674
+  _globals['_STATUSREQUEST']._serialized_start=676
+  _globals['_STATUSREQUEST']._serialized_end=691
+  _globals['_STATUSREPLY']._serialized_start=693
+  _globals['_STATUSREPLY']._serialized_end=720
+  _globals['_COMMANDREQUEST']._serialized_start=722
+  _globals['_COMMANDREQUEST']._serialized_end=773
+  _globals['_COMMANDREPLY']._serialized_start=775
+  _globals['_COMMANDREPLY']._serialized_end=824
+  _globals['_COORDINATOR']._serialized_start=827
+  _globals['_COORDINATOR']._serialized_end=1130
 # @@protoc_insertion_point(module_scope)

@@ -1,10 +1,12 @@
 """The worker's side of the control plane: register, report every step, carry out the users' commands.
 
 **Reports never hold training up.** A background thread registers with the coordinator
-(retrying until it answers) and sends a heartbeat after every step and at least every
-``control.heartbeat_s``: the last step, the phase the worker is in, the collective it is
-blocked in and for how long (from the ledger, :class:`plait.parallel.comm.Ledger`), and
-the last step's time split into communication (time blocked in collectives) and the rest.
+(retrying until it answers) and sends a heartbeat every ``control.heartbeat_s``: the last
+step, the phase the worker is in, the collective it is blocked in and for how long (from the
+ledger, :class:`plait.parallel.comm.Ledger`), and the time of every step finished since the
+last report, split into communication (time blocked in collectives) and the rest. One report
+per interval rather than per step: a report is a gRPC call on the worker's CPU, and at a few
+steps a second on shared cores the per-step reports cost several percent of the step.
 A coordinator that is down or hangs costs the thread its deadline, never the step.
 
 **Commands reach every rank at the same step.** Only rank 0 takes commands from the
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from plait.parallel.comm import LEDGER
+from plait.runtime.control import control_pb2 as pb
+from plait.runtime.control.state import MAX_EARLIER
 from plait.runtime.trainer import BaseHook, StepResult
 
 if TYPE_CHECKING:
@@ -102,6 +106,8 @@ class ControlHook(BaseHook):
         self.failures = 0
         self._t0 = 0.0
         self._agreed: tuple[int, str, bool] | None = None
+        self._times: list[tuple[int, float, float, float]] = []  # steps finished since the last report
+        self._times_lock = threading.Lock()
         self._engine = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -139,7 +145,9 @@ class ControlHook(BaseHook):
         LEDGER.phase = "hooks"
         self._agreed = decode(trainer.engine.control_agreed)
         trainer.engine.control_word = 0.0
-        self._wake.set()
+        with self._times_lock:
+            self._times.append((self.step, self.step_s, self.comm_s, self.compute_s))
+            del self._times[:-MAX_EARLIER]
 
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         agreed, self._agreed = self._agreed, None
@@ -210,11 +218,21 @@ class ControlHook(BaseHook):
                                                       pid=os.getpid(), host=socket.gethostname()[:255],
                                                       attempt=self.attempt, restore=self.restore[:1024])
             current = LEDGER.current
-            reply = self.client.heartbeat(
-                rank=self.rank, member_id=self.member_id, step=self.step, phase=LEDGER.phase,
-                collective=current, in_collective_s=max(0.0, time.perf_counter() - LEDGER.since) if current else 0.0,
-                step_s=self.step_s, comm_s=self.comm_s, compute_s=self.compute_s,
-                command_done=self.done_id if self.rank == 0 else 0, command_note=self.done_note[:256])
+            with self._times_lock:
+                times, self._times = self._times, []
+            step, step_s, comm_s, compute_s = times[-1] if times else (self.step, self.step_s, self.comm_s, self.compute_s)
+            try:
+                reply = self.client.heartbeat(
+                    rank=self.rank, member_id=self.member_id, step=step, phase=LEDGER.phase,
+                    collective=current, in_collective_s=max(0.0, time.perf_counter() - LEDGER.since) if current else 0.0,
+                    step_s=step_s, comm_s=comm_s, compute_s=compute_s,
+                    command_done=self.done_id if self.rank == 0 else 0, command_note=self.done_note[:256],
+                    earlier=[pb.StepTime(step=t[0], step_s=t[1], comm_s=t[2], compute_s=t[3]) for t in times[:-1]])
+            except Exception:
+                with self._times_lock:  # not delivered: the next report carries them
+                    self._times[:0] = times
+                    del self._times[:-MAX_EARLIER]
+                raise
             if self.rank == 0 and reply.command_id > self.done_id:
                 self.pending = (reply.command_id, reply.command, reply.snapshot)
             if reply.dump_stacks and self.stacks is not None:

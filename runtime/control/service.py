@@ -83,7 +83,8 @@ class _Servicer(pb_grpc.CoordinatorServicer):
             rank=request.rank, member_id=request.member_id, step=request.step, phase=request.phase,
             collective=request.collective, in_collective_s=request.in_collective_s, step_s=request.step_s,
             comm_s=request.comm_s, compute_s=request.compute_s, command_done=request.command_done,
-            command_note=request.command_note)
+            command_note=request.command_note,
+            earlier=[(e.step, e.step_s, e.comm_s, e.compute_s) for e in request.earlier])
         c = reply.command
         return pb.HeartbeatReply(command_id=c.id if c else 0, command=c.command if c else "",
                                  snapshot=bool(c and c.snapshot), dump_stacks=reply.dump_stacks, exit=reply.exit)

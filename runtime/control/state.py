@@ -44,6 +44,7 @@ MAX_WORLD = 1 << 20
 MAX_TEXT = 256  # host names, collectives, notes
 MAX_RESTORE_TEXT = 1024
 MAX_SECONDS = 1e7  # a step time beyond 115 days is not a measurement
+MAX_EARLIER = 4096  # step times in one report
 SPREAD_K = 3.0  # deviations beyond this many spreads count as slower
 PERSISTENT = 0.8  # ... in at least this fraction of the window's steps
 MIN_WINDOW = 5  # steps every rank reported, before anyone is named
@@ -190,11 +191,26 @@ class JobState:
 
     def heartbeat(self, *, rank: int, member_id: int, step: int, phase: str, collective: str = "",
                   in_collective_s: float = 0.0, step_s: float = 0.0, comm_s: float = 0.0, compute_s: float = 0.0,
-                  command_done: int = 0, command_note: str = "") -> Reply:
+                  command_done: int = 0, command_note: str = "",
+                  earlier: list[tuple[int, float, float, float]] = ()) -> Reply:
         """Record a worker's progress; return what its reply carries: the pending command (rank 0 carries
-        commands out) and the coordinator's instructions for it (dump stacks, exit)."""
+        commands out) and the coordinator's instructions for it (dump stacks, exit).
+
+        ``earlier``: (step, step_s, comm_s, compute_s) of the steps finished since the last report, before
+        ``step``, oldest first (a worker reports once per heartbeat interval, not once per step)."""
         _int("rank", rank, 0, self.world - 1)
         _int("step", step, 0, 1 << 62)
+        if len(earlier) > MAX_EARLIER:
+            raise ControlRequestError(f"earlier: {len(earlier)} steps; accepted: at most {MAX_EARLIER} per report")
+        last = -1
+        for s, *times in earlier:
+            _int("earlier.step", s, 0, 1 << 62)
+            if not last < s < step:
+                raise ControlRequestError(f"earlier.step: got {s} after {last}, before step {step}; accepted: "
+                                          "increasing steps before the reported one")
+            last = s
+            for name, value in zip(("earlier.step_s", "earlier.comm_s", "earlier.compute_s"), times):
+                _seconds(name, value)
         if phase not in PHASES:
             raise ControlRequestError(f"phase: got {phase!r}; accepted: {' | '.join(PHASES)}")
         _text("collective", collective, 64)
@@ -216,6 +232,7 @@ class JobState:
             now = self.clock()
             if step > m.step:
                 m.progress_at = now
+                m.history.extend(e for e in earlier if e[0] > m.step)
                 m.history.append((step, step_s, comm_s, compute_s))
             m.step, m.phase, m.collective, m.in_collective_s = step, phase, collective, in_collective_s
             m.step_s, m.comm_s, m.compute_s = step_s, comm_s, compute_s
