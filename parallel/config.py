@@ -122,6 +122,8 @@ class ParallelConfig:
     # pass has made all of its gradients (grad_overlap), while the rest of the backward pass runs.
     grad_overlap: bool = True
     bucket_mb: float = 25.0
+    # MoE layers cut their tokens in two after routing: one half's expert all-to-alls run during the other's experts
+    ep_overlap: bool = False
     # sync: every step's gradients are reduced over dp. co2: each dp replica takes parallel.co2.tau local steps,
     # then its parameters are averaged over dp while the next round runs, and an outer update with momentum uses
     # that average one round late (CO2); cp, tp, pp and ep stay synchronous inside a replica.
@@ -149,6 +151,14 @@ class ParallelConfig:
         if not isinstance(self.bucket_mb, (int, float)) or isinstance(self.bucket_mb, bool) or not self.bucket_mb > 0 \
                 or self.bucket_mb == float("inf"):
             raise ConfigError("parallel.bucket_mb", self.bucket_mb, "accepted: a positive number of MiB such as 1 or 0.5")
+        if not isinstance(self.ep_overlap, bool):
+            raise ConfigError("parallel.ep_overlap", self.ep_overlap, "accepted: true or false")
+        if self.ep_overlap and self.capacity_factor > 0:
+            raise ConfigError("parallel.ep_overlap", True, "chunks dropless exchanges only",
+                              hint="set parallel.capacity_factor=0, or parallel.ep_overlap=false")
+        if self.ep_overlap and self.ep_compress != "none":
+            raise ConfigError("parallel.ep_overlap", True, f"does not chunk compressed exchanges (parallel.ep_compress="
+                              f"{self.ep_compress})", hint="set parallel.ep_compress=none, or parallel.ep_overlap=false")
         if not isinstance(self.grad_overlap, bool):
             raise ConfigError("parallel.grad_overlap", self.grad_overlap, "accepted: true or false")
         if self.hdp_budget < 0:

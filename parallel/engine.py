@@ -70,6 +70,7 @@ class EngineConfig:
     control: bool = False
     grad_overlap: bool = True  # reduce-scatter each gradient piece as soon as it is ready, during the backward pass
     bucket_mb: float = 25.0  # size of a gradient piece (fp32 MiB): the unit of that overlap
+    ep_overlap: bool = False  # the expert all-to-alls of one chunk of a layer's tokens during another's experts
     co2: Any = None  # a plait.parallel.config.CO2Config: dp replicas take local steps, averaged by CO2's outer update
 
 
@@ -139,7 +140,7 @@ class ParallelEngine:
         if self.is_moe and (self.hybrid is None or self.dims.ep * self.dims.etp > 1):
             from plait.parallel.ep import apply_ep
 
-            apply_ep(model, meshes, capacity_factor=config.capacity_factor, lsh=config.lsh)
+            apply_ep(model, meshes, capacity_factor=config.capacity_factor, lsh=config.lsh, overlap=config.ep_overlap)
         self.pipeline = None
         if self.dims.pp > 1 or config.vpp > 1:
             # hybrid DP builds each step's schedule for its own number of calls (see HybridDP.step)

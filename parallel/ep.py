@@ -94,6 +94,7 @@ class _EPState:
     dp: int = 1  # micro-batch blocks a stage holds at once (one per dp rank)
     block: int = 0  # this rank's dp coordinate: the row of the statistics table it fills
     hasher: object | None = None  # parallel.ep_compress=lsh: an ep_lsh.Hasher (phases 3-5 move bucket centroids)
+    overlap: bool = False  # parallel.ep_overlap: phases 3-5 chunk by chunk, exchanges overlapped (ep_overlap)
 
 
 def _is_moe(m: nn.Module) -> bool:
@@ -273,6 +274,11 @@ def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if keep is not None:
             y = y.new_zeros(n * k, y.shape[-1]).index_copy(0, keep, y)
         return self.combine(y, perm, routing.weights, n).reshape(shape)
+    if st.overlap:  # dropless, uncompressed (the config sees to it)
+        self.dropped_tokens = 0
+        from plait.parallel.ep_overlap import overlapped_forward
+
+        return overlapped_forward(self, x2d, routing, st).reshape(shape)
     # 3. dispatch
     plan = _plan(sent, stats, st)
     self.dropped_tokens = plan.dropped
@@ -303,7 +309,8 @@ def _ep_class(cls: type) -> type:
     return _EP_CLASSES[cls]
 
 
-def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float = 0.0, lsh=None) -> None:
+def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float = 0.0, lsh=None,
+             overlap: bool = False) -> None:
     """Shard every MoE layer's experts over ``ep``/``etp`` and make its forward expert parallel (in place).
 
     Must run on every rank of the job, with the same full model (same seed), so that the
@@ -313,15 +320,20 @@ def apply_ep(model: nn.Module, meshes: ParallelMeshes, *, capacity_factor: float
     ``aux_loss`` (this rank's share of its micro-batch block's loss), ``local_stats``,
     ``tokens_per_expert`` and ``dropped_tokens`` (this rank's; the engine replaces the last two by
     the stage's sums at the end of a step). ``lsh`` (an :class:`plait.parallel.ep_lsh.LSHSettings`) sends bucket centroids
-    instead of token copies (:mod:`plait.parallel.ep_lsh`). Raises ConfigError
+    instead of token copies (:mod:`plait.parallel.ep_lsh`); ``overlap`` runs the exchanges of one chunk of the
+    tokens during another's experts (:mod:`plait.parallel.ep_overlap`). Raises ConfigError
     (``parallel.ep`` / ``parallel.etp`` / ``parallel.lsh.*``) when experts or hidden size do not
     divide, or the hash settings do not fit the hidden size.
     """
     if capacity_factor < 0 or not math.isfinite(capacity_factor):
         raise ConfigError("parallel.capacity_factor", capacity_factor, "accepted: 0 (dropless) or a finite number > 0")
     dp = meshes.group(MeshAxis.DP)  # ranked by dp coordinate: which micro-batch block a rank holds
+    if overlap and (capacity_factor > 0 or lsh is not None):
+        raise ConfigError("parallel.ep_overlap", True, "chunks dropless, uncompressed exchanges",
+                          hint="set parallel.capacity_factor=0 and parallel.ep_compress=none, or parallel.ep_overlap=false")
     state = _EPState(ep=meshes.group("ep"), etp=meshes.group("etp"), stage=meshes.group("dp+cp+tp"),
-                     capacity_factor=float(capacity_factor), dp=dp.size, block=dp.rank)
+                     capacity_factor=float(capacity_factor), dp=dp.size, block=dp.rank,
+                     overlap=overlap and meshes.group("ep").size > 1)
     for module in list(model.modules()):
         if not _is_moe(module):
             continue

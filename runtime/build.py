@@ -36,6 +36,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         grad_overlap=p.grad_overlap,
         bucket_mb=p.bucket_mb,
         co2=p.co2 if p.dp_mode == "co2" else None,
+        ep_overlap=p.ep_overlap,
     )
 
 

@@ -122,8 +122,9 @@ class Op:
     calls: int = 1
 
 
-def layer_ops(spec: ModelSpec, lay: Layout, n: int) -> list[Op]:
-    """The collectives of one layer for one micro-step, forward and backward, per rank (``n`` tokens held).
+def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, ep_overlap: bool = False) -> list[Op]:
+    """The collectives of one layer for one micro-step, forward and backward, per rank (``n`` tokens held;
+    ``ep_overlap``: MoE layers exchange their tokens in two chunks, each with its own counts).
 
     The single list both this module's totals and the planner's step time are built from.
     MoE token bytes are dropless and averaged over the ranks of a stage: a single rank's
@@ -145,16 +146,17 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int) -> list[Op]:
         stage = lay.world // lay.pp
         if lay.cp * lay.tp > 1:  # routing counts of each dp rank's micro-batch block (int64 [dp, E + 2])
             ops.append(Op("dp+cp+tp", "all_reduce", stage, 1, 8 * lay.dp * (E + 2)))
+        chunks = 2 if ep_overlap and lay.ep > 1 else 1  # plait.parallel.ep_overlap.CHUNKS, each with its own counts
         if lay.ep > 1:
             # per-expert counts to each expert's rank (int64); dispatch sends n·k rows and combine sends back the
             # rows received (n·k on average), forward and backward
-            ops += [Op("ep", "all_to_all", lay.ep, lay.etp, 8 * E),
-                    Op("ep", "all_to_all", lay.ep, lay.etp, n * k * d * FP32, 4)]
+            ops += [Op("ep", "all_to_all", lay.ep, lay.etp, 8 * E, chunks),
+                    Op("ep", "all_to_all", lay.ep, lay.etp, n * k * d * FP32 // chunks, 4 * chunks)]
         if lay.etp > 1:
             # received counts per local expert; rows gathered to every etp peer (etp copies of what each received)
             # and partial sums scattered back, forward and backward
-            ops += [Op("etp", "all_gather", lay.etp, 1, 8 * (E // lay.ep)),
-                    Op("etp", "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32, 4)]
+            ops += [Op("etp", "all_gather", lay.etp, 1, 8 * (E // lay.ep), chunks),
+                    Op("etp", "all_to_all", lay.etp, 1, lay.etp * n * k * d * FP32 // chunks, 4 * chunks)]
     return ops
 
 
@@ -172,7 +174,7 @@ def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
 
 def step_volume(
     spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
-    centroids: int | None = None, precision_modules: int = 0, control: bool = False,
+    centroids: int | None = None, precision_modules: int = 0, control: bool = False, ep_overlap: bool = False,
 ) -> dict[str, dict[str, int]]:
     """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
 
@@ -187,6 +189,8 @@ def step_volume(
 
     ``control``: the job's control plane is on (``control.enabled``, the default of ``plait train``): its
     word rides on the step's closing all-reduce, 8 bytes per rank.
+
+    ``ep_overlap``: ``parallel.ep_overlap`` is on (see :func:`layer_ops`).
     """
     d = spec.dim
     T = spec.seq_len
@@ -196,7 +200,7 @@ def step_volume(
     counts = stage_layers or uniform_stage_layers(spec.layers, stages)
     vol: dict[tuple[str, str], int] = defaultdict(int)
     S = lay.world // lay.pp
-    for op in layer_ops(spec, lay, n):
+    for op in layer_ops(spec, lay, n, ep_overlap=ep_overlap):
         vol[(op.axis, op.op)] += S * spec.layers * A * op.nbytes * op.calls
     if stages > 1:
         vol[("pp", "send")] += 2 * (stages - 1) * S * A * n * d * FP32
