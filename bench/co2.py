@@ -14,7 +14,10 @@ all-reduce crosses the link between the nodes), shaped at a fixed scale of 0.01 
 10 Gbit/s Ethernet (100 Mbit/s shaped). On each, sync and co2 run 16 steps (``--quick``: 8); and sync runs
 on loopback, unshaped, the reference. Interleaved over 2 rounds (``--quick``: 1). Throughput is tokens
 over the summed step times after the first 4 steps (whole rounds of TAU: a round's end pays what is left of
-the all-reduce, so a median would hide it). Target: co2 on tcp80 ≥ 90 % of sync on unshaped links.
+the all-reduce, so a median would hide it). Target: co2 on tcp80 ≥ 90 % of sync on unshaped links. That
+ratio flatters co2 on these machines: its local steps skip the per-step gradient collectives, which cost CPU
+here, so co2 also runs on loopback, and co2 on a link against co2 unshaped is the like-for-like measure of how
+much of the link's cost the overlap hides.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def speed(work: Path, quick: bool) -> dict:
     steps, rounds = (WARMUP + TAU, 1) if quick else (WARMUP + 3 * TAU, 2)
     files = {name: _cluster_file(work, name) for name in LINKS}
     base = [f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1"]
-    cases = [("sync", "unshaped", None)] + [(mode, link, files[link]) for link in LINKS for mode in ("sync", "co2")]
+    cases = [("sync", "unshaped", None), ("co2", "unshaped", None)] + [(mode, link, files[link]) for link in LINKS
+                                                                        for mode in ("sync", "co2")]
     rates: dict[str, list[float]] = {f"{mode}@{link}": [] for mode, link, _ in cases}
     for r in range(rounds):
         for mode, link, cluster in cases:
@@ -114,9 +118,12 @@ def speed(work: Path, quick: bool) -> dict:
             "described_gbit": gbit, "shaped_mbit": gbit * SCALE * 1e3,
             "sync_vs_unshaped": best[f"sync@{link}"] / reference, "co2_vs_unshaped": best[f"co2@{link}"] / reference,
             "co2_vs_sync_same_link": best[f"co2@{link}"] / best[f"sync@{link}"],
+            # like for like: co2 on this link against co2 unshaped (1 when the link's cost is all hidden)
+            "co2_vs_co2_unshaped": best[f"co2@{link}"] / best["co2@unshaped"],
         }
         print(f"co2 speed: {link} ({gbit * SCALE * 1e3:.0f} Mbit/s): sync {100 * out['links'][link]['sync_vs_unshaped']:.0f} %, "
-              f"co2 {100 * out['links'][link]['co2_vs_unshaped']:.0f} % of sync on unshaped links", flush=True)
+              f"co2 {100 * out['links'][link]['co2_vs_unshaped']:.0f} % of sync on unshaped links; co2 "
+              f"{100 * out['links'][link]['co2_vs_co2_unshaped']:.0f} % of co2 unshaped", flush=True)
     return out
 
 
