@@ -91,6 +91,9 @@ class ParallelConfig:
     # pass has made all of its gradients (grad_overlap), while the rest of the backward pass runs.
     grad_overlap: bool = True
     bucket_mb: float = 25.0
+    # Tensor parallelism: each sequence-parallel region's all-gather and reduce-scatter run as tp rings whose
+    # transfers overlap the chunk-by-chunk GEMMs of its linears (plait.parallel.tp_overlap); same math.
+    tp_overlap: bool = False
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -112,6 +115,8 @@ class ParallelConfig:
             raise ConfigError("parallel.bucket_mb", self.bucket_mb, "accepted: a positive number of MiB such as 1 or 0.5")
         if not isinstance(self.grad_overlap, bool):
             raise ConfigError("parallel.grad_overlap", self.grad_overlap, "accepted: true or false")
+        if not isinstance(self.tp_overlap, bool):
+            raise ConfigError("parallel.tp_overlap", self.tp_overlap, "accepted: true or false")
         if self.hdp_budget < 0:
             raise ConfigError("parallel.hdp_budget", self.hdp_budget,
                               "accepted: 0 (train.micro_batch × model.seq_len) or a positive number of tokens")

@@ -35,6 +35,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         control=config.control.enabled,
         grad_overlap=p.grad_overlap,
         bucket_mb=p.bucket_mb,
+        tp_overlap=p.tp_overlap,
     )
 
 

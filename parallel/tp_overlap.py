@@ -1,0 +1,233 @@
+"""Sequence-parallel regions whose collectives overlap the GEMMs next to them (``parallel.tp_overlap``).
+
+Plain TP+SP (:mod:`plait.parallel.tp`) all-gathers a region's input, then runs the column
+linears on the whole sequence; at the end the row linear makes partial sums for the whole
+sequence, which are then reduce-scattered. Each collective waits for, or is waited on by,
+the whole GEMM. Here both are decomposed into the ``tp − 1`` steps of a ring over the tp
+group (Wang et al., ASPLOS 2023, "Overlap Communication with Dependent Computation via
+Decomposition"; the collective matmuls of Transformer Engine's userbuffers, Flux and
+PyTorch's async TP), so that each step's transfer runs while a chunk's GEMM computes:
+
+* **all-gather → GEMM** (:class:`_GatheredProjections`: ``wq, wk, wv``; ``w1, w3``): at
+  step ``s`` rank ``r`` holds the input chunk of rank ``c = r − s`` (mod tp). It starts
+  sending that chunk to rank ``r + 1`` and receiving chunk ``c − 1`` from ``r − 1``, then
+  multiplies chunk ``c`` by every weight of the region into rows ``c·n …`` of the
+  preallocated outputs (:func:`plait.ops.overlap.matmul_into`), then waits.
+* **GEMM → reduce-scatter** (:class:`_ScatteredProjection`: ``wo``; ``w2``): the partial
+  sum bound for chunk ``d`` starts on rank ``d + 1`` and travels the ring, each rank adding
+  its own partial product; at step ``s`` rank ``r`` computes its part of chunk
+  ``d = r − 1 − s`` while the running sum of the previous step is in flight, then adds what
+  it received. After ``tp − 1`` sends the sum that arrives last is the rank's own chunk.
+
+The backward of each is the other one: ``dx`` of all-gather → GEMM is a GEMM →
+reduce-scatter of ``Σ_j dY_j W_j``, and ``dy`` of GEMM → reduce-scatter an all-gather of
+``dz`` followed by GEMMs; the weight gradients (one GEMM per chunk, ``dYᵀ x``) are computed
+inside the rings, adding work to hide the transfers behind.
+
+Same math as plain TP+SP: every output element is the same dot product; only the order in
+which the reduce-scatter's partial sums are added differs (fp32 reassociation over tp
+terms). Bytes on the wire: per rank, ``tp − 1`` sends of one chunk ``[B, T/tp, dim]`` per
+ring, four rings per region and micro-step (two forward, two backward), recorded as
+``send`` on the tp axis (:func:`plait.parallel.comm.ring_shift`); plain TP+SP records the
+same traffic as one all-gather and one reduce-scatter per direction.
+
+The model stays unaware of all this: :func:`overlap_attention` and :func:`overlap_mlp`
+replace the module's ``project_qkv`` / ``project_in`` (its column linears, which return the
+whole sequence) and its row linear's ``forward`` (which returns this rank's chunk).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from plait.errors import ConfigError
+from plait.ops.overlap import matmul_into
+from plait.parallel import comm
+from plait.parallel.comm import Group
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in here (autocast's, inside an autocast region)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def all_gather_ring(local: torch.Tensor, group: Group,
+                    consume: Callable[[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None], None],
+                    keep: bool) -> torch.Tensor:
+    """Pass every rank's ``local`` chunk [B, n, …] around the ring, calling ``consume(c, chunk, stage)`` on chunk
+    ``c`` while the next one is in flight; returns the chunks, [tp, B, n, …] in group-rank order.
+
+    ``keep``: the returned buffer must also hold this rank's own chunk; ``consume`` is then handed the copy
+    (``stage``) to make alongside its first GEMM. Otherwise that slot is left unwritten.
+    """
+    tp, r = group.size, group.rank
+    chunks = local.new_empty((tp, *local.shape))
+    for s in range(tp):
+        c = (r - s) % tp
+        chunk = local if s == 0 else chunks[c]
+        pending = comm.ring_shift(chunk, chunks[(c - 1) % tp], group) if s < tp - 1 else []
+        consume(c, chunk, (local, chunks[r]) if s == 0 and keep else None)
+        comm.wait_all(pending, group)
+    return chunks
+
+
+def reduce_scatter_ring(shape: Sequence[int], like: torch.Tensor, group: Group,
+                        partial: Callable[[int, torch.Tensor], None],
+                        meanwhile: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The sum over the ranks of their ``partial(d, out)`` products for chunk ``d`` (each writes ``out``, of
+    ``shape``), for this rank's own chunk; each step's GEMM runs while the previous running sum is in flight.
+
+    ``meanwhile(d)``: more work on chunk ``d`` (a weight gradient), run while the next transfer is in flight.
+    """
+    tp, r = group.size, group.rank
+    total = like.new_empty(shape)
+    partial((r - 1) % tp, total)
+    for s in range(1, tp):
+        d = (r - 1 - s) % tp
+        arrived = like.new_empty(shape)
+        pending = comm.ring_shift(total, arrived, group)
+        mine = like.new_empty(shape)
+        partial(d, mine)
+        if meanwhile is not None:
+            meanwhile((d + 1) % tp)
+        comm.wait_all(pending, group)
+        total = mine.add_(arrived)
+    if meanwhile is not None:
+        meanwhile(r)
+    return total
+
+
+def _weight_grad_into(grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """``grad += Σ_b dy[b]ᵀ x[b]`` for dy [B, n, o], x [B, n, k], grad [o, k]: a weight gradient, chunk by chunk."""
+    for b in range(dy.shape[0]):
+        matmul_into(dy[b].t()[None], x[b].t(), grad[None], 0, accumulate=True)
+
+
+class _GatheredProjections(torch.autograd.Function):
+    """``[all_gather(x) @ W_jᵀ for W_j in weights]`` over the sequence dim 1, as a ring (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dtype = _compute_dtype(x)
+        local = x.to(dtype).contiguous()
+        ws = [w.to(dtype) for w in weights]
+        B, n, _ = local.shape
+        outs = [local.new_empty((B, group.size * n, w.shape[0])) for w in ws]
+
+        def consume(c: int, chunk: torch.Tensor, stage) -> None:
+            for j, w in enumerate(ws):
+                matmul_into(chunk, w, outs[j], c * n, stage=stage if j == 0 else None)
+
+        gathered = all_gather_ring(local, group, consume, keep=True)
+        ctx.group, ctx.x_dtype = group, x.dtype
+        ctx.save_for_backward(gathered, *weights)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        gathered, *weights = ctx.saved_tensors
+        group = ctx.group
+        dtype = gathered.dtype
+        dys = [g.to(dtype) for g in grads]
+        ws = [w.to(dtype) for w in weights]
+        _, B, n, k = gathered.shape
+        wgrads = [torch.zeros(w.shape, dtype=dtype, device=w.device) for w in ws]
+
+        def partial(d: int, out: torch.Tensor) -> None:  # this rank's part of dx for chunk d: Σ_j dY_j[d] W_j
+            for j, w in enumerate(ws):
+                matmul_into(dys[j][:, d * n:(d + 1) * n], w.t(), out, 0, accumulate=j > 0)
+
+        def weight_grads(d: int) -> None:
+            for j, grad in enumerate(wgrads):
+                _weight_grad_into(grad, dys[j][:, d * n:(d + 1) * n], gathered[d])
+
+        dx = reduce_scatter_ring((B, n, k), gathered, group, partial, weight_grads)
+        return (dx.to(ctx.x_dtype), None, *(g.to(w.dtype) for g, w in zip(wgrads, weights)))
+
+
+class _ScatteredProjection(torch.autograd.Function):
+    """``reduce_scatter(y @ Wᵀ)`` over the sequence dim 1, as a ring (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, group: Group) -> torch.Tensor:
+        dtype = _compute_dtype(y)
+        full = y.to(dtype)
+        w = weight.to(dtype)
+        B, T, _ = full.shape
+        if T % group.size:
+            raise ValueError(f"the sequence of {T} positions does not split into tp = {group.size} chunks")
+        n = T // group.size
+
+        def partial(d: int, out: torch.Tensor) -> None:
+            matmul_into(full[:, d * n:(d + 1) * n], w, out, 0)
+
+        ctx.group, ctx.y_dtype = group, y.dtype
+        ctx.save_for_backward(full, weight)
+        return reduce_scatter_ring((B, n, w.shape[0]), full, group, partial)
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor):
+        full, weight = ctx.saved_tensors
+        group = ctx.group
+        dtype = full.dtype
+        w = weight.to(dtype)
+        local = dz.to(dtype).contiguous()
+        B, n, _ = local.shape
+        dy = full.new_empty(full.shape)
+        wgrad = torch.zeros(w.shape, dtype=dtype, device=w.device)
+
+        def consume(c: int, chunk: torch.Tensor, stage) -> None:  # dy rows of chunk c, and its part of dW
+            matmul_into(chunk, w.t(), dy, c * n)
+            _weight_grad_into(wgrad, chunk, full[:, c * n:(c + 1) * n])
+
+        all_gather_ring(local, group, consume, keep=False)
+        return dy.to(ctx.y_dtype), wgrad.to(weight.dtype), None
+
+
+def gathered_projections(x: torch.Tensor, linears: Sequence[nn.Linear], group: Group) -> tuple[torch.Tensor, ...]:
+    """The column linears of a region on the whole sequence, from this rank's chunk ``x`` [B, T/tp, dim]."""
+    return _GatheredProjections.apply(x, group, *(lin.weight for lin in linears))
+
+
+def scattered_projection(linear: nn.Linear, group: Group, y: torch.Tensor) -> torch.Tensor:
+    """The row linear of a region on the whole sequence ``y``, reduce-scattered: this rank's [B, T/tp, dim]."""
+    return _ScatteredProjection.apply(y, linear.weight, group)
+
+
+def _check_region(module: nn.Module, column: Sequence[str], row: str, entry: str) -> None:
+    if not callable(getattr(module, entry, None)):
+        raise ConfigError("parallel.tp_overlap", True,
+                          f"{type(module).__name__} has no {entry}(x) through which its column linears "
+                          f"{', '.join(column)} run, so their all-gather cannot be replaced by a ring",
+                          hint="set parallel.tp_overlap=false for this model")
+    for name in (*column, row):
+        # A bias would be added to every partial sum of the ring: the overlapped projections multiply only.
+        if getattr(module, name).bias is not None:
+            raise ConfigError("parallel.tp_overlap", True, f"{type(module).__name__}.{name} has a bias; the "
+                              "overlapped projections take bias-free linears",
+                              hint="set parallel.tp_overlap=false for this model")
+
+
+def _overlap(module: nn.Module, column: Sequence[str], row: str, entry: str, group: Group) -> None:
+    _check_region(module, column, row, entry)
+    setattr(module, entry, functools.partial(gathered_projections, linears=tuple(getattr(module, n) for n in column),
+                                             group=group))
+    out = getattr(module, row)
+    out.forward = functools.partial(scattered_projection, out, group)
+
+
+def overlap_attention(module: nn.Module, group: Group) -> None:
+    """Make an attention module (already split by :func:`plait.parallel.tp.apply_tp`) a ring region."""
+    _overlap(module, ("wq", "wk", "wv"), "wo", "project_qkv", group)
+
+
+def overlap_mlp(module: nn.Module, group: Group) -> None:
+    """Make a SwiGLU MLP (already split by :func:`plait.parallel.tp.apply_tp`) a ring region."""
+    _overlap(module, ("w1", "w3"), "w2", "project_in", group)
