@@ -98,6 +98,7 @@ MATRIX = [
     (2, dict(cp=2), ("gpt", "moe")),
     (2, dict(ep=2), ("moe",)),
     (2, dict(dp=2), ("gpt", "moe")),
+    (4, dict(tp=4), ("gpt", "moe")),
     (4, dict(tp=2, dp=2), ("gpt", "moe")),
     (4, dict(tp=2, pp=2), ("gpt", "moe")),
     (4, dict(pp=2, dp=2), ("gpt", "moe")),
@@ -108,7 +109,8 @@ MATRIX = [
     (8, dict(tp=2, pp=2, dp=2), ("gpt", "moe")),
     (8, dict(pp=2, tp=2, cp=2, ep=4), ("moe",)),  # folded: pp2 × (attention tp2×cp2 / experts ep4)
 ]
-FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("gpt", "tp2-overlap")}
+FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("gpt", "tp2-overlap"),
+        ("moe", "tp4-overlap")}
 # Every layout with tp > 1 runs a second time with parallel.tp_overlap (the rings of plait.parallel.tp_overlap).
 OVERLAP = {"tp_overlap": True}
 

@@ -139,6 +139,30 @@ def test_opcheck_matmul_into():
                               (x, w.t().contiguous().t(), out, 0, True, torch.randn(4), torch.zeros(4)))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernel_matches_cpu_and_orders_its_copy_stream():
+    """The CUDA kernel: cuBLAS against the CPU GEMM within the γ_k bound, its rows only, and the stage copy
+    (on the copy stream) done before work queued after the call reads it, here on a side stream too."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, out = _inputs(dtype, B=2, m=256, k=512, n=384, M=1024)
+        want = out.clone()
+        matmul_into(x, w, want, 512, accumulate=True)
+        got = out.cuda()
+        src = torch.randn(1 << 22, device="cuda")
+        dst = torch.empty_like(src)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # got, src and dst were made on the default stream
+        with torch.cuda.stream(stream):
+            matmul_into(x.cuda(), w.cuda(), got, 512, accumulate=True, stage=(src, dst))
+            copied = dst.clone()  # queued after the call on the same stream: must see the whole copy
+        stream.synchronize()
+        assert torch.equal(copied, src)
+        bound = 2 * _gemm_bound(x, w, dtype) + EPS[dtype] * out[:, 512:768].double().abs()
+        assert ((got[:, 512:768].cpu().double() - want[:, 512:768].double()).abs() <= bound).all()
+        assert torch.equal(got[:, :512].cpu(), out[:, :512]) and torch.equal(got[:, 768:].cpu(), out[:, 768:])
+
+
 # ----------------------------------------------------------------------------- the rings, tp = 2 and 4
 
 B, N, DIM, HIDDEN = 2, 3, 8, 6  # batch rows, positions per rank, model width, this rank's hidden width
