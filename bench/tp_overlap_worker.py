@@ -2,7 +2,7 @@
 
 ``python -m plait.bench.tp_overlap_worker RANK MASTER_ADDR PORT SETTINGS_JSON``, with GLOO_SOCKET_IFNAME
 set to the interface between the two ranks. SETTINGS_JSON: ``batch``, ``seq``, ``dim``, ``ffn``,
-``rounds``, ``warm``, ``order_seed``.
+``rounds``, ``warm``, ``order_seed``, ``calibrate`` (time ``comm`` and ``compute`` only).
 
 The region is a dense SwiGLU MLP split by :func:`plait.parallel.tp.apply_tp` over the two ranks, forward
 and backward of one micro-batch; the four ways of running it share its weights and inputs:
@@ -77,14 +77,15 @@ def main(argv: list[str]) -> None:
         alone(x).backward(dz_full)
 
     def transfers() -> None:
-        def skip(c, chunk, stage) -> None:
-            pass
+        def copy_only(row: int, piece: torch.Tensor, stage) -> None:  # the ring's own send-buffer copies
+            if stage is not None:
+                stage[1].copy_(stage[0])
 
-        def zeros(d: int, out: torch.Tensor) -> None:
+        def zeros(row: int, out: torch.Tensor) -> None:
             out.zero_()
 
         for _ in range(2):  # forward: gather then scatter; backward: the same two rings
-            all_gather_ring(x_local, group, skip, keep=False)
+            all_gather_ring(x_local, group, copy_only)
             reduce_scatter_ring((B, n, dim), x_local, group, zeros)
 
     def collectives() -> None:  # plain TP+SP's communication alone: all-gather and reduce-scatter, twice
@@ -94,6 +95,8 @@ def main(argv: list[str]) -> None:
 
     runs = {"off": lambda: region(plain), "on": lambda: region(overlapped), "comm": transfers, "compute": compute,
             "comm_plain": collectives}
+    if settings["calibrate"]:  # only what sizes the link
+        runs = {"comm": transfers, "compute": compute}
     # Same math: the overlapped region's output and input gradient against the plain one's.
     same_math = float((region(plain) - region(overlapped)).abs().max())
     comm.LEDGER.reset()

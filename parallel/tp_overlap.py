@@ -9,15 +9,21 @@ Decomposition"; the collective matmuls of Transformer Engine's userbuffers, Flux
 PyTorch's async TP), so that each step's transfer runs while a chunk's GEMM computes:
 
 * **all-gather → GEMM** (:class:`_GatheredProjections`: ``wq, wk, wv``; ``w1, w3``): at
-  step ``s`` rank ``r`` holds the input chunk of rank ``c = r − s`` (mod tp). It starts
-  sending that chunk to rank ``r + 1`` and receiving chunk ``c − 1`` from ``r − 1``, then
-  multiplies chunk ``c`` by every weight of the region into rows ``c·n …`` of the
-  preallocated outputs (:func:`plait.ops.overlap.matmul_into`), then waits.
+  step ``s`` rank ``r`` holds the input chunk of rank ``c = r − s`` (mod tp). It forwards
+  that chunk to rank ``r + 1``, receives chunk ``c − 1`` from ``r − 1`` in its place, and
+  multiplies chunk ``c`` by every weight into rows ``c·n …`` of the preallocated outputs
+  (:func:`plait.ops.overlap.matmul_into`).
 * **GEMM → reduce-scatter** (:class:`_ScatteredProjection`: ``wo``; ``w2``): the partial
   sum bound for chunk ``d`` starts on rank ``d + 1`` and travels the ring, each rank adding
   its own partial product; at step ``s`` rank ``r`` computes its part of chunk
-  ``d = r − 1 − s`` while the running sum of the previous step is in flight, then adds what
-  it received. After ``tp − 1`` sends the sum that arrives last is the rank's own chunk.
+  ``d = r − 1 − s`` while the running sums of the step before are in flight, then adds
+  what it received. After ``tp − 1`` steps the sum that arrives last is the rank's chunk.
+
+A chunk moves as :data:`PIECES` pieces along the sequence, each its own message: a piece
+is computed on as soon as it has arrived and forwarded at once, and a running sum leaves
+as soon as its piece is added, so a transfer also hides behind the pieces of the same
+step that are already here (with tp = 2 there is one step per ring, and without pieces
+the forward reduce-scatter could hide only behind half of one GEMM).
 
 The backward of each is the other one: ``dx`` of all-gather → GEMM is a GEMM →
 reduce-scatter of ``Σ_j dY_j W_j``, and ``dy`` of GEMM → reduce-scatter an all-gather of
@@ -26,10 +32,10 @@ inside the rings, adding work to hide the transfers behind.
 
 Same math as plain TP+SP: every output element is the same dot product; only the order in
 which the reduce-scatter's partial sums are added differs (fp32 reassociation over tp
-terms). Bytes on the wire: per rank, ``tp − 1`` sends of one chunk ``[B, T/tp, dim]`` per
-ring, four rings per region and micro-step (two forward, two backward), recorded as
-``send`` on the tp axis (:func:`plait.parallel.comm.ring_shift`); plain TP+SP records the
-same traffic as one all-gather and one reduce-scatter per direction.
+terms). Bytes on the wire: per rank, ``tp − 1`` chunks ``[B, T/tp, dim]`` per ring, four
+rings per region and micro-step (two forward, two backward), recorded as ``send`` on the
+tp axis, one call per piece (:func:`plait.parallel.comm.ring_shift`); plain TP+SP records
+the same traffic as one all-gather and one reduce-scatter per direction.
 
 The model stays unaware of all this: :func:`overlap_attention` and :func:`overlap_mlp`
 replace the module's ``project_qkv`` / ``project_in`` (its column linears, which return the
@@ -58,54 +64,94 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def all_gather_ring(local: torch.Tensor, group: Group,
-                    consume: Callable[[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None], None],
-                    keep: bool) -> torch.Tensor:
-    """Pass every rank's ``local`` chunk [B, n, …] around the ring, calling ``consume(c, chunk, stage)`` on chunk
-    ``c`` while the next one is in flight; returns the chunks, [tp, B, n, …] in group-rank order.
+# Each rank's chunk travels as this many pieces along the sequence: a rank starts on a piece as soon as it
+# has arrived, while the next one is still on the wire, and a partial sum leaves as soon as its piece is
+# computed. With one piece, tp = 2 hides each transfer only behind the GEMMs of the rank's own chunk (the
+# forward reduce-scatter behind half of one GEMM); with two, also behind the first piece that arrives.
+PIECES = 2
+Stage = tuple[torch.Tensor, torch.Tensor] | None
 
-    ``keep``: the returned buffer must also hold this rank's own chunk; ``consume`` is then handed the copy
-    (``stage``) to make alongside its first GEMM. Otherwise that slot is left unwritten.
+
+def pieces_of(n: int) -> int:
+    """Pieces per chunk of ``n`` positions (one where ``n`` does not split evenly)."""
+    return PIECES if n % PIECES == 0 else 1
+
+
+def all_gather_ring(local: torch.Tensor, group: Group, consume: Callable[[int, torch.Tensor, Stage], None]) -> torch.Tensor:
+    """Pass every rank's chunk ``local`` [B, n, …] around the ring in :func:`pieces_of` ``(n)`` pieces of
+    ``m`` positions, calling ``consume(row, piece, stage)`` on each as soon as it is here, while later ones are
+    in flight (``row``: the piece's first position in the whole sequence). Returns every piece,
+    [tp, pieces, B, m, …] in group-rank order.
+
+    ``consume`` must make the copy ``stage`` = (src, dst) while it computes (``matmul_into``'s stage): the
+    next piece of this rank's own chunk going into its contiguous send buffer.
     """
     tp, r = group.size, group.rank
-    chunks = local.new_empty((tp, *local.shape))
+    B, n = local.shape[:2]
+    parts = pieces_of(n)
+    m = n // parts
+    buf = local.new_empty((tp, parts, B, m, *local.shape[2:]))
+    own = [local[:, j * m:(j + 1) * m] for j in range(parts)]
+    buf[r, 0].copy_(own[0])
+    sends, arriving = [], {}
     for s in range(tp):
         c = (r - s) % tp
-        chunk = local if s == 0 else chunks[c]
-        pending = comm.ring_shift(chunk, chunks[(c - 1) % tp], group) if s < tp - 1 else []
-        consume(c, chunk, (local, chunks[r]) if s == 0 and keep else None)
-        comm.wait_all(pending, group)
-    return chunks
+        for j in range(parts):
+            if s > 0:
+                comm.wait_all(arriving.pop(j), group)
+            if s < tp - 1:  # forward the piece at once; the next chunk's piece j comes in its place
+                send, recv = comm.ring_shift(buf[c, j], buf[(c - 1) % tp, j], group, tag=s * parts + j)
+                sends.append(send)
+                arriving[j] = [recv]
+            stage = (own[j + 1], buf[r, j + 1]) if s == 0 and j + 1 < parts else None
+            consume(c * n + j * m, own[j] if s == 0 else buf[c, j], stage)
+    comm.wait_all(sends, group)
+    return buf
 
 
 def reduce_scatter_ring(shape: Sequence[int], like: torch.Tensor, group: Group,
                         partial: Callable[[int, torch.Tensor], None],
                         meanwhile: Callable[[int], None] | None = None) -> torch.Tensor:
-    """The sum over the ranks of their ``partial(d, out)`` products for chunk ``d`` (each writes ``out``, of
-    ``shape``), for this rank's own chunk; each step's GEMM runs while the previous running sum is in flight.
+    """The sum over the ranks of their ``partial(row, out)`` products (positions ``row … row + out.shape[1]`` of
+    the whole sequence, written into ``out``) for this rank's own chunk, of ``shape`` [B, n, …]. Pieces as in
+    :func:`all_gather_ring`: each running sum leaves as soon as its piece is added, and each GEMM runs while
+    earlier sums are in flight.
 
-    ``meanwhile(d)``: more work on chunk ``d`` (a weight gradient), run while the next transfer is in flight.
+    ``meanwhile(d)``: more work on chunk ``d`` (a weight gradient), run while transfers are in flight.
     """
     tp, r = group.size, group.rank
-    total = like.new_empty(shape)
-    partial((r - 1) % tp, total)
-    for s in range(1, tp):
+    B, n = shape[:2]
+    parts = pieces_of(n)
+    m = n // parts
+    piece_shape = (B, m, *shape[2:])
+    result = like.new_empty(shape)
+    sends, arriving = [], {}
+    for s in range(tp):
         d = (r - 1 - s) % tp
-        arrived = like.new_empty(shape)
-        pending = comm.ring_shift(total, arrived, group)
-        mine = like.new_empty(shape)
-        partial(d, mine)
-        if meanwhile is not None:
-            meanwhile((d + 1) % tp)
-        comm.wait_all(pending, group)
-        total = mine.add_(arrived)
+        last = s == tp - 1
+        for j in range(parts):
+            # the last step's sums are the result and stay here: written in place, not sent
+            mine = result[:, j * m:(j + 1) * m] if last else like.new_empty(piece_shape)
+            partial(d * n + j * m, mine)
+            if s > 0:
+                if j == parts - 1 and meanwhile is not None:
+                    meanwhile((d + 1) % tp)
+                recv, received = arriving.pop(j)
+                comm.wait_all([recv], group)
+                mine.add_(received)
+            if not last:
+                received = like.new_empty(piece_shape)
+                send, recv = comm.ring_shift(mine, received, group, tag=s * parts + j)
+                sends.append(send)
+                arriving[j] = (recv, received)
+    comm.wait_all(sends, group)
     if meanwhile is not None:
         meanwhile(r)
-    return total
+    return result
 
 
 def _weight_grad_into(grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
-    """``grad += Σ_b dy[b]ᵀ x[b]`` for dy [B, n, o], x [B, n, k], grad [o, k]: a weight gradient, chunk by chunk."""
+    """``grad += Σ_b dy[b]ᵀ x[b]`` for dy [B, n, o], x [B, n, k], grad [o, k]: a weight gradient, piece by piece."""
     for b in range(dy.shape[0]):
         matmul_into(dy[b].t()[None], x[b].t(), grad[None], 0, accumulate=True)
 
@@ -121,11 +167,11 @@ class _GatheredProjections(torch.autograd.Function):
         B, n, _ = local.shape
         outs = [local.new_empty((B, group.size * n, w.shape[0])) for w in ws]
 
-        def consume(c: int, chunk: torch.Tensor, stage) -> None:
+        def consume(row: int, piece: torch.Tensor, stage: Stage) -> None:
             for j, w in enumerate(ws):
-                matmul_into(chunk, w, outs[j], c * n, stage=stage if j == 0 else None)
+                matmul_into(piece, w, outs[j], row, stage=stage if j == 0 else None)
 
-        gathered = all_gather_ring(local, group, consume, keep=True)
+        gathered = all_gather_ring(local, group, consume)
         ctx.group, ctx.x_dtype = group, x.dtype
         ctx.save_for_backward(gathered, *weights)
         return tuple(outs)
@@ -137,16 +183,19 @@ class _GatheredProjections(torch.autograd.Function):
         dtype = gathered.dtype
         dys = [g.to(dtype) for g in grads]
         ws = [w.to(dtype) for w in weights]
-        _, B, n, k = gathered.shape
+        _, parts, B, m, k = gathered.shape
+        n = parts * m
         wgrads = [torch.zeros(w.shape, dtype=dtype, device=w.device) for w in ws]
 
-        def partial(d: int, out: torch.Tensor) -> None:  # this rank's part of dx for chunk d: Σ_j dY_j[d] W_j
+        def partial(row: int, out: torch.Tensor) -> None:  # this rank's part of dx: Σ_j dY_j W_j on those rows
+            rows = slice(row, row + out.shape[1])
             for j, w in enumerate(ws):
-                matmul_into(dys[j][:, d * n:(d + 1) * n], w.t(), out, 0, accumulate=j > 0)
+                matmul_into(dys[j][:, rows], w.t(), out, 0, accumulate=j > 0)
 
         def weight_grads(d: int) -> None:
             for j, grad in enumerate(wgrads):
-                _weight_grad_into(grad, dys[j][:, d * n:(d + 1) * n], gathered[d])
+                for p in range(parts):
+                    _weight_grad_into(grad, dys[j][:, d * n + p * m:d * n + (p + 1) * m], gathered[d, p])
 
         dx = reduce_scatter_ring((B, n, k), gathered, group, partial, weight_grads)
         return (dx.to(ctx.x_dtype), None, *(g.to(w.dtype) for g, w in zip(wgrads, weights)))
@@ -163,31 +212,27 @@ class _ScatteredProjection(torch.autograd.Function):
         B, T, _ = full.shape
         if T % group.size:
             raise ValueError(f"the sequence of {T} positions does not split into tp = {group.size} chunks")
-        n = T // group.size
 
-        def partial(d: int, out: torch.Tensor) -> None:
-            matmul_into(full[:, d * n:(d + 1) * n], w, out, 0)
+        def partial(row: int, out: torch.Tensor) -> None:
+            matmul_into(full[:, row:row + out.shape[1]], w, out, 0)
 
         ctx.group, ctx.y_dtype = group, y.dtype
         ctx.save_for_backward(full, weight)
-        return reduce_scatter_ring((B, n, w.shape[0]), full, group, partial)
+        return reduce_scatter_ring((B, T // group.size, w.shape[0]), full, group, partial)
 
     @staticmethod
     def backward(ctx, dz: torch.Tensor):
         full, weight = ctx.saved_tensors
-        group = ctx.group
         dtype = full.dtype
         w = weight.to(dtype)
-        local = dz.to(dtype).contiguous()
-        B, n, _ = local.shape
         dy = full.new_empty(full.shape)
         wgrad = torch.zeros(w.shape, dtype=dtype, device=w.device)
 
-        def consume(c: int, chunk: torch.Tensor, stage) -> None:  # dy rows of chunk c, and its part of dW
-            matmul_into(chunk, w.t(), dy, c * n)
-            _weight_grad_into(wgrad, chunk, full[:, c * n:(c + 1) * n])
+        def consume(row: int, piece: torch.Tensor, stage: Stage) -> None:  # dy on the piece's rows, its part of dW
+            matmul_into(piece, w.t(), dy, row, stage=stage)
+            _weight_grad_into(wgrad, piece, full[:, row:row + piece.shape[1]])
 
-        all_gather_ring(local, group, consume, keep=False)
+        all_gather_ring(dz.to(dtype).contiguous(), ctx.group, consume)
         return dy.to(ctx.y_dtype), wgrad.to(weight.dtype), None
 
 

@@ -137,7 +137,9 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, tp_overlap: bool = False)
     d = spec.dim
     ops = []
     regions = 1 if spec.is_moe else 2  # sequence-parallel regions: attention; the dense MLP
-    if lay.tp > 1 and tp_overlap:  # per region: two rings forward, two backward, tp − 1 chunk sends each
+    # per region: two rings forward, two backward, tp − 1 chunks sent each (a chunk goes as a few pieces, each
+    # its own ledger call: the bytes are the same)
+    if lay.tp > 1 and tp_overlap:
         ops.append(Op("tp", "send", lay.tp, 1, n * d * FP32, 4 * (lay.tp - 1) * regions))
     elif lay.tp > 1:
         ops += [Op("tp", "all_gather", lay.tp, 1, n * d * FP32, 2 * regions),

@@ -165,14 +165,14 @@ def test_cuda_kernel_matches_cpu_and_orders_its_copy_stream():
 
 # ----------------------------------------------------------------------------- the rings, tp = 2 and 4
 
-B, N, DIM, HIDDEN = 2, 3, 8, 6  # batch rows, positions per rank, model width, this rank's hidden width
+B, DIM, HIDDEN = 2, 8, 6  # batch rows, model width, this rank's hidden width
 
 
 def _full(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def rings_body(rank: int, world: int) -> dict:
+def rings_body(rank: int, world: int, N: int) -> dict:
     """Both rings in float64 with every rank's operands known to every rank, against autograd on the whole."""
     from plait.parallel import comm
     from plait.parallel.tp_overlap import _GatheredProjections, _ScatteredProjection
@@ -220,15 +220,19 @@ def rings_body(rank: int, world: int) -> dict:
     return {"errors": {name: float(e) for name, e in errors.items()}, "ledger": ledger}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_rings_equal_one_process(tp):
-    """Outputs, input and weight gradients of both rings; any chunk in a wrong slice or a partial sum lost or
+@pytest.mark.parametrize("tp, N", [(2, 4), (4, 4), (2, 3)])  # N positions per rank: in 2 pieces, or 1 (odd)
+def test_rings_equal_one_process(tp, N):
+    """Outputs, input and weight gradients of both rings; any piece in a wrong slice or a partial sum lost or
     added twice is off by O(1) where float64 rounding leaves < 1e-12."""
-    results = run_distributed(rings_body, world=tp, timeout=120)
+    from plait.parallel.tp_overlap import pieces_of
+
+    results = run_distributed(rings_body, world=tp, args=(N,), timeout=120)
     for rank, result in enumerate(results):
         assert all(e < 1e-12 for e in result["errors"].values()), (rank, result["errors"])
-        # four rings (two forward, two backward) of tp − 1 sends of one [B, N, DIM] float64 chunk each
-        assert result["ledger"] == {"tp": {"send": {"bytes": 4 * (tp - 1) * B * N * DIM * 8, "calls": 4 * (tp - 1)}}}
+        # four rings (two forward, two backward) of tp − 1 steps, each moving one [B, N, DIM] float64 chunk
+        # in pieces_of(N) sends
+        calls = 4 * (tp - 1) * pieces_of(N)
+        assert result["ledger"] == {"tp": {"send": {"bytes": 4 * (tp - 1) * B * N * DIM * 8, "calls": calls}}}
 
 
 # ----------------------------------------------------------------------------- the engine, overlap on and off
