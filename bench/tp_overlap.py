@@ -3,8 +3,8 @@
 ``plait bench tp_overlap`` (needs root) builds a two-node rehearsal network (a network namespace per node,
 tbf-shaped veths through a bridge, :mod:`plait.runtime.rehearsal`) and runs one tp rank in each, so the tp
 group crosses the shaped link. The tp region is a dense SwiGLU MLP split by ``apply_tp``, forward and
-backward of one micro-batch ``[batch, seq, dim]``, measured four ways in the same run, interleaved in a
-random order each round (:mod:`plait.bench.tp_overlap_worker`):
+backward of one micro-batch ``[batch, seq, dim]``, measured in the same run, each of these once per round
+in a random order (:mod:`plait.bench.tp_overlap_worker`):
 
 * ``t_off``: plain TP+SP; ``t_on``: ``parallel.tp_overlap``;
 * ``t_comm``: the overlapped region's four rings with no GEMM in them (the transfers alone);
@@ -16,14 +16,14 @@ hideable time that the rings did hide; target 0.60. ``hidden_share`` = (t_comm +
 min(t_comm, t_compute) counts only what the overlapped run hid of its own parts.
 
 Sizing. The link's rate is set from the compute time measured first on this machine, then corrected by
-one short run of the transfers and the compute alone on the link, so that the four rings' transfers take
-about ``COMM_SHARE`` of the compute. Why not 1: with tp = 2 each ring has one
-transfer, and it can only hide behind the GEMMs of the step it runs in: the forward gather behind the own
-chunk's w1 and w3 (2 of the region's 9 chunk GEMMs, counting forward, dgrad and wgrad), the forward
-reduce-scatter behind one w2 chunk (1 of 9), the backward gather behind the own chunk's w2 dgrad and
-wgrad (2), the backward reduce-scatter behind w1/w3 dgrad and a chunk's wgrad (4). At equal comm and
-compute each transfer is 9/4 chunk GEMMs long and 4.5 of 9 can hide: 50 % at best. At half, each is 9/8:
-1 + 1 + 9/8 + 9/8 of 4.5, about 94 %. Larger tp splits each transfer over more steps.
+one short run of the transfers and the compute alone on the link (their fastest rounds), so that the four
+rings' transfers take about ``COMM_SHARE`` of the compute. Why not equal: with tp = 2 each ring is one
+step, and a transfer can hide only behind the work of that step on pieces already here. In units of one
+whole-sequence GEMM of the region (9 in all: 3 forward, 3 dgrad, 3 wgrad), the forward gather hides
+behind up to 1.5 (the own chunk's w1 and w3, then the first piece received), the forward reduce-scatter
+behind about 0.6 (pieces of one w2 GEMM), the backward gather behind 1.5 (w2 dgrad and wgrad), the
+backward reduce-scatter behind 3 (w1/w3 dgrad and wgrad). At equal comm and compute each transfer is
+2.25 long and about 5.9 of 9 can hide (65 %); at half, each is 1.125 and about 4 of 4.5 (88 %).
 """
 
 from __future__ import annotations
