@@ -85,6 +85,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     # Each quantity's fastest round: the one least slowed by other work on the machine.
     best = {name: min(values) for name, values in measured["times_s"].items()}
     best_hideable = min(best["comm"], best["compute"])
+    # Round by round: the five times of a round ran within seconds of each other, under about the same load.
+    rounds = measured["times_s"]
+    per_round = [(off - on) / min(c, comp) for off, on, c, comp in
+                 zip(rounds["off"], rounds["on"], rounds["comm"], rounds["compute"], strict=True)]
     print(f"tp_overlap: t_off {t['off']:.3f} s, t_on {t['on']:.3f} s, t_comm {t['comm']:.3f} s, t_compute "
           f"{t['compute']:.3f} s: achieved overlap {overlap:.2f} (target {TARGET})", flush=True)
     noisy = [name for name, s in spread.items() if s["iqr_over_median"] > 0.1]
@@ -114,6 +118,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "same_math_max_abs": measured["same_math_max_abs"],
         "ring_ledger": measured["ring_ledger"],
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
+        "per_round_overlap_median": round(median(per_round), 3),
         "least_disturbed": {
             "t_off_s": round(best["off"], 4), "t_on_s": round(best["on"], 4), "t_comm_s": round(best["comm"], 4),
             "t_compute_s": round(best["compute"], 4),
