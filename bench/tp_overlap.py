@@ -51,7 +51,7 @@ PORT = 29500
 WORKER_TIMEOUT_S = 600
 SIZES = {  # one micro-batch of a dense MLP region; the full run's GEMMs are 4x the quick one's
     "quick": {"batch": 1, "seq": 1024, "dim": 256, "ffn": 1024, "rounds": 4, "warm": 1},
-    "full": {"batch": 1, "seq": 2048, "dim": 512, "ffn": 2048, "rounds": 15, "warm": 2},
+    "full": {"batch": 1, "seq": 2048, "dim": 512, "ffn": 2048, "rounds": 20, "warm": 2},
 }
 
 
