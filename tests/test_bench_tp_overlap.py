@@ -23,8 +23,10 @@ def test_quick_run_measures_the_four_times_in_one_run(tmp_path):
     for name in ("off", "on", "comm", "compute", "comm_plain"):
         assert len(result["times_s"][name]) == rounds and all(t > 0 for t in result["times_s"][name])
     t = {k: result[f"t_{k}_s"] for k in ("off", "on", "comm", "compute")}
-    want = (t["off"] - t["on"]) / min(t["comm"], t["compute"])
-    assert math.isclose(result["achieved_overlap"], want, abs_tol=2e-3)  # both from the rounded medians
+    hideable = min(t["comm"], t["compute"])
+    want = (t["off"] - t["on"]) / hideable
+    # the times are rounded to 0.1 ms (each off by ≤ 5e-5 s) and the ratio to 1e-3
+    assert math.isclose(result["achieved_overlap"], want, abs_tol=(2 + abs(want)) * 5e-5 / hideable + 5e-4)
     assert result["target"] == 0.60
     # overlap on computes what overlap off does (float32, fp32 reassociation of two partial sums)
     assert result["same_math_max_abs"] < 1e-5
