@@ -96,6 +96,11 @@ def run(quick: bool = False) -> dict[str, Any]:
              f"average {load_before:.1f} before the run, {load_after:.1f} after); medians over the rounds"]
     if noisy:
         notes.append(f"noisy (interquartile range over 10 % of the median): {', '.join(sorted(noisy))}")
+    if t["comm_plain"] > t["comm"]:
+        notes.append(f"plain TP+SP's collectives alone take {t['comm_plain']:.3f} s against the rings' "
+                     f"{t['comm']:.3f} s (gloo's all-gather and reduce-scatter against one message per piece), so "
+                     "t_off − t_on also counts that difference and can exceed min(t_comm, t_compute); "
+                     "hidden_share counts only what the overlapped run hid of its own transfers")
     return {
         "region": "dense SwiGLU MLP, forward + backward, tp = 2 across the shaped link",
         "settings": settings,
