@@ -245,13 +245,14 @@ def engine_body(rank: int, world: int, overlap: bool) -> dict | None:
     return {"losses": run["losses"], "grads": run["grads"]} if rank == 0 else None
 
 
-def test_overlap_on_trains_like_overlap_off():
-    """tp=2, two steps: losses and every step's reduced gradients within the parity tolerance of
+@pytest.mark.parametrize("tp", [2, 4])
+def test_overlap_on_trains_like_overlap_off(tp):
+    """Two steps: losses and every step's reduced gradients within the parity tolerance of
     test_parallel_parity (1e-5 relative, 1e-7 absolute where terms cancel)."""
     from parity_checks import ATOL_GRAD, RTOL
 
-    off = run_distributed(engine_body, world=2, args=(False,), timeout=300)[0]
-    on = run_distributed(engine_body, world=2, args=(True,), timeout=300)[0]
+    off = run_distributed(engine_body, world=tp, args=(False,), timeout=300)[0]
+    on = run_distributed(engine_body, world=tp, args=(True,), timeout=300)[0]
     for a, b in zip(off["losses"], on["losses"]):
         assert abs(a - b) <= RTOL * abs(a)
     for step_off, step_on in zip(off["grads"], on["grads"]):
