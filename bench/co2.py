@@ -22,34 +22,21 @@ much of the link's cost the overlap hides.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from plait.bench.lsh import cluster_file, train as _train
+
 NAME = "co2"
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 TAU = 4
 SCALE = 0.01
 LINKS = {"tcp80": 80, "eth10": 10}  # described Gbit/s
 WARMUP = 4
-RUN_TIMEOUT_S = 1800
-
-
-def _train(work: Path, label: str, sets: list[str], cluster: Path | None = None) -> dict:
-    run_dir = work / label
-    cmd = [sys.executable, "-m", "plait.runtime.cli", "train", "--config", str(DEMO), "--run-dir", str(run_dir)]
-    cmd += ["--cluster", str(cluster)] if cluster is not None else ["--nproc", "4"]
-    out = subprocess.run([*cmd, "--set", *sets], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    if out.returncode != 0:
-        raise RuntimeError(f"{label}: plait train exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _co2(tau: int) -> list[str]:
@@ -76,14 +63,7 @@ def quality(work: Path, quick: bool) -> dict:
 
 
 def _cluster_file(work: Path, name: str) -> Path:
-    gbit = LINKS[name]
-    data = {"name": f"co2-{name}", "workers_per_node": 2,
-            "devices": {"h100": {"peak_tflops": 989, "memory_gib": 80, "link_gbit": 3600}},
-            "nics": {name: {"gbit": gbit}}, "nodes": [{"name": "a0", "nic": name}, {"name": "a1", "nic": name}],
-            "emulate": {"scale": SCALE}}
-    path = work / f"cluster-{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return cluster_file(work, f"co2-{name}", name, LINKS[name], SCALE)
 
 
 def _throughput(summary: dict, tokens_per_step: int) -> float:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from plait.bench.lsh import CLUSTERS, SCALE, WARMUP, _cluster_file, _train
+from plait.bench.lsh import CLUSTERS, SCALE, WARMUP, _cluster_file, train
 
 NAME = "ep_overlap"
 
@@ -37,7 +37,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         for r in range(rounds):
             for cluster in CLUSTERS:
                 for mode in ("off", "on"):
-                    summary = _train(work, f"{cluster}-{mode}-{r}", [f"train.steps={steps}", "train.eval_every=0",
+                    summary = train(work, f"{cluster}-{mode}-{r}", [f"train.steps={steps}", "train.eval_every=0",
                                      "train.eval_batches=1", "parallel.ep=4",
                                      f"parallel.ep_overlap={'true' if mode == 'on' else 'false'}"], cluster=files[cluster])
                     times[cluster][mode].append(statistics.median(summary["step_times"][WARMUP:]))

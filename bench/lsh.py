@@ -113,7 +113,9 @@ def ops(quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- training runs
 
 
-def _train(work: Path, label: str, sets: list[str], cluster: Path | None = None) -> dict:
+def train(work: Path, label: str, sets: list[str], cluster: Path | None = None) -> dict:
+    """``plait train`` of the demo config with ``--set sets``, on 4 local processes or the rehearsed ``cluster``;
+    its summary. (The other rehearsal benchmarks run theirs through this too.)"""
     run_dir = work / label
     cmd = [sys.executable, "-m", "plait.runtime.cli", "train", "--config", str(DEMO), "--run-dir", str(run_dir)]
     cmd += ["--cluster", str(cluster)] if cluster is not None else ["--nproc", "4"]
@@ -132,9 +134,9 @@ def quality(work: Path, quick: bool) -> dict:
     steps = 20 if quick else 300
     every = 10 if quick else 50
     base = [f"train.steps={steps}", f"train.eval_every={every}", "parallel.ep=4", f"parallel.lsh.probe_every={every}"]
-    runs = {mode: _train(work, f"quality-{mode}", [*base, f"parallel.ep_compress={mode}"]) for mode in ("none", "lsh")}
+    runs = {mode: train(work, f"quality-{mode}", [*base, f"parallel.ep_compress={mode}"]) for mode in ("none", "lsh")}
     # the trade-off: coarser codes (8 per hash instead of 128) compress more and lose more
-    coarse = _train(work, "quality-lsh-dim4", [*base, "parallel.ep_compress=lsh", "parallel.lsh.dim=4"])
+    coarse = train(work, "quality-lsh-dim4", [*base, "parallel.ep_compress=lsh", "parallel.lsh.dim=4"])
     none, lsh = runs["none"], runs["lsh"]
     gap = (lsh["eval_loss"] - none["eval_loss"]) / none["eval_loss"]
     ratio = _layer_means(lsh)
@@ -158,15 +160,20 @@ def quality(work: Path, quick: bool) -> dict:
     return out
 
 
-def _cluster_file(work: Path, name: str) -> Path:
-    nic, gbit = CLUSTERS[name]
-    data = {"name": f"lsh-{name}", "workers_per_node": 2,
+def cluster_file(work: Path, name: str, nic: str, gbit: float, scale: float) -> Path:
+    """A cluster file of two nodes of two workers on one NIC class of ``gbit`` Gbit/s, shaped at ``scale``."""
+    data = {"name": name, "workers_per_node": 2,
             "devices": {"h100": {"peak_tflops": 989, "memory_gib": 80, "link_gbit": 3600}},
             "nics": {nic: {"gbit": gbit}}, "nodes": [{"name": "a0", "nic": nic}, {"name": "a1", "nic": nic}],
-            "emulate": {"scale": SCALE}}
+            "emulate": {"scale": scale}}
     path = work / f"cluster-{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def _cluster_file(work: Path, name: str) -> Path:
+    nic, gbit = CLUSTERS[name]
+    return cluster_file(work, f"lsh-{name}", nic, gbit, SCALE)
 
 
 def speed(work: Path, quick: bool) -> dict:
@@ -180,7 +187,7 @@ def speed(work: Path, quick: bool) -> dict:
     for r in range(rounds):
         for cluster in CLUSTERS:
             for mode in ("none", "lsh", "auto"):
-                summary = _train(work, f"speed-{cluster}-{mode}-{r}", [f"train.steps={steps}", "train.eval_every=0",
+                summary = train(work, f"speed-{cluster}-{mode}-{r}", [f"train.steps={steps}", "train.eval_every=0",
                                  "train.eval_batches=1", "parallel.ep=4", f"parallel.ep_compress={mode}",
                                  "parallel.lsh.probe_every=0"], cluster=files[cluster])
                 times[cluster][mode] += summary["step_times"][WARMUP:]

@@ -220,9 +220,8 @@ def _plan(sent: torch.Tensor, stats: torch.Tensor, st: _EPState) -> _Plan:
     )
 
 
-def _dispatch(xs: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
-    """Phase 3b: rows to their experts' ep rank, regrouped by expert, then gathered over etp."""
-    rows = comm.all_to_all_v(xs, st.ep, plan.send, plan.recv)
+def _after_ep(rows: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
+    """Phase 3b after the ep exchange: the received rows regrouped by expert, then gathered over etp."""
     if plan.ep_index is not None:
         rows = rows[plan.ep_index]
     if plan.etp_index is not None:
@@ -232,8 +231,8 @@ def _dispatch(xs: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
     return rows
 
 
-def _combine_rows(y: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
-    """Phase 5a, the reverse of :func:`_dispatch`: sum etp partials of our rows, send rows home over ep."""
+def _before_ep(y: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
+    """Phase 5a up to the ep exchange, the reverse of :func:`_after_ep`: sum etp partials, undo the regrouping."""
     if plan.etp_index is not None:
         y = y[_inverse(plan.etp_index)]
         # Variable-size reduce-scatter: each peer's rows back to it, then the sum of the etp partials.
@@ -241,7 +240,17 @@ def _combine_rows(y: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
         y = y.view(st.etp.size, plan.rows, y.shape[-1]).sum(0)
     if plan.ep_index is not None:
         y = y[_inverse(plan.ep_index)]
-    return comm.all_to_all_v(y, st.ep, plan.recv, plan.send)
+    return y
+
+
+def _dispatch(xs: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
+    """Phase 3b: rows to their experts' ep rank, regrouped by expert, then gathered over etp."""
+    return _after_ep(comm.all_to_all_v(xs, st.ep, plan.send, plan.recv), plan, st)
+
+
+def _combine_rows(y: torch.Tensor, plan: _Plan, st: _EPState) -> torch.Tensor:
+    """Phase 5a, the reverse of :func:`_dispatch`: sum etp partials of our rows, send rows home over ep."""
+    return comm.all_to_all_v(_before_ep(y, plan, st), st.ep, plan.recv, plan.send)
 
 
 def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plait.parallel import a2a_async, comm
+from plait.parallel import a2a_async
 
 CHUNKS = 2
 
@@ -41,7 +41,7 @@ def _bounds(n: int) -> list[tuple[int, int]]:
 
 def overlapped_forward(moe: nn.Module, x2d: torch.Tensor, routing, st) -> torch.Tensor:
     """Phases 3-5 of the expert-parallel forward, chunk by chunk with the exchanges overlapped; [N, dim]."""
-    from plait.parallel.ep import _inverse, _plan
+    from plait.parallel.ep import _after_ep, _before_ep, _plan
 
     chunks, copies = [], []
     for lo, hi in _bounds(x2d.shape[0]):
@@ -51,19 +51,8 @@ def overlapped_forward(moe: nn.Module, x2d: torch.Tensor, routing, st) -> torch.
     sends = [a2a_async.start(xs, st.ep, plan.send, plan.recv) for xs, (_, _, _, plan) in zip(copies, chunks)]
     backs = []
     for (lo, hi, perm, plan), pending in zip(chunks, sends):
-        rows = a2a_async.wait(pending)
-        if plan.ep_index is not None:
-            rows = rows[plan.ep_index]
-        if plan.etp_index is not None:  # the variable-size gather over etp, as in plait.parallel.ep
-            rows = comm.all_to_all_v(rows.repeat(st.etp.size, 1), st.etp, [plan.rows] * st.etp.size, plan.peer_rows)
-            rows = rows[plan.etp_index]
-        y = moe.experts(rows, plan.expert_counts)
-        if plan.etp_index is not None:
-            y = y[_inverse(plan.etp_index)]
-            y = comm.all_to_all_v(y, st.etp, plan.peer_rows, [plan.rows] * st.etp.size)
-            y = y.view(st.etp.size, plan.rows, y.shape[-1]).sum(0)
-        if plan.ep_index is not None:
-            y = y[_inverse(plan.ep_index)]
+        rows = _after_ep(a2a_async.wait(pending), plan, st)
+        y = _before_ep(moe.experts(rows, plan.expert_counts), plan, st)
         backs.append(a2a_async.start(y, st.ep, plan.recv, plan.send))
     outs = [moe.combine(a2a_async.wait(pending), perm, routing.weights[lo:hi], hi - lo)
             for (lo, hi, perm, _), pending in zip(chunks, backs)]
