@@ -65,4 +65,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from plait.parallel.teardown import run_and_exit
+
+    run_and_exit(main)

@@ -153,4 +153,6 @@ def train_both(spec: dict, out: Path, group: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from plait.parallel.teardown import run_and_exit
+
+    run_and_exit(main)

@@ -419,4 +419,6 @@ def _torchrun_job(path: Path, overrides: list[str], run_dir: Path | None) -> tup
 
 
 if __name__ == "__main__":
-    main()
+    from plait.parallel.teardown import run_and_exit
+
+    run_and_exit(main)

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -117,10 +116,7 @@ def _child(source: str, qualname: str, rank: int, world: int, port: int, work: P
 
 
 if __name__ == "__main__":
+    from plait.parallel.teardown import run_and_exit
+
     src, name, r, w, p, wd, to = sys.argv[1:8]
-    try:
-        _child(src, name, int(r), int(w), int(p), Path(wd), float(to))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
+    run_and_exit(_child, src, name, int(r), int(w), int(p), Path(wd), float(to))
