@@ -55,7 +55,7 @@ def _expected(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, dict
                     ep=p["ep"], etp=p["etp"], vpp=p["vpp"])
     return step_volume(model_spec(cfg.model), layout, global_batch=cfg.train.global_batch,
                        micro_batch=cfg.train.micro_batch, stage_layers=cfg.parallel.pp_layers,
-                       control=cfg.control.enabled)
+                       control=cfg.control.enabled, tp_overlap=cfg.parallel.tp_overlap)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -65,6 +65,12 @@ TORCH_LIBRARY(plait, m) {
   m.def("dequantize_mx(Tensor data, Tensor scale, ScalarType dtype) -> Tensor");
   m.def("quantize_nvfp4(Tensor x, bool stochastic=False, int seed=0, int block_rows=1) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_nvfp4(Tensor data, Tensor scale, Tensor global_scale, ScalarType dtype) -> Tensor");
+  // overlap: one chunk of a collective matmul (plait/ops/overlap.py, plait/parallel/tp_overlap.py).
+  // out[:, row_offset : row_offset + m] = x @ w^T (accumulate: +=) for x [B, m, k], w [n, k] and
+  // out [B, M, n] with unit stride along n, written through out's own memory (a slice of a
+  // preallocated output, never a temporary). With stage_src, stage_dst = stage_src as well: the
+  // next chunk's copy, which on CUDA runs on a copy stream while the GEMM runs on the current one.
+  m.def("matmul_into(Tensor x, Tensor w, Tensor(a!) out, int row_offset, bool accumulate=False, Tensor? stage_src=None, Tensor(b!)? stage_dst=None) -> ()");
 }
 
 static struct PyModuleDef plait_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

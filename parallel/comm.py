@@ -240,6 +240,28 @@ def isend(t: torch.Tensor, dst: int, axis: str = "pp", tag: int = 0) -> dist.Wor
     return dist.isend(t.contiguous(), dst=dst, tag=tag)
 
 
+def ring_shift(send: torch.Tensor, recv: torch.Tensor, group: Group, tag: int = 0) -> list[dist.Work]:
+    """Start one step of a ring over ``group``: ``send`` goes to the next group rank (wrapping), ``recv`` is
+    filled from the previous one. Returns the handles to pass to :func:`wait_all`.
+
+    Both buffers must be contiguous (they are the wire). The ledger records ``send`` as a ``send`` on the
+    group's axis: a ring all-gather or reduce-scatter over g ranks then shows its g − 1 sends per rank, the
+    bytes that really cross the links, not the collective it stands for. ``tag`` tells apart the messages of
+    one ring that are in flight at once."""
+    nxt = group.ranks[(group.rank + 1) % group.size]
+    prev = group.ranks[(group.rank - 1) % group.size]
+    LEDGER.record(group.axis, "send", _nbytes(send))
+    return [dist.isend(send, dst=nxt, group=group.pg, tag=tag), dist.irecv(recv, src=prev, group=group.pg, tag=tag)]
+
+
+def wait_all(works: list[dist.Work], group: Group, op: str = "send") -> None:
+    """Wait for the handles of :func:`ring_shift` (timed as a blocking collective: what is left of the transfer)."""
+    if works:
+        with LEDGER.blocked(group.axis, op):
+            for work in works:
+                work.wait()
+
+
 def recv(t: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
     """Blocking receive into ``t`` from global rank ``src`` (not recorded: the sender records it)."""
     with LEDGER.blocked("pp", "recv"):

@@ -129,6 +129,9 @@ class ParallelConfig:
     # that average one round late (CO2); cp, tp, pp and ep stay synchronous inside a replica.
     dp_mode: Literal["sync", "co2"] = "sync"
     co2: CO2Config = field(default_factory=CO2Config)
+    # Tensor parallelism: each sequence-parallel region's all-gather and reduce-scatter run as tp rings whose
+    # transfers overlap the chunk-by-chunk GEMMs of its linears (plait.parallel.tp_overlap); same math.
+    tp_overlap: bool = False
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -161,6 +164,8 @@ class ParallelConfig:
                               f"{self.ep_compress})", hint="set parallel.ep_compress=none, or parallel.ep_overlap=false")
         if not isinstance(self.grad_overlap, bool):
             raise ConfigError("parallel.grad_overlap", self.grad_overlap, "accepted: true or false")
+        if not isinstance(self.tp_overlap, bool):
+            raise ConfigError("parallel.tp_overlap", self.tp_overlap, "accepted: true or false")
         if self.hdp_budget < 0:
             raise ConfigError("parallel.hdp_budget", self.hdp_budget,
                               "accepted: 0 (train.micro_batch × model.seq_len) or a positive number of tokens")

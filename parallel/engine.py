@@ -72,6 +72,7 @@ class EngineConfig:
     bucket_mb: float = 25.0  # size of a gradient piece (fp32 MiB): the unit of that overlap
     ep_overlap: bool = False  # the expert all-to-alls of one chunk of a layer's tokens during another's experts
     co2: Any = None  # a plait.parallel.config.CO2Config: dp replicas take local steps, averaged by CO2's outer update
+    tp_overlap: bool = False  # TP regions' all-gather / reduce-scatter as rings overlapping their GEMMs
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,13 @@ class ParallelEngine:
                                    schedule=config.hdp_schedule, tp=meshes.group(MeshAxis.TP),
                                    lockstep=expert or self.dims.pp > 1 or config.vpp > 1,
                                    multiple=self.dims.pp if config.vpp > 1 else 1)
-        apply_tp(model, meshes.group(MeshAxis.TP))
+        if config.tp_overlap and config.precision is not None and self.dims.tp > 1:
+            from plait.errors import ConfigError
+
+            raise ConfigError("parallel.tp_overlap", True, "the overlapped projections multiply in the model's own "
+                              "dtype, so a quantized precision recipe would not apply to them",
+                              hint="set parallel.tp_overlap=false, or a precision recipe that does not quantize")
+        apply_tp(model, meshes.group(MeshAxis.TP), overlap=config.tp_overlap)
         apply_cp(model, meshes.group(MeshAxis.CP), config.seq_len)
         # Under hybrid DP without expert parallelism experts stay whole on every rank: each rank makes its own
         # number of forward calls per step, so no collective may run inside one (the MoE statistics stay local).

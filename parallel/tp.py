@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plait.parallel import comm
+from plait.parallel import comm, tp_overlap
 from plait.parallel.comm import Group
 
 REPLICATED = "dp+cp+tp"  # gradient reduction group of weights every rank of a stage holds
@@ -81,12 +81,14 @@ def _is_dense_mlp(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("w1", "w2", "w3"))
 
 
-def apply_tp(model: nn.Module, group: Group) -> None:
+def apply_tp(model: nn.Module, group: Group, *, overlap: bool = False) -> None:
     """Split every block's attention and dense MLP over ``group`` (in place; no-op for size 1).
 
     The model's blocks are found by structure: a module with linears ``wq, wk, wv, wo``
     is attention, one with linears ``w1, w2, w3`` a SwiGLU MLP. Every parameter left
-    whole is tagged for reduction over ``dp+cp+tp``.
+    whole is tagged for reduction over ``dp+cp+tp``. ``overlap`` (``parallel.tp_overlap``):
+    each region's all-gather and reduce-scatter run as rings whose steps overlap the
+    GEMMs (:mod:`plait.parallel.tp_overlap`), instead of the hooks below.
     """
     for param in model.parameters():
         if not hasattr(param, "_plait_reduce"):
@@ -99,12 +101,18 @@ def apply_tp(model: nn.Module, group: Group) -> None:
             for name in ("wq", "wk", "wv"):
                 _shard_linear(getattr(module, name), group, 0)
             _shard_linear(module.wo, group, 1)
-            sequence_parallel_region(module, group)
+            if overlap:
+                tp_overlap.overlap_attention(module, group)
+            else:
+                sequence_parallel_region(module, group)
         elif _is_dense_mlp(module):
             for name in ("w1", "w3"):
                 _shard_linear(getattr(module, name), group, 0)
             _shard_linear(module.w2, group, 1)
-            sequence_parallel_region(module, group)
+            if overlap:
+                tp_overlap.overlap_mlp(module, group)
+            else:
+                sequence_parallel_region(module, group)
 
 
 def reduce_group_of(param: torch.Tensor) -> str:

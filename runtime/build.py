@@ -37,6 +37,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         bucket_mb=p.bucket_mb,
         co2=p.co2 if p.dp_mode == "co2" else None,
         ep_overlap=p.ep_overlap,
+        tp_overlap=p.tp_overlap,
     )
 
 

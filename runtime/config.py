@@ -56,6 +56,10 @@ class JobConfig:
         self._check_compress(dims)
         self._check_co2(dims)
         self._check_precision()
+        if self.parallel.tp_overlap and dims.tp > 1 and self.precision.quantizes():
+            raise ConfigError("parallel.tp_overlap", True, "the overlapped projections multiply in the model's own "
+                              "dtype, so the quantized precision recipe would not apply to them",
+                              hint="set parallel.tp_overlap=false, or a precision recipe that does not quantize")
         documents = self.data.packing == "documents"
         # A step of documents is train.global_batch whole documents, not micro-batches of windows.
         dims.check_model(model_spec(self.model), vpp=self.parallel.vpp,

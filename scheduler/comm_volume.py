@@ -12,7 +12,9 @@ S = W / pp ranks per pipeline stage.
 
 * **tp** (sequence parallel): per region (attention; dense MLP) per micro-step, each
   rank all-gathers ``n·d`` and reduce-scatters ``tp·n·d`` elements, forward and
-  backward alike: ``all_gather 2·n·d``, ``reduce_scatter 2·tp·n·d``.
+  backward alike: ``all_gather 2·n·d``, ``reduce_scatter 2·tp·n·d``. With ``tp_overlap``
+  (:mod:`plait.parallel.tp_overlap`) the four collectives are rings, each ``tp − 1`` sends
+  of ``n·d`` per rank: ``send 4·(tp − 1)·n·d``.
 * **cp**: per attention layer per micro-step, K and V are all-gathered (``2·n·d``) and
   their gradients reduce-scattered (``2·cp·n·d``).
 * **pp**: per micro-step, each rank of a sending stage sends its ``n·d`` activation
@@ -122,9 +124,10 @@ class Op:
     calls: int = 1
 
 
-def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, ep_overlap: bool = False) -> list[Op]:
+def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, tp_overlap: bool = False, ep_overlap: bool = False) -> list[Op]:
     """The collectives of one layer for one micro-step, forward and backward, per rank (``n`` tokens held;
-    ``ep_overlap``: MoE layers exchange their tokens in two chunks, each with its own counts).
+    ``tp_overlap``: the sequence-parallel collectives run as rings of sends; ``ep_overlap``: MoE layers
+    exchange their tokens in two chunks, each with its own counts).
 
     The single list both this module's totals and the planner's step time are built from.
     MoE token bytes are dropless and averaged over the ranks of a stage: a single rank's
@@ -135,7 +138,11 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, ep_overlap: bool = False)
     d = spec.dim
     ops = []
     regions = 1 if spec.is_moe else 2  # sequence-parallel regions: attention; the dense MLP
-    if lay.tp > 1:
+    # per region: two rings forward, two backward, tp − 1 chunks sent each (a chunk goes as a few pieces, each
+    # its own ledger call: the bytes are the same)
+    if lay.tp > 1 and tp_overlap:
+        ops.append(Op("tp", "send", lay.tp, 1, n * d * FP32, 4 * (lay.tp - 1) * regions))
+    elif lay.tp > 1:
         ops += [Op("tp", "all_gather", lay.tp, 1, n * d * FP32, 2 * regions),
                 Op("tp", "reduce_scatter", lay.tp, 1, lay.tp * n * d * FP32, 2 * regions)]
     if lay.cp > 1:  # K and V gathered, their gradients reduce-scattered
@@ -174,7 +181,8 @@ def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
 
 def step_volume(
     spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
-    centroids: int | None = None, precision_modules: int = 0, control: bool = False, ep_overlap: bool = False,
+    centroids: int | None = None, precision_modules: int = 0, control: bool = False, tp_overlap: bool = False,
+    ep_overlap: bool = False,
 ) -> dict[str, dict[str, int]]:
     """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
 
@@ -190,7 +198,7 @@ def step_volume(
     ``control``: the job's control plane is on (``control.enabled``, the default of ``plait train``): its
     word rides on the step's closing all-reduce, 8 bytes per rank.
 
-    ``ep_overlap``: ``parallel.ep_overlap`` is on (see :func:`layer_ops`).
+    ``tp_overlap``, ``ep_overlap``: ``parallel.tp_overlap`` / ``parallel.ep_overlap`` are on (see :func:`layer_ops`).
     """
     d = spec.dim
     T = spec.seq_len
@@ -200,7 +208,7 @@ def step_volume(
     counts = stage_layers or uniform_stage_layers(spec.layers, stages)
     vol: dict[tuple[str, str], int] = defaultdict(int)
     S = lay.world // lay.pp
-    for op in layer_ops(spec, lay, n, ep_overlap=ep_overlap):
+    for op in layer_ops(spec, lay, n, tp_overlap=tp_overlap, ep_overlap=ep_overlap):
         vol[(op.axis, op.op)] += S * spec.layers * A * op.nbytes * op.calls
     if stages > 1:
         vol[("pp", "send")] += 2 * (stages - 1) * S * A * n * d * FP32

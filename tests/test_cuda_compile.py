@@ -39,6 +39,7 @@ CUDA_OP_NAMES = (
     "plait::dequantize_mx",
     "plait::quantize_nvfp4",
     "plait::dequantize_nvfp4",
+    "plait::matmul_into",
 )
 NVCC_TIMEOUT_S = 400
 
@@ -81,7 +82,8 @@ def _has_cuda_kernel(name: str = OP_NAME) -> bool:
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CU_FILES}
-    expected = {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "qgemm_cuda.cu", "quant_cuda.cu"}
+    expected = {"gf256_cuda.cu", "gf256_matmul_cuda.cu", "lsh_cuda.cu", "qgemm_cuda.cu", "quant_cuda.cu",
+                "matmul_into_cuda.cu"}
     assert expected <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 

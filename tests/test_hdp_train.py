@@ -119,7 +119,8 @@ def test_a_run_of_documents_resumes_bitwise_from_its_checkpoint(runs, tmp_path):
     assert all(sec > 0 for *_, sec in balance["observed"])
 
 
-@pytest.mark.parametrize("model", [[], ["model.kind=moe", "model.aux_loss_coef=0.05"]], ids=["gpt", "moe-aux"])
+@pytest.mark.parametrize("model", [[], ["model.kind=moe", "model.aux_loss_coef=0.05"], ["parallel.tp_overlap=true"]],
+                         ids=["gpt", "moe-aux", "gpt-tp-overlap"])
 def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp_path, model):
     """tp 2 × a dp space of 2: every row (split or packed) padded to a multiple of tp and cut sequence-parallel; a
     document's expert counts are summed over tp (each tp rank routes its part of the row) and over its block."""

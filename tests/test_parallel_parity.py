@@ -68,14 +68,14 @@ def check(kind: str, world: int, sizes: dict, micro: int = MICRO, extra: dict | 
     ref = reference(kind, micro)
     ranks = run_distributed(run_layout, world=world, args=(kind, sizes, micro, STEPS, extra, bug), timeout=600)
     got = ranks[0]
-    check_ledger(kind, world, sizes, micro, [r["ledger"] for r in ranks])
+    check_ledger(kind, world, sizes, micro, [r["ledger"] for r in ranks], tp_overlap=bool((extra or {}).get("tp_overlap")))
     report = Report()
     compare_replay(got, got["replay"], train_config(STEPS, micro), report, TOKENS)
     compare_free_running(got, ref, report)
     return report
 
 
-def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[dict]) -> None:
+def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[dict], tp_overlap: bool = False) -> None:
     """The first step's collectives, summed over ranks, are exactly the closed-form volumes."""
     sizes = dict(sizes)
     vpp = sizes.pop("vpp", 1)
@@ -84,7 +84,8 @@ def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[d
     dims = ParallelDims.resolve(world, **sizes)
     layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep, etp=dims.etp, vpp=vpp)
     spec = model_spec(ModelConfig(kind=kind, **MODEL))
-    expected = step_volume(spec, layout, global_batch=GLOBAL_BATCH, micro_batch=micro, stage_layers=layers)
+    expected = step_volume(spec, layout, global_batch=GLOBAL_BATCH, micro_batch=micro, stage_layers=layers,
+                           tp_overlap=tp_overlap)
     measured = {axis: {op: v["bytes"] for op, v in ops.items()} for axis, ops in merge_snapshots(ledgers).items()}
     assert measured == expected
 
@@ -97,6 +98,7 @@ MATRIX = [
     (2, dict(cp=2), ("gpt", "moe")),
     (2, dict(ep=2), ("moe",)),
     (2, dict(dp=2), ("gpt", "moe")),
+    (4, dict(tp=4), ("gpt", "moe")),
     (4, dict(tp=2, dp=2), ("gpt", "moe")),
     (4, dict(tp=2, pp=2), ("gpt", "moe")),
     (4, dict(pp=2, dp=2), ("gpt", "moe")),
@@ -107,24 +109,29 @@ MATRIX = [
     (8, dict(tp=2, pp=2, dp=2), ("gpt", "moe")),
     (8, dict(pp=2, tp=2, cp=2, ep=4), ("moe",)),  # folded: pp2 × (attention tp2×cp2 / experts ep4)
 ]
-FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2")}
+FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("gpt", "tp2-overlap"),
+        ("moe", "tp4-overlap")}
+# Every layout with tp > 1 runs a second time with parallel.tp_overlap (the rings of plait.parallel.tp_overlap).
+OVERLAP = {"tp_overlap": True}
 
 
-def _name(sizes: dict) -> str:
-    return "-".join(f"{k}{v}" if not isinstance(v, list) else f"{k}{''.join(map(str, v))}" for k, v in sizes.items())
+def _name(sizes: dict, extra: dict | None = None) -> str:
+    name = "-".join(f"{k}{v}" if not isinstance(v, list) else f"{k}{''.join(map(str, v))}" for k, v in sizes.items())
+    return name + ("-overlap" if extra else "")
 
 
 CASES = [
-    pytest.param(kind, world, sizes, id=f"{kind}-{_name(sizes)}",
-                 marks=() if (kind, _name(sizes)) in FAST else pytest.mark.slow)
+    pytest.param(kind, world, sizes, extra, id=f"{kind}-{_name(sizes, extra)}",
+                 marks=() if (kind, _name(sizes, extra)) in FAST else pytest.mark.slow)
     for world, sizes, kinds in MATRIX
+    for extra in ((None, OVERLAP) if sizes.get("tp", 1) > 1 else (None,))
     for kind in kinds
 ]
 
 
-@pytest.mark.parametrize("kind, world, sizes", CASES)
-def test_parity(kind, world, sizes):
-    check(kind, world, sizes)
+@pytest.mark.parametrize("kind, world, sizes, extra", CASES)
+def test_parity(kind, world, sizes, extra):
+    check(kind, world, sizes, extra=extra)
 
 
 @pytest.mark.parametrize("kind", ["moe", pytest.param("gpt", marks=pytest.mark.slow)])

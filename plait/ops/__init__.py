@@ -24,6 +24,7 @@ from plait.ops.lsh import (
     lsh_hash_reference,
     lsh_signs,
 )
+from plait.ops.overlap import matmul_into, matmul_into_reference
 from plait.ops.qgemm import qmm, qmm_grouped, qmm_grouped_reference, qmm_reference
 from plait.ops.quant import FORMATS as QUANT_FORMATS
 from plait.ops.quant import QTensor, QuantStats, amax_stats, dequantize, quantize
@@ -51,6 +52,8 @@ __all__ = [
     "lsh_hash",
     "lsh_hash_reference",
     "lsh_signs",
+    "matmul_into",
+    "matmul_into_reference",
     "qmm",
     "qmm_grouped",
     "qmm_grouped_reference",

@@ -131,10 +131,11 @@ class Attention(nn.Module):
         """``documents``: per row, the lengths of the documents packed into it, with ``cos``/``sin``
         [B, T, D/2] restarting per document; each document is attended on its own (causal work Σ L², not T²).
         None: one causal sequence per row."""
-        b, t, _ = x.shape
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        b, t, _ = q.shape  # the positions the projections cover (more than x's when they gather a sequence)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         q = apply_rotary(q, cos, sin)
@@ -149,6 +150,14 @@ class Attention(nn.Module):
                            for r, lengths in enumerate(documents)])
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.wo(y)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``wq(x), wk(x), wv(x)``, each [B, T, width].
+
+        An instance attribute of the same name replaces it, e.g. with projections that gather
+        a sequence split across ranks chunk by chunk while they multiply.
+        """
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention of q, k, v [B, H, T, D] over the positions this module sees.
@@ -173,5 +182,11 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w3.weight, mean=0.0, std=std)
         nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
 
+    def project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w1(x), w3(x)`` (gate, up); an instance attribute of the same name replaces it, as
+        :meth:`Attention.project_qkv`."""
+        return self.w1(x), self.w3(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.project_in(x)
+        return self.w2(F.silu(gate) * up)
