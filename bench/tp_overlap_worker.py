@@ -122,4 +122,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from plait.parallel.teardown import run_and_exit
+
+    run_and_exit(main, sys.argv[1:])
