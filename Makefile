@@ -48,7 +48,7 @@ test-parallel: setup
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_parallel_parity.py
 
 # 100 seeded random fault trials (every kind, two faults apart or at once, a fault during restore) against
-# real processes, each listed with where it restored from; make test runs three.
+# real processes, each listed with where it restored from; make test runs one.
 test-faults: setup
 	$(BIN)/pytest -q -m "slow or not slow" tests/test_snapshot_faults.py
 

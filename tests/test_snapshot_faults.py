@@ -291,7 +291,9 @@ def _random_trial(config: Path, baseline: dict, run_dir: Path, seed: int, report
         assert summary["recoveries"][0]["source"] == "disk", summary["recoveries"]
 
 
-@pytest.mark.parametrize("seed", [101, 202, 303])
+# One seeded trial in make test (two faults at one step, restored from memory with a node rebuilt); the kinds it
+# does not draw have their own tests above, and make test-faults runs 100 trials.
+@pytest.mark.parametrize("seed", [101])
 def test_random_fault(config, baseline, tmp_path, seed, fault_trial):
     _random_trial(config, baseline, tmp_path / "run", seed, fault_trial)
 

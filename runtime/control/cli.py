@@ -162,18 +162,28 @@ def cmd_control(args: argparse.Namespace) -> int:
         print(f"plait: {what} requested (command {reply.command_id}); it runs at the next step boundary", flush=True)
         if args.no_wait:
             return 0
-        return _wait(client, reply.command_id, args.timeout)
+        return _wait(client, reply.command_id, args.timeout, Path(args.target))
 
 
-def _wait(client, command_id: int, timeout: float) -> int:
+def _wait(client, command_id: int, timeout: float, target: Path) -> int:
     from plait.runtime.control.client import CoordinatorUnavailable
 
-    deadline = time.monotonic() + timeout
+    deadline, sent = time.monotonic() + timeout, time.time()
     while time.monotonic() < deadline:
         try:
             status = client.status()
         except CoordinatorUnavailable:
-            print("plait: the job has ended (its coordinator is gone)", flush=True)
+            # The job ended between two polls (it carried the command out and finished): its summary, if written
+            # since the command was sent (not an earlier run's), says how.
+            summary = target / "summary.json"
+            if target.is_dir() and summary.exists() and summary.stat().st_mtime >= sent - 1.0:
+                done = json.loads(summary.read_text())
+                how = f"stopped after step {done['steps']}" if done["status"] == "stopped" \
+                    else f"{done['status']} after {done['steps']} steps"
+                print(f"plait: the job has ended: {how}" + (f" ({done['error']})" if done.get("error") else "")
+                      + f"; summary at {summary}", flush=True)
+            else:
+                print("plait: the job has ended (its coordinator is gone)", flush=True)
             return 0
         command = next((c for c in status["commands"] if c["id"] == command_id), None)
         if command is not None and command["state"] == "done":
