@@ -57,7 +57,7 @@ def run(quick: bool = False, cluster: Path | None = None) -> dict[str, Any]:
     span_s, rounds, round_trips = (1.0, 1, 100) if quick else (2.0, 3, 1000)
     rehearsal = rehearse(spec, cluster_tag(spec.name))
     pairs = []
-    with _network(rehearsal.plan) as net:
+    with network_up(rehearsal.plan) as net:
         for a, b in _class_pairs(spec):
             configured = _configured_bit_s(rehearsal.plan, a, b)
             measured = _measure(net.exec_prefix(a), net.exec_prefix(b), net.address(a), PORT, net.ifname,
@@ -91,7 +91,7 @@ def run(quick: bool = False, cluster: Path | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _network(plan: NetPlan) -> Iterator[Network]:
+def network_up(plan: NetPlan) -> Iterator[Network]:
     """The network, up; removed on the way out, and by its watchdog if this process is killed."""
     net = Network(plan)
     net.up()
@@ -143,19 +143,25 @@ def _measure(prefix_a: list[str], prefix_b: list[str], master: str, port: int, i
     """Run the two gloo processes (rank 0 under ``prefix_a``, rank 1 under ``prefix_b``); rank 0's numbers."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname}
     argv = [master, str(port), repr(hint_bit_s), repr(span_s), str(round_trips)]
-    ranks = [subprocess.Popen(prefix + [sys.executable, "-m", "plait.bench.links_worker", str(rank), *argv],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, prefix in enumerate((prefix_a, prefix_b))]
+    commands = [prefix + [sys.executable, "-m", "plait.bench.links_worker", str(rank), *argv]
+                for rank, prefix in enumerate((prefix_a, prefix_b))]
+    return run_pair(commands, env, PAIR_TIMEOUT_S, f"links: the pair on {master} ({ifname})")
+
+
+def run_pair(commands: list[list[str]], env: dict[str, str], timeout: float, what: str) -> dict[str, Any]:
+    """Run the two worker processes of a measurement; the JSON of rank 0's last line. A rank that fails raises
+    RuntimeError naming ``what``, the rank, its exit status and the end of its stderr; both are killed on the way out."""
+    ranks = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for command in commands]
     try:
-        outputs = [rank.communicate(timeout=PAIR_TIMEOUT_S) for rank in ranks]
+        outputs = [rank.communicate(timeout=timeout) for rank in ranks]
     finally:
         for rank in ranks:
             rank.kill()
             rank.wait()
     for number, (rank, (_, stderr)) in enumerate(zip(ranks, outputs, strict=True)):
         if rank.returncode != 0:
-            raise RuntimeError(f"links: rank {number} of the pair on {master} ({ifname}) failed with exit "
-                               f"{rank.returncode}: {stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{what}: rank {number} failed with exit {rank.returncode}: {stderr.strip()[-2000:]}")
     return json.loads(outputs[0][0].strip().splitlines()[-1])
 
 
@@ -170,7 +176,7 @@ def _loopback_vs_veth(span_s: float, rounds: int, round_trips: int) -> dict[str,
     shared machine then weighs on both sides alike."""
     plan = NetPlan(cluster_tag("veth"), (NodeLink(0, MAX_RATE_BIT_S), NodeLink(1, MAX_RATE_BIT_S)))
     runs: dict[str, list[dict[str, Any]]] = {"loopback": [], "veth": []}
-    with _network(plan) as net:
+    with network_up(plan) as net:
         for turn in range(rounds):
             for side in ("loopback", "veth") if turn % 2 == 0 else ("veth", "loopback"):
                 if side == "loopback":

@@ -28,17 +28,15 @@ backward reduce-scatter behind 3 (w1/w3 dgrad and wgrad). At equal comm and comp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from statistics import median, quantiles
 from typing import Any
 
-from plait.runtime.rehearsal import NetPlan, Network, NodeLink, new_tag, require_root, start_watchdog
+from plait.bench.links import network_up, run_pair
+from plait.runtime.rehearsal import NetPlan, Network, NodeLink, new_tag, require_root
 
 NAME = "tp_overlap"
 TARGET = 0.60
@@ -64,7 +62,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     rate_bit_s = wire_bytes * 8 / (COMM_SHARE * compute_s) / PAYLOAD_SHARE
     plan = NetPlan(new_tag(), (NodeLink(0, rate_bit_s), NodeLink(1, rate_bit_s)))
     load_before = os.getloadavg()[0]
-    with _network(plan) as net:
+    with network_up(plan) as net:
         # The rings move their bytes slower than the shaped rate (each is one message per step, both directions
         # at once, ACKs queued behind data): time them, and the compute, on the link once, and scale its rate.
         # Fastest rounds: the compute of a round slowed by other work on the machine would size the link for it.
@@ -164,33 +162,9 @@ def _compute_seconds(settings: dict[str, Any]) -> float:
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def _network(plan: NetPlan) -> Iterator[Network]:
-    """The network, up; removed on the way out, and by its watchdog if this process is killed."""
-    net = Network(plan)
-    net.up()
-    watchdog = start_watchdog(net)
-    try:
-        yield net
-    finally:
-        net.down()
-        watchdog.close()
-
-
 def _measure(net: Network, settings: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": net.ifname, "OMP_NUM_THREADS": "1"}
     argv = [net.address(0), str(PORT), json.dumps(settings)]
-    ranks = [subprocess.Popen(net.exec_prefix(rank) + [sys.executable, "-m", "plait.bench.tp_overlap_worker",
-                                                       str(rank), *argv],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(2)]
-    try:
-        outputs = [rank.communicate(timeout=WORKER_TIMEOUT_S) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
-    for number, (rank, (_, stderr)) in enumerate(zip(ranks, outputs, strict=True)):
-        if rank.returncode != 0:
-            raise RuntimeError(f"tp_overlap: rank {number} failed with exit {rank.returncode}: {stderr.strip()[-2000:]}")
-    return json.loads(outputs[0][0].strip().splitlines()[-1])
+    commands = [net.exec_prefix(rank) + [sys.executable, "-m", "plait.bench.tp_overlap_worker", str(rank), *argv]
+                for rank in range(2)]
+    return run_pair(commands, env, WORKER_TIMEOUT_S, "tp_overlap")
