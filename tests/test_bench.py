@@ -52,3 +52,20 @@ def test_quick_parallel_run_matches_the_closed_form_ledger(tmp_path):
         assert row["ledger_matches"], (row["layout"], row["ledger"], row["closed_form"])
         assert row["step_s"] > 0
     assert rows[1]["bytes_per_axis"]["tp"] > 0 and rows[2]["bytes_per_axis"]["pp"] > 0
+
+
+def test_quick_rings_run_times_every_way_and_checks_the_results(tmp_path):
+    record = run_benchmark("rings", out_dir=tmp_path, quick=True)
+    rows = record["result"]["rows"]
+    assert [(r["world"], r["mb"]) for r in rows] == [(2, 1.0)]
+    row = rows[0]
+    ways = {"gloo_all_reduce", "gloo_reduce_scatter", "ring_reduce_scatter", "ring_reduce_scatter_started",
+            "gloo_all_gather", "ring_all_gather"}
+    assert set(row["median_ms"]) == ways
+    rounds = record["result"]["settings"]["rounds"]
+    assert all(len(row["times_ms"][w]) == rounds and min(row["times_ms"][w]) > 0 for w in ways)
+    assert row["ring_rs_over_gloo_rs"] == round(row["median_ms"]["ring_reduce_scatter"]
+                                                / row["median_ms"]["gloo_reduce_scatter"], 3)
+    # two ranks: each sum is one fp32 addition of the same two numbers, in either order the same bits
+    assert row["reduce_scatter_max_abs_diff"] == 0.0 and row["reduce_scatter_max_abs"] > 0
+    assert row["all_gather_equal"] is True
