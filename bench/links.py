@@ -149,7 +149,7 @@ def _measure(prefix_a: list[str], prefix_b: list[str], master: str, port: int, i
 
 
 def run_pair(commands: list[list[str]], env: dict[str, str], timeout: float, what: str) -> dict[str, Any]:
-    """Run the two worker processes of a measurement; the JSON of rank 0's last line. A rank that fails raises
+    """Run the worker processes of a measurement (one command per rank); the JSON of rank 0's last line. A rank that fails raises
     RuntimeError naming ``what``, the rank, its exit status and the end of its stderr; both are killed on the way out."""
     ranks = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for command in commands]

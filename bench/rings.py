@@ -19,13 +19,15 @@ The record also holds, per size, the largest difference between the ring's and g
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
-import subprocess
 import sys
 from datetime import timedelta
 from statistics import median
 from typing import Any
+
+from plait.bench.links import run_pair
 
 NAME = "rings"
 SIZES_MB = (1.0, 7.6, 32.0)
@@ -40,11 +42,10 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, settings: dict[str, Any]) -> None:
-    import time
-
     import torch
     import torch.distributed as dist
 
+    from plait.bench.rounds import interleaved_rounds
     from plait.parallel import rings
 
     torch.set_num_threads(1)
@@ -74,18 +75,7 @@ def _worker(rank: int, world: int, port: int, settings: dict[str, Any]) -> None:
             "gloo_all_gather": lambda: dist.all_gather_into_tensor(gloo_full, shard),
             "ring_all_gather": lambda: rings.all_gather(ring_full, shard, ranks, rank, pg),
         }
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        for round_ in range(settings["warm"] + settings["rounds"]):
-            names = list(ways)
-            order.shuffle(names)
-            for name in names:
-                dist.barrier()
-                start = time.perf_counter()
-                ways[name]()
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if round_ >= settings["warm"]:
-                    times[name].append(float(elapsed))
+        times = interleaved_rounds(ways, warm=settings["warm"], rounds=settings["rounds"], order=order)
         diff = torch.tensor([float((ring_out - gloo_out).abs().max()), float(gloo_out.abs().max())])
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         gathered_equal = torch.tensor([float(torch.equal(ring_full, gloo_full))])
@@ -100,19 +90,9 @@ def _worker(rank: int, world: int, port: int, settings: dict[str, Any]) -> None:
 
 def _measure(world: int, settings: dict[str, Any]) -> dict[str, Any]:
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "plait.bench.rings", str(rank), str(world), str(port),
-                               json.dumps(settings)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    try:
-        outputs = [p.communicate(timeout=WORKER_TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    for rank, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
-        if p.returncode != 0:
-            raise RuntimeError(f"rings: rank {rank} of {world} failed with exit {p.returncode}: {err.strip()[-2000:]}")
-    return json.loads(outputs[0][0].strip().splitlines()[-1])
+    commands = [[sys.executable, "-m", "plait.bench.rings", str(rank), str(world), str(port), json.dumps(settings)]
+                for rank in range(world)]
+    return run_pair(commands, dict(os.environ), WORKER_TIMEOUT_S, f"rings at {world} ranks")
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 from plait.errors import CLIError, did_you_mean
 
 BENCH_DIR = Path(__file__).resolve().parent
-_NOT_BENCHMARKS = {"__init__", "runner", "ddp_baseline", "hdp_worker", "tp_overlap_worker"}
+_NOT_BENCHMARKS = {"__init__", "runner", "rounds", "ddp_baseline", "hdp_worker", "tp_overlap_worker"}
 # The CPU flags that decide which kernels run (see csrc/cpu/features.h), kept with results.
 SIMD_FLAGS = ("sse4_2", "pclmulqdq", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "gfni", "vpclmulqdq", "vaes")
 

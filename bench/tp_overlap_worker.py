@@ -24,7 +24,6 @@ import copy
 import json
 import random
 import sys
-import time
 from datetime import timedelta
 from statistics import median
 
@@ -34,6 +33,7 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
     from torch import nn
 
+    from plait.bench.rounds import interleaved_rounds
     from plait.parallel import comm
     from plait.parallel.comm import Group
     from plait.parallel.tp import apply_tp
@@ -102,19 +102,8 @@ def main(argv: list[str]) -> None:
     comm.LEDGER.reset()
     region(overlapped)
     ring_bytes = comm.LEDGER.snapshot()
-    order = random.Random(settings["order_seed"])
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(settings["warm"] + settings["rounds"]):
-        names = list(runs)
-        order.shuffle(names)
-        for name in names:
-            dist.barrier()
-            start = time.perf_counter()
-            runs[name]()
-            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if round_ >= settings["warm"]:
-                times[name].append(float(elapsed))
+    times = interleaved_rounds(runs, warm=settings["warm"], rounds=settings["rounds"],
+                               order=random.Random(settings["order_seed"]))
     if rank == 0:
         print(json.dumps({"times_s": times, "median_s": {k: median(v) for k, v in times.items()},
                           "same_math_max_abs": same_math, "ring_ledger": ring_bytes}), flush=True)
