@@ -201,7 +201,7 @@ def reduce_scatter_async(out: torch.Tensor, t: torch.Tensor, group: Group):
 
     Over gloo on CPU tensors the sum runs as a ring of point-to-point transfers on the group's own thread
     (:func:`plait.parallel.rings.reduce_scatter_start`): it moves half the bytes of an all-reduce and, on 2
-    and 4 processes, takes 0.5–0.95× the time of gloo's all-reduce and 0.3–0.65× that of its reduce-scatter
+    and 4 processes, takes 0.3–0.8× the time of gloo's all-reduce and 0.16–0.7× that of its reduce-scatter
     (``plait bench rings``)."""
     if group.size == 1:
         out.copy_(t)

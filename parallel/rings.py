@@ -2,9 +2,9 @@
 
 gloo's own ``reduce_scatter_tensor`` is slower than its all-reduce on CPU tensors. ``plait bench rings``
 (``bench/results/rings.json``: loopback, one thread per process, 1 to 32 MB of fp32, 2 and 4 processes)
-measured the ring here at 0.3–0.65× the time of gloo's reduce-scatter and 0.5–0.95× that of its
-all-reduce; at 7.6 MB (the demo model's gradient), 4 processes: 10.4 ms against 23.0 and 16.7. The
-all-gathers are within 5 % of each other at 7.6 MB, and the ring's is faster at 1 and 32 MB.
+measured the ring here at 0.16–0.69× the time of gloo's reduce-scatter and 0.29–0.78× that of its
+all-reduce; at 7.6 MB (the demo model's gradient), 4 processes: 13.4 ms against 27.6 and 20.8. The ring
+all-gather took 0.67–1.42× the time of gloo's (slower only at 1 MB on 4 processes).
 
 A ring over g ranks takes g − 1 steps; in each, every rank sends one ``1/g`` chunk to the next rank and
 receives one from the previous (each rank sends ``(g−1)/g`` of the buffer, the least any reduce-scatter or
