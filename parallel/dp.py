@@ -12,8 +12,12 @@ group         parameters
 ``edp``       expert weights (split over ep and etp): replicas differ only in edp
 ============  =====================================================================
 
-The parameters of one group (and one weight-decay class) form a *bucket*: a flat fp32
-buffer, padded to a multiple of the group size. After the backward passes of a step:
+The parameters of one group form a *bucket*: a flat fp32 buffer, padded to a multiple of the
+group size. Labels whose groups hold the same ranks share one bucket (at tp = 1 ``dp+cp`` is
+``dp+cp+tp``; at ep·etp = 1 so is ``edp``): one reduce-scatter and one all-gather per distinct
+group and step, not one per label and weight-decay class. The bucket's ledger axis is the first
+of its labels in :data:`LABELS`. Weight decay applies to the matrices only (``ndim >= 2``), on
+the runs of the owned slice they occupy. After the backward passes of a step:
 
 1. each bucket's gradient is **reduce-scattered** over its group (summed; the loss
    is already scaled to the global batch, so no averaging);
@@ -49,6 +53,10 @@ from plait.parallel import comm
 from plait.parallel.comm import Group
 
 
+# Reduction-group labels in the order that names a bucket several of them share (the widest first).
+LABELS = ("dp+cp+tp", "dp+cp", "edp")
+
+
 @dataclass(frozen=True)
 class AdamWSettings:
     lr: float = 3e-3
@@ -59,7 +67,7 @@ class AdamWSettings:
 
 
 class _Bucket:
-    """One reduction group's parameters of one weight-decay class, as a flat fp32 buffer cut into pieces.
+    """One reduction group's parameters, as a flat fp32 buffer cut into pieces.
 
     The flat layout puts the parameters in reverse order of the model (the backward pass makes their gradients
     roughly in that order). The buffer, padded to a multiple of the group size g, is cut into *pieces* of about
@@ -68,9 +76,8 @@ class _Bucket:
     piece that is the contiguous r-th g-th of the buffer.
     """
 
-    def __init__(self, label: str, decay: bool, named: list[tuple[str, nn.Parameter]], group: Group, piece: int = 0):
+    def __init__(self, label: str, named: list[tuple[str, nn.Parameter]], group: Group, piece: int = 0):
         self.label = label
-        self.decay = decay
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
@@ -106,6 +113,19 @@ class _Bucket:
         self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
         # The owned slice of the parameters, which the optimizer updates.
         self.shard = nn.Parameter(self.flat_params()[self.owned.to(device)].clone())
+        # (start, end) in the shard of each run of matrix elements, the ones weight decay applies to
+        runs: list[tuple[int, int]] = []
+        for flat_lo, flat_hi, at in self.owned_ranges():
+            for p, o in zip(self.params, self.offsets):
+                a, b = max(flat_lo, o), min(flat_hi, o + p.numel())
+                if p.ndim < 2 or a >= b:
+                    continue
+                start, end = at + a - flat_lo, at + b - flat_lo
+                if runs and runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], end)
+                else:
+                    runs.append((start, end))
+        self.decay_runs = runs
 
     def flat_params(self) -> torch.Tensor:
         flat = torch.zeros(self.padded, dtype=torch.float32, device=self.params[0].device)
@@ -124,6 +144,12 @@ class _Bucket:
                 self.grad_flat[a:b].zero_()
             else:
                 self.grad_flat[a:b].copy_(p.grad.reshape(-1)[a - o:b - o])
+
+    def decay(self, factor: float) -> None:
+        """Decoupled weight decay of the owned matrix elements: multiply them by ``factor`` (1 − lr·wd)."""
+        if self.decay_runs and factor != 1.0:
+            with torch.no_grad():
+                torch._foreach_mul_([self.shard[a:b] for a, b in self.decay_runs], factor)
 
     def owned_ranges(self) -> list[tuple[int, int, int]]:
         """(flat start, flat end, position in the shard) of each range of the flat buffer this rank owns."""
@@ -156,9 +182,12 @@ class ShardedAdamW:
 
     ``groups`` maps a reduction-group label (``"dp+cp"``, ``"dp+cp+tp"``, ``"edp"``) to this
     rank's :class:`Group`; ``world`` is the group of all ranks (for the gradient norm).
-    Parameters without grad requirement are ignored. Bucket order is by (label, decay)
-    and, within a bucket, the reverse of the order ``named_params`` gives (the model's), so every
-    rank of a group lays out a bucket identically.
+    Parameters without grad requirement are ignored. There is one bucket per distinct group
+    (labels whose groups hold the same ranks share it), in the order of :data:`LABELS`, and,
+    within a bucket, the reverse of the order ``named_params`` gives (the model's), so every
+    rank of a group lays out a bucket identically. AdamW runs without weight decay of its own;
+    the step multiplies each bucket's owned matrix elements by 1 − lr·wd first (decoupled decay,
+    as AdamW's own), so one bucket holds matrices and vectors alike.
 
     **Overlap** (``piece`` > 0 elements, ``overlap``): a hook on every parameter notes when its
     gradient is final; after :meth:`arm` (before the last backward pass of a step) each piece of
@@ -181,23 +210,28 @@ class ShardedAdamW:
         self.replicas = replicas
         self.outer = None  # a plait.parallel.co2.CO2 run after each update, before the shards are gathered
         position = {name: i for i, (name, _) in enumerate(named_params)}
-        by_key: dict[tuple[str, bool], list[tuple[str, nn.Parameter]]] = {}
+        by_label: dict[str, list[tuple[str, nn.Parameter]]] = {}
         for name, p in named_params:
             if not p.requires_grad:
                 continue
             label = getattr(p, "_plait_reduce", "dp+cp+tp")
-            by_key.setdefault((label, p.ndim >= 2), []).append((name, p))
+            if label not in LABELS:
+                raise ValueError(f"parameter {name}: reduction group {label!r} is none of {LABELS}")
+            by_label.setdefault(label, []).append((name, p))
+        by_ranks: dict[tuple[int, ...], tuple[str, list[tuple[str, nn.Parameter]]]] = {}
+        for label in LABELS:  # the first label of a shared group names its bucket
+            if label in by_label:
+                first, named = by_ranks.setdefault(groups[label].ranks, (label, []))
+                named.extend(by_label[label])
         self.buckets = [
-            _Bucket(label, decay, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece)
-            for (label, decay), named in sorted(by_key.items())
+            _Bucket(label, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece)
+            for label, named in by_ranks.values()
         ]
         # the order pieces start in: latest-ready last (ready when the model's earliest parameter in it is)
         earliest = [[min(position[b.names[i]] for i in members) for members in b.piece_params] for b in self.buckets]
         self.sequence = sorted(((bi, j) for bi, b in enumerate(self.buckets) for j in range(len(b.pieces))),
                                key=lambda t: (-earliest[t[0]][t[1]], t[0], t[1]))
-        param_groups = [
-            {"params": [b.shard], "weight_decay": settings.weight_decay if b.decay else 0.0} for b in self.buckets
-        ]
+        param_groups = [{"params": [b.shard], "weight_decay": 0.0} for b in self.buckets]
         self.keep_grads = False  # keep each step's reduced, unclipped gradient (for tests and checks)
         # Called right before the update writes the parameters and the optimizer state, e.g.
         # to wait for a snapshot that is still copying the previous step's values.
@@ -290,6 +324,8 @@ class ShardedAdamW:
             group["lr"] = lr
         for wait in self.before_update:
             wait()
+        for b in self.buckets:
+            b.decay(1.0 - lr * self.settings.weight_decay)
         self.optimizer.step()
         if self.outer is not None:
             self.outer.after_local_step()

@@ -21,7 +21,8 @@ S = W / pp ranks per pipeline stage.
   forward and each rank of a receiving stage its gradient back, across each of the
   ``pp·vpp − 1`` boundaries between virtual stages.
 * **ep / etp / dp+cp+tp for MoE**: see :func:`layer_ops` (dropless dispatch).
-* **data parallel** (:mod:`plait.parallel.dp`): each bucket of ``b`` parameters, padded
+* **data parallel** (:mod:`plait.parallel.dp`): one bucket per distinct group (labels whose
+  groups hold the same ranks share one); each bucket of ``b`` parameters, padded
   to a multiple of its group size g, is reduce-scattered (``⌈b/g⌉·g``) and all-gathered
   (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes), the step's
   loss sums (16 bytes) and, for MoE, every layer's routing statistics (float64 [E + 2]) are
@@ -71,6 +72,10 @@ def rank_layers(lay: Layout, stage_counts: list[int]) -> list[int]:
     return out
 
 
+# The rank spacing of each gradient-reduction group inside a pipeline stage.
+BUCKET_STRIDES = {"dp+cp+tp": lambda lay: 1, "dp+cp": lambda lay: lay.tp, "edp": lambda lay: lay.ep * lay.etp}
+
+
 def buckets_of(spec: ModelSpec, lay: Layout, layers: int, first: bool, last: bool) -> list[tuple[str, int, int]]:
     """(group label, parameters per rank, group size) of the buckets of a rank with ``layers`` layers, the
     embedding if ``first``, the final norm and head if ``last``."""
@@ -94,12 +99,15 @@ def buckets_of(spec: ModelSpec, lay: Layout, layers: int, first: bool, last: boo
         replicated_decay += V * d
         replicated_vec += d
     stage_ranks = lay.world // lay.pp
-    return [(label, size, group) for label, size, group in (
-        ("dp+cp", sharded_tp, lay.dp * lay.cp),
-        ("dp+cp+tp", replicated_decay, stage_ranks),
-        ("dp+cp+tp", replicated_vec, stage_ranks),
-        ("edp", experts, lay.edp),
-    ) if size]
+    # Labels whose groups hold the same ranks share a bucket, named by the first of them in this order (as
+    # plait.parallel.dp.LABELS). Each group is every stride-th rank of the stage, so equal strides are equal groups.
+    merged: dict[int, list] = {}
+    for label, size, group in (("dp+cp+tp", replicated_decay + replicated_vec, stage_ranks),
+                               ("dp+cp", sharded_tp, lay.dp * lay.cp),
+                               ("edp", experts, lay.edp)):
+        if size:
+            merged.setdefault(BUCKET_STRIDES[label](lay), [label, 0, group])[1] += size
+    return [tuple(entry) for entry in merged.values()]
 
 
 def rank_buckets(spec: ModelSpec, lay: Layout, stage_counts: list[int]) -> list[list[tuple[str, int, int]]]:
@@ -169,13 +177,13 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, tp_overlap: bool = False,
 
 def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
     """Each data-parallel bucket's reduce-scatter (padded to a multiple of its group) and all-gather, per rank."""
-    strides = {"dp+cp": lay.tp, "dp+cp+tp": 1, "edp": lay.ep * lay.etp}
     ops = []
     for label, size, g in buckets:
         if g > 1:
             padded = math.ceil(size / g) * g
-            ops += [Op(label, "reduce_scatter", g, strides[label], padded * FP32),
-                    Op(label, "all_gather", g, strides[label], padded // g * FP32)]
+            stride = BUCKET_STRIDES[label](lay)
+            ops += [Op(label, "reduce_scatter", g, stride, padded * FP32),
+                    Op(label, "all_gather", g, stride, padded // g * FP32)]
     return ops
 
 
