@@ -118,7 +118,10 @@ def _daemon_starts(run_dir: Path, node: int) -> int:
 )
 def test_a_single_fault_leaves_the_losses_bitwise_unchanged(config, baseline, tmp_path, fault, restarts, step, rebuilt_ranks):
     run_dir = tmp_path / "run"
-    summary, output = train(config, run_dir, fault)
+    # A killed daemon takes the version in flight with it; the job's end waits for that version up to
+    # min(30 s, complete_timeout) before it gives it up. 10 s is still far above a complete snapshot here (< 1 s).
+    extra = ("--set", "snapshot.complete_timeout=10") if fault.startswith("kill-daemon") else ()
+    summary, output = train(config, run_dir, fault, extra=extra)
     effect = _effects(summary)[fault]
     assert f"plait: fault injected: {fault} (verified:" in output
     _same(summary, baseline)
