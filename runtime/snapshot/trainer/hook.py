@@ -160,11 +160,16 @@ class SnapshotHook:
         self._take(trainer, step)
         self.stats.take_s.append(time.perf_counter() - start)
 
-    def _skip(self, version: int, reason: str, detail: str = "") -> None:
+    def _skip(self, version: int, reason: str, detail: str = "", *, unwritten: bool = False) -> None:
+        """Count and log a skipped snapshot. ``unwritten``: this rank never wrote any of it, so it can never
+        complete; rank 0 then withdraws it from the lifecycle (nothing waits for its deadline). A commit that
+        failed is not that: the daemon may have taken it before the error, so its deadline decides."""
         self.stats.skipped += 1
         self.stats.skip_reasons[reason] = self.stats.skip_reasons.get(reason, 0) + 1
         log.warning("snapshot %s skipped on rank %d: %s%s", version_text(version), self.rank, reason,
                     f" ({detail})" if detail else "")
+        if unwritten and self.lifecycle is not None:
+            self.lifecycle.withdraw(version, f"rank {self.rank} skipped it: {reason}")
 
     def _take(self, trainer: Trainer, step: int) -> None:
         version = version_id(self.epoch, step)
@@ -178,9 +183,9 @@ class SnapshotHook:
         copy = _Copy(version, plan)
         copy.thread = threading.Thread(target=self._run, args=(copy,), name=f"snapshot-{step}", daemon=True)
         self._copy = copy
-        copy.thread.start()
-        if self.lifecycle is not None:
+        if self.lifecycle is not None:  # before the copy starts: a withdrawal (a failed allocation) must find it
             self.lifecycle.submit(version)
+        copy.thread.start()
 
     def _run(self, copy: _Copy) -> None:
         start = time.perf_counter()
@@ -191,7 +196,7 @@ class SnapshotHook:
             except Exception as err:  # noqa: BLE001 - a snapshot must never stop training
                 with copy.lock:
                     copy.state = "failed"
-                self._skip(version, "the daemon did not allocate", f"{type(err).__name__}: {err}")
+                self._skip(version, "the daemon did not allocate", f"{type(err).__name__}: {err}", unwritten=True)
                 return
             self.stats.alloc_s.append(time.perf_counter() - start)
             with copy.lock:
@@ -241,7 +246,7 @@ class SnapshotHook:
             if copy.state == "allocating":  # the daemon has not given the segment: this snapshot will not be taken
                 copy.state = "cancelled"
                 self._skip(copy.version, "the daemon was too slow to allocate before the next update",
-                           f"waited {wait:.2f} s")
+                           f"waited {wait:.2f} s", unwritten=True)
             copying = copy.state in ("copying", "copied")
         if copying:
             copy.copied.wait()  # memory speed: the tensors are being copied, no daemon involved

@@ -6,7 +6,9 @@ on. The thread asks every daemon for its state (Status, in parallel, each call
 bounded), publishes the newest version that every node reports locally complete, and
 forgets the older pending ones (publishing drops them on every daemon). A version that
 does not complete within ``snapshot.complete_timeout`` is abandoned with a log line:
-the previous published version stays the restore point, and later versions go on.
+the previous published version stays the restore point, and later versions go on. A
+version rank 0 itself gave up before writing it (its daemon too slow to allocate, or
+the allocation failed) can never complete, and is abandoned at once (:meth:`withdraw`).
 
 After every restore decision, :meth:`reset` begins a new restore generation on every
 daemon (see ``records.py`` for versions and epochs): each drops whatever it holds but
@@ -96,6 +98,18 @@ class VersionLifecycle:
         with self._cond:
             self._pending[version] = (now, now + self.complete_timeout)
             self._cond.notify()
+
+    def withdraw(self, version: int, why: str) -> bool:
+        """A submitted version that can never complete (this rank gave it up before writing it): forget it now
+        rather than at its deadline, so nothing (the job's end, say) waits on it. True if it was pending."""
+        with self._cond:
+            if self._pending.pop(version, None) is None:
+                return False
+            self.stats.abandoned += 1
+            self._cond.notify_all()
+        log.warning("snapshot %s: abandoned, it can never complete: %s; the previous published version stays the "
+                 "restore point", version_text(version), why)
+        return True
 
     def reset(self, floor: int, keep: int | None) -> list[str]:
         """Begin the restore generation starting at ``floor`` on every daemon; return one note per node that failed.
