@@ -267,8 +267,6 @@ def _die_with_parent() -> None:
 def run(run_dir: Path, config: JobConfig | None = None) -> None:
     started = time.time()
     _die_with_parent()
-    # An exception rather than an exit, so the summary of the steps done gets written.
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     config = config or load_config(run_dir / "config.yaml")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -278,6 +276,11 @@ def run(run_dir: Path, config: JobConfig | None = None) -> None:
     memory = MemoryHook(tracker_for(device)) if config.metrics.memory else None
     backend = config.launch.backend if config.launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     attempt = _init_process_group(backend, rank=rank, world=world)
+    # From here on SIGTERM raises, so that the summary of the steps done gets written. Not before: until the
+    # process group is up there is nothing to write, and a Python handler cannot run while the process waits in
+    # a store's C++ call (a peer that never came, a store host that died), so the agent's SIGTERM would go
+    # unheard until its SIGKILL 30 s later.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     os.environ["PLAIT_ATTEMPT"] = str(attempt)  # the summary's restart count
     lifecycle = None
     try:

@@ -166,6 +166,8 @@ def test_two_nodes_with_one_node_rank_fail_saying_so(config, tmp_path):
     assert all(p.returncode == 1 for p in procs), outs
     logs = "".join(f.read_text(errors="replace") for f in tmp_path.rglob("*.log")) + "".join(outs)
     assert "is claimed twice" in logs and "every node needs its own --node-rank" in logs
+    # every other worker left on the agent's SIGTERM (none sat in a store call until its SIGKILL 30 s later)
+    assert "forcefully exiting via 9" not in logs, logs[-3000:]
 
 
 def torchrun(node: int, port: int, config: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
