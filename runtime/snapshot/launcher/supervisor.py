@@ -95,7 +95,7 @@ class DaemonSet:
         with self._lock:
             yield
 
-    def _start(self, node: int) -> subprocess.Popen:
+    def _start(self, node: int, wait: bool = True) -> subprocess.Popen:
         from plait.runtime.snapshot.launcher.spawn import start_daemon
 
         proc = start_daemon(
@@ -103,6 +103,7 @@ class DaemonSet:
             host=self.endpoints[node][0], port=self.endpoints[node][1], bulk_port=self.endpoints[node][2],
             peers=self.addresses,
             max_memory=self.max_memory, run_dir=self.run_dir, secret_file=self.secret_file, parent_pid=os.getpid(),
+            wait=wait,
         )
         path = pid_file(self.run_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +117,18 @@ class DaemonSet:
 
         for node in self.local_nodes:
             shm.remove_namespace(self.job, node)  # a stale namespace of an earlier run in this directory
-        for node in self.local_nodes:
-            self.procs[node] = self._start(node)
+        # Every local daemon starts at once (each spends a second or two importing before it serves), then each
+        # is waited for: the workers start only once all of them serve. One that fails stops the others.
+        from plait.runtime.snapshot.launcher.spawn import wait_daemon
+
+        try:
+            for node in self.local_nodes:
+                self.procs[node] = self._start(node, wait=False)
+            for node in self.local_nodes:
+                wait_daemon(self.procs[node])
+        except BaseException:
+            self.stop()
+            raise
         self._watcher = threading.Thread(target=self._watch, name="daemon-watch", daemon=True)
         self._watcher.start()
 
