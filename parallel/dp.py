@@ -221,7 +221,7 @@ class ShardedAdamW:
         by_ranks: dict[tuple[int, ...], tuple[str, list[tuple[str, nn.Parameter]]]] = {}
         for label in LABELS:  # the first label of a shared group names its bucket
             if label in by_label:
-                first, named = by_ranks.setdefault(groups[label].ranks, (label, []))
+                _, named = by_ranks.setdefault(groups[label].ranks, (label, []))
                 named.extend(by_label[label])
         self.buckets = [
             _Bucket(label, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece)
