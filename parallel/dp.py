@@ -96,9 +96,6 @@ class _Bucket:
         self.part_at = [0]
         for lo, hi in self.pieces[:-1]:
             self.part_at.append(self.part_at[-1] + (hi - lo) // g)
-        r = group.rank
-        self.owned = torch.cat([torch.arange(lo + r * (hi - lo) // g, lo + (r + 1) * (hi - lo) // g)
-                                for lo, hi in self.pieces])
         # which parameters overlap each piece
         self.piece_params: list[list[int]] = []
         for lo, hi in self.pieces:
@@ -112,7 +109,7 @@ class _Bucket:
         self.grad_flat = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
         # The owned slice of the parameters, which the optimizer updates.
-        self.shard = nn.Parameter(self.flat_params()[self.owned.to(device)].clone())
+        self.shard = nn.Parameter(self.take_owned(self.flat_params()))
         # (start, end) in the shard of each run of matrix elements, the ones weight decay applies to
         runs: list[tuple[int, int]] = []
         for flat_lo, flat_hi, at in self.owned_ranges():
@@ -132,6 +129,10 @@ class _Bucket:
         for p, o in zip(self.params, self.offsets):
             flat[o : o + p.numel()].copy_(p.detach().reshape(-1))
         return flat
+
+    def take_owned(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's parts of a flat [padded] buffer, in shard order (a new tensor)."""
+        return torch.cat([flat[lo:hi] for lo, hi, _ in self.owned_ranges()])
 
     def fill(self, j: int) -> None:
         """Copy the gradients (zeros where none) into piece ``j`` of the flat buffer, and nowhere else (another
@@ -163,6 +164,8 @@ class _Bucket:
 
     def unshard(self, gathered: torch.Tensor) -> torch.Tensor:
         """The flat buffer from the all-gather of every rank's shard ([g·shard_size], group-rank order)."""
+        if len(self.pieces) == 1:  # one piece: rank r's shard is the r-th g-th, so the gather is the buffer
+            return gathered.view(-1)
         g = self.group.size
         rows = gathered.view(g, self.shard_size)
         flat = torch.empty(self.padded, dtype=gathered.dtype, device=gathered.device)
@@ -295,6 +298,7 @@ class ShardedAdamW:
         self.armed = False
         while self._next < len(self.sequence):
             self._start(*self.sequence[self._next])
+        self.zero_grad()  # every gradient is in its bucket's flat buffer now
         for (bi, j), work in sorted(self._works.items()):
             comm.wait(work, self.buckets[bi].group, "reduce_scatter")
         self._works = {}
@@ -365,13 +369,12 @@ class ShardedAdamW:
     def load_local_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`local_state` (every name of this rank's buckets must be present)."""
         for b in self.buckets:
-            owned = b.owned.to(b.shard.device)
             entry: dict[str, torch.Tensor] = {}
             for key in ("exp_avg", "exp_avg_sq"):
                 flat = torch.zeros(b.padded, dtype=torch.float32, device=b.shard.device)
                 for name, p, o in zip(b.names, b.params, b.offsets):
                     flat[o : o + p.numel()].copy_(state[key][name].reshape(-1))
-                entry[key] = flat[owned]
+                entry[key] = b.take_owned(flat)
             entry["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=b.shard.device)
             self.optimizer.state[b.shard] = entry
         self.sync_shards_from_params()
@@ -404,4 +407,4 @@ class ShardedAdamW:
         """Refresh the owned slices from the parameters (after the parameters were loaded)."""
         with torch.no_grad():
             for b in self.buckets:
-                b.shard.copy_(b.flat_params()[b.owned.to(b.shard.device)])
+                b.shard.copy_(b.take_owned(b.flat_params()))

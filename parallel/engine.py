@@ -293,8 +293,10 @@ class ParallelEngine:
             model = self.chunks[0]
             for i in range(A):
                 comm.LEDGER.phase = "forward"
-                logits = self._forward_chunk(model, self.local_rows(inputs, i))
-                ce = F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i).flatten(), reduction="sum")
+                # the logits ([rows, T, vocab]) stay unnamed: the loss saves its own log-softmax, so they are freed
+                # before the backward pass instead of living through it
+                ce = F.cross_entropy(self._forward_chunk(model, self.local_rows(inputs, i)).float().flatten(0, 1),
+                                     self.local_rows(targets, i).flatten(), reduction="sum")
                 aux = model.aux_loss() if self.is_moe else None
                 loss = ce * scale
                 if aux is not None:
@@ -305,6 +307,7 @@ class ParallelEngine:
                     self.optimizer.arm()
                 loss.backward()
                 sums[0] += ce.detach().double() * scale
+                del ce, loss, aux  # the graph's ends: not alive through the next micro-batch or the optimizer step
         else:
             sums += self._pipeline(inputs, targets, scale=scale, aux_scale=coef / blocks)
         ratio = fidelity = None
@@ -370,6 +373,7 @@ class ParallelEngine:
                 for i in range(steps):
                     logits = self._forward_chunk(self.chunks[0], self.local_rows(inputs, i, micro))
                     totals[0] += F.cross_entropy(logits.float().flatten(0, 1), self.local_rows(targets, i, micro).flatten(), reduction="sum").double()
+                    del logits  # not alive beside the next micro-batch's
             else:
                 totals[0] += self._pipeline(inputs, targets, scale=1.0, micro_batch=micro, micros=steps)[0]
             totals[1] += G * T

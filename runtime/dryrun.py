@@ -42,7 +42,8 @@ def dry_run_report(config: JobConfig) -> str:
         f"train FLOPs:      {train_flops_per_token(spec):,.0f} per token",
         f"memory per rank:  {_gib(memory.peak)} at most (pp rank {memory.pp_rank}: params {_gib(memory.params)}, "
         f"grads {_gib(memory.grads)}, AdamW shard {_gib(memory.optimizer)}, activations {_gib(memory.activations)} "
-        f"for {memory.in_flight:g} micro-batch(es) in flight, step buffers {_gib(memory.buffers)}); "
+        f"for {memory.in_flight:g} micro-batch(es) in flight, accumulated grads {_gib(memory.accumulated)}, "
+        f"step buffers {_gib(memory.buffers)}); "
         f"tensors only: allocator slack not counted",
     ]
     if len(per_pp) > 1:

@@ -5,15 +5,22 @@ The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`
 * **parameters** and their **gradients**, fp32, as each rank holds them (split over tp for
   attention and dense MLPs, over ep and etp for experts; the embedding on the first
   pipeline stage, the head on the last);
-* **optimizer**: per data-parallel bucket, the owned fp32 slice of the parameters plus
-  AdamW's two moments, ``3 · ⌈b/g⌉`` elements (ZeRO-1: state sharded over the bucket's
-  group g);
+* **optimizer**: per data-parallel bucket, the owned fp32 slice of the parameters,
+  AdamW's two moments and the reduce-scattered gradient of that slice, ``4 · ⌈b/g⌉``
+  elements (ZeRO-1: state sharded over the bucket's group g);
+* **accumulated**: the parameters' own ``.grad`` tensors, alive beside the flat gradient
+  buffers from a step's first backward pass until its gradients are copied into them, so
+  at the fullest moment only when an earlier micro-batch's backward pass came before it
+  (more micro-batches than the rank keeps in flight);
 * **activations**: what autograd saves for backward, per token and layer, times the
   micro-batches a rank keeps in flight under its pipeline schedule (1 without a
   pipeline; ``pp − r`` on pp rank r under 1F1B; the interleaved schedule's warm-up + 1
-  chunks);
-* **buffers**: during the optimizer step, the largest bucket's flat gradient and its
-  reduce-scattered slice, and the all-gathered parameters on the way back.
+  chunks), and on the last stage the loss's first backward step, the gradients of the
+  log-softmax and of the logits (``2·V`` fp32 per token); on the other stages of a
+  pipeline, each in-flight micro-batch's output and the gradient received for one;
+* **buffers**: during the optimizer step, the larger of the ``.grad`` tensors (alive until
+  every piece is filled) plus the reduce-scatter's ring chunks, and the largest bucket's
+  all-gathered parameters on the way back.
 
 Activations per token and layer, in elements, were read off autograd's saved tensors of
 plait's own blocks (``tests/test_plan_memory.py`` holds the formula to them exactly on one
@@ -21,8 +28,9 @@ rank); :func:`layer_activation_elements` writes them out. On more ranks the sequ
 column-parallel inputs are gathered over tp (``tp·n`` tokens); K and V are gathered over
 cp; expert rows are gathered over etp.
 
-The peak is the larger of "backward of the fullest pipeline moment" (static + gradients +
-activations) and "optimizer step" (static + gradients + buffers). Allocator slack and
+The peak is the larger of "backward of the fullest pipeline moment" (static + activations
++ accumulated) and "optimizer step" (static + buffers), where static is parameters,
+gradient buffers and optimizer. Allocator slack and
 autograd's short-lived temporaries are not counted: the planner keeps a headroom
 (``PlanRequest.headroom``) for them.
 """
@@ -48,16 +56,17 @@ class RankMemory:
     activations: int  # all micro-batches in flight at the fullest moment
     buffers: int  # optimizer-step transients
     in_flight: float  # micro-batches (whole stages' worth) of activations alive at once
+    accumulated: int = 0  # the parameters' .grad tensors, when alive at the fullest backward moment
 
     @property
     def peak(self) -> int:
         static = self.params + self.grads + self.optimizer
-        return static + max(self.activations, self.buffers)
+        return static + max(self.activations + self.accumulated, self.buffers)
 
     def as_dict(self) -> dict[str, int | float]:
         return {"pp_rank": self.pp_rank, "params": self.params, "grads": self.grads, "optimizer": self.optimizer,
-                "activations": self.activations, "buffers": self.buffers, "in_flight": self.in_flight,
-                "peak": self.peak}
+                "activations": self.activations, "accumulated": self.accumulated, "buffers": self.buffers,
+                "in_flight": self.in_flight, "peak": self.peak}
 
 
 def layer_activation_elements(spec: ModelSpec, lay: Layout, n: int) -> float:
@@ -134,13 +143,19 @@ def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch:
         largest = max((-(-size // g) * g for _, size, g in buckets), default=0)
         stage_elems = per_layer * layers + (head if p == last else 0)
         flight = in_flight(lay.pp, lay.vpp, micros, p)
+        # the loss's backward starts with every activation saved: the log-softmax's gradient and the logits', fp32
+        loss_grads = 2 * n * spec.vocab * FP32 if p == last else 0
+        # a stage before the last keeps each in-flight micro-batch's output (d per token: no op of its own saves
+        # it) to run the backward pass from, and at that backward pass holds the gradient received for it
+        outputs = int((flight + 1) * n * spec.dim * act_bytes) if lay.pp > 1 and p != last else 0
         out.append(RankMemory(
             pp_rank=p,
             params=params * FP32,
             grads=params * FP32,
-            optimizer=3 * shards * FP32,
-            activations=int(stage_elems * flight * act_bytes),
-            buffers=(largest + 2 * -(-largest // max(1, lay.world))) * FP32 + shards * FP32,
+            optimizer=4 * shards * FP32,
+            activations=int(stage_elems * flight * act_bytes) + loss_grads + outputs,
+            accumulated=params * FP32 if micros > flight else 0,
+            buffers=max(params + 2 * -(-largest // max(1, lay.world)), largest) * FP32,
             in_flight=flight,
         ))
     return out
