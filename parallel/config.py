@@ -25,6 +25,9 @@ class LSHConfig:
     # (measured on the demo model: cosine to the exact outputs 0.16-0.91 with it, 0.97-0.98 without).
     compensate: bool = False
     probe_every: int = 50  # steps between fidelity probes (one micro-batch run exactly too); 0: never
+    # ep_compress=auto: steps timed compressed, after a first step left out (first calls allocate and warm up), whose
+    # per-layer median decides; more steps: a steadier decision, later
+    auto_steps: int = 3
 
     def resolved_dim(self, hidden: int | None = None) -> int:
         """``dim``, or for 0 the default: 64, or fewer when the hidden size (padded) has fewer coordinates."""
@@ -38,6 +41,9 @@ class LSHConfig:
         """Raises ConfigError naming the ``parallel.lsh.*`` field (``hidden``: model.dim, when known)."""
         from plait.ops.lsh import MAX_KEY_BITS, code_bits, padded_length
 
+        if self.auto_steps < 1:
+            raise ConfigError("parallel.lsh.auto_steps", self.auto_steps,
+                              "accepted: a positive number of steps to time before ep_compress=auto decides, e.g. 3")
         if self.hashes < 1:
             raise ConfigError("parallel.lsh.hashes", self.hashes, "accepted: a positive number of hash functions, e.g. 6")
         if self.dim < 0:

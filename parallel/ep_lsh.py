@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -157,10 +158,14 @@ class Compression:
 
     ``sums()`` is this rank's [layers, COLUMNS] table, flattened, for the step's closing
     all-reduce over the world; ``end_step`` reads the reduced table back. With ``auto`` the
-    first step runs every layer compressed and timed; its reduced table and the link probe
-    (:meth:`probe_link`, at start) decide each layer (:func:`plait.scheduler.lsh_cost.decide`),
+    first ``1 + lsh.auto_steps`` steps run every layer compressed; the first is left out (its
+    calls allocate and warm up, and measured up to twice the cost of later ones), the next
+    ``auto_steps`` are timed, and each layer's median over them, with the link probe
+    (:meth:`probe_link`, at start), decides it (:func:`plait.scheduler.lsh_cost.decide`),
     identically on every rank since every input is reduced over the world.
     """
+
+    WARMUP_STEPS = 1
 
     def __init__(self, chunks: list[nn.Module], layers: int, settings, *, auto: bool, meshes, copies: int,
                  dim: int, device: torch.device):
@@ -172,7 +177,8 @@ class Compression:
                     self.modules.append((int(name.split(".")[1]), m))
         self.meshes, self.copies, self.dim = meshes, copies, dim
         self.link = None  # scheduler.lsh_cost.LinkFit, measured at start (auto)
-        self.decisions: list | None = None  # auto: each layer's decision, after the first step
+        self.decisions: list | None = None  # auto: each layer's decision, once the timed steps are in
+        self.timed: list[list[list[float]]] = []  # auto: each timed step's reduced table
         self.steps = 0
         self.rank = meshes.rank
 
@@ -214,11 +220,11 @@ class Compression:
 
     def begin_step(self) -> None:
         every = self.settings.probe_every
-        first = self.auto and self.decisions is None
+        timing = self.auto and self.decisions is None and self.steps >= self.WARMUP_STEPS
         for _, m in self.modules:
             reset_counters(m)
             m.probe = bool(every) and self.steps % every == 0  # the step's first forward runs the probe
-            m.lsh_timing = first
+            m.lsh_timing = timing
 
     def sums(self) -> torch.Tensor:
         table = torch.zeros(self.layers, COLUMNS, dtype=torch.float64, device=self.device)
@@ -228,21 +234,32 @@ class Compression:
         return table.flatten()
 
     def end_step(self, reduced: torch.Tensor, *, ranks_per_layer: int, micro_steps: int) -> tuple[list, list]:
-        """Per model layer: the ratio over all ranks and the probe's mean cosine; decides ``auto`` after step 1."""
+        """Per model layer: the ratio over all ranks and the probe's mean cosine; decides ``auto`` once its timed
+        steps are in."""
         table = reduced.view(self.layers, COLUMNS).tolist()
         self.steps += 1
-        if self.auto and self.decisions is None:
-            self._decide(table, ranks_per_layer * micro_steps)
+        if self.auto and self.decisions is None and self.steps > self.WARMUP_STEPS:
+            self.timed.append(table)
+            if len(self.timed) >= self.settings.auto_steps:
+                self._decide(ranks_per_layer * micro_steps)
         ratio = [c / r if r else None for r, c, *_ in table]
         fidelity = [s / n if n else None for _, _, s, n, *_ in table]
         return ratio, fidelity
 
-    def _decide(self, table: list[list[float]], per: int) -> None:
+    def _decide(self, per: int) -> None:
+        """Each layer's measure: per step its copies, centroids and hashing seconds per call and its experts' seconds
+        per row; of each, the median over the timed steps (one step's wall clock is at the mercy of the machine)."""
         from plait.scheduler.lsh_cost import LayerMeasure, decide, describe
 
-        measures = {layer: LayerMeasure(copies=r / per, centroids=c / per, compress_s=sec / per,
-                                        expert_row_s=e_s / e_rows if e_rows else 0.0)
-                    for layer, (r, c, _, _, sec, e_s, e_rows) in enumerate(table) if r}
+        measures = {}
+        for layer in range(self.layers):
+            rows = [step[layer] for step in self.timed if step[layer][0]]
+            if not rows:
+                continue
+            measures[layer] = LayerMeasure(
+                copies=median(r[0] / per for r in rows), centroids=median(r[1] / per for r in rows),
+                compress_s=median(r[4] / per for r in rows),
+                expert_row_s=median(r[5] / r[6] if r[6] else 0.0 for r in rows))
         if self.link is None:  # no all-to-all (ep·etp = 1 … or one rank): nothing to save
             from plait.scheduler.lsh_cost import LinkFit
 

@@ -269,6 +269,7 @@ def test_step_ledger_is_the_closed_form_with_centroids(world: int, sizes: dict) 
     (["parallel.ep_compress=lsh", "parallel.lsh.dim=256"], "parallel.lsh.dim", "1 … 128"),
     (["parallel.ep_compress=lsh", "parallel.lsh.hashes=30"], "parallel.lsh.hashes", "parallel.lsh.hashes ≤ 8"),
     (["parallel.ep_compress=zip"], "parallel.ep_compress", "none | lsh"),
+    (["parallel.ep_compress=auto", "parallel.lsh.auto_steps=0"], "parallel.lsh.auto_steps", "a positive number of steps"),
     (["parallel.ep_compress=lsh", "parallel.hybrid_dp=true", "data.packing=documents", "model.aux_loss_coef=0"],
      "parallel.ep_compress", "parallel.ep > 1"),
 ])

@@ -168,20 +168,22 @@ def test_expert_and_pipeline_parallelism_around_hybrid_dp_train_like_plain_pytor
 
 
 def test_lsh_auto_under_hybrid_dp_measures_each_call(runs, tmp_path):
-    """ep_compress=auto around hybrid DP: the first step's measures are per forward call (a call is the micro-batch),
+    """ep_compress=auto around hybrid DP: the timed step's measures are per forward call (a call is the micro-batch),
     not per step: a rank's call holds at most the budget's 32 tokens, so at most top_k × 32 copies per layer."""
     run = tmp_path / "lsh"
     plait("train", "--config", str(runs["config"]), "--nproc", "4", "--run-dir", str(run), "--set", "model.kind=moe",
           "model.aux_loss_coef=0", "parallel.ep=2", "parallel.hdp_budget=32", "parallel.ep_compress=auto",
-          "parallel.lsh.probe_every=2", "train.steps=2", "snapshot.every=0", "snapshot.disk_every=0")
+          "parallel.lsh.probe_every=2", "parallel.lsh.auto_steps=1", "train.steps=3", "snapshot.every=0",
+          "snapshot.disk_every=0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["balance"][0]["calls"] > 1
     layers = summary["lsh_auto"]["layers"]
     assert len(layers) == 2
     for d in layers:
         assert 0 < d["copies"] <= 2 * 32 and 0 < d["ratio"] <= 1 and d["compress"] == (d["saved_ms"] > d["cost_ms"])
-    assert [e["step"] for e in summary["lsh"]] == [1, 2]
-    first = summary["lsh"][0]  # step 1 runs every layer compressed (and probes it) to measure
-    assert first["ratio"] == [d["ratio"] for d in layers] and all(0.5 < f <= 1 + 1e-9 for f in first["fidelity"])
-    for e in summary["lsh"][1:]:  # then each layer as decided: a layer left uncompressed sends every copy
+    assert [e["step"] for e in summary["lsh"]] == [1, 2, 3]
+    first, timed = summary["lsh"][:2]  # step 1 (a warm-up) and step 2 (timed) run every layer compressed
+    assert all(0.5 < f <= 1 + 1e-9 for f in first["fidelity"]) and all(r < 1 for r in first["ratio"])
+    assert timed["ratio"] == [d["ratio"] for d in layers]  # the decision's ratio is the timed step's
+    for e in summary["lsh"][2:]:  # then each layer as decided: a layer left uncompressed sends every copy
         assert all((0 < r <= 1) if d["compress"] else (r == 1.0) for r, d in zip(e["ratio"], layers))

@@ -221,7 +221,7 @@ def test_auto_compression_turns_on_where_the_ep_group_crosses_a_slow_link(files,
     """
     run_dir = tmp_path / "auto"
     done = rehearse(files, run_dir, "--fault", "slow-link:node=1:factor=20", "--set", "train.steps=3", "parallel.ep=4",
-                    "parallel.ep_compress=auto")
+                    "parallel.ep_compress=auto", "parallel.lsh.auto_steps=1")
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     auto = summary["lsh_auto"]
