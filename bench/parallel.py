@@ -34,6 +34,8 @@ LAYOUTS: list[tuple[str, int, list[str]]] = [
     ("tp2 dp2 / ep4", 4, ["parallel.tp=2", "parallel.ep=4"]),
     ("cp2 dp2 / ep2 etp2", 4, ["parallel.cp=2", "parallel.ep=2", "parallel.etp=2"]),
 ]
+# --quick: one run whose ledger has tp and pp traffic (a smoke test of the whole path, not a measurement)
+QUICK_LAYOUTS: list[tuple[str, int, list[str]]] = [("pp2 tp2", 4, ["parallel.pp=2", "parallel.tp=2"])]
 
 
 def _run(work: Path, name: str, nproc: int, sets: list[str], steps: int) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def run(quick: bool = False) -> dict[str, Any]:
     steps = 3 if quick else 6
-    layouts = LAYOUTS[:3] if quick else LAYOUTS
+    layouts = QUICK_LAYOUTS if quick else LAYOUTS
     rows = []
     with tempfile.TemporaryDirectory(prefix="plait-bench-parallel-") as tmp:
         work = Path(tmp)

@@ -26,6 +26,36 @@ def job_secret(tmp_path_factory: pytest.TempPathFactory) -> JobSecret:
         os.environ[SECRET_ENV] = saved
 
 
+_NVCC_TEST = "test_cuda_compile.py::test_cuda_sources_compile_with_nvcc"
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: start nothing for a test that will not run
+def pytest_collection_modifyitems(session, config, items):
+    """The nvcc test goes last and its compile starts now, in the background at nice 19 (see tests/nvcc_build.py)."""
+    nvcc_tests = [item for item in items if item.nodeid.endswith(_NVCC_TEST)]
+    if not nvcc_tests:
+        return
+    for item in nvcc_tests:
+        items.remove(item)
+        items.append(item)
+    import tempfile
+    from pathlib import Path
+
+    from nvcc_build import NVCC_COMPILE, BackgroundCompile, find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is not None:
+        config.stash[NVCC_COMPILE] = BackgroundCompile(nvcc, Path(tempfile.mkdtemp(prefix="plait-nvcc-")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from nvcc_build import NVCC_COMPILE
+
+    compile_ = session.config.stash.get(NVCC_COMPILE, None)
+    if compile_ is not None:
+        compile_.stop()  # an interrupted session leaves no nvcc running, and no objects behind
+
+
 _KERNELS_RAN = pytest.StashKey[dict[str, set[str]]]()
 
 

@@ -95,10 +95,19 @@ def test_status_snapshot_and_stop_then_resume_bitwise(config, tmp_path):
     checkpoint = next((run_dir / "checkpoints").glob(f"*/step-{stopped:08d}"))
 
     resumed, straight = tmp_path / "b", tmp_path / "c"
-    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(resumed), "--resume", str(checkpoint),
-                         "--set", "train.steps=60", "snapshot.every=50"), check=True, capture_output=True, timeout=600)
-    subprocess.run(plait("train", "--config", str(config), "--run-dir", str(straight), "--set", "train.steps=60"),
-                   check=True, capture_output=True, timeout=600)
+    # the two runs at once (their losses do not depend on timing): each leaves the cores idle while it starts
+    both = [subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(resumed), "--resume",
+                                   str(checkpoint), "--set", "train.steps=60", "snapshot.every=50"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen(plait("train", "--config", str(config), "--run-dir", str(straight), "--set",
+                                   "train.steps=60"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    try:
+        for run in both:
+            out, _ = run.communicate(timeout=600)
+            assert run.returncode == 0, out
+    finally:
+        for run in both:
+            run.kill()
     b = json.loads((resumed / "summary.json").read_text())
     c = json.loads((straight / "summary.json").read_text())
     assert c["losses"][:stopped] == summary["losses"]  # the stopped run trained what the straight one did

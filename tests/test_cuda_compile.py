@@ -8,22 +8,12 @@ build itself compiled them, and a GPU lets the kernels be checked against the CP
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import pytest
 import torch
-import torch.utils.cpp_extension as cpp_extension
 
 import plait  # noqa: F401  (registers torch.ops.plait.*)
+from nvcc_build import CSRC, CU_FILES, NVCC_COMPILE, NVCC_TIMEOUT_S, ROOT, BackgroundCompile, find_nvcc
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
-CU_FILES = sorted(CSRC.rglob("*.cu"))
 OP_NAME = "plait::gf256_mul_add_"
 # Every op with a CUDA kernel; each must be registered exactly where torch has CUDA.
 CUDA_OP_NAMES = (
@@ -41,39 +31,6 @@ CUDA_OP_NAMES = (
     "plait::dequantize_nvfp4",
     "plait::matmul_into",
 )
-NVCC_TIMEOUT_S = 400
-
-
-def _find_nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidate = Path(os.environ[var]) / "bin" / "nvcc"
-            if candidate.is_file():
-                return str(candidate)
-    candidate = Path("/usr/local/cuda/bin/nvcc")
-    return str(candidate) if candidate.is_file() else None
-
-
-def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [
-        nvcc,
-        # SASS for sm_90a only, as the build's CMAKE_CUDA_ARCHITECTURES=90a does (-arch=sm_90a would also
-        # run the front end a second time for compute_90 PTX)
-        "-gencode=arch=compute_90a,code=sm_90a",
-        # The CPU wheel ships c10/cuda headers but not the CMake-generated config one.
-        "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-        "-std=c++20",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        "--expt-relaxed-constexpr",
-        f"-I{CSRC}",
-    ]
-    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-    cmd += ["-c", str(source), "-o", str(obj)]
-    return cmd
 
 
 def _has_cuda_kernel(name: str = OP_NAME) -> bool:
@@ -87,8 +44,9 @@ def test_there_are_cuda_sources():
     assert expected <= names, f"missing .cu files under {CSRC}: {sorted(names)}"
 
 
-def test_cuda_sources_compile_with_nvcc(tmp_path):
-    nvcc = _find_nvcc()
+def test_cuda_sources_compile_with_nvcc(request, tmp_path):
+    """Runs last (conftest.py): the compile started when the tests were collected, at nice 19, behind the others."""
+    nvcc = find_nvcc()
     if nvcc is None:
         if torch.version.cuda is None:
             pytest.fail(
@@ -102,29 +60,26 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
             f"{OP_NAME}; rebuild with `pip install -e . --no-build-isolation`"
         )
         return
-
-    def compile_one(index_and_source: tuple[int, Path]):
-        index, source = index_and_source
-        cmd = _nvcc_command(nvcc, source, tmp_path / f"{index}_{source.stem}.o")
-        start = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=NVCC_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return source, None, f"timed out after {NVCC_TIMEOUT_S} s", cmd, 0.0
-        return source, proc.returncode, proc.stderr, cmd, time.monotonic() - start
-
-    workers = max(1, min(2, os.cpu_count() or 1, len(CU_FILES)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(compile_one, enumerate(CU_FILES)))
-
+    compile_ = request.config.stash.get(NVCC_COMPILE, None) or BackgroundCompile(nvcc, tmp_path)
+    results = compile_.results(NVCC_TIMEOUT_S)
+    assert [r.source for r in results] == CU_FILES
     failures = [
-        f"{source.relative_to(ROOT)}: nvcc exited {rc}\n$ {' '.join(cmd)}\n{stderr}"
-        for source, rc, stderr, cmd, _ in results
-        if rc != 0
+        f"{r.source.relative_to(ROOT)}: nvcc exited {r.returncode}\n$ {' '.join(r.cmd)}\n{r.stderr}"
+        for r in results
+        if r.returncode != 0
     ]
     assert not failures, "\n\n".join(failures)
-    for source, _, _, _, seconds in results:
-        print(f"nvcc {source.relative_to(ROOT)}: {seconds:.1f} s")
+
+
+def test_a_cuda_mistake_fails_the_compile(tmp_path):
+    """The check can fail: a .cu file with a type error is reported with nvcc's message."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc here; test_cuda_sources_compile_with_nvcc says why that is fine or not")
+    bad = tmp_path / "bad.cu"
+    bad.write_text("__global__ void k(int* p) { p = 1.5f; }\n")
+    (result,) = BackgroundCompile(nvcc, tmp_path / "obj", sources=[bad]).results(NVCC_TIMEOUT_S)
+    assert result.returncode not in (0, None) and "bad.cu" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("name", CUDA_OP_NAMES)

@@ -169,7 +169,3 @@ def test_every_rank_reports_a_peak_between_its_state_and_everything_a_step_could
     for rank, peak in enumerate(memory["peak_bytes"]):
         assert lower <= peak < upper, (rank, lower, peak, upper)
 
-
-def test_memory_is_null_when_off(tmp_path):
-    summary = _train(tmp_path / "off", steps=1)
-    assert summary["memory"] is None

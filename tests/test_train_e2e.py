@@ -78,6 +78,7 @@ def test_loss_falls_and_summary_holds_its_schema(watched_run):
     assert summary["steps"] == 30 and len(summary["losses"]) == len(summary["step_times"]) == 30
     assert summary["world_size"] == 2 and summary["parallel"]["dp"] == 2
     assert summary["restarts"] == 0
+    assert summary["memory"] is None  # metrics.memory is off by default: no allocator wrapper, no figure
     losses = summary["losses"]
     assert losses[0] > 5.0  # about ln 256 at the start
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
