@@ -3,7 +3,11 @@
 Same model, batch, optimizer, clipping and threads as ``plait train`` with the given
 config, none of plait's loop, hooks, metrics or loader. Run under torchrun:
 
-    python -m torch.distributed.run --standalone --nproc-per-node N bench/ddp_baseline.py CONFIG STEPS OUT
+    python -m torch.distributed.run --standalone --nproc-per-node N bench/ddp_baseline.py CONFIG STEPS OUT [--zero]
+
+``--zero``: the optimizer is torch's ``ZeroRedundancyOptimizer`` over AdamW (ZeRO-1: each
+rank updates its share of the parameters, then they are broadcast), the like-for-like peer
+of plait's sharded AdamW; the gradients are still DDP's all-reduce.
 """
 
 import json
@@ -23,6 +27,7 @@ from plait.runtime.models import build_model
 
 def main() -> None:
     config_path, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    zero = "--zero" in sys.argv[4:]
     cfg = load_config(config_path)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -32,10 +37,16 @@ def main() -> None:
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=True,
-    )
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if zero and world > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, lr=cfg.train.lr,
+                                      betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay,
+                                      fused=True)
+        opt.add_param_group(groups[1])
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=True)
     tokens = load_corpus(cfg.data).train
     seq, local = cfg.model.seq_len, cfg.train.global_batch // world
     micro = cfg.train.micro_batch

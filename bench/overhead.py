@@ -1,5 +1,9 @@
 """Tokens/s of the demo model under `plait train` vs a hand-written PyTorch DDP loop, 1/2/4 processes.
 
+The goal's peer is plain DDP (replicated AdamW). Beside it, at 2 and 4 processes, the
+like-for-like peer of plait's ZeRO-1 optimizer: the same DDP loop with torch's
+``ZeroRedundancyOptimizer`` (each rank updates its share of the parameters, then broadcasts).
+
 Both sides run the same config (model, global batch, micro-batch, AdamW, clipping,
 threads per worker) in the same invocation, alternating, for several rounds. A step's
 time is the wall clock from the previous step's end to its own on both sides, so
@@ -37,11 +41,11 @@ def _plait(config: Path, nproc: int, steps: int, work: Path, sets: tuple[str, ..
     return summary["tokens"] / summary["steps"] / median(summary["step_times"][1:])
 
 
-def _baseline(config: Path, nproc: int, steps: int, work: Path) -> float:
+def _baseline(config: Path, nproc: int, steps: int, work: Path, zero: bool = False) -> float:
     out = work / f"baseline-{nproc}-{len(list(work.iterdir()))}.json"
     script = Path(__file__).resolve().parent / "ddp_baseline.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), str(config), str(steps), str(out)]
+           str(script), str(config), str(steps), str(out), *(["--zero"] if zero else [])]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     return result["tokens_per_step"] / median(result["step_times"])
@@ -58,9 +62,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         config.write_text(REPO_CONFIG.read_text())
         cfg = yaml.safe_load(config.read_text())
         for nproc in nprocs:
-            plait_runs, base_runs = [], []
+            plait_runs, base_runs, zero_runs = [], [], []
             for _ in range(rounds):
                 base_runs.append(_baseline(config, nproc, steps, work))
+                if nproc > 1:
+                    zero_runs.append(_baseline(config, nproc, steps, work, zero=True))
                 plait_runs.append(_plait(config, nproc, steps, work))
             plait_tps = median(plait_runs)
             ddp_tps = median(base_runs)
@@ -75,6 +81,12 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "ddp_rounds": [round(r, 1) for r in base_runs],
             })
             print(f"overhead: nproc={nproc} plait {plait_tps:,.0f} tok/s, DDP {ddp_tps:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
+            if zero_runs:  # the like-for-like peer: DDP's all-reduce with torch's ZeRO-1 AdamW
+                zero_tps = median(zero_runs)
+                rows[-1].update({"ddp_zero1_tokens_per_s": round(zero_tps, 1), "ratio_vs_ddp_zero1": round(plait_tps / zero_tps, 4),
+                                 "ddp_zero1_rounds": [round(r, 1) for r in zero_runs]})
+                print(f"overhead: nproc={nproc} DDP + ZeroRedundancyOptimizer {zero_tps:,.0f} tok/s, plait/it "
+                      f"{plait_tps / zero_tps:.3f}", flush=True)
             # The gradient pieces' size (parallel.bucket_mb; the rows above run the default, whole buckets of this
             # model): smaller pieces start earlier in the backward pass but each is a round of its own.
             if nproc > 1:
