@@ -43,6 +43,7 @@ from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
 from plait.runtime.snapshot.auth import SECRET_ENV, JobSecret
 from plait.runtime.snapshot.trainer.hook import SnapshotHook
 from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle, published_record
+from plait.runtime.snapshot.trainer.withdrawals import Withdrawals
 from plait.runtime.snapshot.layout import GroupLayout
 from plait.runtime.snapshot.trainer.restore import restore
 from plait.runtime.trainer import BaseHook, Hook, Trainer
@@ -107,6 +108,7 @@ def _init_process_group(backend: str, *, rank: int, world: int) -> int:
     yet every rank starts once per attempt. Each worker claims its rank first, so that two
     nodes started with the same ``--node-rank`` fail with that said, rather than hang.
     """
+    global _JOB_STORE
     timeout = timedelta(minutes=5)
     if "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
@@ -130,7 +132,13 @@ def _init_process_group(backend: str, *, rank: int, world: int) -> int:
             attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     store = dist.PrefixStore(f"plait/attempt{attempt}", base)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    _JOB_STORE = store
     return attempt
+
+
+# The attempt's store the process group was built on (None before, or without a launcher's MASTER_ADDR): the
+# snapshot hooks' side channel to rank 0 (runtime/snapshot/trainer/withdrawals.py).
+_JOB_STORE = None
 
 
 def _claim(store, rank: int, world: int, timeout: float = 60.0) -> None:
@@ -218,10 +226,11 @@ def _snapshot_parts(config: JobConfig, run_dir: Path, engine: ParallelEngine, *,
                               slices=local_slices(engine), layout=layout_of(engine), params=global_shapes(engine),
                               keep=snap.keep_disk, secret=secret, attempt=attempt)
     disk = writer if snap.disk_every else None
-    lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir))
-                 if rank == 0 else None)
+    withdrawals = Withdrawals(_JOB_STORE)
+    lifecycle = (VersionLifecycle(clients, complete_timeout=snap.complete_timeout, record=published_record(run_dir),
+                                  withdrawals=withdrawals) if rank == 0 else None)
     hook = SnapshotHook(snap, client=clients[node], lifecycle=lifecycle, rank=rank, local_rank=local_rank,
-                        secret=secret, disk=disk)
+                        secret=secret, disk=disk, withdrawals=withdrawals)
     hook.stop_writer = writer
     args.update(clients=clients, disk=disk, secret=secret, lifecycle=lifecycle)
     return hook, args

@@ -67,11 +67,13 @@ class Transport:
 
 # gloo over TCP on the rehearsal's shaped links, measured (``plait bench links``, ``plait bench transport``):
 # a send reaches 0.94 of the shaped rate; all_reduce 0.84–0.93 of a ring's; an exchange in both directions at
-# once (all_to_all) about half, since both directions share one shaped queue; gloo's reduce_scatter costs about
-# an all_reduce of the whole buffer (1.19 / 1.92 buffers at 2 / 4 ranks, against the ring's 0.5 / 0.75) and its
-# all_gather 0.91 / 1.02 of the output buffer (against 0.5 / 0.75). Two workers of one node talk over loopback TCP.
-GLOO_TCP = Transport(efficiency={"send": 0.94, "all_reduce": 0.88, "all_to_all": 0.48, "reduce_scatter": 0.41,
-                                 "all_gather": 0.65}, intra_latency_s=85e-6)
+# once (all_to_all) about half, since both directions share one shaped queue. plait's reduce-scatters and
+# all-gathers over gloo are its own rings of point-to-point sends (plait.parallel.rings), so each hop moves at a
+# send's rate: 0.94. (gloo's own reduce_scatter costs about an all_reduce of the whole buffer, 1.19 / 1.92 buffers
+# at 2 / 4 ranks against the ring's 0.5 / 0.75, and its all_gather 0.91 / 1.02 of the output buffer: 0.41 and 0.65
+# in these terms, what this model used before the rings.) Two workers of one node talk over loopback TCP.
+GLOO_TCP = Transport(efficiency={"send": 0.94, "all_reduce": 0.88, "all_to_all": 0.48, "reduce_scatter": 0.94,
+                                 "all_gather": 0.94}, intra_latency_s=85e-6)
 
 
 @dataclass(frozen=True)

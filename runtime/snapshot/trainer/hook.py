@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from plait.runtime.snapshot.auth import JobSecret
     from plait.runtime.snapshot.checkpoint.write import CheckpointWriter
     from plait.runtime.snapshot.trainer.lifecycle import VersionLifecycle
+    from plait.runtime.snapshot.trainer.withdrawals import Withdrawals
     from plait.runtime.snapshot.transport.client import DaemonClient
     from plait.runtime.trainer import StepResult, Trainer
 
@@ -87,10 +88,12 @@ class SnapshotHook:
     """Takes this rank's snapshots (see the module docstring). One per worker."""
 
     def __init__(self, config: SnapshotConfig, *, client: DaemonClient, lifecycle: VersionLifecycle | None, rank: int,
-                 local_rank: int, secret: JobSecret, disk: CheckpointWriter | None = None):
+                 local_rank: int, secret: JobSecret, disk: CheckpointWriter | None = None,
+                 withdrawals: Withdrawals | None = None):
         self.config = config
         self.client = client
         self.lifecycle = lifecycle  # global rank 0 only: it publishes
+        self.withdrawals = withdrawals  # every other rank: tells rank 0 of versions it never wrote
         self.rank = rank
         self.local_rank = local_rank
         self.secret = secret
@@ -162,21 +165,24 @@ class SnapshotHook:
 
     def _skip(self, version: int, reason: str, detail: str = "", *, unwritten: bool = False) -> None:
         """Count and log a skipped snapshot. ``unwritten``: this rank never wrote any of it, so it can never
-        complete; rank 0 then withdraws it from the lifecycle (nothing waits for its deadline). A commit that
-        failed is not that: the daemon may have taken it before the error, so its deadline decides."""
+        complete; it is withdrawn from rank 0's lifecycle (nothing waits for its deadline): directly on rank 0,
+        through the job's store from any other rank. A commit that failed is not that: the daemon may have taken it
+        before the error, so its deadline decides."""
         self.stats.skipped += 1
         self.stats.skip_reasons[reason] = self.stats.skip_reasons.get(reason, 0) + 1
         log.warning("snapshot %s skipped on rank %d: %s%s", version_text(version), self.rank, reason,
                     f" ({detail})" if detail else "")
         if unwritten and self.lifecycle is not None:
             self.lifecycle.withdraw(version, f"rank {self.rank} skipped it: {reason}")
+        elif unwritten and self.withdrawals is not None:
+            self.withdrawals.tell(version, self.rank, reason)
 
     def _take(self, trainer: Trainer, step: int) -> None:
         version = version_id(self.epoch, step)
         previous = self._copy
         if previous is not None and previous.thread is not None and previous.thread.is_alive():
             # Still allocating or committing: the daemon is slow or hung. Never pile threads up on it.
-            self._skip(version, "the previous snapshot is still waiting on the daemon")
+            self._skip(version, "the previous snapshot is still waiting on the daemon", unwritten=True)
             return
         plan = blob_state.plan(trainer.engine.local_tensors(), trainer.snapshot_objects())
         self.stats.bytes = plan.size

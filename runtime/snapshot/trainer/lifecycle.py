@@ -7,8 +7,10 @@ bounded), publishes the newest version that every node reports locally complete,
 forgets the older pending ones (publishing drops them on every daemon). A version that
 does not complete within ``snapshot.complete_timeout`` is abandoned with a log line:
 the previous published version stays the restore point, and later versions go on. A
-version rank 0 itself gave up before writing it (its daemon too slow to allocate, or
-the allocation failed) can never complete, and is abandoned at once (:meth:`withdraw`).
+version some rank gave up before writing it (its daemon too slow to allocate, the
+allocation failed, or its previous snapshot still in flight) can never complete, and is
+abandoned at once (:meth:`withdraw`): rank 0's own directly, another rank's once the
+thread finds its word in the job's store (:mod:`.withdrawals`).
 
 After every restore decision, :meth:`reset` begins a new restore generation on every
 daemon (see ``records.py`` for versions and epochs): each drops whatever it holds but
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from plait.runtime.snapshot.records import epoch_of, step_of, version_text
 
 if TYPE_CHECKING:
+    from plait.runtime.snapshot.trainer.withdrawals import Withdrawals
     from plait.runtime.snapshot.transport.client import DaemonClient
 
 __all__ = ["LifecycleStats", "VersionLifecycle", "published_record", "last_published"]
@@ -76,8 +79,9 @@ class VersionLifecycle:
     """Publishes completed versions and resets daemons after restores (global rank 0 only)."""
 
     def __init__(self, clients: list[DaemonClient], *, complete_timeout: float, rpc_timeout: float = 5.0,
-                 record: Path | None = None):
+                 record: Path | None = None, withdrawals: Withdrawals | None = None):
         self.clients = clients
+        self.withdrawals = withdrawals  # other ranks' word of versions they never wrote
         self.record = record
         self.complete_timeout = complete_timeout
         self.rpc_timeout = rpc_timeout
@@ -206,6 +210,13 @@ class VersionLifecycle:
             pending = dict(self._pending)
         if not pending:
             return False
+        withdrawn = False
+        if self.withdrawals is not None:
+            for version, why in self.withdrawals.told(pending).items():
+                withdrawn |= self.withdraw(version, why)
+                pending.pop(version, None)
+            if not pending:
+                return withdrawn
         statuses = self._each(lambda c: c.status())
         complete_everywhere = None
         for v in sorted(pending, reverse=True):
@@ -233,7 +244,7 @@ class VersionLifecycle:
                        if not ok or not any(s.version == v and s.complete for s in value.versions)]
             log.warning("snapshot %s: nodes %s not complete after %.0f s; the previous published version stays the "
                         "restore point", version_text(v), waiting, self.complete_timeout)
-        return changed or bool(overdue)
+        return changed or bool(overdue) or withdrawn
 
     def _publish(self, version: int, submitted: float) -> None:
         results = self._each(lambda c: c.publish(version))
