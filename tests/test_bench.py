@@ -34,7 +34,6 @@ def test_quick_overhead_run_writes_results_with_machine_and_ratio(tmp_path):
     for row in rows:
         assert row["plait_tokens_per_s"] > 0 and row["ddp_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["plait_tokens_per_s"] / row["ddp_tokens_per_s"], rel=1e-3)
-        assert all(v > 0 for v in row["bucket_mb_tokens_per_s"]["overlap_off"])
         assert row["ratio_vs_ddp_zero1"] == pytest.approx(row["plait_tokens_per_s"] / row["ddp_zero1_tokens_per_s"], rel=1e-3)
 
 
