@@ -1,8 +1,11 @@
 """Tokens/s of the demo model under `plait train` vs a hand-written PyTorch DDP loop, 1/2/4 processes.
 
-The goal's peer is plain DDP (replicated AdamW). Beside it, at 2 and 4 processes, the
-like-for-like peer of plait's ZeRO-1 optimizer: the same DDP loop with torch's
-``ZeroRedundancyOptimizer`` (each rank updates its share of the parameters, then broadcasts).
+The goal's peer is plain DDP (replicated AdamW): its like-for-like in plait is
+``parallel.zero=false`` (gradients all-reduced from the backward pass, AdamW on every rank), the
+headline ``ratio``. plait's default, ZeRO-1 (``parallel.zero=true``), runs beside it against both DDP
+(``ratio_zero1_vs_ddp``: different work, labelled so) and, at 2 and 4 processes, its own like-for-like
+peer: the same DDP loop with torch's ``ZeroRedundancyOptimizer`` (each rank updates its share of the
+parameters, then broadcasts): ``ratio_vs_ddp_zero1``.
 
 Both sides run the same config (model, global batch, micro-batch, AdamW, clipping,
 threads per worker) in the same invocation, alternating, for several rounds. A step's
@@ -10,7 +13,7 @@ time is the wall clock from the previous step's end to its own on both sides, so
 plait's hooks, metrics server and loss all-reduce count against it. A run's throughput
 is tokens per step over its median step time (steps 2..N; robust to the stalls a shared
 2-core machine has), and each side's figure is the median over rounds. At 2 and 4 processes
-plait also runs with gradient pieces of 1 and 4 MiB and with the overlap off (rounds − 1 each).
+plait (replicated) also runs with gradient pieces of 1 and 4 MiB and with the overlap off (rounds − 1 each).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ NAME = "overhead"
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 GOAL_MAX_OVERHEAD = 0.10
 PIECES_MB = (1, 4)  # gradient piece sizes measured beside the default (parallel.bucket_mb)
+REPLICATED = ("parallel.zero=false",)
 
 
 def _plait(config: Path, nproc: int, steps: int, work: Path, sets: tuple[str, ...] = ()) -> float:
@@ -62,40 +66,47 @@ def run(quick: bool = False) -> dict[str, Any]:
         config.write_text(REPO_CONFIG.read_text())
         cfg = yaml.safe_load(config.read_text())
         for nproc in nprocs:
-            plait_runs, base_runs, zero_runs = [], [], []
+            plait_runs, zero1_runs, base_runs, zero_runs = [], [], [], []
             for _ in range(rounds):
                 base_runs.append(_baseline(config, nproc, steps, work))
                 if nproc > 1:
                     zero_runs.append(_baseline(config, nproc, steps, work, zero=True))
-                plait_runs.append(_plait(config, nproc, steps, work))
+                plait_runs.append(_plait(config, nproc, steps, work, REPLICATED))
+                zero1_runs.append(_plait(config, nproc, steps, work))
             plait_tps = median(plait_runs)
+            zero1_tps = median(zero1_runs)
             ddp_tps = median(base_runs)
             ratio = plait_tps / ddp_tps
             rows.append({
                 "nproc": nproc,
-                "plait_tokens_per_s": round(plait_tps, 1),
+                "plait_tokens_per_s": round(plait_tps, 1),  # parallel.zero=false, like DDP
                 "ddp_tokens_per_s": round(ddp_tps, 1),
                 "ratio": round(ratio, 4),
                 "overhead": round(1 - ratio, 4),
                 "plait_rounds": [round(r, 1) for r in plait_runs],
                 "ddp_rounds": [round(r, 1) for r in base_runs],
+                "plait_zero1_tokens_per_s": round(zero1_tps, 1),  # the default, parallel.zero=true
+                "ratio_zero1_vs_ddp": round(zero1_tps / ddp_tps, 4),
+                "plait_zero1_rounds": [round(r, 1) for r in zero1_runs],
             })
-            print(f"overhead: nproc={nproc} plait {plait_tps:,.0f} tok/s, DDP {ddp_tps:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
-            if zero_runs:  # the like-for-like peer: DDP's all-reduce with torch's ZeRO-1 AdamW
+            print(f"overhead: nproc={nproc} plait (zero=false) {plait_tps:,.0f} tok/s, DDP {ddp_tps:,.0f} tok/s, ratio "
+                  f"{ratio:.3f}; plait ZeRO-1 {zero1_tps:,.0f} tok/s ({zero1_tps / ddp_tps:.3f} of DDP)", flush=True)
+            if zero_runs:  # ZeRO-1's like-for-like peer: DDP's all-reduce with torch's ZeRO-1 AdamW
                 zero_tps = median(zero_runs)
-                rows[-1].update({"ddp_zero1_tokens_per_s": round(zero_tps, 1), "ratio_vs_ddp_zero1": round(plait_tps / zero_tps, 4),
+                rows[-1].update({"ddp_zero1_tokens_per_s": round(zero_tps, 1),
+                                 "ratio_vs_ddp_zero1": round(zero1_tps / zero_tps, 4),
                                  "ddp_zero1_rounds": [round(r, 1) for r in zero_runs]})
-                print(f"overhead: nproc={nproc} DDP + ZeroRedundancyOptimizer {zero_tps:,.0f} tok/s, plait/it "
-                      f"{plait_tps / zero_tps:.3f}", flush=True)
+                print(f"overhead: nproc={nproc} DDP + ZeroRedundancyOptimizer {zero_tps:,.0f} tok/s, plait ZeRO-1/it "
+                      f"{zero1_tps / zero_tps:.3f}", flush=True)
             # The gradient pieces' size (parallel.bucket_mb; the rows above run the default, whole buckets of this
             # model): smaller pieces start earlier in the backward pass but each is a round of its own.
             if nproc > 1 and not quick:  # --quick: the peers only (the sweep is more plait runs of the same path)
                 sweep = {}
                 for mb in PIECES_MB:
-                    sweep[str(mb)] = [round(_plait(config, nproc, steps, work, (f"parallel.bucket_mb={mb}",)), 1)
+                    sweep[str(mb)] = [round(_plait(config, nproc, steps, work, (*REPLICATED, f"parallel.bucket_mb={mb}")), 1)
                                       for _ in range(max(1, rounds - 1))]
-                sweep["overlap_off"] = [round(_plait(config, nproc, steps, work, ("parallel.grad_overlap=false",)), 1)
-                                        for _ in range(max(1, rounds - 1))]
+                sweep["overlap_off"] = [round(_plait(config, nproc, steps, work, (*REPLICATED, "parallel.grad_overlap=false")),
+                                              1) for _ in range(max(1, rounds - 1))]
                 rows[-1]["bucket_mb_tokens_per_s"] = sweep
                 print(f"overhead: nproc={nproc} plait tok/s by bucket_mb: " + ", ".join(
                     f"{k} {median(v):,.0f}" for k, v in sweep.items()), flush=True)

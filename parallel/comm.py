@@ -153,6 +153,23 @@ def all_reduce_async(t: torch.Tensor, group: Group):
     return dist.all_reduce(t, group=group.pg, async_op=True)
 
 
+def all_reduce_ring_async(t: torch.Tensor, group: Group):
+    """Start summing the contiguous 1-D ``t`` (a multiple of the group size long) over ``group`` in place; returns
+    the handle for :func:`wait` (None: a group of one). ``t`` must not be touched until then.
+
+    Over gloo on CPU tensors the sum runs as a reduce-scatter ring then an all-gather ring on the group's own
+    thread (:func:`plait.parallel.rings.all_reduce_start`), summed in one fixed order, so every rank and every run
+    gets the same bits; elsewhere it is the backend's all-reduce. Recorded as one ``all_reduce`` of ``t``."""
+    if group.size == 1:
+        return None
+    if t.numel() % group.size:
+        raise ValueError(f"all_reduce over {group.axis}: {t.numel()} elements are not divisible by {group.size}")
+    LEDGER.record(group.axis, "all_reduce", _nbytes(t))
+    if rings.usable(group.pg, t):
+        return rings.all_reduce_start(t, group.ranks, group.rank, group.pg)
+    return dist.all_reduce(t, group=group.pg, async_op=True)
+
+
 def broadcast(t: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
     """In place from group rank ``src``; returns ``t``."""
     if group.size > 1:

@@ -138,6 +138,11 @@ class ParallelConfig:
     # Tensor parallelism: each sequence-parallel region's all-gather and reduce-scatter run as tp rings whose
     # transfers overlap the chunk-by-chunk GEMMs of its linears (plait.parallel.tp_overlap); same math.
     tp_overlap: bool = False
+    # true (ZeRO-1): optimizer state sharded over each gradient bucket's group, gradients reduce-scattered and the
+    # updated parameters all-gathered. false: every rank keeps the whole optimizer state (the model's AdamW moments,
+    # 8 bytes per parameter), gradients are all-reduced during the backward pass and nothing is gathered after
+    # the update: fewer synchronisations per step, for a model whose state fits (plait.parallel.dp).
+    zero: bool = True
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp"):
@@ -170,6 +175,11 @@ class ParallelConfig:
                               f"{self.ep_compress})", hint="set parallel.ep_compress=none, or parallel.ep_overlap=false")
         if not isinstance(self.grad_overlap, bool):
             raise ConfigError("parallel.grad_overlap", self.grad_overlap, "accepted: true or false")
+        if not isinstance(self.zero, bool):
+            raise ConfigError("parallel.zero", self.zero, "accepted: true or false")
+        if not self.zero and self.dp_mode == "co2":
+            raise ConfigError("parallel.zero", False, "CO2's outer state lives on the optimizer's ZeRO shards",
+                              hint="set parallel.zero=true with parallel.dp_mode=co2, or parallel.dp_mode=sync")
         if not isinstance(self.tp_overlap, bool):
             raise ConfigError("parallel.tp_overlap", self.tp_overlap, "accepted: true or false")
         if self.hdp_budget < 0:

@@ -32,7 +32,9 @@ the runs of the owned slice they occupy. After the backward passes of a step:
 Ledger per step and bucket of ``n`` padded elements (fp32), each rank of a group of
 size g > 1: reduce_scatter ``4·n`` bytes, all_gather ``4·n/g`` bytes; plus one
 all_reduce of 8 bytes (the squared norm, float64) over the world, which the engine's closing
-numbers (loss sums, MoE statistics, the control word) join.
+numbers (loss sums, MoE statistics, the control word) join. With replicated optimizer state
+(``zero=False``, see :class:`ShardedAdamW`): all_reduce ``4·n`` bytes per bucket instead, and no
+norm on the closing all-reduce when every bucket's group is the world.
 
 Parameters stay whole between steps (no FSDP-style parameter sharding): a later step
 can add it behind the same buckets.
@@ -76,15 +78,19 @@ class _Bucket:
     piece that is the contiguous r-th g-th of the buffer.
     """
 
-    def __init__(self, label: str, named: list[tuple[str, nn.Parameter]], group: Group, piece: int = 0):
+    def __init__(self, label: str, named: list[tuple[str, nn.Parameter]], group: Group, piece: int = 0,
+                 zero: bool = True):
         self.label = label
+        self.zero = zero
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
         self.numel = sum(p.numel() for p in self.params)
         g = group.size
-        self.padded = math.ceil(self.numel / g) * g
-        self.shard_size = self.padded // g
+        # ZeRO-1: the g ranks of the group own a g-th each; replicated: every rank owns all of it
+        self.owners, self.owner = (g, group.rank) if zero else (1, 0)
+        self.padded = math.ceil(self.numel / g) * g  # a multiple of g either way: the rings cut it in g chunks
+        self.shard_size = self.padded // self.owners
         self.offsets = []
         offset = 0
         for p in self.params:
@@ -95,7 +101,7 @@ class _Bucket:
         # piece j's part: shard[part_at[j] : part_at[j] + (hi - lo) // g]
         self.part_at = [0]
         for lo, hi in self.pieces[:-1]:
-            self.part_at.append(self.part_at[-1] + (hi - lo) // g)
+            self.part_at.append(self.part_at[-1] + (hi - lo) // self.owners)
         # which parameters overlap each piece
         self.piece_params: list[list[int]] = []
         for lo, hi in self.pieces:
@@ -107,9 +113,13 @@ class _Bucket:
                 self.param_pieces[i].append(j)
         device = self.params[0].device
         self.grad_flat = torch.zeros(self.padded, dtype=torch.float32, device=device)
-        self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
+        # replicated: the all-reduce sums the flat buffer in place, and that is the optimizer's gradient
+        self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device) if zero else self.grad_flat
         # The owned slice of the parameters, which the optimizer updates.
         self.shard = nn.Parameter(self.take_owned(self.flat_params()))
+        if not zero:  # the parameters become views of the flat copy the optimizer updates: nothing to write back
+            for p, o in zip(self.params, self.offsets):
+                p.data = self.shard.data[o : o + p.numel()].view_as(p)
         # (start, end) in the shard of each run of matrix elements, the ones weight decay applies to
         runs: list[tuple[int, int]] = []
         for flat_lo, flat_hi, at in self.owned_ranges():
@@ -154,19 +164,19 @@ class _Bucket:
 
     def owned_ranges(self) -> list[tuple[int, int, int]]:
         """(flat start, flat end, position in the shard) of each range of the flat buffer this rank owns."""
-        g, r = self.group.size, self.group.rank
+        g, r = self.owners, self.owner
         return [(lo + r * (hi - lo) // g, lo + (r + 1) * (hi - lo) // g, at)
                 for (lo, hi), at in zip(self.pieces, self.part_at)]
 
     def part(self, j: int) -> torch.Tensor:
         lo, hi = self.pieces[j]
-        return self.grad_shard[self.part_at[j]:self.part_at[j] + (hi - lo) // self.group.size]
+        return self.grad_shard[self.part_at[j]:self.part_at[j] + (hi - lo) // self.owners]
 
     def unshard(self, gathered: torch.Tensor) -> torch.Tensor:
         """The flat buffer from the all-gather of every rank's shard ([g·shard_size], group-rank order)."""
-        if len(self.pieces) == 1:  # one piece: rank r's shard is the r-th g-th, so the gather is the buffer
-            return gathered.view(-1)
-        g = self.group.size
+        if len(self.pieces) == 1 or self.owners == 1:  # one piece: rank r's shard is the r-th g-th, so the gather
+            return gathered.view(-1)  # is the buffer (replicated: the shard is the buffer)
+        g = self.owners
         rows = gathered.view(g, self.shard_size)
         flat = torch.empty(self.padded, dtype=gathered.dtype, device=gathered.device)
         for j, (lo, hi) in enumerate(self.pieces):
@@ -175,6 +185,8 @@ class _Bucket:
         return flat
 
     def write_back(self, flat: torch.Tensor) -> None:
+        if not self.zero and flat.data_ptr() == self.shard.data_ptr():
+            return  # the parameters are views of it
         with torch.no_grad():
             for p, o in zip(self.params, self.offsets):
                 p.copy_(flat[o : o + p.numel()].view_as(p))
@@ -200,13 +212,26 @@ class ShardedAdamW:
     piece only after every piece before it, so each group's collectives line up across its
     ranks. :meth:`step` starts whatever is left (a parameter with no gradient this step, or no
     :meth:`arm`) and waits for each piece before it uses its part.
+
+    **Replicated** (``zero=False``, ``parallel.zero: false``): no sharding. Each piece is all-reduced in place (a
+    reduce-scatter ring then an all-gather ring, so every rank of the group gets the same bits), every rank
+    runs AdamW over its whole buckets, and the parameters are views of the buckets' flat copies, so nothing is
+    gathered or written back after the update. The gradient norm counts each bucket's squares once per group
+    (its sum over the world divided by the group's size); when every bucket's group is the world (data
+    parallelism alone), the norm is known on every rank without a collective, and the step's closing
+    all-reduce runs during the update instead of before it. Optimizer memory is the whole model's moments
+    on every rank: the ZeRO-1 default keeps a group's share of them.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group,
                  settings: AdamWSettings, *, piece: int = 0, overlap: bool = False,
-                 replicas: tuple[int, int] | None = None):
+                 replicas: tuple[int, int] | None = None, zero: bool = True):
+        if not zero and replicas is not None:
+            raise ValueError("replicated optimizer state (zero=False) with CO2 replicas: CO2's outer state lives on the "
+                             "ZeRO shards")
         self.settings = settings
         self.world = world
+        self.zero = zero
         # replicas = (this rank's replica, replicas): the groups stay inside a data-parallel replica, which steps on
         # its own (CO2). Its gradient, summed over the replica only, is 1/replicas of its rows' mean (the loss is
         # scaled to the global batch), and it is clipped by its own norm.
@@ -227,9 +252,12 @@ class ShardedAdamW:
                 _, named = by_ranks.setdefault(groups[label].ranks, (label, []))
                 named.extend(by_label[label])
         self.buckets = [
-            _Bucket(label, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece)
+            _Bucket(label, sorted(named, key=lambda x: -position[x[0]]), groups[label], piece, zero)
             for label, named in by_ranks.values()
         ]
+        # replicated, every bucket over the whole world: every rank holds the whole reduced gradient, so its norm
+        self.local_norm = not zero and all(b.group.size == world.size for b in self.buckets)
+        self._op = "reduce_scatter" if zero else "all_reduce"
         # the order pieces start in: latest-ready last (ready when the model's earliest parameter in it is)
         earliest = [[min(position[b.names[i]] for i in members) for members in b.piece_params] for b in self.buckets]
         self.sequence = sorted(((bi, j) for bi, b in enumerate(self.buckets) for j in range(len(b.pieces))),
@@ -278,7 +306,10 @@ class ShardedAdamW:
         b = self.buckets[bi]
         b.fill(j)
         lo, hi = b.pieces[j]
-        self._works[(bi, j)] = comm.reduce_scatter_async(b.part(j), b.grad_flat[lo:hi], b.group)
+        if self.zero:
+            self._works[(bi, j)] = comm.reduce_scatter_async(b.part(j), b.grad_flat[lo:hi], b.group)
+        else:
+            self._works[(bi, j)] = comm.all_reduce_ring_async(b.grad_flat[lo:hi], b.group)
         self._next += 1
 
     def zero_grad(self) -> None:
@@ -299,8 +330,12 @@ class ShardedAdamW:
         while self._next < len(self.sequence):
             self._start(*self.sequence[self._next])
         self.zero_grad()  # every gradient is in its bucket's flat buffer now
+        closing_work = both = None
+        if self.local_norm and closing is not None:  # the norm is each rank's own: sum the rest meanwhile
+            both = closing.to(torch.float64).clone()
+            closing_work = comm.all_reduce_async(both, self.world)
         for (bi, j), work in sorted(self._works.items()):
-            comm.wait(work, self.buckets[bi].group, "reduce_scatter")
+            comm.wait(work, self.buckets[bi].group, self._op)
         self._works = {}
         self._next = 0
         sq = torch.zeros((), dtype=torch.float64)
@@ -311,15 +346,26 @@ class ShardedAdamW:
             b.shard.grad = grad
             if self.keep_grads:
                 self.last_grads[i] = grad.detach().clone()
-            sq += grad.double().pow(2).sum()
+            if self.zero:  # in float64: the shard's order depends on the pieces, float64 sums of squares hardly do
+                sq += grad.double().pow(2).sum()
+            else:
+                # The whole flat buffer, in one order whatever the pieces: summed in float32 as
+                # torch.nn.utils.clip_grad_norm_ does (converting it to float64 first took ten times as long, 4 ms
+                # for the demo model's 1.9 M elements on one core). Each of the group's g ranks holds every element
+                # of the bucket, so each counts a g-th, unless this rank's norm is the whole norm.
+                sq += torch.linalg.vector_norm(grad).double().square() / (1 if self.local_norm else b.group.size)
         # one slot per replica (one in sync mode): each replica's squared norm, on the one world all-reduce
         index, count = self.replicas or (0, 1)
-        slots = torch.zeros(count, dtype=torch.float64)
-        slots[index] = sq
-        both = slots if closing is None else torch.cat([slots, closing.to(torch.float64)])
-        comm.all_reduce(both, self.world)
-        mine = float(both[index].sqrt())
-        norm = float(both[:count].mean().sqrt())  # reported: the replicas' root mean square
+        if self.local_norm:
+            mine = norm = float(sq.sqrt())
+            count = 0
+        else:
+            slots = torch.zeros(count, dtype=torch.float64)
+            slots[index] = sq
+            both = slots if closing is None else torch.cat([slots, closing.to(torch.float64)])
+            comm.all_reduce(both, self.world)
+            mine = float(both[index].sqrt())
+            norm = float(both[:count].mean().sqrt())  # reported: the replicas' root mean square
         if max_norm > 0:
             coef = min(1.0, max_norm / (mine + 1e-6))
             for b in self.buckets:
@@ -335,9 +381,11 @@ class ShardedAdamW:
             self.outer.after_local_step()
         for b in self.buckets:
             b.shard.grad = None
-            full = b.unshard(comm.all_gather(b.shard.detach(), b.group)) if b.group.size > 1 else b.shard.detach()
-            b.write_back(full)
+            if b.zero:
+                full = b.unshard(comm.all_gather(b.shard.detach(), b.group)) if b.group.size > 1 else b.shard.detach()
+                b.write_back(full)
         self.zero_grad()
+        comm.wait(closing_work, self.world, "all_reduce")
         return norm if closing is None else (norm, both[count:])
 
     # ------------------------------------------------------------------ state in per-parameter form
@@ -345,7 +393,7 @@ class ShardedAdamW:
     def _unshard(self, shards: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for b, shard in zip(self.buckets, shards):
-            full = b.unshard(comm.all_gather(shard.detach(), b.group)) if b.group.size > 1 else shard.detach()
+            full = b.unshard(comm.all_gather(shard.detach(), b.group)) if b.owners > 1 else shard.detach()
             for name, p, o in zip(b.names, b.params, b.offsets):
                 out[name] = full[o : o + p.numel()].view_as(p).clone()
         return out

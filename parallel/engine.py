@@ -73,6 +73,7 @@ class EngineConfig:
     ep_overlap: bool = False  # the expert all-to-alls of one chunk of a layer's tokens during another's experts
     co2: Any = None  # a plait.parallel.config.CO2Config: dp replicas take local steps, averaged by CO2's outer update
     tp_overlap: bool = False  # TP regions' all-gather / reduce-scatter as rings overlapping their GEMMs
+    zero: bool = True  # ZeRO-1 optimizer state sharded over each bucket's group; false: replicated, gradients all-reduced
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class ParallelEngine:
         # pipeline); elsewhere every piece at the optimizer step.
         self.optimizer = ShardedAdamW(list(named.items()), groups, meshes.group("world"), config.adamw,
                                       piece=int(config.bucket_mb * 2**20) // 4, overlap=config.grad_overlap,
-                                      replicas=replicas)
+                                      replicas=replicas, zero=config.zero)
         self.co2 = None
         if config.co2 is not None:
             from plait.parallel.co2 import CO2
@@ -522,6 +523,8 @@ class ParallelEngine:
         }
         if self.co2 is not None:  # its optimizer shards are cut inside a replica, and it has outer state
             key["dp_mode"] = "co2"
+        if not self.config.zero:  # whole buckets' moments on every rank, not a group's share
+            key["zero"] = False
         return key
 
     def load_local_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

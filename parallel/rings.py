@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["reduce_scatter", "all_gather", "reduce_scatter_start", "RingWork", "usable"]
+__all__ = ["reduce_scatter", "all_gather", "all_reduce", "reduce_scatter_start", "all_reduce_start", "RingWork", "usable"]
 
 # Tags far above the small ones plait's other point-to-point traffic uses (pipeline sends, tp rings), and
 # far above gloo's own collective counter for any run that could fit in a lifetime.
@@ -90,6 +90,19 @@ def all_gather(out: torch.Tensor, t: torch.Tensor, ranks: tuple[int, ...], rank:
     return out
 
 
+def all_reduce(t: torch.Tensor, ranks: tuple[int, ...], rank: int, pg, tag: int = _TAG_INLINE) -> torch.Tensor:
+    """``t`` (contiguous, its first dimension a multiple of the group size) = the sum over the group, in place:
+    the reduce-scatter ring leaves this rank's chunk summed, the all-gather ring hands every chunk round, so
+    every rank ends with the same bits."""
+    g = len(ranks)
+    if g == 1:
+        return t
+    chunks = t.view(g, -1)
+    reduce_scatter(chunks[rank], t, ranks, rank, pg, tag)
+    all_gather(t, chunks[rank], ranks, rank, pg, tag + g)  # its own chunk is in place already
+    return t
+
+
 class RingWork:
     """The handle of a started ring: ``wait()`` blocks until it is done and raises what it raised."""
 
@@ -107,7 +120,7 @@ class RingWork:
     def wait(self) -> bool:
         self._done.wait()
         if self._error is not None:
-            raise RuntimeError(f"a ring reduce-scatter failed: {self._error}") from self._error
+            raise RuntimeError(f"a ring collective failed: {self._error}") from self._error
         return True
 
 
@@ -133,13 +146,23 @@ _lanes: dict[int, _Lane] = {}
 _lanes_lock = threading.Lock()
 
 
-def reduce_scatter_start(out: torch.Tensor, t: torch.Tensor, ranks: tuple[int, ...], rank: int, pg) -> RingWork:
-    """:func:`reduce_scatter` on the group's own thread; ``out`` and ``t`` must not be touched until the
-    handle's ``wait()`` returns."""
+def _enqueue(pg, job: Callable[[], object]) -> RingWork:
     with _lanes_lock:
         lane = _lanes.get(id(pg))
         if lane is None:
             lane = _lanes[id(pg)] = _Lane()
     work = RingWork()
-    lane.jobs.put((lambda: reduce_scatter(out, t, ranks, rank, pg, _TAG_LANE), work))
+    lane.jobs.put((job, work))
     return work
+
+
+def reduce_scatter_start(out: torch.Tensor, t: torch.Tensor, ranks: tuple[int, ...], rank: int, pg) -> RingWork:
+    """:func:`reduce_scatter` on the group's own thread; ``out`` and ``t`` must not be touched until the
+    handle's ``wait()`` returns."""
+    return _enqueue(pg, lambda: reduce_scatter(out, t, ranks, rank, pg, _TAG_LANE))
+
+
+def all_reduce_start(t: torch.Tensor, ranks: tuple[int, ...], rank: int, pg) -> RingWork:
+    """:func:`all_reduce` on the group's own thread; ``t`` must not be touched until the handle's ``wait()``
+    returns."""
+    return _enqueue(pg, lambda: all_reduce(t, ranks, rank, pg, _TAG_LANE))

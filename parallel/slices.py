@@ -19,7 +19,8 @@ chunks its local state is made of, with no collective and no copy:
 One writer per chunk: a parameter's local box is the same on every rank of its gradient
 reduction group (the replicas), so the group's rank 0 writes it; the optimizer ranges are
 disjoint by construction (every element is owned by exactly one rank), so each rank
-writes all of its own; global rank 0 writes the step.
+writes all of its own; with replicated optimizer state (``parallel.zero: false``) every rank of
+a group owns the whole bucket, and the group's rank 0 writes it; global rank 0 writes the step.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def local_slices(engine: ParallelEngine) -> list[Slice]:
     # Under CO2 each replica owns every range once (its groups stay inside it): replica 0 writes the moments.
     moment_writer = engine.optimizer.replicas is None or engine.optimizer.replicas[0] == 0
     for i, bucket in enumerate(engine.optimizer.buckets):
+        # replicated optimizer state (parallel.zero=false): every rank of the group holds it all; its first writes it
+        writer = moment_writer and (bucket.zero or bucket.group.rank == 0)
         for lo, hi, shard_at in bucket.owned_ranges():  # the rank's part of each piece of the flat buffer
             for name, p, at in zip(bucket.names, bucket.params, bucket.offsets):
                 a, b = max(lo, at), min(hi, at + p.numel())
@@ -131,7 +134,7 @@ def local_slices(engine: ParallelEngine) -> list[Slice]:
                     global_offsets = tuple(o + g for o, g in zip(box_offsets, base))
                     for moment in MOMENTS:
                         out.append(Slice(f"optim.{i}.{moment}", shard_at + at + start - lo, optim_name(moment, name),
-                                         shape, global_offsets, sizes, moment_writer))
+                                         shape, global_offsets, sizes, writer))
     if engine.optimizer.buckets:
         out.append(Slice("optim.0.step", 0, OPTIM_STEP, (), (), (), engine.meshes.rank == 0))
     return out

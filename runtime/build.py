@@ -38,6 +38,7 @@ def engine_config(config: JobConfig) -> EngineConfig:
         co2=p.co2 if p.dp_mode == "co2" else None,
         ep_overlap=p.ep_overlap,
         tp_overlap=p.tp_overlap,
+        zero=p.zero,
     )
 
 

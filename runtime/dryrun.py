@@ -23,7 +23,7 @@ def dry_run_report(config: JobConfig) -> str:
     layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep,
                     etp=dims.etp, vpp=p.vpp)
     per_pp = rank_memory(spec, layout, global_batch=t.global_batch, micro_batch=t.micro_batch,
-                         stage_layers=p.pp_layers, act_bytes=2 if t.dtype == "bfloat16" else 4)
+                         stage_layers=p.pp_layers, act_bytes=2 if t.dtype == "bfloat16" else 4, zero=p.zero)
     memory = max(per_pp, key=lambda m: m.peak)
     tokens = t.global_batch * spec.seq_len
     lines = [
@@ -41,7 +41,8 @@ def dry_run_report(config: JobConfig) -> str:
         + (f" ({params.experts:,} in experts)" if spec.is_moe else ""),
         f"train FLOPs:      {train_flops_per_token(spec):,.0f} per token",
         f"memory per rank:  {_gib(memory.peak)} at most (pp rank {memory.pp_rank}: params {_gib(memory.params)}, "
-        f"grads {_gib(memory.grads)}, AdamW shard {_gib(memory.optimizer)}, activations {_gib(memory.activations)} "
+        f"grads {_gib(memory.grads)}, AdamW {'shard' if p.zero else 'state (replicated)'} "
+        f"{_gib(memory.optimizer)}, activations {_gib(memory.activations)} "
         f"for {memory.in_flight:g} micro-batch(es) in flight, accumulated grads {_gib(memory.accumulated)}, "
         f"step buffers {_gib(memory.buffers)}); "
         f"tensors only: allocator slack not counted",
@@ -52,9 +53,10 @@ def dry_run_report(config: JobConfig) -> str:
     if snap.enabled:
         nnodes, per_node = config.launch.nnodes, config.launch.nproc_per_node
         # A rank's blob: its parameters (split by pp and tp; whole on every dp rank) plus its
-        # 1/dp share of AdamW's two moments (ZeRO-1), fp32. Experts split by ep are ignored: an upper bound.
+        # 1/dp share of AdamW's two moments (ZeRO-1; all of them with parallel.zero=false), fp32. Experts split by
+        # ep are ignored: an upper bound.
         local = params.total // (dims.pp * dims.tp)
-        blob = 4 * local + 8 * local // dims.dp
+        blob = 4 * local + 8 * local // (dims.dp if p.zero else 1)
         node_bytes = blob * per_node
         k, m = snap.code(nnodes)
         coded = m > 0

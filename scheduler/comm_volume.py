@@ -24,7 +24,8 @@ S = W / pp ranks per pipeline stage.
 * **data parallel** (:mod:`plait.parallel.dp`): one bucket per distinct group (labels whose
   groups hold the same ranks share one); each bucket of ``b`` parameters, padded
   to a multiple of its group size g, is reduce-scattered (``⌈b/g⌉·g``) and all-gathered
-  (``⌈b/g⌉``) on each of its g ranks; the squared gradient norm (8 bytes), the step's
+  (``⌈b/g⌉``) on each of its g ranks (with ``parallel.zero: false`` all-reduced, ``⌈b/g⌉·g``, instead);
+  the squared gradient norm (8 bytes; none when every bucket spans the world then), the step's
   loss sums (16 bytes) and, for MoE, every layer's routing statistics (float64 [E + 2]) are
   all-reduced over the world, in one call.
 """
@@ -175,22 +176,32 @@ def layer_ops(spec: ModelSpec, lay: Layout, n: int, *, tp_overlap: bool = False,
     return ops
 
 
-def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]]) -> list[Op]:
-    """Each data-parallel bucket's reduce-scatter (padded to a multiple of its group) and all-gather, per rank."""
+def bucket_ops(lay: Layout, buckets: list[tuple[str, int, int]], zero: bool = True) -> list[Op]:
+    """Each data-parallel bucket's reduce-scatter (padded to a multiple of its group) and all-gather, per rank;
+    ``zero=False`` (replicated optimizer state): its all-reduce instead."""
     ops = []
     for label, size, g in buckets:
         if g > 1:
             padded = math.ceil(size / g) * g
             stride = BUCKET_STRIDES[label](lay)
-            ops += [Op(label, "reduce_scatter", g, stride, padded * FP32),
-                    Op(label, "all_gather", g, stride, padded // g * FP32)]
+            if zero:
+                ops += [Op(label, "reduce_scatter", g, stride, padded * FP32),
+                        Op(label, "all_gather", g, stride, padded // g * FP32)]
+            else:
+                ops.append(Op(label, "all_reduce", g, stride, padded * FP32))
     return ops
+
+
+def norm_is_local(lay: Layout, buckets: list[list[tuple[str, int, int]]], zero: bool = True) -> bool:
+    """Replicated optimizer state with every bucket's group the whole world: each rank holds the whole reduced
+    gradient, so its norm needs no all-reduce (:class:`plait.parallel.dp.ShardedAdamW`)."""
+    return not zero and all(g == lay.world for rank in buckets for _, _, g in rank)
 
 
 def step_volume(
     spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int, stage_layers: list[int] | None = None,
     centroids: int | None = None, precision_modules: int = 0, control: bool = False, tp_overlap: bool = False,
-    ep_overlap: bool = False,
+    ep_overlap: bool = False, zero: bool = True,
 ) -> dict[str, dict[str, int]]:
     """``{axis: {op: bytes}}`` one training step records over all ranks (the ledger's ``last_step`` bytes).
 
@@ -207,6 +218,9 @@ def step_volume(
     word rides on the step's closing all-reduce, 8 bytes per rank.
 
     ``tp_overlap``, ``ep_overlap``: ``parallel.tp_overlap`` / ``parallel.ep_overlap`` are on (see :func:`layer_ops`).
+
+    ``zero``: ``parallel.zero``; false: each bucket is all-reduced (``⌈b/g⌉·g``) instead, and when every bucket's
+    group is the world the closing all-reduce carries no squared norm (:func:`norm_is_local`).
     """
     d = spec.dim
     T = spec.seq_len
@@ -220,8 +234,9 @@ def step_volume(
         vol[(op.axis, op.op)] += S * spec.layers * A * op.nbytes * op.calls
     if stages > 1:
         vol[("pp", "send")] += 2 * (stages - 1) * S * A * n * d * FP32
-    for p, buckets in enumerate(rank_buckets(spec, lay, counts)):
-        for op in bucket_ops(lay, buckets):
+    per_rank = rank_buckets(spec, lay, counts)
+    for p, buckets in enumerate(per_rank):
+        for op in bucket_ops(lay, buckets, zero):
             vol[(op.axis, op.op)] += S * op.nbytes * op.calls
     if centroids is not None and spec.is_moe:
         copies = S * spec.layers * A * n * spec.top_k
@@ -231,7 +246,8 @@ def step_volume(
             vol[("etp", "all_to_all")] += 4 * lay.etp * (centroids - copies) * d * FP32
     if lay.world > 1:
         moe_stats = 8 * spec.layers * (spec.experts + 2) if spec.is_moe else 0
-        vol[("world", "all_reduce")] += lay.world * (8 + 16 + (56 * spec.layers if centroids is not None else 0)
+        norm = 0 if norm_is_local(lay, per_rank, zero) else 8
+        vol[("world", "all_reduce")] += lay.world * (norm + 16 + (56 * spec.layers if centroids is not None else 0)
                                                      + 72 * precision_modules + (8 if control else 0) + moe_stats)
     out: dict[str, dict[str, int]] = {}
     for (axis, op), b in sorted(vol.items()):

@@ -7,7 +7,9 @@ The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`
   pipeline stage, the head on the last);
 * **optimizer**: per data-parallel bucket, the owned fp32 slice of the parameters,
   AdamW's two moments and the reduce-scattered gradient of that slice, ``4 · ⌈b/g⌉``
-  elements (ZeRO-1: state sharded over the bucket's group g);
+  elements (ZeRO-1: state sharded over the bucket's group g); with replicated state
+  (``parallel.zero: false``) the two moments of every parameter, ``2 · b``: the parameters
+  are views of the flat copy AdamW updates, and the all-reduced gradient is the flat buffer;
 * **accumulated**: the parameters' own ``.grad`` tensors, alive beside the flat gradient
   buffers from a step's first backward pass until its gradients are copied into them, so
   at the fullest moment only when an earlier micro-batch's backward pass came before it
@@ -20,7 +22,7 @@ The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`
   pipeline, each in-flight micro-batch's output and the gradient received for one;
 * **buffers**: during the optimizer step, the larger of the ``.grad`` tensors (alive until
   every piece is filled) plus the reduce-scatter's ring chunks, and the largest bucket's
-  all-gathered parameters on the way back.
+  all-gathered parameters on the way back (none when replicated: the all-reduce is in place).
 
 Activations per token and layer, in elements, were read off autograd's saved tensors of
 plait's own blocks (``tests/test_plan_memory.py`` holds the formula to them exactly on one
@@ -116,8 +118,10 @@ def in_flight(pp: int, vpp: int, micros: int, pp_rank: int) -> float:
 
 
 def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch: int,
-                stage_layers: list[int] | None = None, act_bytes: int = FP32, peak_only: bool = False) -> list[RankMemory]:
-    """:class:`RankMemory` of every pp rank; ``peak_only``: only ranks that could hold the peak.
+                stage_layers: list[int] | None = None, act_bytes: int = FP32, peak_only: bool = False,
+                zero: bool = True) -> list[RankMemory]:
+    """:class:`RankMemory` of every pp rank; ``peak_only``: only ranks that could hold the peak; ``zero``:
+    ``parallel.zero`` (false: replicated optimizer state).
 
     A rank's memory depends on its layer count, whether it holds the embedding or the head, and
     its micro-batches in flight, which never grow with the pp rank: of ranks alike in the first
@@ -152,10 +156,10 @@ def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch:
             pp_rank=p,
             params=params * FP32,
             grads=params * FP32,
-            optimizer=4 * shards * FP32,
+            optimizer=(4 * shards if zero else 2 * params) * FP32,
             activations=int(stage_elems * flight * act_bytes) + loss_grads + outputs,
             accumulated=params * FP32 if micros > flight else 0,
-            buffers=max(params + 2 * -(-largest // max(1, lay.world)), largest) * FP32,
+            buffers=max(params + 2 * -(-largest // max(1, lay.world)), largest if zero else 0) * FP32,
             in_flight=flight,
         ))
     return out

@@ -60,6 +60,7 @@ def test_dump_round_trips(tmp_path):
         ("parallel.dp=3", "parallel.dp", "world size"),
         ("metrics.port=70000", "metrics.port", "1..65535"),
         ("train=3", "train", "mapping"),
+        ("parallel.zero=maybe", "parallel.zero", "true or false"),
     ],
 )
 def test_bad_values_name_the_key(override, key, fragment):
@@ -69,6 +70,12 @@ def test_bad_values_name_the_key(override, key, fragment):
     assert f"'{key}'" in message
     assert fragment in message
     assert "\n" not in message
+
+
+def test_replicated_optimizer_state_excludes_co2():
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["parallel.zero=false", "parallel.dp_mode=co2"])
+    assert "'parallel.zero'" in str(info.value) and "parallel.dp_mode=sync" in str(info.value)
 
 
 def test_malformed_override_and_missing_file(tmp_path):

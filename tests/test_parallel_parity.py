@@ -68,14 +68,16 @@ def check(kind: str, world: int, sizes: dict, micro: int = MICRO, extra: dict | 
     ref = reference(kind, micro)
     ranks = run_distributed(run_layout, world=world, args=(kind, sizes, micro, STEPS, extra, bug), timeout=600)
     got = ranks[0]
-    check_ledger(kind, world, sizes, micro, [r["ledger"] for r in ranks], tp_overlap=bool((extra or {}).get("tp_overlap")))
+    check_ledger(kind, world, sizes, micro, [r["ledger"] for r in ranks], tp_overlap=bool((extra or {}).get("tp_overlap")),
+                 zero=(extra or {}).get("zero", True))
     report = Report()
     compare_replay(got, got["replay"], train_config(STEPS, micro), report, TOKENS)
     compare_free_running(got, ref, report)
     return report
 
 
-def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[dict], tp_overlap: bool = False) -> None:
+def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[dict], tp_overlap: bool = False,
+                 zero: bool = True) -> None:
     """The first step's collectives, summed over ranks, are exactly the closed-form volumes."""
     sizes = dict(sizes)
     vpp = sizes.pop("vpp", 1)
@@ -85,7 +87,7 @@ def check_ledger(kind: str, world: int, sizes: dict, micro: int, ledgers: list[d
     layout = Layout(world=world, pp=dims.pp, dp=dims.dp, cp=dims.cp, tp=dims.tp, edp=dims.edp, ep=dims.ep, etp=dims.etp, vpp=vpp)
     spec = model_spec(ModelConfig(kind=kind, **MODEL))
     expected = step_volume(spec, layout, global_batch=GLOBAL_BATCH, micro_batch=micro, stage_layers=layers,
-                           tp_overlap=tp_overlap)
+                           tp_overlap=tp_overlap, zero=zero)
     measured = {axis: {op: v["bytes"] for op, v in ops.items()} for axis, ops in merge_snapshots(ledgers).items()}
     assert measured == expected
 
@@ -110,21 +112,33 @@ MATRIX = [
     (8, dict(pp=2, tp=2, cp=2, ep=4), ("moe",)),  # folded: pp2 × (attention tp2×cp2 / experts ep4)
 ]
 FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("gpt", "tp2-overlap"),
-        ("moe", "tp4-overlap")}
+        ("moe", "tp4-overlap"), ("moe", "dp2-replicated"), ("moe", "tp2-dp2-ep4-replicated")}
 # Every layout with tp > 1 runs a second time with parallel.tp_overlap (the rings of plait.parallel.tp_overlap).
 OVERLAP = {"tp_overlap": True}
+# These layouts run again with replicated optimizer state (parallel.zero=false: gradients all-reduced); at dp 2 alone
+# every bucket spans the world, so the norm is each rank's own.
+REPLICATED = {"zero": False}
+REPLICATED_LAYOUTS = ("dp2", "pp2-dp2", "tp2-dp2-ep4")
+
+
+def _sizes_name(sizes: dict) -> str:
+    return "-".join(f"{k}{v}" if not isinstance(v, list) else f"{k}{''.join(map(str, v))}" for k, v in sizes.items())
 
 
 def _name(sizes: dict, extra: dict | None = None) -> str:
-    name = "-".join(f"{k}{v}" if not isinstance(v, list) else f"{k}{''.join(map(str, v))}" for k, v in sizes.items())
-    return name + ("-overlap" if extra else "")
+    return _sizes_name(sizes) + ("-overlap" if extra == OVERLAP else "-replicated" if extra == REPLICATED else "")
+
+
+def _extras(sizes: dict) -> tuple:
+    return ((None,) + ((OVERLAP,) if sizes.get("tp", 1) > 1 else ())
+            + ((REPLICATED,) if _sizes_name(sizes) in REPLICATED_LAYOUTS else ()))
 
 
 CASES = [
     pytest.param(kind, world, sizes, extra, id=f"{kind}-{_name(sizes, extra)}",
                  marks=() if (kind, _name(sizes, extra)) in FAST else pytest.mark.slow)
     for world, sizes, kinds in MATRIX
-    for extra in ((None, OVERLAP) if sizes.get("tp", 1) > 1 else (None,))
+    for extra in _extras(sizes)
     for kind in kinds
 ]
 

@@ -1,6 +1,7 @@
 """plait.parallel.rings on real gloo ranks: the reduce-scatter is the sum in its documented order (and within
-float rounding of an fp64 sum), the all-gather is exact, the started form equals the blocking one, runs
-while the caller goes on, and a subgroup's ring stays inside it."""
+float rounding of an fp64 sum), the all-gather is exact, the all-reduce is the two of them in place (the same
+bits on every rank), the started forms equal the blocking ones, run while the caller goes on, and a
+subgroup's ring stays inside it."""
 
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ def _body(rank: int, world: int, m: int) -> dict:
     gathered = torch.empty(world * m)
     rings.all_gather(gathered, out, ranks, rank, dist.group.WORLD)
     work.wait()
+    whole = xs[rank].clone()
+    rings.all_reduce(whole, ranks, rank, dist.group.WORLD)
+    whole_started = xs[rank].clone()
+    rings.all_reduce_start(whole_started, ranks, rank, dist.group.WORLD).wait()
     return {
+        "all_reduce": torch.equal(whole, torch.cat([_ordered_sum(xs, r, m) for r in range(world)])),
+        "all_reduce_started": torch.equal(whole_started, whole),
         "input_untouched": torch.equal(x, xs[rank]),
         "ordered": torch.equal(out, _ordered_sum(xs, rank, m)),
         "fp64_err": float((out.double() - sum(v.double() for v in xs).view(world, m)[rank]).abs().max()),
@@ -56,6 +63,7 @@ def test_reduce_scatter_and_all_gather_at_2_3_and_4_ranks():
     for world in (2, 3, 4):
         for result in run_distributed(_body, world=world, args=(1000,), timeout=120):
             assert result["input_untouched"] and result["ordered"] and result["started_equal"] and result["gathered"]
+            assert result["all_reduce"] and result["all_reduce_started"]
             # g − 1 fp32 additions: each rounds by ≤ 2⁻²⁴ of the running magnitude, at most the sum of |x|
             assert result["fp64_err"] <= (world - 1) * 2.0 ** -24 * result["scale"]
 
@@ -73,7 +81,9 @@ def _comm_body(rank: int, world: int) -> dict:
     flat = torch.arange(6.0) * (rank + 1)
     part = torch.empty(3)
     comm.wait(comm.reduce_scatter_async(part, flat, group), group, "reduce_scatter")
-    return {"rs": rs.tolist(), "ag": ag.tolist(), "part": part.tolist()}
+    summed = torch.arange(6.0) * (rank + 1)
+    comm.wait(comm.all_reduce_ring_async(summed, group), group, "all_reduce")
+    return {"rs": rs.tolist(), "ag": ag.tolist(), "part": part.tolist(), "summed": summed.tolist()}
 
 
 def test_comm_uses_the_rings_over_a_subgroup():
@@ -85,6 +95,7 @@ def test_comm_uses_the_rings_over_a_subgroup():
         assert result["rs"] == both[:, 2 * i:2 * i + 2].tolist()
         assert result["ag"] == both.tolist()
         assert result["part"] == (torch.arange(6.0) * (a + 1 + b + 1)).view(2, 3)[i].tolist()
+        assert result["summed"] == (torch.arange(6.0) * (a + 1 + b + 1)).tolist()
 
 
 def _failing_body(rank: int, world: int) -> str:
@@ -105,4 +116,4 @@ def _failing_body(rank: int, world: int) -> str:
 def test_a_started_ring_whose_peer_is_gone_raises_at_wait():
     results = run_distributed(_failing_body, world=2, timeout=120)
     assert results[1] == "absent"
-    assert results[0].startswith("raised: a ring reduce-scatter failed")
+    assert results[0].startswith("raised: a ring collective failed")
