@@ -117,9 +117,13 @@ class _Bucket:
         self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=device) if zero else self.grad_flat
         # The owned slice of the parameters, which the optimizer updates.
         self.shard = nn.Parameter(self.take_owned(self.flat_params()))
+        self.grad_views: list[torch.Tensor] = []
         if not zero:  # the parameters become views of the flat copy the optimizer updates: nothing to write back
             for p, o in zip(self.params, self.offsets):
                 p.data = self.shard.data[o : o + p.numel()].view_as(p)
+            # and their gradients views of the flat gradient buffer: the backward passes accumulate into it in place
+            self.grad_views = [self.grad_flat[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets)]
+            self.attach_grads()
         # (start, end) in the shard of each run of matrix elements, the ones weight decay applies to
         runs: list[tuple[int, int]] = []
         for flat_lo, flat_hi, at in self.owned_ranges():
@@ -153,8 +157,15 @@ class _Bucket:
             a, b = max(lo, o), min(hi, o + p.numel())
             if p.grad is None:
                 self.grad_flat[a:b].zero_()
-            else:
+            elif not self.grad_views or p.grad.data_ptr() != self.grad_views[i].data_ptr():
                 self.grad_flat[a:b].copy_(p.grad.reshape(-1)[a - o:b - o])
+            # else: the gradient is its view of the buffer, already in place
+
+    def attach_grads(self) -> None:
+        """Replicated: zero the flat gradient buffer and make every parameter's ``.grad`` its view of it."""
+        self.grad_flat.zero_()
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = view
 
     def decay(self, factor: float) -> None:
         """Decoupled weight decay of the owned matrix elements: multiply them by ``factor`` (1 − lr·wd)."""
@@ -220,7 +231,9 @@ class ShardedAdamW:
     (its sum over the world divided by the group's size); when every bucket's group is the world (data
     parallelism alone), the norm is known on every rank without a collective, and the step's closing
     all-reduce runs during the update instead of before it. Optimizer memory is the whole model's moments
-    on every rank: the ZeRO-1 default keeps a group's share of them.
+    on every rank: the ZeRO-1 default keeps a group's share of them. The parameters' ``.grad`` are views of the
+    flat gradient buffer too (as DDP's ``gradient_as_bucket_view``), so the backward passes accumulate in place
+    and no gradient is copied or allocated per step.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group,
@@ -385,6 +398,9 @@ class ShardedAdamW:
                 full = b.unshard(comm.all_gather(b.shard.detach(), b.group)) if b.group.size > 1 else b.shard.detach()
                 b.write_back(full)
         self.zero_grad()
+        for b in self.buckets:
+            if not b.zero:  # the next step's backward passes accumulate into the zeroed buffer
+                b.attach_grads()
         comm.wait(closing_work, self.world, "all_reduce")
         return norm if closing is None else (norm, both[count:])
 

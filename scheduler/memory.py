@@ -13,7 +13,8 @@ The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`
 * **accumulated**: the parameters' own ``.grad`` tensors, alive beside the flat gradient
   buffers from a step's first backward pass until its gradients are copied into them, so
   at the fullest moment only when an earlier micro-batch's backward pass came before it
-  (more micro-batches than the rank keeps in flight);
+  (more micro-batches than the rank keeps in flight); none with replicated state, whose
+  ``.grad`` tensors are views of the flat buffers;
 * **activations**: what autograd saves for backward, per token and layer, times the
   micro-batches a rank keeps in flight under its pipeline schedule (1 without a
   pipeline; ``pp − r`` on pp rank r under 1F1B; the interleaved schedule's warm-up + 1
@@ -22,7 +23,8 @@ The terms follow the runtime (:mod:`plait.parallel.dp`, :mod:`plait.parallel.pp`
   pipeline, each in-flight micro-batch's output and the gradient received for one;
 * **buffers**: during the optimizer step, the larger of the ``.grad`` tensors (alive until
   every piece is filled) plus the reduce-scatter's ring chunks, and the largest bucket's
-  all-gathered parameters on the way back (none when replicated: the all-reduce is in place).
+  all-gathered parameters on the way back (replicated: only the ring chunks; the all-reduce is
+  in place and the ``.grad`` tensors are the flat buffers).
 
 Activations per token and layer, in elements, were read off autograd's saved tensors of
 plait's own blocks (``tests/test_plan_memory.py`` holds the formula to them exactly on one
@@ -158,8 +160,10 @@ def rank_memory(spec: ModelSpec, lay: Layout, *, global_batch: int, micro_batch:
             grads=params * FP32,
             optimizer=(4 * shards if zero else 2 * params) * FP32,
             activations=int(stage_elems * flight * act_bytes) + loss_grads + outputs,
-            accumulated=params * FP32 if micros > flight else 0,
-            buffers=max(params + 2 * -(-largest // max(1, lay.world)), largest if zero else 0) * FP32,
+            # replicated: the .grad tensors are views of the flat buffers, so neither term holds them
+            accumulated=params * FP32 if micros > flight and zero else 0,
+            buffers=(max(params + 2 * -(-largest // max(1, lay.world)), largest) if zero
+                     else 2 * -(-largest // max(1, lay.world))) * FP32,
             in_flight=flight,
         ))
     return out

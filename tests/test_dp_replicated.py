@@ -4,8 +4,9 @@ The planner's memory model (:func:`plait.scheduler.memory.rank_memory`) says wha
 steps: parameters, gradient buffers and optimizer state. Here the live storages of a real ``ShardedAdamW`` after a
 step, counted once each (a view shares its base's storage), are held to it for both modes on 2 ranks of the demo
 model's shape: ZeRO-1 keeps a shard, two moments and a reduce-scattered gradient per bucket (4·⌈b/g⌉), replicated
-state keeps the two moments of everything (2·b), its parameters being views of the flat copy AdamW updates. Only
-padding to a multiple of the group may add to the model's figure.
+state keeps the two moments of everything (2·b), its parameters being views of the flat copy AdamW updates and
+their ``.grad`` views of the flat gradient buffer. Only padding to a multiple of the group may add to the
+model's figure.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def live_bytes(rank: int, world: int, zero: bool) -> dict:
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
     opt.step(1e-3, 1.0)
     storages: dict[int, int] = {}
-    tensors = [p for p in model.parameters()]
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
     for b in opt.buckets:
         tensors += [b.shard, b.grad_flat, b.grad_shard]
         tensors += [v for v in opt.optimizer.state[b.shard].values() if v.numel() > 1]
