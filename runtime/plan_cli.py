@@ -84,7 +84,7 @@ def request_for(config, cluster: ClusterSpec, *, efficiency: float = 0.5) -> Pla
     overhead = 5e-6 if cluster.name != "this-machine" or _has_cuda() else 20e-6
     return PlanRequest(spec=model_spec(config.model), cluster=cluster, global_batch=config.train.global_batch,
                        act_bytes=2 if config.train.dtype == "bfloat16" else 4, efficiency=efficiency,
-                       op_overhead_s=overhead)
+                       op_overhead_s=overhead, zero=config.parallel.zero)
 
 
 def _has_cuda() -> bool:
@@ -170,8 +170,10 @@ def megatron_args(result: PlanResult, config) -> str:
         "--untie-embeddings-and-output-weights",
         f"--micro-batch-size {best.micro_batch}", f"--global-batch-size {req.global_batch}",
         f"--tensor-model-parallel-size {lay.tp}", f"--pipeline-model-parallel-size {lay.pp}",
-        f"--context-parallel-size {lay.cp}", "--use-distributed-optimizer",
+        f"--context-parallel-size {lay.cp}",
     ]
+    if req.zero:  # ZeRO-1's sharded optimizer state is Megatron's distributed optimizer
+        args.append("--use-distributed-optimizer")
     if lay.tp > 1:
         args.append("--sequence-parallel")
     if lay.vpp > 1:
@@ -218,7 +220,7 @@ def as_json(result: PlanResult, top: int) -> dict:
             "stage_layers": c.stage_layers, "placement": c.placed.strategy, "nodes": list(c.placed.nodes),
             "memory": [m.as_dict() for m in rank_memory(req.spec, c.layout, global_batch=req.global_batch,
                                                         micro_batch=c.micro_batch, stage_layers=c.stage_layers,
-                                                        act_bytes=req.act_bytes)],
+                                                        act_bytes=req.act_bytes, zero=req.zero)],
             "peak_bytes": c.peak_bytes,
             "step_s": c.time.total, "compute_s": c.time.compute, "data_parallel_s": c.time.data_parallel,
             "bubble": c.time.bubble, "by_axis_s": c.time.by_axis, "link_bytes": c.time.link_bytes,

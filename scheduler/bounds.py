@@ -61,6 +61,7 @@ class Bounds:
         self._ops: dict[tuple, list] = {}
         self._dp: dict[Layout, float] = {}
         self._bucket_seconds: dict[tuple, float] = {}
+        self.zero = getattr(req, "zero", True)  # parallel.zero: the buckets' collectives the runtime will issue
         self._ranks: dict[tuple[int, int], list[tuple[int, bool, bool, int]]] = {}
 
     @property
@@ -116,7 +117,7 @@ class Bounds:
         if found is None:
             found = self._bucket_seconds[key] = sum(
                 self._op(which, stage, lay, op.size, op.stride, op.op, op.nbytes) * op.calls
-                for op in bucket_ops(lay, list(buckets)))
+                for op in bucket_ops(lay, list(buckets), self.zero))
         return found
 
     def _held(self, pp: int, vpp: int) -> list[tuple[int, bool, bool, int]]:

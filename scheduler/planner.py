@@ -58,6 +58,7 @@ class PlanRequest:
     transport: Transport = field(default_factory=Transport)
     headroom: float = 0.1  # memory kept free for allocator slack and temporaries
     max_vpp: int = 2
+    zero: bool = True  # parallel.zero: ZeRO-1 optimizer state (false: replicated, gradients all-reduced)
 
 
 @dataclass
@@ -216,11 +217,11 @@ def evaluate(req: PlanRequest, lay: Layout, mb: int, *, placement: str = "auto",
     counts = placed.stage_layers
     if memory is None or counts is not None:
         memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, stage_layers=counts,
-                             act_bytes=req.act_bytes, peak_only=True)
+                             act_bytes=req.act_bytes, peak_only=True, zero=req.zero)
     limit = limit or memory_limit(req)
     fits = max(m.peak for m in memory) <= limit
     timing = step_time(req.spec, lay, placed.topology, rates, global_batch=req.global_batch, micro_batch=mb,
-                       stage_layers=counts, transport=req.transport)
+                       stage_layers=counts, transport=req.transport, zero=req.zero)
     return Candidate(layout=lay, micro_batch=mb, stage_layers=counts, placed=placed, memory=memory, time=timing,
                      fits=fits, memory_limit=int(limit))
 
@@ -288,7 +289,7 @@ def _cost(req: PlanRequest, lay: Layout, mb: int, rates, limit: int, placement: 
     if too_big is not None and too_big.get(family, mb + 1) <= mb:
         return None
     memory = rank_memory(req.spec, lay, global_batch=req.global_batch, micro_batch=mb, act_bytes=req.act_bytes,
-                         peak_only=True)
+                         peak_only=True, zero=req.zero)
     if max(m.peak for m in memory) > limit * 1.05:
         if too_big is not None:
             too_big[family] = min(mb, too_big.get(family, mb))
@@ -328,7 +329,7 @@ def mfu(req: PlanRequest, cand: Candidate) -> float:
 def ledger_bytes(req: PlanRequest, cand: Candidate) -> dict[str, dict[str, int]]:
     """The ledger's expected bytes for this plan (the same closed form the parity tests hold to the ledger)."""
     return step_volume(req.spec, cand.layout, global_batch=req.global_batch, micro_batch=cand.micro_batch,
-                       stage_layers=cand.stage_layers)
+                       stage_layers=cand.stage_layers, zero=req.zero)
 
 
 def default_stage_layers(spec: ModelSpec, lay: Layout) -> list[int]:

@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from plait.scheduler.comm_volume import Layout, Op, bucket_ops, buckets_of, layer_ops, rank_layers, uniform_stage_layers
+from plait.scheduler.comm_volume import (Layout, Op, bucket_ops, buckets_of, layer_ops, norm_is_local, rank_buckets,
+                                         rank_layers, uniform_stage_layers)
 from plait.scheduler.spec import ModelSpec
 
 FP32 = 4
@@ -361,8 +362,9 @@ OPS_PER_LAYER = 40  # forward operations per block (norms, projections, rotary, 
 
 def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, DeviceRate], *, global_batch: int,
               micro_batch: int, stage_layers: list[int] | None = None,
-              transport: Transport | None = None) -> StepTime:
-    """Predicted :class:`StepTime` of one training step."""
+              transport: Transport | None = None, zero: bool = True) -> StepTime:
+    """Predicted :class:`StepTime` of one training step (``zero``: ``parallel.zero``; false: the buckets are
+    all-reduced instead of reduce-scattered and all-gathered)."""
     transport = transport or Transport()
     costs = _Costs(topo, lay, transport)
     pp, stages = lay.pp, lay.pp * lay.vpp
@@ -435,9 +437,9 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         max_comm = max(max_comm, seconds)
         # Data parallel: every bucket's reduce-scatter and all-gather, all pp ranks at once.
         buckets = tuple(buckets_of(spec, lay, layers, first, last))
-        key = ("dp", st, buckets, costs.stage, lay.tp, lay.ep * lay.etp, tkey)
+        key = ("dp", st, buckets, costs.stage, lay.tp, lay.ep * lay.etp, tkey, zero)
         if key not in per_dp:
-            per_dp[key] = measured(lambda p=p, buckets=buckets: dp_seconds(costs, p, buckets))
+            per_dp[key] = measured(lambda p=p, buckets=buckets: dp_seconds(costs, p, buckets, zero))
         data_parallel = max(data_parallel, per_dp[key][0])
         for link, sec in per_dp[key][2].items():  # stages reduce at once: their uplink seconds add up
             if link.startswith("uplink"):
@@ -456,7 +458,8 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     link_bytes: dict[str, float] = {}
     link_seconds: dict[str, float] = {}
     # the closing all-reduce: the squared norm, the loss sums and each MoE layer's routing statistics (float64)
-    closing = 24 + (8 * spec.layers * (spec.experts + 2) if spec.is_moe else 0)
+    norm = 0 if norm_is_local(lay, rank_buckets(spec, lay, counts), zero) else 8
+    closing = 16 + norm + (8 * spec.layers * (spec.experts + 2) if spec.is_moe else 0)
     ledger: dict[str, int] = {"world": lay.world * closing} if lay.world > 1 else {}
     for (kind, key), times in weights.items():
         ranks = round(times * A) * costs.stage
@@ -465,7 +468,7 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
         elif kind == "boundary":
             ops = [Op("pp", "send", 2, 1, key[5] * FP32, 2)]
         else:
-            ops = bucket_ops(lay, list(key[2]))
+            ops = bucket_ops(lay, list(key[2]), key[7])
         for op in ops:
             ledger[op.axis] = ledger.get(op.axis, 0) + op.nbytes * op.calls * ranks
         if kind == "layer":
@@ -494,9 +497,11 @@ def step_time(spec: ModelSpec, lay: Layout, topo: Topology, rates: dict[str, Dev
     )
 
 
-def dp_seconds(costs: _Costs, p: int, buckets) -> float:
-    """Seconds of pp rank ``p``'s data-parallel step: each bucket's reduce-scatter and all-gather."""
-    return sum(costs.group_op(p, op.op, op.size, op.stride, op.nbytes, op.calls) for op in bucket_ops(costs.lay, buckets))
+def dp_seconds(costs: _Costs, p: int, buckets, zero: bool = True) -> float:
+    """Seconds of pp rank ``p``'s data-parallel step: each bucket's reduce-scatter and all-gather (``zero``) or
+    all-reduce."""
+    return sum(costs.group_op(p, op.op, op.size, op.stride, op.nbytes, op.calls)
+               for op in bucket_ops(costs.lay, buckets, zero))
 
 
 def layer_collectives(spec: ModelSpec, lay: Layout, costs: _Costs, p: int, n: int,

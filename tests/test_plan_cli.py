@@ -196,6 +196,20 @@ def test_emit_megatron_matches_the_best_plan(cluster, mixed_json, interleaved_js
     }
     assert "--num-experts 4" in out and "--moe-router-topk 2" in out
     assert ("# rank order:" in out) == (best["placement"] != "default")
+    assert "--use-distributed-optimizer" in out  # plait's ZeRO-1 default
+
+
+def test_replicated_optimizer_state_reaches_the_plan():
+    """parallel.zero=false: every plan costs the whole model's moments per rank, and Megatron gets no distributed
+    optimizer."""
+    sharded, replicated = plan_json(), plan_json("--set", "parallel.zero=false")
+    # the two moments of every parameter a rank holds (its parameters are views of AdamW's flat copy), against
+    # ZeRO-1's shard, moments and reduced gradient of a group's share
+    assert all(m["optimizer"] == 2 * m["params"] for p in replicated["plans"] for m in p["memory"])
+    assert any(m["optimizer"] < 2 * m["params"] for p in sharded["plans"] for m in p["memory"])
+    code, out, err = plan("--set", "parallel.zero=false", "--emit", "megatron")
+    assert code == 0, err
+    assert "--use-distributed-optimizer" not in out
 
 
 def test_a_cluster_file_names_its_nic_classes(mixed_json):

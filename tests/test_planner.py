@@ -17,7 +17,8 @@ from plait.scheduler.dims import ParallelDims
 from plait.scheduler.holmes import candidate_orders, place, topology
 from plait.scheduler.pipeline import schedule, simulate
 from plait.scheduler.bounds import Bounds
-from plait.scheduler.planner import (REFINE, NoPlanError, PlanRequest, evaluate, layouts, plan, rates_for)
+from plait.scheduler.planner import (REFINE, NoPlanError, PlanRequest, evaluate, layouts, ledger_bytes, plan,
+                                     rates_for)
 from plait.scheduler.spec import ModelSpec
 from plait.scheduler.timing import DeviceRate, Transport, step_time
 
@@ -51,9 +52,10 @@ def request(c, spec: ModelSpec = SPEC, global_batch: int = 96, **kw) -> PlanRequ
 # --- bytes --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("zero", [True, False], ids=["zero1", "replicated"])
 @pytest.mark.parametrize("kind, world, sizes", [(k, w, s) for w, s, kinds in MATRIX for k in kinds],
                          ids=lambda v: "-".join(f"{a}{b}" for a, b in v.items()) if isinstance(v, dict) else str(v))
-def test_step_time_charges_exactly_the_bytes_the_ledger_records(kind, world, sizes):
+def test_step_time_charges_exactly_the_bytes_the_ledger_records(kind, world, sizes, zero):
     """Every layout the parity tests run: the step-time model's bytes per axis are the ledger's closed form, which
     those tests hold to the measured ledger, under any placement on a multi-node cluster."""
     sizes = dict(sizes)
@@ -65,14 +67,14 @@ def test_step_time_charges_exactly_the_bytes_the_ledger_records(kind, world, siz
     spec = model_spec(ModelConfig(kind=kind, **MODEL))
     micro = 2
     expected = {axis: sum(ops.values()) for axis, ops in step_volume(
-        spec, lay, global_batch=GLOBAL_BATCH, micro_batch=micro, stage_layers=layers).items()}
+        spec, lay, global_batch=GLOBAL_BATCH, micro_batch=micro, stage_layers=layers, zero=zero).items()}
     per_node = 1 if world < 4 else 2
     c = cluster([("ib400", "east", "h100"), ("eth25", "west", "h100")] * (world // per_node // 2) or
                 [("ib400", "east", "h100")], per_node=per_node)
     rates = {"h100": DeviceRate(1e12)}
     for order in candidate_orders(c).values():
         t = step_time(spec, lay, topology(c, order), rates, global_batch=GLOBAL_BATCH, micro_batch=micro,
-                      stage_layers=layers)
+                      stage_layers=layers, zero=zero)
         assert t.ledger == expected
 
 
@@ -97,15 +99,15 @@ def all_candidates(req: PlanRequest, placement: str = "holmes"):
     return [evaluate(req, lay, mb, placement=placement) for lay, mb in found]
 
 
-@pytest.mark.parametrize("devices", ["same", "mixed"])
-def test_the_bound_is_never_above_the_step_time_of_any_placement(devices):
+@pytest.mark.parametrize("devices, zero", [("same", True), ("mixed", True), ("same", False)])
+def test_the_bound_is_never_above_the_step_time_of_any_placement(devices, zero):
     nodes = interleaved(12)
     kinds = {"h100": {"peak_tflops": 989, "memory_gib": 80, "link_gbit": 3600}}
     if devices == "mixed":
         kinds["a100"] = {"peak_tflops": 312, "memory_gib": 80, "link_gbit": 2400}
         nodes = [(nic, g, "a100" if i % 4 == 1 else "h100") for i, (nic, g, _) in enumerate(nodes)]
     c = cluster(nodes, devices=kinds)
-    req = request(c)
+    req = request(c, zero=zero)
     rates = rates_for(req)
     bounds = Bounds(req, rates)
     found, _ = layouts(req)
@@ -116,7 +118,7 @@ def test_the_bound_is_never_above_the_step_time_of_any_placement(devices):
         for name in candidate_orders(c):
             placed = place(c, lay, req.spec, rates, strategy=name, global_batch=req.global_batch, micro_batch=mb)
             t = step_time(req.spec, lay, placed.topology, rates, global_batch=req.global_batch, micro_batch=mb,
-                          stage_layers=placed.stage_layers).total
+                          stage_layers=placed.stage_layers, zero=zero).total
             assert bound <= t * (1 + 1e-12), (lay, mb, name)
             tight = max(tight, bound / t)
     # and it is not vacuous: close on alike devices; looser where a speed-proportional split may move layers
@@ -218,3 +220,19 @@ def test_nothing_fits_names_the_shortfall_and_the_nearest_change():
     assert "nothing fits" in text and "GiB per device" in text and "nearest change" in text
     assert "\n" not in text
     assert err.value.exit_code == 2
+
+
+def test_replicated_state_costs_memory_and_changes_the_data_parallel_collectives():
+    """parallel.zero=false reaches the plan: more memory per rank (the whole model's moments), the buckets
+    all-reduced in the ledger, and a data-parallel time of its own."""
+    c = cluster(interleaved(4))
+    lay = Layout(world=16, pp=2, dp=4, tp=2, edp=4, ep=2)
+    cands = {zero: evaluate(request(c, zero=zero), lay, 2) for zero in (True, False)}
+    assert max(m.optimizer for m in cands[False].memory) > 2 * max(m.optimizer for m in cands[True].memory)
+    assert cands[False].time.data_parallel != cands[True].time.data_parallel
+    for zero, cand in cands.items():
+        ledger = ledger_bytes(request(c, zero=zero), cand)
+        dp_ops = {op for axis, ops in ledger.items() if axis in ("dp+cp+tp", "dp+cp", "edp") for op in ops}
+        # (the MoE layers' own all-reduce of routing statistics is on dp+cp+tp in both)
+        assert dp_ops == ({"reduce_scatter", "all_gather", "all_reduce"} if zero else {"all_reduce"})
+    assert plan(request(c, zero=False)).ranked  # the search runs with it
