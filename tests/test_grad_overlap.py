@@ -38,6 +38,9 @@ def overlap_step(rank: int, world: int, piece: int, overlap: bool, zero: bool = 
     meshes = ParallelMeshes(ParallelDims.resolve(world))
     torch.manual_seed(0)
     net = Net()
+    # The reference gradients come from a plain copy of the model: the engine's own .grad may be on the wire once
+    # the last backward pass has started a piece (replicated state reduces them in place, as views of its buffer).
+    ref = Net()
     groups = {label: meshes.group(label) for label in ("dp+cp", "dp+cp+tp", "edp")}
     opt = ShardedAdamW(list(net.named_parameters()), groups, meshes.group("world"), AdamWSettings(), piece=piece,
                        overlap=overlap, zero=zero)
@@ -46,13 +49,16 @@ def overlap_step(rank: int, world: int, piece: int, overlap: bool, zero: bool = 
     comm.LEDGER.reset()
     out = {"started": []}
     for step in range(2):
+        ref.load_state_dict(net.state_dict())
+        ref.zero_grad(set_to_none=True)
         for micro in range(2):
             if micro == 1:
                 opt.arm()
             x = torch.randn(4, 5, generator=gen)
             net(x, first=micro == 0).pow(2).sum().backward()
+            ref(x, first=micro == 0).pow(2).sum().backward()
         out["started"].append(opt._next)
-        local = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()}
+        local = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in ref.named_parameters()}
         for g in local.values():
             torch.distributed.all_reduce(g)
         opt.step(1e-2, 0.5)

@@ -143,9 +143,10 @@ def test_tensor_parallelism_around_hybrid_dp_trains_like_plain_pytorch(runs, tmp
     # experts over ep 2 × edp 2 and pipeline stages: every rank makes every round's call; the balancing loss is
     # each document's own (its expert counts summed over the block that splits it)
     ["model.kind=moe", "model.aux_loss_coef=0.05", "parallel.ep=2", "parallel.pp=2", "parallel.hdp_budget=32"],
-    # the interleaved schedule: calls padded to a multiple of pp micro-batches
-    ["model.layers=4", "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "parallel.hdp_budget=32"],
-], ids=["moe-ep2-pp2", "pp2-vpp2"])
+    # the interleaved schedule: calls padded to a multiple of pp micro-batches; replicated optimizer state
+    ["model.layers=4", "parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved", "parallel.hdp_budget=32",
+     "parallel.zero=false"],
+], ids=["moe-ep2-pp2", "pp2-vpp2-replicated"])
 def test_expert_and_pipeline_parallelism_around_hybrid_dp_train_like_plain_pytorch(runs, tmp_path, sets):
     """Padding calls themselves are checked in test_hdp (a plan that needs them, against plain PyTorch)."""
     from plait.bench.hdp import plain_run
