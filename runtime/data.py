@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,18 @@ class Corpus:
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
-    """The running interpreter's standard-library ``.py`` files, in a fixed order."""
+    """The running interpreter's standard-library ``.py`` files, in a fixed order (sorted as paths).
+
+    ``os.walk`` never enters ``site-packages`` or ``dist-packages`` (nor, like ``Path.rglob``, a linked
+    directory): every worker of every run lists the tree, and ``rglob`` over it, third-party packages
+    included, took 0.55 s a process.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
-    )
+    files: list[Path] = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
+    files.sort()
     return root, files
 
 

@@ -34,10 +34,8 @@ def test_quick_overhead_run_writes_results_with_machine_and_ratio(tmp_path):
     for row in rows:
         assert row["plait_tokens_per_s"] > 0 and row["ddp_tokens_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["plait_tokens_per_s"] / row["ddp_tokens_per_s"], rel=1e-3)
-        assert row["plait_zero1_tokens_per_s"] > 0 and row["ddp_zero1_tokens_per_s"] > 0
-        assert row["ratio_zero1_vs_ddp"] == pytest.approx(row["plait_zero1_tokens_per_s"] / row["ddp_tokens_per_s"], rel=1e-3)
-        assert row["ratio_vs_ddp_zero1"] == pytest.approx(row["plait_zero1_tokens_per_s"] / row["ddp_zero1_tokens_per_s"],
-                                                          rel=1e-3)
+        assert row["ddp_zero1_tokens_per_s"] > 0  # the ZeRO-1 peer runs; plait's own ZeRO-1 only in the full run
+        assert "plait_zero1_tokens_per_s" not in row and "ratio_vs_ddp_zero1" not in row
 
 
 def test_quick_gf256_run_reports_every_path(tmp_path):

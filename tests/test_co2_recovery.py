@@ -7,6 +7,7 @@ as if nothing happened. Real processes, a real ``kill -9`` (the fault injector's
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from test_snapshot_faults import _same
@@ -27,9 +28,12 @@ parallel: {dp_mode: co2, co2: {tau: 4, clip: 0.01}}
 def test_a_worker_killed_mid_round_is_restored_exactly(tmp_path: Path):
     config = tmp_path / "co2.yaml"
     config.write_text(CO2_JOB)
-    baseline, _ = _run(config, tmp_path / "base", "--nproc", "2")
+    # the reference and the faulted run side by side (the fault is placed by step, not by time)
+    with ThreadPoolExecutor(2) as pool:
+        base = pool.submit(_run, config, tmp_path / "base", "--nproc", "2")
+        faulted = pool.submit(_run, config, tmp_path / "run", "--nproc", "2", "--fault", "kill-worker:rank=1:step=7")
+        (baseline, _), (summary, output) = base.result(), faulted.result()
     assert baseline["recoveries"] == []
-    summary, output = _run(config, tmp_path / "run", "--nproc", "2", "--fault", "kill-worker:rank=1:step=7")
     _same(summary, baseline)
     (rec,) = summary["recoveries"]
     assert rec["source"] == "memory" and rec["step"] in (4, 6), rec

@@ -105,11 +105,16 @@ def test_a_replicated_checkpoint_resumes_bitwise_and_into_zero1(tmp_path):
     plait("train", "--config", str(config), "--nproc", "2", "--run-dir", str(tmp_path / "r"))
     first = json.loads((tmp_path / "r" / "summary.json").read_text())
     step2 = paths.step_dir(tmp_path / "shared", paths.read_run(tmp_path / "r").run_id, 2)
-    runs = {}
-    for name, sets in (("same", ()), ("zero1", ("parallel.zero=true",))):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def resume(name: str, *sets: str) -> dict:
         plait("train", "--config", str(config), "--nproc", "2", "--run-dir", str(tmp_path / name), "--resume",
               str(step2), "--set", f"snapshot.dir={tmp_path / name / 'own'}", *sets)
-        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    with ThreadPoolExecutor(2) as pool:  # both resumes side by side
+        futures = {"same": pool.submit(resume, "same"), "zero1": pool.submit(resume, "zero1", "parallel.zero=true")}
+        runs = {name: f.result() for name, f in futures.items()}
     assert runs["same"]["losses"] == first["losses"] and runs["same"]["grad_norms"] == first["grad_norms"]
     z = runs["zero1"]["losses"]
     assert z[:3] == first["losses"][:3]

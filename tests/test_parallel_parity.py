@@ -111,8 +111,8 @@ MATRIX = [
     (8, dict(tp=2, pp=2, dp=2), ("gpt", "moe")),
     (8, dict(pp=2, tp=2, cp=2, ep=4), ("moe",)),  # folded: pp2 × (attention tp2×cp2 / experts ep4)
 ]
-FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("gpt", "tp2-overlap"),
-        ("moe", "tp4-overlap"), ("moe", "dp2-replicated"), ("moe", "tp2-dp2-ep4-replicated")}
+FAST = {("moe", "tp2"), ("gpt", "pp2"), ("moe", "ep2"), ("moe", "cp2-dp2-ep2-etp2"), ("moe", "tp4-overlap"),
+        ("moe", "dp2-replicated"), ("moe", "tp2-dp2-ep4-replicated")}
 # Every layout with tp > 1 runs a second time with parallel.tp_overlap (the rings of plait.parallel.tp_overlap).
 OVERLAP = {"tp_overlap": True}
 # These layouts run again with replicated optimizer state (parallel.zero=false: gradients all-reduced); at dp 2 alone

@@ -110,7 +110,9 @@ def _daemon_starts(run_dir: Path, node: int) -> int:
 @pytest.mark.parametrize(
     "fault, restarts, step, rebuilt_ranks",
     [
-        ("kill-worker:rank=1:step=5", 1, 4, []),
+        # a killed worker restored from memory: make test also has it in test_snapshot_recovery (one node, the
+        # defaults), test_co2_recovery and test_rehearsal (per-node agents); here with make test-faults
+        pytest.param("kill-worker:rank=1:step=5", 1, 4, [], marks=pytest.mark.slow),
         ("kill-node:node=2:step=7", 1, 6, [2]),
         ("corrupt-shard:node=1:step=6", 1, 6, [1]),
         ("kill-daemon:node=0:step=5", 0, None, []),
