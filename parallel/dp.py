@@ -233,7 +233,9 @@ class ShardedAdamW:
     all-reduce runs during the update instead of before it. Optimizer memory is the whole model's moments
     on every rank: the ZeRO-1 default keeps a group's share of them. The parameters' ``.grad`` are views of the
     flat gradient buffer too (as DDP's ``gradient_as_bucket_view``), so the backward passes accumulate in place
-    and no gradient is copied or allocated per step.
+    and no gradient is copied or allocated per step. So once :meth:`arm`'s backward pass has started a piece, the
+    ``.grad`` in it are being summed in place until :meth:`step` waits for it (DDP's backward pass returns after
+    its all-reduces; this one returns while they run): nothing may read them in between.
     """
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], groups: dict[str, Group], world: Group,
